@@ -1,0 +1,132 @@
+"""Pure-PyTorch reference for every op: the spec (SPEC.md §2) written as code.
+
+It is the CPU path of the `safedig` ops, the oracle the kernels are tested against, and a
+baseline in the benchmarks. Same signatures as the ops.
+
+`upcast=True` (default) computes in float32, or in float64 when `x` is float64 (the oracle
+mode for tests). `upcast=False` computes in the input dtype, as plain eager PyTorch would
+(pre-activations and the reconstruction rounded to bf16/fp16): the low-precision reference
+whose own error sets the kernels' tolerance.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .._checks import check_codes, check_decoder, check_encoder, check_k, check_steer
+
+__all__ = ["select_topk", "encoder_preactivations", "topk_encode", "sparse_decode", "steer"]
+
+
+def _compute_dtype(x: torch.Tensor, upcast: bool) -> torch.dtype:
+    if not upcast:
+        return x.dtype
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def select_topk(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k over the last dim of `pre` `[..., F]`: values descending, equal values by
+    lower index first, -0.0 equal to +0.0. Returns (values in pre's dtype, int64 indices)."""
+    pre = pre + 0.0  # turns -0.0 into +0.0 so the two tie instead of ordering by sign bit
+    if pre.dtype == torch.float64:
+        vals, idx = torch.sort(pre, dim=-1, descending=True, stable=True)
+        return vals[..., :k], idx[..., :k]
+    # float32 or narrower (exact in float32): a 32-bit key ordered like the values, with the
+    # inverted index in the low 17 bits, makes every key unique, so topk has no ties to break.
+    Fdim = pre.shape[-1]
+    bits = pre.float().view(torch.int32).to(torch.int64)
+    key = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+    inv_idx = (Fdim - 1) - torch.arange(Fdim, device=pre.device, dtype=torch.int64)
+    _, idx = torch.topk(key * (1 << 17) + inv_idx, k, dim=-1, sorted=True)
+    return torch.gather(pre, -1, idx), idx
+
+
+def encoder_preactivations(x, W_enc, b_enc, b_dec, upcast: bool = True) -> torch.Tensor:
+    """`(x - b_dec) @ W_enc + b_enc`, `[..., F]`, in the compute dtype."""
+    cd = _compute_dtype(x, upcast)
+    return (x.to(cd) - b_dec.to(cd)) @ W_enc.to(cd) + b_enc.to(cd)
+
+
+def _nonfinite_tokens(x: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
+    # A NaN/Inf activation makes every pre-activation non-finite; checking pre as well keeps
+    # the reference in step with the kernels, which only see pre.
+    return ~(torch.isfinite(x).all(-1) & torch.isfinite(pre).all(-1))
+
+
+def _topk_from_pre(x, pre, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    vals, idx = select_topk(pre, k)
+    vals = torch.relu(vals)
+    bad = _nonfinite_tokens(x, pre)
+    # Non-finite tokens: NaN values over the fixed indices 0..k-1, so a decode stays in bounds.
+    vals = torch.where(bad[..., None], torch.full_like(vals, float("nan")), vals)
+    iota = torch.arange(k, device=idx.device, dtype=idx.dtype).expand_as(idx)
+    idx = torch.where(bad[..., None], iota, idx)
+    return vals, idx, bad
+
+
+def topk_encode(x, W_enc, b_enc, b_dec, k: int, upcast: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """TopK-SAE codes of `x` `[N, d]` or `[B, T, d]`.
+
+    Returns `vals` `[..., k]` (ReLU'd top-k pre-activations; float32, float64 in float64 mode)
+    and `idx` `[..., k]` int32, sorted by value descending then index ascending.
+    """
+    _, Fdim = check_encoder(x, W_enc, b_enc, b_dec, allow_float64=True)
+    check_k(k, Fdim)
+    pre = encoder_preactivations(x, W_enc, b_enc, b_dec, upcast)
+    vals, idx, _ = _topk_from_pre(x, pre, k)
+    out_dtype = torch.float64 if vals.dtype == torch.float64 else torch.float32
+    return vals.to(out_dtype), idx.to(torch.int32)
+
+
+def _bag_sum(idx: torch.Tensor, weights: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """sum_j weights[n, j] * table[idx[n, j]] for 2-D idx/weights, without an [N, k, d] gather."""
+    if idx.shape[0] == 0:
+        return table.new_zeros(0, table.shape[1])
+    return F.embedding_bag(idx.long(), table, per_sample_weights=weights.to(table.dtype), mode="sum")
+
+
+def sparse_decode(vals, idx, W_dec, b_dec, upcast: bool = True) -> torch.Tensor:
+    """`b_dec + sum_j vals[..., j] * W_dec[idx[..., j]]`, `[..., d]` in W_dec's dtype."""
+    vals, idx = check_codes(vals, idx, allow_float64=True)
+    check_decoder(W_dec, b_dec, None, None, vals.device, allow_float64=True)
+    cd = _compute_dtype(W_dec, upcast)
+    lead = vals.shape[:-1]
+    k = vals.shape[-1]
+    out = b_dec.to(cd) + _bag_sum(idx.reshape(-1, k), vals.reshape(-1, k), W_dec.to(cd))
+    return out.reshape(*lead, W_dec.shape[1]).to(W_dec.dtype)
+
+
+def steer(x, W_enc, b_enc, W_dec, b_dec, harmful, beta, gamma, tau, k: int,
+          upcast: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blend/Repel steering, SPEC §2, per token of `x` `[N, d]` or `[B, T, d]`.
+
+    `harmful` is a bool mask `[F]`; `beta`, `gamma`, `tau` are 0-d tensors on x's device.
+    Returns `y` (x's shape and dtype) and the harm score `h` (float32, x's shape without d;
+    float64 in float64 mode). Tokens with non-finite activations come back unchanged with
+    h = NaN; beta = gamma = 0 returns x bitwise.
+    """
+    check_steer(x, W_enc, b_enc, W_dec, b_dec, harmful, beta, gamma, tau, k, allow_float64=True)
+    cd = _compute_dtype(x, upcast)
+    d = x.shape[-1]
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, d)
+    pre = encoder_preactivations(x2, W_enc, b_enc, b_dec, upcast)
+    vals, idx, bad = _topk_from_pre(x2, pre, k)
+    is_harm = harmful[idx]
+    zero = torch.zeros((), dtype=vals.dtype, device=vals.device)
+    harm_vals = torch.where(is_harm, vals, zero)
+    safe_vals = torch.where(is_harm, zero, vals)
+    h = harm_vals.float().sum(-1) if cd != torch.float64 else harm_vals.sum(-1)
+    h = torch.where(bad, torch.full_like(h, float("nan")), h)
+
+    Wd = W_dec.to(cd)
+    xc = x2.to(cd)
+    b, g = beta.to(cd), gamma.to(cd)
+    x_hat_safe = b_dec.to(cd) + _bag_sum(idx, safe_vals, Wd)
+    r = _bag_sum(idx, harm_vals, Wd)
+    steered = (xc + (b * (x_hat_safe - xc) - g * r)).to(x.dtype)
+    # Select rather than add a zero update: keeps beta = gamma = 0 and ungated tokens bitwise
+    # (x + 0.0 would turn -0.0 into +0.0), and keeps NaN tokens out of the arithmetic.
+    active = (h > tau.to(h.dtype)) & ((beta != 0) | (gamma != 0)) & ~bad
+    y = torch.where(active[:, None], steered, x2)
+    return y.reshape(x.shape), h.reshape(lead)
