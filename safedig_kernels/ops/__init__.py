@@ -11,7 +11,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from .._checks import check_harmful_mask, check_strength
+from .._checks import check_activation, check_harmful_mask, check_k, check_strength
 from .sparse_decode import sparse_decode
 from .steer import _steer_op
 from .topk_encode import encoder_bias, topk_encode
@@ -56,9 +56,11 @@ def steer(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, W_dec: torc
     tensors on x's device. Returns `y` (x's shape and dtype) and the harm score `h` (fp32,
     x's shape without d); non-finite tokens come back unchanged with h = NaN.
     """
+    check_activation(x)
     if not isinstance(W_enc, torch.Tensor) or W_enc.dim() != 2:
         raise ValueError(f"W_enc must be a [d, F] tensor, got {getattr(W_enc, 'shape', type(W_enc).__name__)}")
-    device = x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
+    check_k(k, W_enc.shape[1])
+    device = x.device
     mask = as_harmful_mask(harmful, W_enc.shape[1], device)
     return _steer_op(x, W_enc, b_enc, W_dec, b_dec, mask, as_strength(beta, "beta", device),
                      as_strength(gamma, "gamma", device), as_strength(tau, "tau", device), k, enc_bias)

@@ -101,4 +101,5 @@ def sparse_decode(vals: torch.Tensor, idx: torch.Tensor, W_dec: torch.Tensor, b_
     with an index outside comes back NaN (checking on the host would need a sync), on the CPU
     it raises.
     """
+    _check(vals, idx, W_dec, b_dec)  # clear errors before the dispatcher's own
     return torch.ops.safedig.sparse_decode(vals, idx, W_dec, b_dec)

@@ -264,4 +264,5 @@ def topk_encode(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, b_dec
     `enc_bias` optionally passes a cached `b_enc - b_dec @ W_enc` (fp32 `[F]`) to skip a GEMV.
     Returns `vals` fp32 `[..., k]` (ReLU'd, descending) and `idx` int32 `[..., k]`.
     """
+    _check(x, W_enc, b_enc, b_dec, k, enc_bias)  # clear errors before the dispatcher's own
     return torch.ops.safedig.topk_encode(x, W_enc, b_enc, b_dec, k, enc_bias)

@@ -1,0 +1,79 @@
+"""A direct, dense float64 statement of SPEC §2, written independently of the reference.
+
+Selection is a plain Python sort per token (value descending, index ascending), the codes are
+a dense [N, F] matrix and the decode a dense matmul: slow and obviously right, for tiny sizes.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def dense_codes64(x, W_enc, b_enc, b_dec, k):
+    """Returns (pre [N, F], idx list of lists, dense z [N, F], bad [N]) in float64."""
+    d = x.shape[-1]
+    x64 = x.detach().reshape(-1, d).double().cpu()
+    pre = (x64 - b_dec.double().cpu()) @ W_enc.double().cpu() + b_enc.double().cpu()
+    N, F = pre.shape
+    bad = ~(torch.isfinite(x64).all(-1) & torch.isfinite(pre).all(-1))
+    z = torch.zeros(N, F, dtype=torch.float64)
+    chosen = []
+    for n in range(N):
+        if bad[n]:
+            chosen.append(list(range(k)))
+            continue
+        row = [float(v) + 0.0 for v in pre[n]]
+        order = sorted(range(F), key=lambda j: (-row[j], j))[:k]
+        chosen.append(order)
+        for j in order:
+            z[n, j] = max(row[j], 0.0)
+    return pre, chosen, z, bad
+
+
+def dense_steer64(x, W_enc, b_enc, W_dec, b_dec, harmful, beta, gamma, tau, k, chosen=None):
+    """y [N, d] and h [N] in float64. `chosen` (per-token index lists) overrides the selection,
+    so a kernel's own choice among near-ties can be scored exactly."""
+    d = x.shape[-1]
+    x64 = x.detach().reshape(-1, d).double().cpu()
+    pre, sel, _, bad = dense_codes64(x, W_enc, b_enc, b_dec, k)
+    if chosen is not None:
+        sel = chosen
+    N, F = pre.shape
+    z = torch.zeros(N, F, dtype=torch.float64)
+    for n in range(N):
+        if not bad[n]:
+            for j in sel[n]:
+                z[n, int(j)] = max(float(pre[n, int(j)]), 0.0)
+    H = harmful.cpu().double()
+    h = (z * H).sum(-1)
+    x_hat_safe = b_dec.double().cpu() + (z * (1 - H)) @ W_dec.double().cpu()
+    r = (z * H) @ W_dec.double().cpu()
+    b, g, t = float(beta), float(gamma), float(tau)
+    gate = (h > t) & ~bad & torch.tensor(b != 0 or g != 0)
+    y = torch.where(gate[:, None], x64 + (b * (x_hat_safe - x64) - g * r), x64)
+    h = torch.where(bad, torch.full_like(h, float("nan")), h)
+    return y, h
+
+
+def assert_bitwise_equal(a: torch.Tensor, b: torch.Tensor):
+    assert a.dtype == b.dtype and a.shape == b.shape
+    ai = a.contiguous().view(torch.int16 if a.element_size() == 2 else torch.int32 if a.element_size() == 4 else torch.int64)
+    bi = b.contiguous().view(ai.dtype)
+    assert torch.equal(ai, bi), "tensors differ bitwise"
+
+
+def assert_valid_topk(pre64: torch.Tensor, idx: torch.Tensor, k: int, tol: torch.Tensor | float) -> None:
+    """`idx` `[N, k]` must be a top-k of `pre64` `[N, F]` up to near-ties: every chosen value is
+    within `tol` (per token or scalar) of the true k-th largest, and the order is descending up
+    to `tol`."""
+    idx = idx.reshape(-1, k).long().cpu()
+    if idx.shape[0] == 0:
+        return
+    pre64 = pre64.reshape(idx.shape[0], -1)
+    tol = torch.as_tensor(tol, dtype=torch.float64).expand(idx.shape[0])
+    kth = torch.sort(pre64, dim=-1, descending=True).values[:, k - 1]
+    chosen = torch.gather(pre64, 1, idx)
+    assert (idx.sort(-1).values.diff(dim=-1) > 0).all(), "an index was chosen twice"
+    short = chosen < kth[:, None] - tol[:, None]
+    assert not short.any(), f"chose values below the k-th largest by more than tol at tokens {short.any(-1).nonzero().flatten().tolist()[:8]}"
+    unordered = chosen.diff(dim=-1) > tol[:, None]
+    assert not unordered.any(), "values not in descending order"
