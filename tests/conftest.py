@@ -56,6 +56,8 @@ def _poisoned(fn):
         t = fn(*args, **kwargs)
         if t.dtype.is_floating_point:
             t.fill_(float("nan"))
+        elif t.dtype == torch.uint8:
+            t.fill_(0xA5)
         elif t.dtype != torch.bool:
             t.fill_(INT_SENTINEL)
         return t
