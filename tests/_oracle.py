@@ -65,11 +65,11 @@ def assert_valid_topk(pre64: torch.Tensor, idx: torch.Tensor, k: int, tol: torch
     """`idx` `[N, k]` must be a top-k of `pre64` `[N, F]` up to near-ties: every chosen value is
     within `tol` (per token or scalar) of the true k-th largest, and the order is descending up
     to `tol`."""
-    idx = idx.reshape(-1, k).long().cpu()
+    idx = idx.reshape(-1, k).long().to(pre64.device)
     if idx.shape[0] == 0:
         return
     pre64 = pre64.reshape(idx.shape[0], -1)
-    tol = torch.as_tensor(tol, dtype=torch.float64).expand(idx.shape[0])
+    tol = torch.as_tensor(tol, dtype=torch.float64, device=pre64.device).expand(idx.shape[0])
     kth = torch.sort(pre64, dim=-1, descending=True).values[:, k - 1]
     chosen = torch.gather(pre64, 1, idx)
     assert (idx.sort(-1).values.diff(dim=-1) > 0).all(), "an index was chosen twice"

@@ -5,6 +5,8 @@ K_BLOCK rows at a time, and accumulates in fp32. Rows whose code is 0 are never 
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from .. import reference
@@ -49,10 +51,12 @@ def _sparse_decode_kernel(
     tl.store(out_ptr + n * d + offs_d, acc.to(out_ptr.dtype.element_ty), mask=dmask)
 
 
-def decode_config(d: int, k: int) -> dict:
-    """Launch settings shared by the decode kernels (a heuristic, not autotuned)."""
-    return dict(K_BLOCK=min(triton.next_power_of_2(k), 16),
-                BLOCK_D=min(triton.next_power_of_2(d), 512), num_warps=4)
+def decode_config(d: int, k: int, overrides: Optional[dict] = None) -> dict:
+    """Launch settings shared by the decode kernels: a heuristic, not autotuned. A program
+    holds a [K_BLOCK, BLOCK_D] tile of decoder rows; `overrides` lets benchmarks sweep it."""
+    cfg = dict(K_BLOCK=min(triton.next_power_of_2(k), 16), BLOCK_D=min(triton.next_power_of_2(d), 512), num_warps=4)
+    cfg.update(overrides or {})
+    return cfg
 
 
 def _sparse_decode_fwd(vals2: torch.Tensor, idx2: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor) -> torch.Tensor:

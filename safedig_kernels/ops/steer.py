@@ -74,9 +74,11 @@ def _steer_fwd_kernel(
 
 def _steer_fwd(x: torch.Tensor, W_enc, W_dec, b_dec, harmful, beta, gamma, tau, k: int,
                enc_bias: torch.Tensor, pre_dtype: Optional[torch.dtype] = None,
-               chunk: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+               chunk: Optional[int] = None, select_warps: Optional[int] = None,
+               decode_overrides: Optional[dict] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Launcher. `x` `[N, d]` or `[B, T, d]`, any strides. Returns y (contiguous, x's shape and
-    dtype) and h (fp32, x's shape without d). No host sync; allocations depend on shapes only."""
+    dtype) and h (fp32, x's shape without d). No host sync; allocations depend on shapes only.
+    The keyword overrides exist for the benchmarks' tuning sweep."""
     d = x.shape[-1]
     x3 = x if x.dim() == 3 else x.unsqueeze(1)  # [N, d] -> [N, 1, d]: T = 1
     B, T, _ = x3.shape
@@ -85,17 +87,21 @@ def _steer_fwd(x: torch.Tensor, W_enc, W_dec, b_dec, harmful, beta, gamma, tau, 
     h = torch.empty(x.shape[:-1], device=x.device, dtype=torch.float32)
     if N == 0:
         return y, h
-    vals, idx = _topk_encode_fwd(x3.reshape(N, d), W_enc, enc_bias, k, pre_dtype=pre_dtype, chunk=chunk)
-    cfg = decode_config(d, k)
+    vals, idx = _topk_encode_fwd(x3.reshape(N, d), W_enc, enc_bias, k, pre_dtype, chunk, select_warps)
+    _decode_steer(y, h, x3, vals, idx, harmful, W_dec, b_dec, beta, gamma, tau, k, decode_config(d, k, decode_overrides))
+    return y, h
+
+
+def _decode_steer(y, h, x3, vals, idx, harmful, W_dec, b_dec, beta, gamma, tau, k: int, cfg: dict) -> None:
+    B, T, d = x3.shape
     W_dec = W_dec if W_dec.stride(1) == 1 else W_dec.contiguous()
-    grid = (N, triton.cdiv(d, cfg["BLOCK_D"]))
+    grid = (B * T, triton.cdiv(d, cfg["BLOCK_D"]))
     _steer_fwd_kernel[grid](
         y, h, x3, vals, idx, harmful.view(torch.uint8), W_dec, b_dec.contiguous(),
         beta, gamma, tau,
         x3.stride(0), x3.stride(1), x3.stride(2), W_dec.stride(0), T, W_dec.shape[0], d,
         K=k, **cfg,
     )
-    return y, h
 
 
 @torch.library.custom_op("safedig::steer", mutates_args=())

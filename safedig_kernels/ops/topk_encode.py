@@ -155,8 +155,13 @@ def _topk_select_kernel(
         tl.store(out_idx + rank, ci, mask=chosen)
 
 
-def select_config(F: int, k: int, chunk: Optional[int] = None) -> dict:
-    """Launch settings for `_topk_select_kernel` (a documented heuristic, not autotuned)."""
+def select_config(F: int, k: int, chunk: Optional[int] = None, num_warps: Optional[int] = None) -> dict:
+    """Launch settings for `_topk_select_kernel`: a small heuristic, not autotuned.
+
+    CHUNK elements of the row are held at once (more per chunk: fewer loop trips, more
+    registers); GROUPS = 2 * next_pow2(k) groups leave ~1.2 k candidates on random data, and
+    CAND = 4 * next_pow2(k) scratch slots leave room for skewed rows before the fallback.
+    """
     k_pow2 = triton.next_power_of_2(k)
     if chunk is None:
         chunk = min(triton.next_power_of_2(F), 4096)
@@ -168,7 +173,7 @@ def select_config(F: int, k: int, chunk: Optional[int] = None) -> dict:
     return dict(
         CHUNK=chunk, NUM_CHUNKS=triton.cdiv(F, chunk), GROUPS=max(groups, 1), CAND=cand,
         RANK_BLOCK=min(cand, 32), EXACT_ONLY=exact_only,
-        num_warps=8 if chunk >= 4096 else 4,
+        num_warps=num_warps or (8 if chunk >= 4096 else 4),
     )
 
 
@@ -199,10 +204,11 @@ def _gemm(x2: torch.Tensor, W_enc: torch.Tensor, pre_dtype: torch.dtype) -> torc
 
 
 def _topk_encode_fwd(x2: torch.Tensor, W_enc: torch.Tensor, enc_bias: torch.Tensor, k: int,
-                     pre_dtype: Optional[torch.dtype] = None, chunk: Optional[int] = None
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+                     pre_dtype: Optional[torch.dtype] = None, chunk: Optional[int] = None,
+                     num_warps: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Launcher. `x2` `[N, d]` (any strides), `enc_bias` fp32 `[F]`. Returns vals fp32 and idx
-    int32, `[N, k]`. No host sync; allocations depend on shapes only."""
+    int32, `[N, k]`. No host sync; allocations depend on shapes only. `pre_dtype`, `chunk`
+    and `num_warps` override the defaults (benchmarks sweep them)."""
     N = x2.shape[0]
     F = W_enc.shape[1]
     vals = torch.empty(N, k, device=x2.device, dtype=torch.float32)
@@ -210,8 +216,7 @@ def _topk_encode_fwd(x2: torch.Tensor, W_enc: torch.Tensor, enc_bias: torch.Tens
     if N == 0:
         return vals, idx
     pre_dtype = pre_dtype or pre_dtype_for(x2.dtype, x2.device)
-    cfg = select_config(F, k, chunk)
-    meta = {n: cfg[n] for n in ("CHUNK", "NUM_CHUNKS", "GROUPS", "CAND", "RANK_BLOCK", "EXACT_ONLY")}
+    cfg = select_config(F, k, chunk, num_warps)
     rows_per_pass = max(1, PRE_BUFFER_BYTES // (F * torch.finfo(pre_dtype).bits // 8))
     cand_vals = torch.empty(min(N, rows_per_pass), cfg["CAND"], device=x2.device, dtype=torch.float32)
     cand_idx = torch.empty(min(N, rows_per_pass), cfg["CAND"], device=x2.device, dtype=torch.int32)
@@ -219,12 +224,16 @@ def _topk_encode_fwd(x2: torch.Tensor, W_enc: torch.Tensor, enc_bias: torch.Tens
     for start in range(0, N, rows_per_pass):
         stop = min(N, start + rows_per_pass)
         pre = _gemm(x2[start:stop], W_enc, pre_dtype)
-        _topk_select_kernel[(stop - start,)](
-            vals[start:stop], idx[start:stop], cand_vals, cand_idx,
-            pre, enc_bias, pre.stride(0), F,
-            K=k, num_warps=cfg["num_warps"], **meta,
-        )
+        _select(vals[start:stop], idx[start:stop], cand_vals, cand_idx, pre, enc_bias, k, cfg)
     return vals, idx
+
+
+def _select(vals, idx, cand_vals, cand_idx, pre, enc_bias, k: int, cfg: dict) -> None:
+    meta = {n: cfg[n] for n in ("CHUNK", "NUM_CHUNKS", "GROUPS", "CAND", "RANK_BLOCK", "EXACT_ONLY")}
+    _topk_select_kernel[(pre.shape[0],)](
+        vals, idx, cand_vals, cand_idx, pre, enc_bias, pre.stride(0), pre.shape[1],
+        K=k, num_warps=cfg["num_warps"], **meta,
+    )
 
 
 def _check(x, W_enc, b_enc, b_dec, k, enc_bias):

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from .._checks import check_codes, check_decoder, check_encoder, check_k, check_steer
 
-__all__ = ["select_topk", "encoder_preactivations", "topk_encode", "sparse_decode", "steer"]
+__all__ = ["select_topk", "encoder_preactivations", "topk_encode", "sparse_decode", "steer", "steer_from_codes"]
 
 
 def _compute_dtype(x: torch.Tensor, upcast: bool) -> torch.dtype:
@@ -96,6 +96,32 @@ def sparse_decode(vals, idx, W_dec, b_dec, upcast: bool = True) -> torch.Tensor:
     return out.reshape(*lead, W_dec.shape[1]).to(W_dec.dtype)
 
 
+def steer_from_codes(x, vals, idx, W_dec, b_dec, harmful, beta, gamma, tau, upcast: bool = True
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """SPEC §2 steps 2-4 given a token's codes: `x` `[N, d]`, `vals`/`idx` `[N, k]` (NaN values
+    mark a non-finite token). Returns (y `[N, d]` in x's dtype, h `[N]`). Tests use it to score
+    a kernel's own choice among near-tied features exactly."""
+    cd = _compute_dtype(x, upcast)
+    bad = torch.isnan(vals).any(-1)
+    is_harm = harmful[idx.long()]
+    zero = torch.zeros((), dtype=vals.dtype, device=vals.device)
+    harm_vals = torch.where(is_harm, vals, zero)
+    safe_vals = torch.where(is_harm, zero, vals)
+    h = harm_vals.float().sum(-1) if cd != torch.float64 else harm_vals.sum(-1)
+    h = torch.where(bad, torch.full_like(h, float("nan")), h)
+
+    Wd = W_dec.to(cd)
+    xc = x.to(cd)
+    b, g = beta.to(cd), gamma.to(cd)
+    x_hat_safe = b_dec.to(cd) + _bag_sum(idx, safe_vals, Wd)
+    r = _bag_sum(idx, harm_vals, Wd)
+    steered = (xc + (b * (x_hat_safe - xc) - g * r)).to(x.dtype)
+    # Select rather than add a zero update: keeps beta = gamma = 0 and ungated tokens bitwise
+    # (x + 0.0 would turn -0.0 into +0.0), and keeps NaN tokens out of the arithmetic.
+    active = (h > tau.to(h.dtype)) & ((beta != 0) | (gamma != 0)) & ~bad
+    return torch.where(active[:, None], steered, x), h
+
+
 def steer(x, W_enc, b_enc, W_dec, b_dec, harmful, beta, gamma, tau, k: int,
           upcast: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Blend/Repel steering, SPEC §2, per token of `x` `[N, d]` or `[B, T, d]`.
@@ -106,27 +132,9 @@ def steer(x, W_enc, b_enc, W_dec, b_dec, harmful, beta, gamma, tau, k: int,
     h = NaN; beta = gamma = 0 returns x bitwise.
     """
     check_steer(x, W_enc, b_enc, W_dec, b_dec, harmful, beta, gamma, tau, k, allow_float64=True)
-    cd = _compute_dtype(x, upcast)
     d = x.shape[-1]
-    lead = x.shape[:-1]
     x2 = x.reshape(-1, d)
     pre = encoder_preactivations(x2, W_enc, b_enc, b_dec, upcast)
-    vals, idx, bad = _topk_from_pre(x2, pre, k)
-    is_harm = harmful[idx]
-    zero = torch.zeros((), dtype=vals.dtype, device=vals.device)
-    harm_vals = torch.where(is_harm, vals, zero)
-    safe_vals = torch.where(is_harm, zero, vals)
-    h = harm_vals.float().sum(-1) if cd != torch.float64 else harm_vals.sum(-1)
-    h = torch.where(bad, torch.full_like(h, float("nan")), h)
-
-    Wd = W_dec.to(cd)
-    xc = x2.to(cd)
-    b, g = beta.to(cd), gamma.to(cd)
-    x_hat_safe = b_dec.to(cd) + _bag_sum(idx, safe_vals, Wd)
-    r = _bag_sum(idx, harm_vals, Wd)
-    steered = (xc + (b * (x_hat_safe - xc) - g * r)).to(x.dtype)
-    # Select rather than add a zero update: keeps beta = gamma = 0 and ungated tokens bitwise
-    # (x + 0.0 would turn -0.0 into +0.0), and keeps NaN tokens out of the arithmetic.
-    active = (h > tau.to(h.dtype)) & ((beta != 0) | (gamma != 0)) & ~bad
-    y = torch.where(active[:, None], steered, x2)
-    return y.reshape(x.shape), h.reshape(lead)
+    vals, idx, _ = _topk_from_pre(x2, pre, k)
+    y, h = steer_from_codes(x2, vals, idx, W_dec, b_dec, harmful, beta, gamma, tau, upcast)
+    return y.reshape(x.shape), h.reshape(x.shape[:-1])

@@ -1,0 +1,346 @@
+"""One command for a lent GPU: GPU tests, device ceilings, a small tuning sweep, and the kernel
+benchmark over the SPEC §5 shapes, ending with one table of the SPEC §6 ratios.
+
+    python benchmarks/gpu_check.py --out DIR            # on a CUDA machine, a few minutes
+    python benchmarks/gpu_check.py --smoke --out DIR    # CPU: tiny shapes, checks the script
+
+Timings: CUDA events around single calls, median of `--reps` after warm-up (warm L2, as the
+SPEC §5 anchors), every provider of a shape in the same process. Only measured numbers are
+written: `DIR/gpu_check.json` and `DIR/gpu_check.md`.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import safedig_kernels as sk  # noqa: E402
+from safedig_kernels import reference  # noqa: E402
+
+SHAPES = [  # (name, N, d, F, k): SPEC §5
+    ("flux-4x", 4608, 3072, 12288, 32),
+    ("flux-16x", 4608, 3072, 49152, 64),
+    ("flux-4x-b2", 9216, 3072, 12288, 32),
+    ("sd35l-4x", 4250, 2432, 9728, 32),
+    ("latency-n16", 16, 3072, 12288, 32),
+]
+TARGET_SHAPES = ("flux-4x", "flux-16x")  # SPEC §6 ratios; compiled baselines only here (compile time)
+SMOKE_SHAPES = [("smoke", 64, 32, 256, 8), ("smoke-n16", 16, 32, 256, 8)]
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+def env_info(dev: str) -> dict:
+    info = {"date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "torch": torch.__version__,
+            "python": platform.python_version(), "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu"}
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    try:
+        info["git"] = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                     text=True, timeout=10).stdout.strip() or None
+    except Exception:
+        info["git"] = None
+    return info
+
+
+def timer(dev: str, reps: int, warm: int = 3):
+    def bench(fn) -> dict:
+        for _ in range(warm):
+            fn()
+        ts = []
+        if dev == "cuda":
+            torch.cuda.synchronize()
+            for _ in range(reps):
+                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                s.record()
+                fn()
+                e.record()
+                torch.cuda.synchronize()
+                ts.append(s.elapsed_time(e))
+        else:
+            for _ in range(reps):
+                t = time.perf_counter()
+                fn()
+                ts.append((time.perf_counter() - t) * 1e3)
+        ts.sort()
+        return {"median_ms": statistics.median(ts), "p20_ms": ts[int(0.2 * (len(ts) - 1))],
+                "p80_ms": ts[int(0.8 * (len(ts) - 1))]}
+    return bench
+
+
+def ceilings(dev: str, bench) -> dict:
+    if dev != "cuda":
+        return {}
+    n = 1 << 30
+    src = torch.empty(n, dtype=torch.uint8, device=dev).random_()
+    dst = torch.empty_like(src)
+    copy_ms = bench(lambda: dst.copy_(src))["median_ms"]
+    A = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
+    B = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
+    mm_ms = bench(lambda: A @ B)["median_ms"]
+    del src, dst, A, B
+    return {"copy_TBps": 2 * n / copy_ms / 1e9, "bf16_mm_TFLOPs": 2 * 8192 ** 3 / mm_ms / 1e9}
+
+
+def run_gpu_tests(out: Path, timeout: int) -> dict:
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", "tests/",
+           "--junitxml", str(out / "gpu_tests.xml")]
+    try:  # parallel workers: most of the wall time is Triton/inductor compilation, on the CPU
+        import xdist  # noqa: F401
+
+        cmd += ["-n", "8"]
+    except ImportError:
+        pass
+    log("+", " ".join(cmd))
+    t = time.time()
+    try:
+        p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+        tail = (p.stdout + p.stderr)[-6000:]
+        rc = p.returncode
+    except subprocess.TimeoutExpired as e:
+        tail = ((e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or ""))[-6000:]
+        rc = "timeout"
+    (out / "gpu_tests.log").write_text(tail)
+    log(tail[-2500:])
+    summary = [ln for ln in tail.splitlines() if " passed" in ln or " failed" in ln or " error" in ln]
+    return {"returncode": rc, "seconds": round(time.time() - t, 1), "summary": summary[-1] if summary else tail[-300:]}
+
+
+def make_sae(N, d, Fdim, k, dev, dtype, harmful_frac=0.05, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    sae = sk.random_sae(d, Fdim, k, harmful=torch.randperm(Fdim, generator=g)[: max(1, int(harmful_frac * Fdim))].tolist(),
+                        seed=seed, dtype=dtype, device=dev)
+    x = torch.randn(N, d, generator=g).to(dev, dtype)
+    return sae, x
+
+
+def steer_anchor(x, W_enc, b_enc, W_dec, b_dec, harmful, beta, gamma, k: int):
+    """Plain eager steering as SPEC §5's anchors wrote it (torch.topk, embedding_bag, input
+    dtype; not tie-exact): the fastest straightforward eager formulation, a fair baseline."""
+    pre = (x - b_dec) @ W_enc + b_enc
+    vals, idx = torch.topk(pre, k, dim=-1)
+    vals = F.relu(vals)
+    harm = harmful[idx]
+    safe_w = torch.where(harm, torch.zeros_like(vals), vals)
+    harm_w = vals - safe_w
+    x_hat_safe = F.embedding_bag(idx, W_dec, per_sample_weights=safe_w, mode="sum") + b_dec
+    r = F.embedding_bag(idx, W_dec, per_sample_weights=harm_w, mode="sum")
+    return x + beta * (x_hat_safe - x) - gamma * r
+
+
+def tuning_sweep(dev, bench, shape, dtype) -> dict:
+    """Stage timings for the select and decode kernels over a few launch settings."""
+    from safedig_kernels.ops.steer import _decode_steer
+    from safedig_kernels.ops.topk_encode import _gemm, _select, pre_dtype_for, select_config
+    from safedig_kernels.ops.sparse_decode import decode_config
+
+    _, N, d, Fdim, k = shape
+    sae, x = make_sae(N, d, Fdim, k, dev, dtype)
+    sae.set_strengths(beta=0.5, gamma=1.0, tau=-1.0)
+    bias = sae.enc_bias()
+    res = {"select": [], "decode": []}
+    for pre_dtype in dict.fromkeys([pre_dtype_for(dtype, x.device), torch.float32]):
+        if pre_dtype != dtype and not sk.ops.topk_encode.mm_has_out_dtype():
+            continue
+        pre = _gemm(x, sae.W_enc, pre_dtype)
+        res.setdefault("gemm", []).append({"pre_dtype": str(pre_dtype), **bench(lambda: _gemm(x, sae.W_enc, pre_dtype))})
+        for chunk in (2048, 4096, 8192):
+            for warps in (4, 8, 16):
+                cfg = select_config(Fdim, k, chunk, warps)
+                vals = torch.empty(N, k, device=dev)
+                idx = torch.empty(N, k, device=dev, dtype=torch.int32)
+                cv = torch.empty(N, cfg["CAND"], device=dev)
+                ci = torch.empty(N, cfg["CAND"], device=dev, dtype=torch.int32)
+                try:
+                    t = bench(lambda: _select(vals, idx, cv, ci, pre, bias, k, cfg))
+                except Exception as e:  # a setting the compiler rejects (registers, shared memory)
+                    t = {"error": repr(e)[:200]}
+                res["select"].append({"pre_dtype": str(pre_dtype), "chunk": chunk, "num_warps": warps, **t})
+                log("select", res["select"][-1])
+    vals, idx = sae.encode(x)
+    y = torch.empty_like(x)
+    h = torch.empty(N, device=dev)
+    for block_d in (256, 512, 1024):
+        for k_block in (8, 16, 32):
+            for warps in (4, 8):
+                cfg = decode_config(d, k, dict(BLOCK_D=block_d, K_BLOCK=k_block, num_warps=warps))
+                try:
+                    t = bench(lambda: _decode_steer(y, h, x[:, None], vals, idx, sae.harmful_mask, sae.W_dec, sae.b_dec,
+                                                    sae.beta, sae.gamma, sae.tau, k, cfg))
+                except Exception as e:
+                    t = {"error": repr(e)[:200]}
+                res["decode"].append({"BLOCK_D": block_d, "K_BLOCK": k_block, "num_warps": warps, **t})
+                log("decode", res["decode"][-1])
+    return res
+
+
+def best(rows):
+    ok = [r for r in rows if "median_ms" in r]
+    return min(ok, key=lambda r: r["median_ms"]) if ok else None
+
+
+def bench_shape(dev, bench, shape, dtype, compiled: bool, tuned: dict | None) -> dict:
+    from safedig_kernels.ops.steer import _steer_fwd
+
+    name, N, d, Fdim, k = shape
+    sae, x = make_sae(N, d, Fdim, k, dev, dtype)
+    sae.set_strengths(beta=0.5, gamma=1.0, tau=-1.0)  # every token steered: the full decode
+    row = {"shape": name, "N": N, "d": d, "F": Fdim, "k": k, "dtype": str(dtype).replace("torch.", "")}
+    W_enc, b_enc, W_dec, b_dec, harm = sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, sae.harmful_mask
+    b, g, t = sae.beta, sae.gamma, sae.tau
+
+    def record(key, fn):
+        try:
+            row[key] = bench(fn)
+        except Exception as e:
+            row[key] = {"error": repr(e)[:300]}
+        log(f"  {name:12s} {key:22s} {row[key]}")
+
+    record("gemm", lambda: torch.mm(x, W_enc))
+    record("gemm_with_bias", lambda: (x - b_dec) @ W_enc + b_enc)
+    record("fused_steer", lambda: sae.steer(x))
+    if tuned:
+        record("fused_steer_tuned", lambda: _steer_fwd(x, W_enc, W_dec, b_dec, harm, b, g, t, k, sae.enc_bias(), **tuned))
+    record("fused_topk_encode", lambda: sae.encode(x))
+    # gated pure Repel: tau at the 90th percentile of h, so about 10 % of tokens are steered
+    _, h = sae.steer(x)
+    tau90 = torch.nanquantile(h.float(), 0.9)
+    record("fused_steer_repel_gated10", lambda: sae.steer(x, beta=0.0, gamma=1.0, tau=tau90))
+    record("eager_reference", lambda: reference.steer(x, W_enc, b_enc, W_dec, b_dec, harm, b, g, t, k, upcast=False))
+    record("eager_anchor", lambda: steer_anchor(x, W_enc, b_enc, W_dec, b_dec, harm, b, g, k))
+    if compiled:
+        ref_c = torch.compile(lambda xx: reference.steer(xx, W_enc, b_enc, W_dec, b_dec, harm, b, g, t, k, upcast=False))
+        anchor_c = torch.compile(lambda xx: steer_anchor(xx, W_enc, b_enc, W_dec, b_dec, harm, b, g, k))
+        record("compiled_reference", lambda: ref_c(x))
+        record("compiled_anchor", lambda: anchor_c(x))
+    if dev == "cuda" and N <= 64:
+        # launch overhead dominates at small N: also time a CUDA-graph replay of the op
+        static = x.clone()
+        for _ in range(2):
+            sae.steer(static)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            sae.steer(static)
+        record("fused_steer_cudagraph", graph.replay)
+    # correctness of what was timed: the fused output against the input-dtype reference
+    y_f, _ = sae.steer(x)
+    y_r, _ = reference.steer(x, W_enc, b_enc, W_dec, b_dec, harm, b, g, t, k)
+    row["max_abs_diff_vs_fp32_reference"] = (y_f.float() - y_r.float()).abs().max().item()
+    del sae, x
+    if dev == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def ms(row, key):
+    v = row.get(key)
+    return v.get("median_ms") if isinstance(v, dict) else None
+
+
+def fmt(v, spec=".3f"):
+    return "n/m" if v is None else format(v, spec)
+
+
+def summary_table(rows) -> str:
+    head = ("| shape (N, d, F, k) | cuBLAS GEMM | fused steer | fused / GEMM | gated Repel 10% | eager ref | "
+            "compiled ref | eager anchor | compiled anchor | compiled anchor / fused | CUDA graph |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        fused = ms(r, "fused_steer_tuned") or ms(r, "fused_steer")
+        if ms(r, "fused_steer_tuned") and ms(r, "fused_steer"):
+            fused = min(ms(r, "fused_steer_tuned"), ms(r, "fused_steer"))
+        gemm = ms(r, "gemm")
+        ca = ms(r, "compiled_anchor")
+        lines.append(
+            f"| {r['shape']} ({r['N']}, {r['d']}, {r['F']}, {r['k']}) | {fmt(gemm)} | {fmt(fused)} | "
+            f"{fmt(fused / gemm if fused and gemm else None, '.2f')} | {fmt(ms(r, 'fused_steer_repel_gated10'))} | "
+            f"{fmt(ms(r, 'eager_reference'))} | {fmt(ms(r, 'compiled_reference'))} | {fmt(ms(r, 'eager_anchor'))} | "
+            f"{fmt(ca)} | {fmt(ca / fused if ca and fused else None, '.2f')} | {fmt(ms(r, 'fused_steer_cudagraph'))} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="out/gpu_check")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes on whatever device is there")
+    ap.add_argument("--skip-tests", action="store_true")
+    ap.add_argument("--skip-sweep", action="store_true")
+    ap.add_argument("--tests-timeout", type=int, default=240)
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--shapes", default="", help="comma-separated shape names (default: all)")
+    a = ap.parse_args(argv)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+    bench = timer(dev, a.reps if not a.smoke else 3, warm=3 if not a.smoke else 1)
+    result = {"env": env_info(dev)}
+    log(result["env"])
+    result["ceilings"] = ceilings(dev, bench)
+    log("ceilings", result["ceilings"])
+    if not a.skip_tests and dev == "cuda":
+        result["gpu_tests"] = run_gpu_tests(out, a.tests_timeout)
+    shapes = SMOKE_SHAPES if a.smoke else SHAPES
+    if a.shapes:
+        shapes = [s for s in shapes if s[0] in a.shapes.split(",")]
+    tuned = None
+    if not a.skip_sweep and dev == "cuda":
+        try:
+            sweep = tuning_sweep(dev, bench, SHAPES[0], dtype)
+            result["sweep"] = sweep
+            bs, bd = best(sweep["select"]), best(sweep["decode"])
+            if bs and bd:
+                tuned = dict(pre_dtype=getattr(torch, bs["pre_dtype"].replace("torch.", "")), chunk=bs["chunk"],
+                             select_warps=bs["num_warps"],
+                             decode_overrides={kk: bd[kk] for kk in ("BLOCK_D", "K_BLOCK", "num_warps")})
+                result["tuned"] = {**{kk: str(v) for kk, v in tuned.items()}}
+                log("tuned", result["tuned"])
+        except Exception as e:
+            result["sweep_error"] = repr(e)[:500]
+            log("sweep failed", result["sweep_error"])
+    rows = result["rows"] = []
+    for shape in shapes:
+        try:
+            rows.append(bench_shape(dev, bench, shape, dtype, compiled=a.smoke or shape[0] in TARGET_SHAPES, tuned=tuned))
+        except Exception as e:
+            rows.append({"shape": shape[0], "N": shape[1], "d": shape[2], "F": shape[3], "k": shape[4], "error": repr(e)[:300]})
+            log("shape failed", rows[-1])
+        # written after every shape, so a run cut short still returns what it measured
+        (out / "gpu_check.json").write_text(json.dumps(result, indent=1, default=str))
+    table = summary_table(rows)
+    env = result["env"]
+    md = (f"## Kernel benchmark: {env['device']}, torch {env['torch']}, triton {env['triton']}, {env['date']}, git {env['git']}\n\n"
+          f"Ceilings measured in this run: {json.dumps({kk: round(v, 2) for kk, v in result['ceilings'].items()})}. "
+          f"Times in ms, CUDA events around single calls, median of {a.reps} (warm L2); dtype {str(dtype)[6:]}; "
+          f"fused steer and both baselines steer every token (beta 0.5, gamma 1, tau -1).\n\n{table}\n")
+    if "gpu_tests" in result:
+        md += f"\nGPU tests: {result['gpu_tests']['summary']}\n"
+    (out / "gpu_check.json").write_text(json.dumps(result, indent=1, default=str))
+    (out / "gpu_check.md").write_text(md)
+    log("\n" + md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

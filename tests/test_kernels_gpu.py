@@ -1,0 +1,189 @@
+"""The fused ops on a CUDA device: small odd cases and the real SPEC §4-5 sizes in bf16/fp16/fp32,
+opcheck, the compile ladder, CUDA-graph capture. Skipped without CUDA.
+
+Tolerance (SPEC §3): err(kernel, ref64) <= 2 * err(ref_lowp, ref64) + atol, where ref_lowp is the
+reference computed in the input dtype (plain eager PyTorch), and each side is scored against a
+float64 reference evaluated on its *own* chosen features, so a legitimate near-tie choice is
+not counted as an error; the choice itself is checked to be a top-k up to the rounding of the
+pre-activations.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch._dynamo.testing
+from _oracle import assert_bitwise_equal, assert_valid_topk
+
+import safedig_kernels as sk
+from safedig_kernels import ops, reference
+
+pytestmark = pytest.mark.gpu
+DEV = "cuda"
+# Relative rounding of the pre-activation buffer the kernels select on (bf16 pre for bf16,
+# fp32 pre for fp16 and fp32) plus the fp32 accumulation of a d-long dot product.
+PRE_REL_TOL = {torch.bfloat16: 2.0 ** -7, torch.float16: 2e-5, torch.float32: 2e-5}
+
+
+def make(d, F, dtype, N=None, lead=None, device=DEV):
+    g = torch.Generator(device="cpu").manual_seed(d * 7 + F)
+    W_enc = (torch.randn(d, F, generator=g) / d ** 0.5).to(device, dtype)
+    b_enc = (torch.randn(F, generator=g) * 0.1).to(device, dtype)
+    W_dec = torch.nn.functional.normalize(torch.randn(F, d, generator=g), dim=1).to(device, dtype)
+    b_dec = (torch.randn(d, generator=g) * 0.1).to(device, dtype)
+    harmful = (torch.rand(F, generator=g) < 0.1).to(device)
+    x = torch.randn(*(lead or (N,)), d, generator=g).to(device, dtype)
+    return x, W_enc, b_enc, W_dec, b_dec, harmful
+
+
+def strengths(beta, gamma, tau):
+    return tuple(torch.tensor(v, device=DEV) for v in (beta, gamma, tau))
+
+
+def _codes64(pre64, idx, bad):
+    vals = torch.gather(pre64, 1, idx.long()).clamp_min(0)
+    return torch.where(bad[:, None], torch.full_like(vals, float("nan")), vals)
+
+
+def check_steer(x, W_enc, b_enc, W_dec, b_dec, harmful, beta, gamma, tau, k):
+    d = x.shape[-1]
+    bgt = strengths(beta, gamma, tau)
+    y, h = ops.steer(x, W_enc, b_enc, W_dec, b_dec, harmful, *bgt, k)
+    vals, idx = ops.topk_encode(x, W_enc, b_enc, b_dec, k)
+    assert y.shape == x.shape and y.dtype == x.dtype and h.shape == x.shape[:-1]
+    x2 = x.reshape(-1, d)
+    t64 = [t.double() for t in (W_enc, b_enc, W_dec, b_dec)]
+    pre64 = reference.encoder_preactivations(x2.double(), t64[0], t64[1], t64[3])
+    bad = ~(torch.isfinite(x2).all(-1) & torch.isfinite(pre64).all(-1))
+    good = ~bad
+    scale = pre64[good].abs().amax(-1)
+    assert_valid_topk(pre64[good], idx.reshape(-1, k)[good], k, PRE_REL_TOL[x.dtype] * scale + 1e-6)
+
+    b64 = [v.double() for v in bgt]
+    lowp_vals, lowp_idx = reference.topk_encode(x2, W_enc, b_enc, b_dec, k, upcast=False)
+    y_lowp, h_lowp = reference.steer(x2, W_enc, b_enc, W_dec, b_dec, harmful, *bgt, k, upcast=False)
+    y64_k, h64_k = reference.steer_from_codes(x2.double(), _codes64(pre64, idx.reshape(-1, k), bad), idx.reshape(-1, k),
+                                              t64[2], t64[3], harmful, *b64)
+    y64_l, h64_l = reference.steer_from_codes(x2.double(), _codes64(pre64, lowp_idx, bad), lowp_idx,
+                                              t64[2], t64[3], harmful, *b64)
+
+    def err(a, b):
+        return (a.double() - b).abs().nan_to_num(0.0).max().item() if a.numel() else 0.0
+
+    atol = 1e-5 * (1 + y64_k.abs().nan_to_num(0).max().item())
+    assert err(y.reshape(-1, d), y64_k) <= 2 * err(y_lowp, y64_l) + atol
+    assert err(h.reshape(-1), h64_k) <= 2 * err(h_lowp, h64_l) + 1e-5 * (1 + h64_k.abs().nan_to_num(0).max().item())
+    assert err(vals.reshape(-1, k), _codes64(pre64, idx.reshape(-1, k), bad)) <= \
+        2 * err(lowp_vals, _codes64(pre64, lowp_idx, bad)) + 1e-5 * (1 + scale.max().item() if scale.numel() else 1)
+    assert torch.equal(torch.isnan(h.reshape(-1)), bad)
+    if bad.any():
+        assert_bitwise_equal(y.reshape(-1, d)[bad], x2[bad])
+    return y, h
+
+
+SMALL = [(5, 17, 100, 7), (1, 9, 64, 1), (3, 33, 300, 5), (4, 8, 40, 40), (3, 12, 200, 80), (6, 1000, 48, 3),
+         (7, 64, 5000, 256), (9, 40, 1023, 63)]
+
+
+@pytest.mark.usefixtures("poison_allocations")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("N,d,F,k", SMALL, ids=lambda v: str(v))
+def test_small_cases(N, d, F, k, dtype):
+    x, *sae = make(d, F, dtype, lead=(1, N))
+    x = torch.randn(1, N + 2, d + 3, device=DEV, dtype=dtype)[:, 2:, :d].copy_(x)  # strided 3-D slice
+    x[0, N // 2, 0] = float("nan")
+    for bgt in ((0.5, 1.0, 0.0), (0.0, 1.0, -1.0), (1.0, -1.0, 0.2)):
+        check_steer(x, *sae, *bgt, k)
+    y, _ = ops.steer(x, *sae, 0.0, 0.0, -1.0, k)
+    assert_bitwise_equal(y, x)
+
+
+REAL = [  # (N, d, F, k): SPEC §5
+    (4608, 3072, 12288, 32),
+    (4608, 3072, 49152, 64),
+    (4250, 2432, 9728, 32),
+    (16, 3072, 12288, 32),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("N,d,F,k", REAL, ids=lambda v: str(v))
+def test_real_sizes(N, d, F, k, dtype):
+    x, *sae = make(d, F, dtype, N=N)
+    check_steer(x, *sae, 0.5, 1.0, -1.0, k)        # every token steered: the full decode
+    check_steer(x, *sae, 0.0, 2.0, 0.05, k)        # gated pure Repel
+
+
+def test_flux_single_block_strided_activation():
+    # FLUX single blocks hand back [B, T_img, d] slices of a [B, T_txt + T_img, d] buffer.
+    buf, *sae = make(3072, 12288, torch.bfloat16, lead=(1, 512 + 4096))
+    check_steer(buf[:, 512:], *sae, 0.5, 1.0, 0.0, 32)
+    buf2, *_ = make(3072, 12288, torch.bfloat16, lead=(2, 40))
+    check_steer(buf2[:, 8:], *sae, 0.5, 1.0, 0.0, 32)  # B = 2: not viewable as [N, d]
+
+
+def test_extreme_sizes():
+    x, *sae = make(64, 131072, torch.bfloat16, N=8)      # F = 2**17, k = 256: exact path, many chunks
+    check_steer(x, *sae, 0.5, 1.0, 0.0, 256)
+    x, *sae = make(64, 256, torch.bfloat16, N=65536)     # N at its maximum
+    check_steer(x, *sae, 0.5, 1.0, 0.0, 8)
+    x, *sae = make(64, 256, torch.bfloat16, N=0)
+    y, h = ops.steer(x, *sae, 0.5, 1.0, 0.0, 8)
+    assert y.shape == (0, 64) and h.shape == (0,)
+
+
+def test_opcheck_cuda():
+    x, W_enc, b_enc, W_dec, b_dec, harmful = make(40, 300, torch.bfloat16, lead=(2, 9))
+    bgt = strengths(0.5, 1.0, 0.0)
+    torch.library.opcheck(torch.ops.safedig.topk_encode.default, (x, W_enc, b_enc, b_dec, 5, None))
+    vals, idx = ops.topk_encode(x, W_enc, b_enc, b_dec, 5)
+    torch.library.opcheck(torch.ops.safedig.sparse_decode.default, (vals, idx, W_dec, b_dec))
+    torch.library.opcheck(torch.ops.safedig.steer.default, (x, W_enc, b_enc, W_dec, b_dec, harmful, *bgt, 5, None))
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compile_ladder_cuda(backend):
+    torch._dynamo.reset()
+    sae = sk.random_sae(64, 512, 8, harmful=range(0, 512, 5), device=DEV, dtype=torch.bfloat16)
+    sae.set_strengths(beta=0.5, gamma=1.0, tau=0.0)
+    cnt = torch._dynamo.testing.CompileCounterWithBackend(backend)
+    fn = torch.compile(lambda x: sae.steer(x), backend=cnt, fullgraph=True, dynamic=True)
+    for N, beta in ((37, 0.5), (100, 0.5), (64, 0.9), (300, 0.0)):
+        sae.set_strengths(beta=beta)
+        x = torch.randn(N, 64, device=DEV, dtype=torch.bfloat16)
+        y, h = fn(x)
+        y_ref, h_ref = sae.steer(x)
+        assert torch.equal(y, y_ref) and torch.equal(h, h_ref)
+    assert cnt.frame_count == 1
+
+
+def test_reduce_overhead_cudagraphs():
+    torch._dynamo.reset()
+    sae = sk.random_sae(64, 512, 8, harmful=range(0, 512, 5), device=DEV, dtype=torch.bfloat16)
+    sae.set_strengths(beta=0.5, gamma=1.0, tau=0.0)
+    fn = torch.compile(lambda x: sae.steer(x)[0] * 1, mode="reduce-overhead", fullgraph=True)
+    for step in range(4):
+        sae.set_strengths(beta=0.25 * step)
+        x = torch.randn(2, 50, 64, device=DEV, dtype=torch.bfloat16)
+        assert torch.equal(fn(x), sae.steer(x)[0])
+
+
+def test_cuda_graph_capture_and_replay():
+    sae = sk.random_sae(3072, 12288, 32, harmful=range(0, 12288, 9), device=DEV, dtype=torch.bfloat16)
+    sae.set_strengths(beta=0.5, gamma=1.0, tau=0.0)
+    static_x = torch.randn(1, 512, 3072, device=DEV, dtype=torch.bfloat16)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            sae.steer(static_x)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y_static, h_static = sae.steer(static_x)
+    for beta in (0.5, 0.0, 1.0):
+        x = torch.randn_like(static_x)
+        static_x.copy_(x)
+        sae.set_strengths(beta=beta)  # in place: the graph reads the new value
+        graph.replay()
+        y, h = sae.steer(x)
+        assert torch.equal(y_static, y) and torch.equal(h_static, h)
