@@ -152,6 +152,7 @@ def tuning_sweep(dev, bench, shape, dtype) -> dict:
     """Stage timings for the select and decode kernels over a few launch settings."""
     from safedig_kernels.ops.steer import _decode_steer
     from safedig_kernels.ops.topk_encode import _gemm, _select, pre_dtype_for, select_config
+    from safedig_kernels._library import mm_has_out_dtype
     from safedig_kernels.ops.sparse_decode import decode_config
 
     _, N, d, Fdim, k = shape
@@ -160,7 +161,7 @@ def tuning_sweep(dev, bench, shape, dtype) -> dict:
     bias = sae.enc_bias()
     res = {"select": [], "decode": []}
     for pre_dtype in dict.fromkeys([pre_dtype_for(dtype, x.device), torch.float32]):
-        if pre_dtype != dtype and not sk.ops.topk_encode.mm_has_out_dtype():
+        if pre_dtype != dtype and not mm_has_out_dtype():
             continue
         pre = _gemm(x, sae.W_enc, pre_dtype)
         res.setdefault("gemm", []).append({"pre_dtype": str(pre_dtype), **bench(lambda: _gemm(x, sae.W_enc, pre_dtype))})

@@ -41,7 +41,7 @@ def _sparse_decode_kernel(
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     dmask = offs_d < d
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for kb in tl.static_range(0, K, K_BLOCK):
+    for kb in range(0, K, K_BLOCK):
         ks = kb + tl.arange(0, K_BLOCK)
         kmask = ks < K
         z = tl.load(vals_ptr + n * K + ks, mask=kmask, other=0.0)

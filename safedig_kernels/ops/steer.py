@@ -36,7 +36,7 @@ def _steer_fwd_kernel(
 
     h = tl.zeros([], dtype=tl.float32)
     n_nan = tl.zeros([], dtype=tl.int32)
-    for kb in tl.static_range(0, K, K_BLOCK):
+    for kb in range(0, K, K_BLOCK):
         ks = kb + tl.arange(0, K_BLOCK)
         kmask = ks < K
         z = tl.load(vals_ptr + n * K + ks, mask=kmask, other=0.0)
@@ -56,14 +56,14 @@ def _steer_fwd_kernel(
     x = tl.load(row + offs_d * stride_xd, mask=dmask, other=0.0)
     if active:
         acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-        for kb in tl.static_range(0, K, K_BLOCK):
-            ks = kb + tl.arange(0, K_BLOCK)
-            kmask = ks < K
-            z = tl.load(vals_ptr + n * K + ks, mask=kmask, other=0.0)
-            j = tl.load(idx_ptr + n * K + ks, mask=kmask, other=0)
-            harm = tl.load(harmful_ptr + j, mask=kmask & (j >= 0) & (j < F), other=0) != 0
-            w = tl.where(harm, -gamma * z, beta * z)
-            acc = _weighted_row_sum(acc, w, j, kmask, W_dec_ptr, stride_wf, F, offs_d, dmask)
+        for kb in range(0, K, K_BLOCK):
+            ks2 = kb + tl.arange(0, K_BLOCK)
+            kmask2 = ks2 < K
+            z2 = tl.load(vals_ptr + n * K + ks2, mask=kmask2, other=0.0)
+            j2 = tl.load(idx_ptr + n * K + ks2, mask=kmask2, other=0)
+            harm2 = tl.load(harmful_ptr + j2, mask=kmask2 & (j2 >= 0) & (j2 < F), other=0) != 0
+            w = tl.where(harm2, -gamma * z2, beta * z2)
+            acc = _weighted_row_sum(acc, w, j2, kmask2, W_dec_ptr, stride_wf, F, offs_d, dmask)
         xf = x.to(tl.float32)
         b_dec = tl.load(b_dec_ptr + offs_d, mask=dmask, other=0.0).to(tl.float32)
         y = (xf + (beta * (b_dec - xf) + acc)).to(x.dtype)

@@ -63,20 +63,17 @@ def _topk_select_kernel(
     cand_idx = cand_idx_ptr + row * CAND
     GS: tl.constexpr = CHUNK // GROUPS
 
-    # Pass 1: finiteness, extremes and the group maxima.
-    n_bad = tl.zeros([], dtype=tl.int32)
-    row_max = tl.full([], float("-inf"), tl.float32)
-    row_min = tl.full([], float("inf"), tl.float32)
+    # Pass 1: finiteness and the group maxima, accumulated element-wise across chunks so the
+    # block-wide reductions (each a barrier) happen once per row, not once per chunk.
+    nonfinite = tl.zeros([CHUNK], dtype=tl.int32)
     gmax = tl.full([GROUPS], float("-inf"), tl.float32)
     for c in range(NUM_CHUNKS):
         v, offs, valid = _load_row_chunk(pre_row, bias_ptr, c * CHUNK, F, CHUNK)
-        finite = (v == v) & (tl.abs(v) < float("inf"))
-        n_bad += tl.sum((valid & ~finite).to(tl.int32), axis=0)
-        row_max = tl.maximum(row_max, tl.max(tl.where(valid, v, float("-inf")), axis=0))
-        row_min = tl.minimum(row_min, tl.min(tl.where(valid, v, float("inf")), axis=0))
+        nonfinite = nonfinite | (valid & ~((v == v) & (tl.abs(v) < float("inf")))).to(tl.int32)
         if not EXACT_ONLY:
             vg = tl.reshape(tl.where(valid, v, float("-inf")), (GROUPS, GS))
             gmax = tl.maximum(gmax, tl.max(vg, axis=1))
+    n_bad = tl.max(nonfinite, axis=0)
 
     ks = tl.arange(0, CAND)
     if n_bad > 0:
@@ -84,13 +81,14 @@ def _topk_select_kernel(
         tl.store(out_idx + ks, ks.to(tl.int32), mask=ks < K)
     else:
         n_cand = tl.zeros([], dtype=tl.int32)
-        lower = row_min
         if not EXACT_ONLY:
             # L = the K-th largest group maximum (ties broken by group index, so exactly one
             # group has rank K - 1). Groups past F hold -inf and rank last.
+            # (Triton lesson, 3.6-3.9: a name reused inside a later loop becomes loop-carried and
+            # must keep its shape, so every block here has a name of its own.)
             gi = tl.arange(0, GROUPS)
-            beats = (gmax[None, :] > gmax[:, None]) | ((gmax[None, :] == gmax[:, None]) & (gi[None, :] < gi[:, None]))
-            grank = tl.sum(beats.to(tl.int32), axis=1)
+            group_beats = (gmax[None, :] > gmax[:, None]) | ((gmax[None, :] == gmax[:, None]) & (gi[None, :] < gi[:, None]))
+            grank = tl.sum(group_beats.to(tl.int32), axis=1)
             lower = tl.max(tl.where(grank == K - 1, gmax, float("-inf")), axis=0)
             # Pass 2: compact the candidates v >= L.
             for c in range(NUM_CHUNKS):
@@ -104,8 +102,14 @@ def _topk_select_kernel(
 
         if EXACT_ONLY or n_cand > CAND:
             # Exact fallback: bisect for T, the K-th largest key: count(key >= T) >= K > count(key > T).
-            lo = _ordered_key(row_min).to(tl.int64)
-            hi = _ordered_key(row_max).to(tl.int64)
+            row_max = tl.full([CHUNK], float("-inf"), tl.float32)
+            row_min = tl.full([CHUNK], float("inf"), tl.float32)
+            for c in range(NUM_CHUNKS):
+                v, offs, valid = _load_row_chunk(pre_row, bias_ptr, c * CHUNK, F, CHUNK)
+                row_max = tl.maximum(row_max, tl.where(valid, v, float("-inf")))
+                row_min = tl.minimum(row_min, tl.where(valid, v, float("inf")))
+            lo = _ordered_key(tl.min(row_min, axis=0)).to(tl.int64)
+            hi = _ordered_key(tl.max(row_max, axis=0)).to(tl.int64)
             while lo < hi:
                 mid = lo + (hi - lo + 1) // 2
                 count = tl.zeros([], dtype=tl.int32)
@@ -148,8 +152,8 @@ def _topk_select_kernel(
             jmask = js < n_cand
             jv = tl.load(cand_vals + js, mask=jmask, other=float("-inf"))
             ji = tl.load(cand_idx + js, mask=jmask, other=0)
-            beats = (jv[None, :] > cv[:, None]) | ((jv[None, :] == cv[:, None]) & (ji[None, :] < ci[:, None]))
-            rank += tl.sum((beats & jmask[None, :]).to(tl.int32), axis=1)
+            cand_beats = (jv[None, :] > cv[:, None]) | ((jv[None, :] == cv[:, None]) & (ji[None, :] < ci[:, None]))
+            rank += tl.sum((cand_beats & jmask[None, :]).to(tl.int32), axis=1)
         chosen = cmask & (rank < K)
         tl.store(out_vals + rank, tl.maximum(cv, 0.0), mask=chosen)
         tl.store(out_idx + rank, ci, mask=chosen)

@@ -1,0 +1,83 @@
+"""Compile the kernels for sm_90 without a GPU and print their resource use as JSON lines.
+
+Run in a fresh process without TRITON_INTERPRET (under the interpreter `@triton.jit` yields
+objects the compiler cannot take). Used by test_kernels_compile.py; also handy by hand:
+    python tests/_aot_sm90.py
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.pop("TRITON_INTERPRET", None)
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from safedig_kernels.ops.sparse_decode import _sparse_decode_kernel, decode_config  # noqa: E402
+from safedig_kernels.ops.steer import _steer_fwd_kernel  # noqa: E402
+from safedig_kernels.ops.topk_encode import _topk_select_kernel, select_config  # noqa: E402
+
+TY = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+
+SELECT = [(12288, 32, torch.bfloat16, None, None), (49152, 64, torch.bfloat16, None, None),
+          (9728, 32, torch.float32, None, None), (131072, 256, torch.bfloat16, None, None), (100, 7, torch.float32, None, None),
+          (12288, 32, torch.bfloat16, 2048, 4)]
+DECODE = [(3072, 32, torch.bfloat16), (2432, 64, torch.float16), (1000, 256, torch.float32)]
+
+
+def compile_sm90(fn, signature: dict, constexprs: dict, num_warps: int):
+    sig = dict(signature, **{k: "constexpr" for k in constexprs})
+    return triton.compile(ASTSource(fn, sig, constexprs), target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+
+
+def resources(kernel) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "k.cubin"
+        cubin.write_bytes(kernel.asm["cubin"])
+        out = subprocess.run([str(CUOBJDUMP), "-res-usage", str(cubin)], capture_output=True, text=True).stdout
+    fields = out.split("REG:")[1].split()
+    res = {"REG": int(fields[0])}
+    for f in fields[1:]:
+        name, _, value = f.partition(":")
+        if value.isdigit():
+            res[name] = int(value)
+    return res
+
+
+def main() -> None:
+    for F, k, pre_dtype, chunk, warps in SELECT:
+        cfg = select_config(F, k, chunk, warps)
+        const = {n: cfg[n] for n in ("CHUNK", "NUM_CHUNKS", "GROUPS", "CAND", "RANK_BLOCK", "EXACT_ONLY")}
+        sig = {"vals_ptr": "*fp32", "idx_ptr": "*i32", "cand_val_ptr": "*fp32", "cand_idx_ptr": "*i32",
+               "pre_ptr": "*" + TY[pre_dtype], "bias_ptr": "*fp32", "stride_pre": "i32", "F": "i32"}
+        res = resources(compile_sm90(_topk_select_kernel, sig, dict(K=k, **const), cfg["num_warps"]))
+        print(json.dumps({"kernel": "select", "F": F, "k": k, "pre": str(pre_dtype), "chunk": cfg["CHUNK"],
+                          "num_warps": cfg["num_warps"], "exact_only": cfg["EXACT_ONLY"], **res}), flush=True)
+    for d, k, dtype in DECODE:
+        cfg = decode_config(d, k)
+        const = dict(K=k, K_BLOCK=cfg["K_BLOCK"], BLOCK_D=cfg["BLOCK_D"])
+        t = "*" + TY[dtype]
+        sig = {"y_ptr": t, "h_ptr": "*fp32", "x_ptr": t, "vals_ptr": "*fp32", "idx_ptr": "*i32", "harmful_ptr": "*u8",
+               "W_dec_ptr": t, "b_dec_ptr": t, "beta_ptr": "*fp32", "gamma_ptr": "*fp32", "tau_ptr": "*fp32",
+               "stride_xb": "i64", "stride_xt": "i64", "stride_xd": "i64", "stride_wf": "i64", "T": "i32", "F": "i32",
+               "d": "i32"}
+        res = resources(compile_sm90(_steer_fwd_kernel, sig, const, cfg["num_warps"]))
+        print(json.dumps({"kernel": "steer_decode", "d": d, "k": k, "dtype": str(dtype), **res}), flush=True)
+        sig = {"out_ptr": t, "vals_ptr": "*fp32", "idx_ptr": "*i32", "W_dec_ptr": t, "b_dec_ptr": t,
+               "stride_wf": "i64", "F": "i32", "d": "i32"}
+        res = resources(compile_sm90(_sparse_decode_kernel, sig, const, cfg["num_warps"]))
+        print(json.dumps({"kernel": "sparse_decode", "d": d, "k": k, "dtype": str(dtype), **res}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
