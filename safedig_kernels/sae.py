@@ -180,11 +180,12 @@ class TopKSAE(torch.nn.Module):
         save_sae(self, path)
 
     @classmethod
-    def load(cls, path, device=None, dtype=None) -> "TopKSAE":
-        """Read a checkpoint in this project's format, SAELens' or sparsify's (auto-detected)."""
+    def load(cls, path, device=None, dtype=None, activation_scale: Optional[float] = None) -> "TopKSAE":
+        """Read a checkpoint in this project's format, SAELens' or sparsify's (auto-detected).
+        `activation_scale` is only for SAELens/sparsify SAEs trained on `x * s`."""
         from .checkpoints import load_sae
 
-        return load_sae(path, device=device, dtype=dtype)
+        return load_sae(path, device=device, dtype=dtype, activation_scale=activation_scale)
 
 
 def random_sae(d: int, F: int, k: int, *, harmful: Sequence[int] = (), seed: int = 0,
