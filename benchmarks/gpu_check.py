@@ -149,31 +149,35 @@ def steer_anchor(x, W_enc, b_enc, W_dec, b_dec, harmful, beta, gamma, k: int):
 
 
 def tuning_sweep(dev, bench, shape, dtype) -> dict:
-    """Stage timings for the select and decode kernels over a few launch settings."""
-    from safedig_kernels.ops.steer import _decode_steer
-    from safedig_kernels.ops.topk_encode import _gemm, _select, pre_dtype_for, select_config
-    from safedig_kernels._library import mm_has_out_dtype
+    """Stage timings: the encoder GEMM per pre-activation mode, the select kernel over launch
+    settings, and the decode kernel over tile shapes."""
     from safedig_kernels.ops.sparse_decode import decode_config
+    from safedig_kernels.ops.steer import _decode_steer
+    from safedig_kernels.ops.topk_encode import _encoder_gemm, _select, _SelectScratch, select_config
 
     _, N, d, Fdim, k = shape
     sae, x = make_sae(N, d, Fdim, k, dev, dtype)
     sae.set_strengths(beta=0.5, gamma=1.0, tau=-1.0)
     bias = sae.enc_bias()
-    res = {"select": [], "decode": []}
-    for pre_dtype in dict.fromkeys([pre_dtype_for(dtype, x.device), torch.float32]):
-        if pre_dtype != dtype and not mm_has_out_dtype():
+    res = {"gemm": [], "select": [], "decode": []}
+    res["gemv_bias"] = bench(lambda: sk.ops.encoder_bias(sae.W_enc, sae.b_enc, sae.b_dec))
+    for pre_dtype in (torch.float32, dtype):
+        try:
+            pre, bias_on_load = _encoder_gemm(x, sae.W_enc, bias, pre_dtype)
+        except Exception as e:
+            res["gemm"].append({"pre_dtype": str(pre_dtype), "error": repr(e)[:200]})
             continue
-        pre = _gemm(x, sae.W_enc, pre_dtype)
-        res.setdefault("gemm", []).append({"pre_dtype": str(pre_dtype), **bench(lambda: _gemm(x, sae.W_enc, pre_dtype))})
-        for chunk in (2048, 4096, 8192):
-            for warps in (4, 8, 16):
+        res["gemm"].append({"pre_dtype": str(pre_dtype), "bias_in_gemm": bias_on_load is None,
+                            **bench(lambda: _encoder_gemm(x, sae.W_enc, bias, pre_dtype))})
+        log("gemm", res["gemm"][-1])
+        for chunk in (1024, 2048, 4096):
+            for warps in (2, 4, 8):
                 cfg = select_config(Fdim, k, chunk, warps)
                 vals = torch.empty(N, k, device=dev)
                 idx = torch.empty(N, k, device=dev, dtype=torch.int32)
-                cv = torch.empty(N, cfg["CAND"], device=dev)
-                ci = torch.empty(N, cfg["CAND"], device=dev, dtype=torch.int32)
+                scratch = _SelectScratch(N, cfg["CAND"], x.device)
                 try:
-                    t = bench(lambda: _select(vals, idx, cv, ci, pre, bias, k, cfg))
+                    t = bench(lambda: _select(vals, idx, scratch, pre, bias_on_load, k, cfg))
                 except Exception as e:  # a setting the compiler rejects (registers, shared memory)
                     t = {"error": repr(e)[:200]}
                 res["select"].append({"pre_dtype": str(pre_dtype), "chunk": chunk, "num_warps": warps, **t})
@@ -181,17 +185,16 @@ def tuning_sweep(dev, bench, shape, dtype) -> dict:
     vals, idx = sae.encode(x)
     y = torch.empty_like(x)
     h = torch.empty(N, device=dev)
-    for block_d in (256, 512, 1024):
-        for k_block in (8, 16, 32):
-            for warps in (4, 8):
-                cfg = decode_config(d, k, dict(BLOCK_D=block_d, K_BLOCK=k_block, num_warps=warps))
-                try:
-                    t = bench(lambda: _decode_steer(y, h, x[:, None], vals, idx, sae.harmful_mask, sae.W_dec, sae.b_dec,
-                                                    sae.beta, sae.gamma, sae.tau, k, cfg))
-                except Exception as e:
-                    t = {"error": repr(e)[:200]}
-                res["decode"].append({"BLOCK_D": block_d, "K_BLOCK": k_block, "num_warps": warps, **t})
-                log("decode", res["decode"][-1])
+    for block_d, k_block, warps in ((1024, 8, 4), (1024, 4, 4), (2048, 4, 4), (2048, 8, 8), (4096, 4, 8),
+                                    (4096, 2, 8), (1024, 8, 2), (512, 8, 2), (4096, 4, 16)):
+        cfg = decode_config(d, k, dict(BLOCK_D=block_d, K_BLOCK=k_block, num_warps=warps))
+        try:
+            t = bench(lambda: _decode_steer(y, h, x[:, None], vals, idx, sae.harmful_mask, sae.W_dec, sae.b_dec,
+                                            sae.beta, sae.gamma, sae.tau, k, cfg))
+        except Exception as e:
+            t = {"error": repr(e)[:200]}
+        res["decode"].append({"BLOCK_D": block_d, "K_BLOCK": k_block, "num_warps": warps, **t})
+        log("decode", res["decode"][-1])
     return res
 
 

@@ -59,8 +59,9 @@ def main() -> None:
         cfg = select_config(F, k, chunk, warps)
         const = {n: cfg[n] for n in ("CHUNK", "NUM_CHUNKS", "GROUPS", "CAND", "RANK_BLOCK", "EXACT_ONLY")}
         sig = {"vals_ptr": "*fp32", "idx_ptr": "*i32", "cand_val_ptr": "*fp32", "cand_idx_ptr": "*i32",
-               "pre_ptr": "*" + TY[pre_dtype], "bias_ptr": "*fp32", "stride_pre": "i32", "F": "i32"}
-        res = resources(compile_sm90(_topk_select_kernel, sig, dict(K=k, **const), cfg["num_warps"]))
+               "count_ptr": "*i32", "pre_ptr": "*" + TY[pre_dtype], "bias_ptr": "*fp32", "stride_pre": "i32", "F": "i32"}
+        const = dict(K=k, HAS_BIAS=pre_dtype != torch.float32, **const)
+        res = resources(compile_sm90(_topk_select_kernel, sig, const, cfg["num_warps"]))
         print(json.dumps({"kernel": "select", "F": F, "k": k, "pre": str(pre_dtype), "chunk": cfg["CHUNK"],
                           "num_warps": cfg["num_warps"], "exact_only": cfg["EXACT_ONLY"], **res}), flush=True)
     for d, k, dtype in DECODE:

@@ -88,6 +88,22 @@ def test_topk_encode_kernel_nonfinite_tokens():
     assert torch.isfinite(vals[[0, 3]]).all()
 
 
+def test_select_kernel_adds_the_bias_on_load():
+    # The path taken when the GEMM cannot add the fp32 bias itself (bf16/fp16 pre buffers).
+    from safedig_kernels.ops.topk_encode import _SelectScratch, _select
+
+    W_enc, b_enc, _, b_dec = sae(11, 300)
+    x = torch.randn(6, 11)
+    k = 9
+    cfg = select_config(300, k, chunk=128)
+    vals = torch.empty(6, k)
+    idx = torch.empty(6, k, dtype=torch.int32)
+    _select(vals, idx, _SelectScratch(6, cfg["CAND"], x.device), x @ W_enc, encoder_bias(W_enc, b_enc, b_dec), k, cfg)
+    pre64, chosen, z, _ = dense_codes64(x, W_enc, b_enc, b_dec, k)
+    assert idx.tolist() == chosen
+    torch.testing.assert_close(vals.double(), torch.gather(z, 1, idx.long()), rtol=1e-5, atol=1e-5)
+
+
 def test_topk_encode_kernel_empty():
     W_enc, b_enc, _, b_dec = sae(6, 20)
     vals, idx = _topk_encode_fwd(torch.randn(0, 6), W_enc, encoder_bias(W_enc, b_enc, b_dec), 4)

@@ -1,19 +1,27 @@
 """`safedig::topk_encode`: encoder GEMM plus exact top-k selection.
 
-Design (SPEC §6, option b): cuBLAS computes `x @ W_enc` once into a pre-activation buffer;
-`_topk_select_kernel` reads each row once more, adds the folded encoder bias in fp32 and
-selects the top k, one program per token:
+Design (SPEC §6, option b): cuBLAS computes the pre-activations once into a buffer (fp32 with
+the folded encoder bias added in its epilogue where torch can ask for that, else in the input
+dtype with the fp32 bias added on load); `_topk_select_kernel` reads each row and selects its
+top k, one program per token:
 
-1. pass 1 takes the maximum of each of GROUPS strided groups of the row. The k-th largest
-   group maximum L is a lower bound on the k-th largest value (k groups hold a value >= L);
-2. pass 2 compacts the candidates `v >= L` (typically ~1.2 k of them) into a small scratch row;
+1. pass 1 loads the row chunk by chunk as [GROUPS, GS] tiles and keeps each group's maximum.
+   The k-th largest group maximum L is a lower bound on the k-th largest value (k groups each
+   hold a value >= L);
+2. pass 2 sends the candidates `v >= L` (typically ~1.2 k of them) to a small scratch row,
+   each taking a slot from a per-row atomic counter: no block-wide scan or reduction per chunk;
 3. each candidate's rank under (value descending, index ascending) is counted against all the
    others; candidates of rank < k are written to their rank's slot, so the result comes out
-   sorted with the exact tie order of SPEC §2.
+   sorted with the exact tie order of SPEC §2, whatever order the atomics gave the scratch row.
 
 When the candidates overflow the scratch row (heavy ties) or k > 64, an exact fallback finds
 the k-th largest key by bisection and keeps exactly k candidates, lower indices first among
 equals. Non-finite rows get NaN values over indices 0..k-1.
+
+Measured on an H200 (2026-11-28, torch 2.11 / triton 3.6, FLUX 4x shape): the first version,
+which compacted with a block-wide cumsum and sum per chunk, spent 0.31 ms selecting after a
+0.46 ms GEMM, far from the 0.03 ms a read of the buffer costs; the per-chunk collectives (each
+a barrier) were the cost, hence the tiles and the atomic counter.
 """
 from __future__ import annotations
 
@@ -31,12 +39,32 @@ PRE_BUFFER_BYTES = 1 << 30
 
 
 @triton.jit
-def _load_row_chunk(pre_row_ptr, bias_ptr, start, F, CHUNK: tl.constexpr):
+def _finish_values(v, valid):
+    v = tl.where(v == 0.0, 0.0, v)  # -0.0 -> +0.0: equal values must tie, not order by sign
+    return v, valid & ~((v == v) & (tl.abs(v) < float("inf")))
+
+
+@triton.jit
+def _load_tile(pre_row_ptr, bias_ptr, start, F, GROUPS: tl.constexpr, GS: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Row elements start .. start + GROUPS*GS as a [GROUPS, GS] tile (group g = one row)."""
+    offs = start + tl.arange(0, GROUPS)[:, None] * GS + tl.arange(0, GS)[None, :]
+    valid = offs < F
+    v = tl.load(pre_row_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        v = v + tl.load(bias_ptr + offs, mask=valid, other=0.0)
+    v, nonfinite = _finish_values(v, valid)
+    return v, offs, valid, nonfinite
+
+
+@triton.jit
+def _load_row_chunk(pre_row_ptr, bias_ptr, start, F, CHUNK: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Row elements start .. start + CHUNK as a flat vector (the exact fallback's view)."""
     offs = start + tl.arange(0, CHUNK)
     valid = offs < F
     v = tl.load(pre_row_ptr + offs, mask=valid, other=0.0).to(tl.float32)
-    v = v + tl.load(bias_ptr + offs, mask=valid, other=0.0)
-    v = tl.where(v == 0.0, 0.0, v)  # -0.0 -> +0.0: equal values must tie, not order by sign
+    if HAS_BIAS:
+        v = v + tl.load(bias_ptr + offs, mask=valid, other=0.0)
+    v, _ = _finish_values(v, valid)
     return v, offs, valid
 
 
@@ -49,11 +77,11 @@ def _ordered_key(v):
 
 @triton.jit
 def _topk_select_kernel(
-    vals_ptr, idx_ptr, cand_val_ptr, cand_idx_ptr,
+    vals_ptr, idx_ptr, cand_val_ptr, cand_idx_ptr, count_ptr,
     pre_ptr, bias_ptr,
     stride_pre, F,
     K: tl.constexpr, CHUNK: tl.constexpr, NUM_CHUNKS: tl.constexpr, GROUPS: tl.constexpr,
-    CAND: tl.constexpr, RANK_BLOCK: tl.constexpr, EXACT_ONLY: tl.constexpr,
+    CAND: tl.constexpr, RANK_BLOCK: tl.constexpr, EXACT_ONLY: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     pre_row = pre_ptr + row * stride_pre
@@ -65,15 +93,15 @@ def _topk_select_kernel(
 
     # Pass 1: finiteness and the group maxima, accumulated element-wise across chunks so the
     # block-wide reductions (each a barrier) happen once per row, not once per chunk.
-    nonfinite = tl.zeros([CHUNK], dtype=tl.int32)
+    # (Triton lesson, 3.6-3.9: a name reused inside a later loop becomes loop-carried and must
+    # keep its shape, so each loop below has names of its own.)
+    bad_acc = tl.zeros([GROUPS, GS], dtype=tl.int32)
     gmax = tl.full([GROUPS], float("-inf"), tl.float32)
     for c in range(NUM_CHUNKS):
-        v, offs, valid = _load_row_chunk(pre_row, bias_ptr, c * CHUNK, F, CHUNK)
-        nonfinite = nonfinite | (valid & ~((v == v) & (tl.abs(v) < float("inf")))).to(tl.int32)
-        if not EXACT_ONLY:
-            vg = tl.reshape(tl.where(valid, v, float("-inf")), (GROUPS, GS))
-            gmax = tl.maximum(gmax, tl.max(vg, axis=1))
-    n_bad = tl.max(nonfinite, axis=0)
+        v1, offs1, valid1, bad1 = _load_tile(pre_row, bias_ptr, c * CHUNK, F, GROUPS, GS, HAS_BIAS)
+        bad_acc = bad_acc | bad1.to(tl.int32)
+        gmax = tl.maximum(gmax, tl.max(tl.where(valid1, v1, float("-inf")), axis=1))
+    n_bad = tl.max(tl.max(bad_acc, axis=1), axis=0)
 
     ks = tl.arange(0, CAND)
     if n_bad > 0:
@@ -84,60 +112,62 @@ def _topk_select_kernel(
         if not EXACT_ONLY:
             # L = the K-th largest group maximum (ties broken by group index, so exactly one
             # group has rank K - 1). Groups past F hold -inf and rank last.
-            # (Triton lesson, 3.6-3.9: a name reused inside a later loop becomes loop-carried and
-            # must keep its shape, so every block here has a name of its own.)
             gi = tl.arange(0, GROUPS)
             group_beats = (gmax[None, :] > gmax[:, None]) | ((gmax[None, :] == gmax[:, None]) & (gi[None, :] < gi[:, None]))
             grank = tl.sum(group_beats.to(tl.int32), axis=1)
             lower = tl.max(tl.where(grank == K - 1, gmax, float("-inf")), axis=0)
-            # Pass 2: compact the candidates v >= L.
+            # Pass 2: each candidate v >= L takes a scratch slot from the row's counter.
+            counter = count_ptr + row + tl.zeros([GROUPS, GS], dtype=tl.int32)
             for c in range(NUM_CHUNKS):
-                v, offs, valid = _load_row_chunk(pre_row, bias_ptr, c * CHUNK, F, CHUNK)
-                is_cand = valid & (v >= lower)
-                pos = n_cand + tl.cumsum(is_cand.to(tl.int32), axis=0) - 1
-                keep = is_cand & (pos < CAND)
-                tl.store(cand_vals + pos, v, mask=keep)
-                tl.store(cand_idx + pos, offs.to(tl.int32), mask=keep)
-                n_cand += tl.sum(is_cand.to(tl.int32), axis=0)
+                v2, offs2, valid2, _ = _load_tile(pre_row, bias_ptr, c * CHUNK, F, GROUPS, GS, HAS_BIAS)
+                is_cand = valid2 & (v2 >= lower)
+                slot = tl.atomic_add(counter, 1, mask=is_cand, sem="relaxed")
+                keep = is_cand & (slot < CAND)
+                tl.store(cand_vals + slot, v2, mask=keep)
+                tl.store(cand_idx + slot, offs2.to(tl.int32), mask=keep)
+            # every slot was taken before the barrier; read the total through the atomic unit
+            tl.debug_barrier()
+            n_cand = tl.atomic_add(count_ptr + row, 0, sem="relaxed")
 
         if EXACT_ONLY or n_cand > CAND:
             # Exact fallback: bisect for T, the K-th largest key: count(key >= T) >= K > count(key > T).
             row_max = tl.full([CHUNK], float("-inf"), tl.float32)
             row_min = tl.full([CHUNK], float("inf"), tl.float32)
             for c in range(NUM_CHUNKS):
-                v, offs, valid = _load_row_chunk(pre_row, bias_ptr, c * CHUNK, F, CHUNK)
-                row_max = tl.maximum(row_max, tl.where(valid, v, float("-inf")))
-                row_min = tl.minimum(row_min, tl.where(valid, v, float("inf")))
+                v3, offs3, valid3 = _load_row_chunk(pre_row, bias_ptr, c * CHUNK, F, CHUNK, HAS_BIAS)
+                row_max = tl.maximum(row_max, tl.where(valid3, v3, float("-inf")))
+                row_min = tl.minimum(row_min, tl.where(valid3, v3, float("inf")))
             lo = _ordered_key(tl.min(row_min, axis=0)).to(tl.int64)
             hi = _ordered_key(tl.max(row_max, axis=0)).to(tl.int64)
             while lo < hi:
                 mid = lo + (hi - lo + 1) // 2
                 count = tl.zeros([], dtype=tl.int32)
                 for c in range(NUM_CHUNKS):
-                    v, offs, valid = _load_row_chunk(pre_row, bias_ptr, c * CHUNK, F, CHUNK)
-                    count += tl.sum((valid & (_ordered_key(v).to(tl.int64) >= mid)).to(tl.int32), axis=0)
+                    v4, offs4, valid4 = _load_row_chunk(pre_row, bias_ptr, c * CHUNK, F, CHUNK, HAS_BIAS)
+                    count += tl.sum((valid4 & (_ordered_key(v4).to(tl.int64) >= mid)).to(tl.int32), axis=0)
                 if count >= K:
                     lo = mid
                 else:
                     hi = mid - 1
             n_above = tl.zeros([], dtype=tl.int32)
             for c in range(NUM_CHUNKS):
-                v, offs, valid = _load_row_chunk(pre_row, bias_ptr, c * CHUNK, F, CHUNK)
-                n_above += tl.sum((valid & (_ordered_key(v).to(tl.int64) > lo)).to(tl.int32), axis=0)
+                v5, offs5, valid5 = _load_row_chunk(pre_row, bias_ptr, c * CHUNK, F, CHUNK, HAS_BIAS)
+                n_above += tl.sum((valid5 & (_ordered_key(v5).to(tl.int64) > lo)).to(tl.int32), axis=0)
             # Keep every key > T and the first (K - n_above) keys == T in index order.
             n_tied = tl.zeros([], dtype=tl.int32)
-            n_cand = tl.zeros([], dtype=tl.int32)
+            n_kept = tl.zeros([], dtype=tl.int32)
             for c in range(NUM_CHUNKS):
-                v, offs, valid = _load_row_chunk(pre_row, bias_ptr, c * CHUNK, F, CHUNK)
-                key = _ordered_key(v).to(tl.int64)
-                tied = valid & (key == lo)
+                v6, offs6, valid6 = _load_row_chunk(pre_row, bias_ptr, c * CHUNK, F, CHUNK, HAS_BIAS)
+                key = _ordered_key(v6).to(tl.int64)
+                tied = valid6 & (key == lo)
                 tie_rank = n_tied + tl.cumsum(tied.to(tl.int32), axis=0)
-                keep = (valid & (key > lo)) | (tied & (tie_rank <= K - n_above))
-                pos = n_cand + tl.cumsum(keep.to(tl.int32), axis=0) - 1
-                tl.store(cand_vals + pos, v, mask=keep)
-                tl.store(cand_idx + pos, offs.to(tl.int32), mask=keep)
+                kept = (valid6 & (key > lo)) | (tied & (tie_rank <= K - n_above))
+                pos = n_kept + tl.cumsum(kept.to(tl.int32), axis=0) - 1
+                tl.store(cand_vals + pos, v6, mask=kept)
+                tl.store(cand_idx + pos, offs6.to(tl.int32), mask=kept)
                 n_tied += tl.sum(tied.to(tl.int32), axis=0)
-                n_cand += tl.sum(keep.to(tl.int32), axis=0)
+                n_kept += tl.sum(kept.to(tl.int32), axis=0)
+            n_cand = n_kept
 
         # The scratch row was written by other threads of this program.
         tl.debug_barrier()
@@ -165,10 +195,12 @@ def select_config(F: int, k: int, chunk: Optional[int] = None, num_warps: Option
     CHUNK elements of the row are held at once (more per chunk: fewer loop trips, more
     registers); GROUPS = 2 * next_pow2(k) groups leave ~1.2 k candidates on random data, and
     CAND = 4 * next_pow2(k) scratch slots leave room for skewed rows before the fallback.
+    Defaults from the H200 sweep of 2026-11-28 (benchmarks/gpu_check.py): 2048-element chunks
+    and 4 warps beat 4096/8192 and 8/16 warps at the FLUX 4x shape.
     """
     k_pow2 = triton.next_power_of_2(k)
     if chunk is None:
-        chunk = min(triton.next_power_of_2(F), 4096)
+        chunk = min(triton.next_power_of_2(F), 2048)
     exact_only = k_pow2 > 64
     groups = min(2 * k_pow2, chunk)
     if groups < k:  # a chunk this small cannot give k groups: the bound would not hold
@@ -177,7 +209,7 @@ def select_config(F: int, k: int, chunk: Optional[int] = None, num_warps: Option
     return dict(
         CHUNK=chunk, NUM_CHUNKS=triton.cdiv(F, chunk), GROUPS=max(groups, 1), CAND=cand,
         RANK_BLOCK=min(cand, 32), EXACT_ONLY=exact_only,
-        num_warps=num_warps or (8 if chunk >= 4096 else 4),
+        num_warps=num_warps or 4,
     )
 
 
@@ -192,19 +224,44 @@ def encoder_bias(W_enc: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor) 
 
 
 def pre_dtype_for(x_dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    """Pre-activation buffer dtype. bf16 stays bf16 (SPEC §6: written once, read once); fp16
-    goes to fp32 where cuBLAS can write it, since DiT activations overflow fp16 pre-activations."""
-    if x_dtype == torch.float16 and (device.type != "cuda" or mm_has_out_dtype()):
+    """Pre-activation buffer dtype: fp32 wherever cuBLAS can write it from bf16/fp16 inputs
+    (selection then matches the fp32 reference exactly, the bias rides in the GEMM epilogue, and
+    fp16 activations of DiTs cannot overflow it); else the input dtype, bias added on load."""
+    if x_dtype == torch.float32 or device.type != "cuda" or mm_has_out_dtype():
         return torch.float32
     return x_dtype
 
 
-def _gemm(x2: torch.Tensor, W_enc: torch.Tensor, pre_dtype: torch.dtype) -> torch.Tensor:
-    if pre_dtype == x2.dtype:
-        return torch.mm(x2, W_enc)
-    if x2.is_cuda:
-        return torch.mm(x2, W_enc, out_dtype=pre_dtype)
-    return torch.mm(x2.to(pre_dtype), W_enc.to(pre_dtype))  # CPU under the interpreter
+_ADDMM_FP32_BIAS: dict = {}
+
+
+def _addmm_takes_fp32_bias(x2: torch.Tensor) -> bool:
+    """Whether addmm(fp32 bias, bf16/fp16 a, b, out_dtype=fp32) runs here; probed once on tiny
+    tensors rather than trusted from the torch version (the overload's dtype rules changed)."""
+    key = (x2.device.type, x2.dtype)
+    if key not in _ADDMM_FP32_BIAS:
+        try:
+            one = torch.ones(1, 1, device=x2.device, dtype=x2.dtype)
+            torch.addmm(torch.zeros(1, device=x2.device), one, one, out_dtype=torch.float32)
+            _ADDMM_FP32_BIAS[key] = True
+        except (RuntimeError, TypeError):
+            _ADDMM_FP32_BIAS[key] = False
+    return _ADDMM_FP32_BIAS[key]
+
+
+def _encoder_gemm(x2: torch.Tensor, W_enc: torch.Tensor, enc_bias: torch.Tensor, pre_dtype: torch.dtype
+                  ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """`x2 @ W_enc (+ enc_bias)` as a `pre_dtype` buffer. Returns (pre, bias the select kernel
+    must still add on load, or None when the GEMM added it)."""
+    if pre_dtype != torch.float32:
+        return torch.mm(x2, W_enc), enc_bias
+    if x2.dtype == torch.float32:
+        return torch.addmm(enc_bias, x2, W_enc), None
+    if not x2.is_cuda:  # CPU under the interpreter
+        return torch.addmm(enc_bias, x2.float(), W_enc.float()), None
+    if _addmm_takes_fp32_bias(x2):
+        return torch.addmm(enc_bias, x2, W_enc, out_dtype=torch.float32), None
+    return torch.mm(x2, W_enc, out_dtype=torch.float32), enc_bias
 
 
 def _topk_encode_fwd(x2: torch.Tensor, W_enc: torch.Tensor, enc_bias: torch.Tensor, k: int,
@@ -222,21 +279,32 @@ def _topk_encode_fwd(x2: torch.Tensor, W_enc: torch.Tensor, enc_bias: torch.Tens
     pre_dtype = pre_dtype or pre_dtype_for(x2.dtype, x2.device)
     cfg = select_config(F, k, chunk, num_warps)
     rows_per_pass = max(1, PRE_BUFFER_BYTES // (F * torch.finfo(pre_dtype).bits // 8))
-    cand_vals = torch.empty(min(N, rows_per_pass), cfg["CAND"], device=x2.device, dtype=torch.float32)
-    cand_idx = torch.empty(min(N, rows_per_pass), cfg["CAND"], device=x2.device, dtype=torch.int32)
+    scratch = _SelectScratch(min(N, rows_per_pass), cfg["CAND"], x2.device)
     enc_bias = enc_bias.contiguous()
     for start in range(0, N, rows_per_pass):
         stop = min(N, start + rows_per_pass)
-        pre = _gemm(x2[start:stop], W_enc, pre_dtype)
-        _select(vals[start:stop], idx[start:stop], cand_vals, cand_idx, pre, enc_bias, k, cfg)
+        pre, bias_on_load = _encoder_gemm(x2[start:stop], W_enc, enc_bias, pre_dtype)
+        _select(vals[start:stop], idx[start:stop], scratch, pre, bias_on_load, k, cfg)
     return vals, idx
 
 
-def _select(vals, idx, cand_vals, cand_idx, pre, enc_bias, k: int, cfg: dict) -> None:
+class _SelectScratch:
+    """Per-row candidate slots and their atomic counters, reused across row passes."""
+
+    def __init__(self, rows: int, cand: int, device: torch.device):
+        self.vals = torch.empty(rows, cand, device=device, dtype=torch.float32)
+        self.idx = torch.empty(rows, cand, device=device, dtype=torch.int32)
+        self.count = torch.empty(rows, device=device, dtype=torch.int32)
+
+
+def _select(vals, idx, scratch: _SelectScratch, pre, bias: Optional[torch.Tensor], k: int, cfg: dict) -> None:
     meta = {n: cfg[n] for n in ("CHUNK", "NUM_CHUNKS", "GROUPS", "CAND", "RANK_BLOCK", "EXACT_ONLY")}
-    _topk_select_kernel[(pre.shape[0],)](
-        vals, idx, cand_vals, cand_idx, pre, enc_bias, pre.stride(0), pre.shape[1],
-        K=k, num_warps=cfg["num_warps"], **meta,
+    rows = pre.shape[0]
+    scratch.count[:rows].zero_()
+    _topk_select_kernel[(rows,)](
+        vals, idx, scratch.vals, scratch.idx, scratch.count, pre, bias if bias is not None else pre,
+        pre.stride(0), pre.shape[1],
+        K=k, HAS_BIAS=bias is not None, num_warps=cfg["num_warps"], **meta,
     )
 
 
