@@ -102,8 +102,8 @@ def ceilings(dev: str, bench) -> dict:
     return {"copy_TBps": 2 * n / copy_ms / 1e9, "bf16_mm_TFLOPs": 2 * 8192 ** 3 / mm_ms / 1e9}
 
 
-def run_gpu_tests(out: Path, timeout: int) -> dict:
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", "tests/",
+def run_gpu_tests(out: Path, timeout: int, target: str = "tests/") -> dict:
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", *target.split(),
            "--junitxml", str(out / "gpu_tests.xml")]
     try:  # parallel workers: most of the wall time is Triton/inductor compilation, on the CPU
         import xdist  # noqa: F401
@@ -293,6 +293,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tests-timeout", type=int, default=240)
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--shapes", default="", help="comma-separated shape names (default: all)")
+    ap.add_argument("--no-compiled", action="store_true", help="skip the torch.compile baselines (their compile time)")
+    ap.add_argument("--tests", default="tests/", help="what pytest runs with -m gpu")
     a = ap.parse_args(argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -304,7 +306,7 @@ def main(argv=None) -> int:
     result["ceilings"] = ceilings(dev, bench)
     log("ceilings", result["ceilings"])
     if not a.skip_tests and dev == "cuda":
-        result["gpu_tests"] = run_gpu_tests(out, a.tests_timeout)
+        result["gpu_tests"] = run_gpu_tests(out, a.tests_timeout, a.tests)
     shapes = SMOKE_SHAPES if a.smoke else SHAPES
     if a.shapes:
         shapes = [s for s in shapes if s[0] in a.shapes.split(",")]
@@ -326,7 +328,8 @@ def main(argv=None) -> int:
     rows = result["rows"] = []
     for shape in shapes:
         try:
-            rows.append(bench_shape(dev, bench, shape, dtype, compiled=a.smoke or shape[0] in TARGET_SHAPES, tuned=tuned))
+            compiled = not a.no_compiled and (a.smoke or shape[0] in TARGET_SHAPES)
+            rows.append(bench_shape(dev, bench, shape, dtype, compiled=compiled, tuned=tuned))
         except Exception as e:
             rows.append({"shape": shape[0], "N": shape[1], "d": shape[2], "F": shape[3], "k": shape[4], "error": repr(e)[:300]})
             log("shape failed", rows[-1])
