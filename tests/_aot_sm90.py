@@ -24,7 +24,9 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from safedig_kernels.ops.sparse_decode import _sparse_decode_kernel, decode_config  # noqa: E402
 from safedig_kernels.ops.steer import _steer_fwd_kernel  # noqa: E402
-from safedig_kernels.ops.topk_encode import _topk_select_kernel, select_config  # noqa: E402
+from safedig_kernels.ops.topk_encode import (  # noqa: E402
+    _group_max_kernel, _split_bound_kernel, _split_candidates_kernel, _split_rank_kernel, _topk_select_kernel,
+    select_config)
 
 TY = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
@@ -64,6 +66,29 @@ def main() -> None:
         res = resources(compile_sm90(_topk_select_kernel, sig, const, cfg["num_warps"]))
         print(json.dumps({"kernel": "select", "F": F, "k": k, "pre": str(pre_dtype), "chunk": cfg["CHUNK"],
                           "num_warps": cfg["num_warps"], "exact_only": cfg["EXACT_ONLY"], **res}), flush=True)
+        # the split algorithm's three kernels at the same settings
+        common = dict(CHUNK=cfg["CHUNK"], NUM_CHUNKS=cfg["NUM_CHUNKS"], GROUPS=cfg["GROUPS"], HAS_BIAS=const["HAS_BIAS"])
+        pre_sig = {"pre_ptr": "*" + TY[pre_dtype], "bias_ptr": "*fp32", "stride_pre": "i32", "F": "i32"}
+        split = [
+            ("split_group_max", _group_max_kernel, {"gmax_ptr": "*fp32", **pre_sig}, common),
+            ("split_bound", _split_bound_kernel, {"lower_ptr": "*fp32", "gmax_ptr": "*fp32"},
+             dict(K=k, NUM_CHUNKS=cfg["NUM_CHUNKS"], CHUNKS_POW2=cfg["CHUNKS_POW2"], GROUPS=cfg["GROUPS"],
+                  EXACT_ONLY=cfg["EXACT_ONLY"])),
+            ("split_candidates", _split_candidates_kernel,
+             {"cand_val_ptr": "*fp32", "cand_idx_ptr": "*i32", "count_ptr": "*i32", "lower_ptr": "*fp32", **pre_sig},
+             dict(CHUNK=cfg["CHUNK"], GROUPS=cfg["GROUPS"], CAND=cfg["CAND"], HAS_BIAS=const["HAS_BIAS"])),
+            ("split_rank", _split_rank_kernel,
+             {"vals_ptr": "*fp32", "idx_ptr": "*i32", "cand_val_ptr": "*fp32", "cand_idx_ptr": "*i32", "count_ptr": "*i32",
+              "lower_ptr": "*fp32", **pre_sig},
+             dict(K=k, CHUNK=cfg["CHUNK"], NUM_CHUNKS=cfg["NUM_CHUNKS"], CAND=cfg["CAND"], RANK_BLOCK=cfg["RANK_BLOCK"],
+                  EXACT_ONLY=cfg["EXACT_ONLY"], HAS_BIAS=const["HAS_BIAS"])),
+        ]
+        for name, fn, sig2, const2 in split:
+            if name == "split_candidates" and cfg["EXACT_ONLY"]:
+                continue  # not launched on the exact path
+            res = resources(compile_sm90(fn, sig2, const2, cfg["num_warps"]))
+            print(json.dumps({"kernel": name, "F": F, "k": k, "pre": str(pre_dtype), "chunk": cfg["CHUNK"],
+                              "num_warps": cfg["num_warps"], "exact_only": cfg["EXACT_ONLY"], **res}), flush=True)
     for d, k, dtype in DECODE:
         cfg = decode_config(d, k)
         const = dict(K=k, K_BLOCK=cfg["K_BLOCK"], BLOCK_D=cfg["BLOCK_D"])

@@ -9,6 +9,8 @@ pre-activations.
 """
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 import torch._dynamo.testing
@@ -16,9 +18,22 @@ from _oracle import assert_bitwise_equal, assert_valid_topk
 
 import safedig_kernels as sk
 from safedig_kernels import ops, reference
+from safedig_kernels.ops.topk_encode import SELECT_ALGOS
 
 pytestmark = pytest.mark.gpu
 DEV = "cuda"
+
+
+# the module, not the `ops.topk_encode` function that shadows it as a package attribute
+topk_encode_module = importlib.import_module("safedig_kernels.ops.topk_encode")
+
+
+@pytest.fixture(params=SELECT_ALGOS, autouse=True)
+def select_algo(request, monkeypatch):
+    """Every test runs with each selection algorithm as the default."""
+    monkeypatch.setattr(topk_encode_module, "DEFAULT_SELECT_ALGO", request.param)
+    return request.param
+
 # Relative rounding of the pre-activation buffer the kernels select on (bf16 pre for bf16,
 # fp32 pre for fp16 and fp32) plus the fp32 accumulation of a d-long dot product.
 PRE_REL_TOL = {torch.bfloat16: 2.0 ** -7, torch.float16: 2e-5, torch.float32: 2e-5}

@@ -2,15 +2,28 @@
 float64 oracle. Fresh outputs are poisoned (NaN / sentinel) so a missing store fails."""
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 from _oracle import assert_bitwise_equal, assert_valid_topk, dense_codes64, dense_steer64
 
 from safedig_kernels.ops.sparse_decode import _sparse_decode_fwd
 from safedig_kernels.ops.steer import _steer_fwd
-from safedig_kernels.ops.topk_encode import _topk_encode_fwd, encoder_bias, select_config
+from safedig_kernels.ops.topk_encode import SELECT_ALGOS, _topk_encode_fwd, encoder_bias, select_config
 
 pytestmark = [pytest.mark.interpreter, pytest.mark.usefixtures("poison_allocations")]
+
+
+# the module, not the `ops.topk_encode` function that shadows it as a package attribute
+topk_encode_module = importlib.import_module("safedig_kernels.ops.topk_encode")
+
+
+@pytest.fixture(params=SELECT_ALGOS, autouse=True)
+def select_algo(request, monkeypatch):
+    """Every test runs with each selection algorithm as the default."""
+    monkeypatch.setattr(topk_encode_module, "DEFAULT_SELECT_ALGO", request.param)
+    return request.param
 
 
 def sae(d, F, scale=1.0):
@@ -98,7 +111,7 @@ def test_select_kernel_adds_the_bias_on_load():
     cfg = select_config(300, k, chunk=128)
     vals = torch.empty(6, k)
     idx = torch.empty(6, k, dtype=torch.int32)
-    _select(vals, idx, _SelectScratch(6, cfg["CAND"], x.device), x @ W_enc, encoder_bias(W_enc, b_enc, b_dec), k, cfg)
+    _select(vals, idx, _SelectScratch(6, cfg, x.device), x @ W_enc, encoder_bias(W_enc, b_enc, b_dec), k, cfg)
     pre64, chosen, z, _ = dense_codes64(x, W_enc, b_enc, b_dec, k)
     assert idx.tolist() == chosen
     torch.testing.assert_close(vals.double(), torch.gather(z, 1, idx.long()), rtol=1e-5, atol=1e-5)

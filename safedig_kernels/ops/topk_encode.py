@@ -76,6 +76,89 @@ def _ordered_key(v):
 
 
 @triton.jit
+def _exact_candidates(pre_row, bias_ptr, cand_vals, cand_idx, F, K: tl.constexpr, CHUNK: tl.constexpr,
+                      NUM_CHUNKS: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Exact fallback: bisect for T, the K-th largest key (count(key >= T) >= K > count(key > T)),
+    then write every key > T and the first K - count(key > T) keys == T, in index order, to the
+    scratch row. Returns the number written (K)."""
+    row_max = tl.full([CHUNK], float("-inf"), tl.float32)
+    row_min = tl.full([CHUNK], float("inf"), tl.float32)
+    for c in range(NUM_CHUNKS):
+        v3, offs3, valid3 = _load_row_chunk(pre_row, bias_ptr, c * CHUNK, F, CHUNK, HAS_BIAS)
+        row_max = tl.maximum(row_max, tl.where(valid3, v3, float("-inf")))
+        row_min = tl.minimum(row_min, tl.where(valid3, v3, float("inf")))
+    lo = _ordered_key(tl.min(row_min, axis=0)).to(tl.int64)
+    hi = _ordered_key(tl.max(row_max, axis=0)).to(tl.int64)
+    while lo < hi:
+        mid = lo + (hi - lo + 1) // 2
+        count = tl.zeros([], dtype=tl.int32)
+        for c in range(NUM_CHUNKS):
+            v4, offs4, valid4 = _load_row_chunk(pre_row, bias_ptr, c * CHUNK, F, CHUNK, HAS_BIAS)
+            count += tl.sum((valid4 & (_ordered_key(v4).to(tl.int64) >= mid)).to(tl.int32), axis=0)
+        if count >= K:
+            lo = mid
+        else:
+            hi = mid - 1
+    n_above = tl.zeros([], dtype=tl.int32)
+    for c in range(NUM_CHUNKS):
+        v5, offs5, valid5 = _load_row_chunk(pre_row, bias_ptr, c * CHUNK, F, CHUNK, HAS_BIAS)
+        n_above += tl.sum((valid5 & (_ordered_key(v5).to(tl.int64) > lo)).to(tl.int32), axis=0)
+    n_tied = tl.zeros([], dtype=tl.int32)
+    n_kept = tl.zeros([], dtype=tl.int32)
+    for c in range(NUM_CHUNKS):
+        v6, offs6, valid6 = _load_row_chunk(pre_row, bias_ptr, c * CHUNK, F, CHUNK, HAS_BIAS)
+        key = _ordered_key(v6).to(tl.int64)
+        tied = valid6 & (key == lo)
+        tie_rank = n_tied + tl.cumsum(tied.to(tl.int32), axis=0)
+        kept = (valid6 & (key > lo)) | (tied & (tie_rank <= K - n_above))
+        pos = n_kept + tl.cumsum(kept.to(tl.int32), axis=0) - 1
+        tl.store(cand_vals + pos, v6, mask=kept)
+        tl.store(cand_idx + pos, offs6.to(tl.int32), mask=kept)
+        n_tied += tl.sum(tied.to(tl.int32), axis=0)
+        n_kept += tl.sum(kept.to(tl.int32), axis=0)
+    return n_kept
+
+
+@triton.jit
+def _rank_and_store(out_vals, out_idx, cand_vals, cand_idx, n_cand, K: tl.constexpr, CAND: tl.constexpr,
+                    RANK_BLOCK: tl.constexpr):
+    """Rank each scratch candidate against all of them under (value desc, index asc); those of
+    rank < K land in their output slot. Scratch is read past L1 (.cg): other programs wrote it."""
+    ks = tl.arange(0, CAND)
+    cmask = ks < n_cand
+    cv = tl.load(cand_vals + ks, mask=cmask, other=float("-inf"), cache_modifier=".cg")
+    ci = tl.load(cand_idx + ks, mask=cmask, other=0, cache_modifier=".cg")
+    rank = tl.zeros([CAND], dtype=tl.int32)
+    for jb in range(0, n_cand, RANK_BLOCK):
+        js = jb + tl.arange(0, RANK_BLOCK)
+        jmask = js < n_cand
+        jv = tl.load(cand_vals + js, mask=jmask, other=float("-inf"), cache_modifier=".cg")
+        ji = tl.load(cand_idx + js, mask=jmask, other=0, cache_modifier=".cg")
+        cand_beats = (jv[None, :] > cv[:, None]) | ((jv[None, :] == cv[:, None]) & (ji[None, :] < ci[:, None]))
+        rank += tl.sum((cand_beats & jmask[None, :]).to(tl.int32), axis=1)
+    chosen = cmask & (rank < K)
+    tl.store(out_vals + rank, tl.maximum(cv, 0.0), mask=chosen)
+    tl.store(out_idx + rank, ci, mask=chosen)
+
+
+@triton.jit
+def _store_nonfinite(out_vals, out_idx, K: tl.constexpr, CAND: tl.constexpr):
+    ks = tl.arange(0, CAND)
+    tl.store(out_vals + ks, tl.full([CAND], float("nan"), tl.float32), mask=ks < K)
+    tl.store(out_idx + ks, ks.to(tl.int32), mask=ks < K)
+
+
+@triton.jit
+def _lower_bound(gmax, K: tl.constexpr, GROUPS: tl.constexpr):
+    """The K-th largest of the group maxima (ties by group index, so exactly one group has rank
+    K - 1; groups past F hold -inf and rank last): a lower bound on the K-th largest value."""
+    gi = tl.arange(0, GROUPS)
+    group_beats = (gmax[None, :] > gmax[:, None]) | ((gmax[None, :] == gmax[:, None]) & (gi[None, :] < gi[:, None]))
+    grank = tl.sum(group_beats.to(tl.int32), axis=1)
+    return tl.max(tl.where(grank == K - 1, gmax, float("-inf")), axis=0)
+
+
+@triton.jit
 def _topk_select_kernel(
     vals_ptr, idx_ptr, cand_val_ptr, cand_idx_ptr, count_ptr,
     pre_ptr, bias_ptr,
@@ -83,10 +166,9 @@ def _topk_select_kernel(
     K: tl.constexpr, CHUNK: tl.constexpr, NUM_CHUNKS: tl.constexpr, GROUPS: tl.constexpr,
     CAND: tl.constexpr, RANK_BLOCK: tl.constexpr, EXACT_ONLY: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):
+    """One program per row ("row" algorithm): both passes walk the row chunk by chunk."""
     row = tl.program_id(0).to(tl.int64)
     pre_row = pre_ptr + row * stride_pre
-    out_vals = vals_ptr + row * K
-    out_idx = idx_ptr + row * K
     cand_vals = cand_val_ptr + row * CAND
     cand_idx = cand_idx_ptr + row * CAND
     GS: tl.constexpr = CHUNK // GROUPS
@@ -94,7 +176,7 @@ def _topk_select_kernel(
     # Pass 1: finiteness and the group maxima, accumulated element-wise across chunks so the
     # block-wide reductions (each a barrier) happen once per row, not once per chunk.
     # (Triton lesson, 3.6-3.9: a name reused inside a later loop becomes loop-carried and must
-    # keep its shape, so each loop below has names of its own.)
+    # keep its shape, so each loop has names of its own.)
     bad_acc = tl.zeros([GROUPS, GS], dtype=tl.int32)
     gmax = tl.full([GROUPS], float("-inf"), tl.float32)
     for c in range(NUM_CHUNKS):
@@ -103,19 +185,12 @@ def _topk_select_kernel(
         gmax = tl.maximum(gmax, tl.max(tl.where(valid1, v1, float("-inf")), axis=1))
     n_bad = tl.max(tl.max(bad_acc, axis=1), axis=0)
 
-    ks = tl.arange(0, CAND)
     if n_bad > 0:
-        tl.store(out_vals + ks, tl.full([CAND], float("nan"), tl.float32), mask=ks < K)
-        tl.store(out_idx + ks, ks.to(tl.int32), mask=ks < K)
+        _store_nonfinite(vals_ptr + row * K, idx_ptr + row * K, K, CAND)
     else:
         n_cand = tl.zeros([], dtype=tl.int32)
         if not EXACT_ONLY:
-            # L = the K-th largest group maximum (ties broken by group index, so exactly one
-            # group has rank K - 1). Groups past F hold -inf and rank last.
-            gi = tl.arange(0, GROUPS)
-            group_beats = (gmax[None, :] > gmax[:, None]) | ((gmax[None, :] == gmax[:, None]) & (gi[None, :] < gi[:, None]))
-            grank = tl.sum(group_beats.to(tl.int32), axis=1)
-            lower = tl.max(tl.where(grank == K - 1, gmax, float("-inf")), axis=0)
+            lower = _lower_bound(gmax, K, GROUPS)
             # Pass 2: each candidate v >= L takes a scratch slot from the row's counter.
             counter = count_ptr + row + tl.zeros([GROUPS, GS], dtype=tl.int32)
             for c in range(NUM_CHUNKS):
@@ -125,68 +200,96 @@ def _topk_select_kernel(
                 keep = is_cand & (slot < CAND)
                 tl.store(cand_vals + slot, v2, mask=keep)
                 tl.store(cand_idx + slot, offs2.to(tl.int32), mask=keep)
-            # every slot was taken before the barrier; read the total through the atomic unit
-            tl.debug_barrier()
+            tl.debug_barrier()  # every slot taken; read the total through the atomic unit
             n_cand = tl.atomic_add(count_ptr + row, 0, sem="relaxed")
-
         if EXACT_ONLY or n_cand > CAND:
-            # Exact fallback: bisect for T, the K-th largest key: count(key >= T) >= K > count(key > T).
-            row_max = tl.full([CHUNK], float("-inf"), tl.float32)
-            row_min = tl.full([CHUNK], float("inf"), tl.float32)
-            for c in range(NUM_CHUNKS):
-                v3, offs3, valid3 = _load_row_chunk(pre_row, bias_ptr, c * CHUNK, F, CHUNK, HAS_BIAS)
-                row_max = tl.maximum(row_max, tl.where(valid3, v3, float("-inf")))
-                row_min = tl.minimum(row_min, tl.where(valid3, v3, float("inf")))
-            lo = _ordered_key(tl.min(row_min, axis=0)).to(tl.int64)
-            hi = _ordered_key(tl.max(row_max, axis=0)).to(tl.int64)
-            while lo < hi:
-                mid = lo + (hi - lo + 1) // 2
-                count = tl.zeros([], dtype=tl.int32)
-                for c in range(NUM_CHUNKS):
-                    v4, offs4, valid4 = _load_row_chunk(pre_row, bias_ptr, c * CHUNK, F, CHUNK, HAS_BIAS)
-                    count += tl.sum((valid4 & (_ordered_key(v4).to(tl.int64) >= mid)).to(tl.int32), axis=0)
-                if count >= K:
-                    lo = mid
-                else:
-                    hi = mid - 1
-            n_above = tl.zeros([], dtype=tl.int32)
-            for c in range(NUM_CHUNKS):
-                v5, offs5, valid5 = _load_row_chunk(pre_row, bias_ptr, c * CHUNK, F, CHUNK, HAS_BIAS)
-                n_above += tl.sum((valid5 & (_ordered_key(v5).to(tl.int64) > lo)).to(tl.int32), axis=0)
-            # Keep every key > T and the first (K - n_above) keys == T in index order.
-            n_tied = tl.zeros([], dtype=tl.int32)
-            n_kept = tl.zeros([], dtype=tl.int32)
-            for c in range(NUM_CHUNKS):
-                v6, offs6, valid6 = _load_row_chunk(pre_row, bias_ptr, c * CHUNK, F, CHUNK, HAS_BIAS)
-                key = _ordered_key(v6).to(tl.int64)
-                tied = valid6 & (key == lo)
-                tie_rank = n_tied + tl.cumsum(tied.to(tl.int32), axis=0)
-                kept = (valid6 & (key > lo)) | (tied & (tie_rank <= K - n_above))
-                pos = n_kept + tl.cumsum(kept.to(tl.int32), axis=0) - 1
-                tl.store(cand_vals + pos, v6, mask=kept)
-                tl.store(cand_idx + pos, offs6.to(tl.int32), mask=kept)
-                n_tied += tl.sum(tied.to(tl.int32), axis=0)
-                n_kept += tl.sum(kept.to(tl.int32), axis=0)
-            n_cand = n_kept
+            n_cand = _exact_candidates(pre_row, bias_ptr, cand_vals, cand_idx, F, K, CHUNK, NUM_CHUNKS, HAS_BIAS)
+        tl.debug_barrier()  # the scratch row was written by other threads of this program
+        _rank_and_store(vals_ptr + row * K, idx_ptr + row * K, cand_vals, cand_idx, n_cand, K, CAND, RANK_BLOCK)
 
-        # The scratch row was written by other threads of this program.
-        tl.debug_barrier()
 
-        # Rank each candidate against all candidates; rank < K lands in its output slot.
-        cmask = ks < n_cand
-        cv = tl.load(cand_vals + ks, mask=cmask, other=float("-inf"))
-        ci = tl.load(cand_idx + ks, mask=cmask, other=0)
-        rank = tl.zeros([CAND], dtype=tl.int32)
-        for jb in range(0, n_cand, RANK_BLOCK):
-            js = jb + tl.arange(0, RANK_BLOCK)
-            jmask = js < n_cand
-            jv = tl.load(cand_vals + js, mask=jmask, other=float("-inf"))
-            ji = tl.load(cand_idx + js, mask=jmask, other=0)
-            cand_beats = (jv[None, :] > cv[:, None]) | ((jv[None, :] == cv[:, None]) & (ji[None, :] < ci[:, None]))
-            rank += tl.sum((cand_beats & jmask[None, :]).to(tl.int32), axis=1)
-        chosen = cmask & (rank < K)
-        tl.store(out_vals + rank, tl.maximum(cv, 0.0), mask=chosen)
-        tl.store(out_idx + rank, ci, mask=chosen)
+@triton.jit
+def _group_max_kernel(
+    gmax_ptr,
+    pre_ptr, bias_ptr,
+    stride_pre, F,
+    CHUNK: tl.constexpr, GROUPS: tl.constexpr, NUM_CHUNKS: tl.constexpr, HAS_BIAS: tl.constexpr,
+):
+    """"split" algorithm, step 1, one program per (row, chunk): the chunk's group maxima, NaN
+    for a group holding a non-finite value. gmax is [rows, NUM_CHUNKS, GROUPS] fp32."""
+    row = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1)
+    v, offs, valid, bad = _load_tile(pre_ptr + row * stride_pre, bias_ptr, c * CHUNK, F, GROUPS, CHUNK // GROUPS, HAS_BIAS)
+    g = tl.max(tl.where(valid, v, float("-inf")), axis=1)
+    g = tl.where(tl.max(bad.to(tl.int32), axis=1) > 0, float("nan"), g)
+    tl.store(gmax_ptr + (row * NUM_CHUNKS + c) * GROUPS + tl.arange(0, GROUPS), g)
+
+
+@triton.jit
+def _split_bound_kernel(
+    lower_ptr, gmax_ptr,
+    K: tl.constexpr, NUM_CHUNKS: tl.constexpr, CHUNKS_POW2: tl.constexpr, GROUPS: tl.constexpr,
+    EXACT_ONLY: tl.constexpr,
+):
+    """"split" step 2, one program per row: the bound L from the row's group maxima; NaN marks
+    a row holding a non-finite value."""
+    row = tl.program_id(0).to(tl.int64)
+    ci = tl.arange(0, CHUNKS_POW2)
+    parts = tl.load(gmax_ptr + (row * NUM_CHUNKS + ci[:, None]) * GROUPS + tl.arange(0, GROUPS)[None, :],
+                    mask=ci[:, None] < NUM_CHUNKS, other=float("-inf"))
+    n_bad = tl.sum(tl.sum((parts != parts).to(tl.int32), axis=1), axis=0)
+    if EXACT_ONLY:
+        lower = tl.full([], float("-inf"), tl.float32)
+    else:
+        lower = _lower_bound(tl.max(parts, axis=0), K, GROUPS)
+    tl.store(lower_ptr + row, tl.where(n_bad > 0, float("nan"), lower))
+
+
+@triton.jit
+def _split_candidates_kernel(
+    cand_val_ptr, cand_idx_ptr, count_ptr,
+    lower_ptr, pre_ptr, bias_ptr,
+    stride_pre, F,
+    CHUNK: tl.constexpr, GROUPS: tl.constexpr, CAND: tl.constexpr, HAS_BIAS: tl.constexpr,
+):
+    """"split" step 3, one program per (row, chunk): send the chunk's candidates v >= L to the
+    row's scratch slots. Many small programs keep many loads in flight, where one program per
+    row waited on each of its chunks in turn."""
+    row = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1)
+    lower = tl.load(lower_ptr + row)
+    if lower == lower:  # NaN: non-finite row, nothing to select
+        v, offs, valid, _ = _load_tile(pre_ptr + row * stride_pre, bias_ptr, c * CHUNK, F, GROUPS, CHUNK // GROUPS, HAS_BIAS)
+        is_cand = valid & (v >= lower)
+        counter = count_ptr + row + tl.zeros([GROUPS, CHUNK // GROUPS], dtype=tl.int32)
+        slot = tl.atomic_add(counter, 1, mask=is_cand, sem="relaxed")
+        keep = is_cand & (slot < CAND)
+        tl.store(cand_val_ptr + row * CAND + slot, v, mask=keep)
+        tl.store(cand_idx_ptr + row * CAND + slot, offs.to(tl.int32), mask=keep)
+
+
+@triton.jit
+def _split_rank_kernel(
+    vals_ptr, idx_ptr, cand_val_ptr, cand_idx_ptr, count_ptr,
+    lower_ptr, pre_ptr, bias_ptr,
+    stride_pre, F,
+    K: tl.constexpr, CHUNK: tl.constexpr, NUM_CHUNKS: tl.constexpr, CAND: tl.constexpr,
+    RANK_BLOCK: tl.constexpr, EXACT_ONLY: tl.constexpr, HAS_BIAS: tl.constexpr,
+):
+    """"split" step 4, one program per row: rank the candidates (or take the exact fallback)."""
+    row = tl.program_id(0).to(tl.int64)
+    cand_vals = cand_val_ptr + row * CAND
+    cand_idx = cand_idx_ptr + row * CAND
+    lower = tl.load(lower_ptr + row)
+    if lower != lower:
+        _store_nonfinite(vals_ptr + row * K, idx_ptr + row * K, K, CAND)
+    else:
+        n_cand = tl.load(count_ptr + row)
+        if EXACT_ONLY or n_cand > CAND:
+            n_cand = _exact_candidates(pre_ptr + row * stride_pre, bias_ptr, cand_vals, cand_idx, F, K, CHUNK,
+                                       NUM_CHUNKS, HAS_BIAS)
+            tl.debug_barrier()  # the scratch row was written by other threads of this program
+        _rank_and_store(vals_ptr + row * K, idx_ptr + row * K, cand_vals, cand_idx, n_cand, K, CAND, RANK_BLOCK)
 
 
 def select_config(F: int, k: int, chunk: Optional[int] = None, num_warps: Optional[int] = None) -> dict:
@@ -206,10 +309,10 @@ def select_config(F: int, k: int, chunk: Optional[int] = None, num_warps: Option
     if groups < k:  # a chunk this small cannot give k groups: the bound would not hold
         exact_only = True
     cand = k_pow2 if exact_only else 4 * k_pow2
+    num_chunks = triton.cdiv(F, chunk)
     return dict(
-        CHUNK=chunk, NUM_CHUNKS=triton.cdiv(F, chunk), GROUPS=max(groups, 1), CAND=cand,
-        RANK_BLOCK=min(cand, 32), EXACT_ONLY=exact_only,
-        num_warps=num_warps or 4,
+        CHUNK=chunk, NUM_CHUNKS=num_chunks, CHUNKS_POW2=triton.next_power_of_2(num_chunks), GROUPS=max(groups, 1),
+        CAND=cand, RANK_BLOCK=min(cand, 32), EXACT_ONLY=exact_only, num_warps=num_warps or 4,
     )
 
 
@@ -224,52 +327,44 @@ def encoder_bias(W_enc: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor) 
 
 
 def pre_dtype_for(x_dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    """Pre-activation buffer dtype: fp32 wherever cuBLAS can write it from bf16/fp16 inputs
-    (selection then matches the fp32 reference exactly, the bias rides in the GEMM epilogue, and
-    fp16 activations of DiTs cannot overflow it); else the input dtype, bias added on load."""
-    if x_dtype == torch.float32 or device.type != "cuda" or mm_has_out_dtype():
+    """Pre-activation buffer dtype. bf16 stays bf16 (SPEC §6: written once, read once; on an
+    H200 the fp32 buffer cost 0.03 ms more to write and more to read, for no change in what a
+    bf16 model can resolve). fp16 goes to fp32 where cuBLAS can write it: DiT activations
+    overflow fp16 pre-activations."""
+    if x_dtype == torch.float16 and (device.type != "cuda" or mm_has_out_dtype()):
         return torch.float32
     return x_dtype
 
 
-_ADDMM_FP32_BIAS: dict = {}
-
-
-def _addmm_takes_fp32_bias(x2: torch.Tensor) -> bool:
-    """Whether addmm(fp32 bias, bf16/fp16 a, b, out_dtype=fp32) runs here; probed once on tiny
-    tensors rather than trusted from the torch version (the overload's dtype rules changed)."""
-    key = (x2.device.type, x2.dtype)
-    if key not in _ADDMM_FP32_BIAS:
-        try:
-            one = torch.ones(1, 1, device=x2.device, dtype=x2.dtype)
-            torch.addmm(torch.zeros(1, device=x2.device), one, one, out_dtype=torch.float32)
-            _ADDMM_FP32_BIAS[key] = True
-        except (RuntimeError, TypeError):
-            _ADDMM_FP32_BIAS[key] = False
-    return _ADDMM_FP32_BIAS[key]
-
-
 def _encoder_gemm(x2: torch.Tensor, W_enc: torch.Tensor, enc_bias: torch.Tensor, pre_dtype: torch.dtype
                   ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """`x2 @ W_enc (+ enc_bias)` as a `pre_dtype` buffer. Returns (pre, bias the select kernel
-    must still add on load, or None when the GEMM added it)."""
-    if pre_dtype != torch.float32:
-        return torch.mm(x2, W_enc), enc_bias
+    """`x2 @ W_enc` as a `pre_dtype` buffer. Returns (pre, the fp32 bias the select kernels add on
+    load, or None when the GEMM added it). On an H200 (2026-11-28) addmm with an fp32 bias and
+    fp32 output took 0.65 ms at the FLUX 4x shape against 0.47-0.49 ms for mm, so bf16/fp16
+    inputs keep the bias out of the GEMM."""
     if x2.dtype == torch.float32:
         return torch.addmm(enc_bias, x2, W_enc), None
-    if not x2.is_cuda:  # CPU under the interpreter
-        return torch.addmm(enc_bias, x2.float(), W_enc.float()), None
-    if _addmm_takes_fp32_bias(x2):
-        return torch.addmm(enc_bias, x2, W_enc, out_dtype=torch.float32), None
-    return torch.mm(x2, W_enc, out_dtype=torch.float32), enc_bias
+    if pre_dtype == x2.dtype:
+        return torch.mm(x2, W_enc), enc_bias
+    if x2.is_cuda:
+        return torch.mm(x2, W_enc, out_dtype=pre_dtype), enc_bias
+    return torch.mm(x2.to(pre_dtype), W_enc.to(pre_dtype)), enc_bias  # CPU under the interpreter
+
+
+# "split": four launches, the two that read the pre-activations made of many small programs
+# (group maxima per (row, chunk); bound per row; candidates per (row, chunk); rank per row).
+# "row": one program per row does all of it. Both are exact and tested; the default is the one
+# measured faster (benchmarks/gpu_check.py sweeps both).
+SELECT_ALGOS = ("split", "row")
+DEFAULT_SELECT_ALGO = "split"
 
 
 def _topk_encode_fwd(x2: torch.Tensor, W_enc: torch.Tensor, enc_bias: torch.Tensor, k: int,
                      pre_dtype: Optional[torch.dtype] = None, chunk: Optional[int] = None,
-                     num_warps: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     num_warps: Optional[int] = None, algo: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Launcher. `x2` `[N, d]` (any strides), `enc_bias` fp32 `[F]`. Returns vals fp32 and idx
-    int32, `[N, k]`. No host sync; allocations depend on shapes only. `pre_dtype`, `chunk`
-    and `num_warps` override the defaults (benchmarks sweep them)."""
+    int32, `[N, k]`. No host sync; allocations depend on shapes only. `pre_dtype`, `chunk`,
+    `num_warps` and `algo` override the defaults (benchmarks sweep them)."""
     N = x2.shape[0]
     F = W_enc.shape[1]
     vals = torch.empty(N, k, device=x2.device, dtype=torch.float32)
@@ -279,33 +374,56 @@ def _topk_encode_fwd(x2: torch.Tensor, W_enc: torch.Tensor, enc_bias: torch.Tens
     pre_dtype = pre_dtype or pre_dtype_for(x2.dtype, x2.device)
     cfg = select_config(F, k, chunk, num_warps)
     rows_per_pass = max(1, PRE_BUFFER_BYTES // (F * torch.finfo(pre_dtype).bits // 8))
-    scratch = _SelectScratch(min(N, rows_per_pass), cfg["CAND"], x2.device)
+    scratch = _SelectScratch(min(N, rows_per_pass), cfg, x2.device)
     enc_bias = enc_bias.contiguous()
     for start in range(0, N, rows_per_pass):
         stop = min(N, start + rows_per_pass)
         pre, bias_on_load = _encoder_gemm(x2[start:stop], W_enc, enc_bias, pre_dtype)
-        _select(vals[start:stop], idx[start:stop], scratch, pre, bias_on_load, k, cfg)
+        _select(vals[start:stop], idx[start:stop], scratch, pre, bias_on_load, k, cfg, algo)
     return vals, idx
 
 
 class _SelectScratch:
-    """Per-row candidate slots and their atomic counters, reused across row passes."""
+    """Per-row candidate slots, their atomic counters and the split algorithm's group maxima,
+    reused across row passes."""
 
-    def __init__(self, rows: int, cand: int, device: torch.device):
-        self.vals = torch.empty(rows, cand, device=device, dtype=torch.float32)
-        self.idx = torch.empty(rows, cand, device=device, dtype=torch.int32)
+    def __init__(self, rows: int, cfg: dict, device: torch.device):
+        self.vals = torch.empty(rows, cfg["CAND"], device=device, dtype=torch.float32)
+        self.idx = torch.empty(rows, cfg["CAND"], device=device, dtype=torch.int32)
         self.count = torch.empty(rows, device=device, dtype=torch.int32)
+        self.gmax = torch.empty(rows, cfg["NUM_CHUNKS"], cfg["GROUPS"], device=device, dtype=torch.float32)
+        self.lower = torch.empty(rows, device=device, dtype=torch.float32)
 
 
-def _select(vals, idx, scratch: _SelectScratch, pre, bias: Optional[torch.Tensor], k: int, cfg: dict) -> None:
-    meta = {n: cfg[n] for n in ("CHUNK", "NUM_CHUNKS", "GROUPS", "CAND", "RANK_BLOCK", "EXACT_ONLY")}
-    rows = pre.shape[0]
+def _select(vals, idx, scratch: _SelectScratch, pre, bias: Optional[torch.Tensor], k: int, cfg: dict,
+            algo: Optional[str] = None) -> None:
+    algo = algo or DEFAULT_SELECT_ALGO
+    if algo not in SELECT_ALGOS:
+        raise ValueError(f"algo must be one of {SELECT_ALGOS}, got {algo!r}")
+    rows, F = pre.shape
     scratch.count[:rows].zero_()
-    _topk_select_kernel[(rows,)](
-        vals, idx, scratch.vals, scratch.idx, scratch.count, pre, bias if bias is not None else pre,
-        pre.stride(0), pre.shape[1],
-        K=k, HAS_BIAS=bias is not None, num_warps=cfg["num_warps"], **meta,
-    )
+    common = dict(HAS_BIAS=bias is not None, CHUNK=cfg["CHUNK"], NUM_CHUNKS=cfg["NUM_CHUNKS"], GROUPS=cfg["GROUPS"],
+                  num_warps=cfg["num_warps"])
+    bias = bias if bias is not None else pre  # never read when HAS_BIAS is False
+    if algo == "row":
+        _topk_select_kernel[(rows,)](
+            vals, idx, scratch.vals, scratch.idx, scratch.count, pre, bias, pre.stride(0), F,
+            K=k, CAND=cfg["CAND"], RANK_BLOCK=cfg["RANK_BLOCK"], EXACT_ONLY=cfg["EXACT_ONLY"], **common)
+        return
+    grid = (rows, cfg["NUM_CHUNKS"])
+    _group_max_kernel[grid](scratch.gmax, pre, bias, pre.stride(0), F, **common)
+    _split_bound_kernel[(rows,)](scratch.lower, scratch.gmax, K=k, NUM_CHUNKS=cfg["NUM_CHUNKS"],
+                                 CHUNKS_POW2=cfg["CHUNKS_POW2"], GROUPS=cfg["GROUPS"], EXACT_ONLY=cfg["EXACT_ONLY"],
+                                 num_warps=cfg["num_warps"])
+    if not cfg["EXACT_ONLY"]:
+        _split_candidates_kernel[grid](
+            scratch.vals, scratch.idx, scratch.count, scratch.lower, pre, bias, pre.stride(0), F,
+            CHUNK=cfg["CHUNK"], GROUPS=cfg["GROUPS"], CAND=cfg["CAND"], HAS_BIAS=common["HAS_BIAS"],
+            num_warps=cfg["num_warps"])
+    _split_rank_kernel[(rows,)](
+        vals, idx, scratch.vals, scratch.idx, scratch.count, scratch.lower, pre, bias, pre.stride(0), F,
+        K=k, CHUNK=cfg["CHUNK"], NUM_CHUNKS=cfg["NUM_CHUNKS"], CAND=cfg["CAND"], RANK_BLOCK=cfg["RANK_BLOCK"],
+        EXACT_ONLY=cfg["EXACT_ONLY"], HAS_BIAS=common["HAS_BIAS"], num_warps=cfg["num_warps"])
 
 
 def _check(x, W_enc, b_enc, b_dec, k, enc_bias):
