@@ -88,9 +88,9 @@ def _sd35_case(tiny: bool, device: str, dtype: torch.dtype) -> ModelCase:
     from diffusers import SD3Transformer2DModel
 
     if tiny:
-        cfg = dict(sample_size=8, patch_size=1, in_channels=4, num_layers=4, attention_head_dim=8, num_attention_heads=2,
-                   joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=32, out_channels=4,
-                   pos_embed_max_size=16, qk_norm="rms_norm")
+        cfg = dict(sample_size=8, patch_size=1, in_channels=4, num_layers=4, attention_head_dim=8,
+                   num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16,
+                   pooled_projection_dim=32, out_channels=4, pos_embed_max_size=16, qk_norm="rms_norm")
         side, n_txt, sites = 8, 16, [1, 3]  # 3: the last block, which has no text stream
     else:  # SD3.5 Large
         cfg = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=38, attention_head_dim=64,

@@ -56,8 +56,8 @@ import math
 import os
 import re
 import warnings
-from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence, Union
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence, Union
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
@@ -101,10 +101,12 @@ class SiteConfig:
         beta: Blend strength in [0, 1]; `None`: the SAE's default.
         gamma: Repel strength (finite); `None`: the SAE's default.
         tau: gate threshold (finite; < 0 steers every token); `None`: the SAE's default.
-        window: `(start, end)` fractions of the schedule, `0 <= start < end <= 1`, measured as
-            `1 - sigma` from the transformer's `timestep` input (0 = pure noise); steering is on
-            for `start <= 1 - sigma < end` (`end = 1` includes 1). Must be `(0, 1)` for
-            text-encoder sites, which run once per prompt.
+        window: `(start, end)` fractions of the noise schedule, `0 <= start < end <= 1`, as
+            progress `p = 1 - sigma` read from the transformer's `timestep` input (0 = pure
+            noise); steering is on for `start <= p < end` (`end = 1` includes 1). This is the
+            noise level, not the step count: on a shifted schedule the two differ (FLUX.1-dev at
+            1024², shift e^1.15: `p < 0.4` spans the first two thirds of 28 steps). Telemetry
+            reports `p` per step. Must be `(0, 1)` for text-encoder sites (once per prompt).
         cfg: `"both"` steers every row of a CFG batch; `"cond"` only its conditional half
             (SD3 pipelines; needs the pipeline passed to `apply_safedig`).
     """
@@ -338,7 +340,8 @@ def _resolve_site(name: str, transformer, spec: _ModelSpec, pipeline) -> _Site:
         return _Site(block, "block", width, not getattr(block, "context_pre_only", False))
     if name.startswith("text_encoder"):
         if pipeline is None:
-            raise ValueError(f"site {name!r} is a text encoder: pass the pipeline, not the transformer, to apply_safedig")
+            raise ValueError(f"site {name!r} is a text encoder: pass the pipeline, not the transformer, "
+                             f"to apply_safedig")
         encoders = _text_encoders(pipeline)
         if name not in encoders:
             have = type(getattr(pipeline, name, None)).__name__
@@ -616,7 +619,9 @@ class SafeDIGHandle:
             raise TypeError(f"{where}.enabled must be a bool, got {enabled!r}")
         mask = None
         if harmful is not None:
-            if not (isinstance(harmful, torch.Tensor) and harmful.dtype == torch.bool):
+            if isinstance(harmful, torch.Tensor) and harmful.dtype == torch.bool:
+                harmful = harmful.to(st.harmful.device)
+            else:
                 harmful = _check_ids(harmful, f"{where}.harmful")
             mask = as_harmful_mask(harmful, st.sae.num_features, st.harmful.device)
         # All checks passed: apply.
