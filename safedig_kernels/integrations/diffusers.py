@@ -394,6 +394,13 @@ def _static(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _static_sae(sae: TopKSAE) -> TopKSAE:
+    # Without this, CUDA graphs would copy the weights into graph-owned buffers on every replay.
+    for t in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec):
+        _static(t)
+    return sae
+
+
 # -- runtime state -----------------------------------------------------------------------
 
 class _Clock:
@@ -420,7 +427,7 @@ class _SiteState:
         self.label = label
         self.cfg = cfg            # resolved: harmful, strengths and window hold the values in use
         self.site = site
-        self.sae = sae
+        self.sae = _static_sae(sae)
         self.clock = clock
         self.fused = fused
         self.site_on = True
@@ -440,7 +447,7 @@ class _SiteState:
         key = (id(self.sae), device, dtype)
         if key not in moved:
             moved[key] = _sae_on(self.sae, device, dtype)
-        self.sae = moved[key]
+        self.sae = _static_sae(moved[key])
         for name in ("harmful", "beta", "gamma", "tau", "lo", "hi", "switch", "telemetry"):
             t = getattr(self, name)
             if t is not None and t.device != device:
