@@ -313,7 +313,7 @@ _BLOCK_SITE = re.compile(r"^(transformer_blocks|single_transformer_blocks)\.(\d+
 
 def _valid_sites(transformer, spec: _ModelSpec, pipeline) -> str:
     names = [f"{s}.0..{len(getattr(transformer, s)) - 1}" for s in spec.block_stacks]
-    names += [n for n, m in _text_encoders(pipeline).items()]
+    names += list(_text_encoders(pipeline))
     return ", ".join(names)
 
 
