@@ -1,0 +1,1 @@
+"""Capture, TopK-SAE training and decoder-only adaptation (SafeDIG parts 1, 2 and 5)."""
