@@ -375,8 +375,10 @@ def load_pipeline(model: str, device: Union[str, torch.device] = "cpu", dtype: t
 
         return tiny_flux_pipeline(dtype=dtype).to(device)
     from diffusers import DiffusionPipeline
+    from diffusers.pipelines import pipeline_utils
 
-    kwargs: dict[str, Any] = {"torch_dtype": dtype}
+    # diffusers 0.42 renamed torch_dtype to dtype (the old name warns); older releases ignore `dtype`.
+    kwargs: dict[str, Any] = {"dtype" if hasattr(pipeline_utils, "_resolve_dtype") else "torch_dtype": dtype}
     index = Path(model) / "model_index.json"
     if index.is_file():
         spec = json.loads(index.read_text())

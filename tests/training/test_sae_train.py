@@ -141,6 +141,7 @@ def _ddp_worker(rank: int, world: int, init_file: str, data_file: str, out_file:
         if rank == 0:
             save_file({n: getattr(result.sae, n).contiguous() for n in ("W_enc", "b_enc", "W_dec", "b_dec")},
                       out_file, metadata={"metrics": json.dumps(result.metrics)})
+        dist.barrier()  # leave together: tearing gloo down while the peer still works can abort it
     finally:
         dist.destroy_process_group()
 
