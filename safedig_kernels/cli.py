@@ -1,8 +1,22 @@
-"""`safedig` command line (the full workflow CLI lands with the workflow issue)."""
+"""`safedig`: the SafeDIG workflow from a terminal.
+
+    safedig capture  record activations of a diffusers pipeline over a labelled prompt set
+    safedig train    train a TopK SAE on one site's activations (DDP under torchrun)
+    safedig score    rank SAE features by unsafe-vs-safe firing and pick the harmful set
+    safedig route    rank (site, operator) pairs by robustness to a risk-domain shift; write a steering config
+    safedig adapt    adapt an SAE's decoder to a target domain with the encoder frozen
+
+Run `safedig <command> --help` for each.
+"""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+_FMT = argparse.RawDescriptionHelpFormatter
 
 
 def _demo(_args) -> int:
@@ -18,12 +32,444 @@ def _demo(_args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="safedig", description=__doc__)
+# -- argument helpers --------------------------------------------------------------------------
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 0,4,8, got {text!r}") from None
+
+
+def _str_list(text: str) -> list[str]:
+    items = [s.strip() for s in text.split(",") if s.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
+    return items
+
+
+def _window(text: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(s) for s in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected START,END fractions such as 0.0,0.5, got {text!r}") from None
+    return lo, hi
+
+
+def _site_sae(text: str) -> tuple[str, str]:
+    site, eq, path = text.partition("=")
+    if not eq or not site or not path:
+        raise argparse.ArgumentTypeError(f"expected SITE=PATH such as single_transformer_blocks.0=sae0.safetensors, "
+                                         f"got {text!r}")
+    return site, path
+
+
+def _device(name: Optional[str]):
+    import torch
+
+    if name:
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _load_sae(path: str, device=None):
+    from .sae import TopKSAE
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"SAE file {path} does not exist")
+    return TopKSAE.load(path, device=device)
+
+
+def _write_json(path: Optional[str], obj: Any) -> None:
+    if path:
+        from .training._io import atomic_write_json
+
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, obj)
+
+
+def _add_rule_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("harmful-feature rule (see safedig_kernels.steering.scoring)")
+    g.add_argument("--top-n", type=int, default=32, help="keep at most this many harmful features (default 32)")
+    g.add_argument("--min-ratio", type=float, default=2.0,
+                   help="a harmful feature fires at least this many times as often on unsafe tokens (default 2)")
+    g.add_argument("--min-freq", type=float, default=0.01,
+                   help="...and on at least this fraction of unsafe tokens (default 0.01)")
+    g.add_argument("--min-score", type=float, default=0.0,
+                   help="...and its score mean_unsafe - mean_safe exceeds this (default 0)")
+
+
+def _rule(args):
+    from .steering.scoring import HarmfulRule
+
+    return HarmfulRule(top_n=args.top_n, min_ratio=args.min_ratio, min_freq=args.min_freq, min_score=args.min_score)
+
+
+# -- capture -----------------------------------------------------------------------------------
+
+def _capture(args) -> int:
+    from .training._io import dtype_from_name
+    from .training.capture import CaptureConfig, capture, load_pipeline, load_prompts
+    from .training.store import rebuild_manifest
+
+    if args.rebuild_manifest:
+        path = rebuild_manifest(args.out)
+        print(f"rebuilt {path} from the shards in {args.out}")
+        return 0
+    if not args.prompts or not args.sites:
+        raise ValueError("capture needs --prompts and --sites (or --rebuild-manifest)")
+    tiny = args.model == "tiny-flux"
+    height = args.height or (32 if tiny else 1024)
+    width = args.width or (32 if tiny else 1024)
+    config = CaptureConfig(sites=args.sites, steps=args.steps, num_inference_steps=args.num_inference_steps,
+                           height=height, width=width, guidance_scale=args.guidance_scale, dtype=args.dtype,
+                           max_tokens=args.max_tokens, token_stride=args.token_stride, cfg=args.cfg, seed=args.seed,
+                           shard_bytes=int(args.shard_mb * (1 << 20)), model=args.model)
+    config.validate()
+    # Check the cheap inputs before loading a model that may take minutes.
+    prompts = load_prompts(args.prompts)
+    model_dtype = dtype_from_name(args.model_dtype, "--model-dtype")
+    pipe = load_pipeline(args.model, device=_device(args.device), dtype=model_dtype)
+    store = capture(pipe, prompts, args.out, config, resume=not args.no_resume, progress=not args.no_progress)
+    n = len(store.entries())
+    print(f"{args.out}: {len(store.prompts)} prompts, {n} tensors, sites {store.sites}, labels {store.labels}")
+    return 0
+
+
+def _add_capture(sub) -> None:
+    p = sub.add_parser(
+        "capture", formatter_class=_FMT, help="record activations of a pipeline over a labelled prompt set",
+        description="""\
+Run a diffusers pipeline over a prompt file and record activations at the chosen sites and
+denoising steps into sharded safetensors files with a JSON manifest (--out).
+
+Prompt file: JSON Lines, one {"id", "label", "embeddings" | "prompt", ...} object per line;
+labels are `safe` or `unsafe/<category>` (format: safedig_kernels/training/capture.py).
+Sites are module paths inside the transformer, with the stream after a colon:
+`single_transformer_blocks.3`, `transformer_blocks.1:text` (default stream: image).
+
+The capture is resumable: run the same command again after an interruption and finished
+prompts are skipped; nothing is duplicated or lost. Memory stays near --shard-mb.""",
+        epilog="example: safedig capture --model tiny-flux --prompts prompts.jsonl "
+               "--sites single_transformer_blocks.0,transformer_blocks.1 --steps 0,2 --out acts/")
+    p.add_argument("--model", default="tiny-flux",
+                   help="'tiny-flux' (built-in seeded random FLUX, CPU) or a diffusers pipeline directory / model id")
+    p.add_argument("--prompts", help="prompt file (JSON Lines)")
+    p.add_argument("--sites", type=_str_list, help="comma-separated sites, e.g. single_transformer_blocks.3")
+    p.add_argument("--out", required=True, help="capture directory (created; resumed when it holds a capture)")
+    p.add_argument("--steps", type=_int_list, default=None, help="denoising step indices to record (default: all)")
+    p.add_argument("--num-inference-steps", type=int, default=4, help="denoising steps per image (default 4)")
+    p.add_argument("--height", type=int, default=None, help="image height (default 32 for tiny-flux, else 1024)")
+    p.add_argument("--width", type=int, default=None, help="image width (default 32 for tiny-flux, else 1024)")
+    p.add_argument("--guidance-scale", type=float, default=3.5, help="guidance scale passed to the pipeline")
+    p.add_argument("--model-dtype", default="float32", help="pipeline dtype: float32, bfloat16, float16")
+    p.add_argument("--dtype", default=None, help="storage dtype of activations (default: the activations' own)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="keep a seeded random subset of at most this many tokens per prompt, site and step")
+    p.add_argument("--token-stride", type=int, default=1, help="keep every n-th token (before --max-tokens)")
+    p.add_argument("--cfg", choices=("cond", "all"), default="cond",
+                   help="record only the conditional CFG branch (default) or every batch row and call")
+    p.add_argument("--seed", type=int, default=0, help="noise seed base: prompt i uses seed + i unless it sets one")
+    p.add_argument("--shard-mb", type=float, default=256.0, help="write a shard once this many MiB are buffered")
+    p.add_argument("--no-resume", action="store_true", help="refuse to continue an existing capture directory")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--rebuild-manifest", action="store_true",
+                   help="recreate --out's manifest.json from its shards (after a lost or corrupt manifest) and exit")
+    p.set_defaults(fn=_capture)
+
+
+# -- train -------------------------------------------------------------------------------------
+
+def _train(args) -> int:
+    import torch
+    import torch.distributed as dist
+
+    from .sae import SAEMetadata
+    from .training.sae_train import TrainConfig, evaluate_sae, train_sae
+    from .training.store import ActivationStore, SiteSpec
+
+    device = _device(args.device)
+    started = False
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        started = True
+    try:
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        store = ActivationStore(args.activations)
+        site = SiteSpec.parse(args.site)
+        x = store.load(site, labels=args.labels, steps=args.denoise_steps, max_tokens=args.max_tokens,
+                       seed=args.seed)
+        config = TrainConfig(num_features=args.features, expansion=args.expansion, k=args.k, steps=args.steps,
+                             batch_size=args.batch_size, lr=args.lr, aux_k=args.aux_k, aux_coef=args.aux_coef,
+                             dead_after_tokens=args.dead_after_tokens, seed=args.seed, dtype=args.dtype,
+                             log_every=args.log_every, checkpoint_every=args.checkpoint_every)
+        meta = SAEMetadata(model=str(store.config.get("model", "")), site=site.module,
+                           extra={"stream": site.stream, "activations": str(args.activations),
+                                  "labels": args.labels})
+        result = train_sae(x, config, checkpoint_dir=args.checkpoint_dir, resume=not args.no_resume, device=device,
+                           progress=not args.no_progress, metadata=meta)
+        if rank == 0:
+            ev = evaluate_sae(result.sae, x)
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            result.sae.save(args.out)
+            summary = {"sae": str(args.out), "site": site.key, "tokens": x.shape[0], "d": x.shape[1],
+                       "num_features": result.sae.num_features, "k": result.sae.k,
+                       "activation_scale": result.activation_scale, "train": result.metrics, "eval": ev,
+                       "history": result.history, "resumed_from": result.resumed_from, "world_size": world}
+            _write_json(args.metrics, summary)
+            print(f"{args.out}: d={x.shape[1]} F={result.sae.num_features} k={result.sae.k} on {x.shape[0]} tokens "
+                  f"({world} process{'es' if world > 1 else ''}); "
+                  f"FVU {ev['fvu']:.4f}, L0 {ev['l0']:.1f}, dead {ev['dead_fraction']:.1%}")
+        if world > 1:
+            # Ranks leave together: one tearing gloo down while rank 0 still saves can abort it.
+            dist.barrier()
+    finally:
+        if started:
+            dist.destroy_process_group()
+    return 0
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser(
+        "train", formatter_class=_FMT, help="train a TopK SAE on one site's captured activations",
+        description="""\
+Train a TopK sparse autoencoder on the activations of one site (from `safedig capture`) and
+save it as a TopKSAE file (--out). Decoder rows are kept at unit norm; activations are scaled
+per site so that E||x s||^2 = d (the scale is folded into the saved weights); an AuxK loss
+revives dead latents. Prints FVU (fraction of variance unexplained), L0 and the dead fraction.
+
+With --checkpoint-dir, training checkpoints (safetensors + JSON) are written and an interrupted
+run resumes from the newest one. Under torchrun the global --batch-size is split over the
+processes (DDP; gloo on CPU, NCCL on GPU) and the result equals a single-process run.""",
+        epilog="example: torchrun --nproc-per-node 2 -m safedig_kernels.cli train --activations acts/ "
+               "--site single_transformer_blocks.0 --features 256 --k 16 --steps 500 --out sae0.safetensors")
+    p.add_argument("--activations", required=True, help="capture directory")
+    p.add_argument("--site", required=True, help="site to train on, e.g. single_transformer_blocks.0 or "
+                                                 "transformer_blocks.1:text")
+    p.add_argument("--out", required=True, help="SAE file to write")
+    p.add_argument("--labels", default=None,
+                   help="comma-separated label selectors to train on (default: all; 'unsafe' matches unsafe/*)")
+    p.add_argument("--denoise-steps", type=_int_list, default=None, help="only these captured denoising steps")
+    p.add_argument("--max-tokens", type=int, default=None, help="train on a seeded random subset of this many tokens")
+    p.add_argument("--features", type=int, default=None, help="number of latents F (default: --expansion x d)")
+    p.add_argument("--expansion", type=int, default=4, help="F = expansion x d when --features is not given")
+    p.add_argument("--k", type=int, default=32, help="active latents per token (default 32)")
+    p.add_argument("--steps", type=int, default=1000, help="optimizer steps (default 1000)")
+    p.add_argument("--batch-size", type=int, default=4096, help="global batch in tokens (default 4096)")
+    p.add_argument("--lr", type=float, default=None, help="Adam learning rate (default 2e-4 / sqrt(F / 16384))")
+    p.add_argument("--aux-k", type=int, default=None, help="dead latents used by the AuxK loss (default d/2)")
+    p.add_argument("--aux-coef", type=float, default=1 / 32, help="AuxK loss weight (default 1/32)")
+    p.add_argument("--dead-after-tokens", type=int, default=10_000_000,
+                   help="a latent is dead after this many tokens without firing (default 1e7)")
+    p.add_argument("--dtype", default="float32", help="training dtype: float32 or float64")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-every", type=int, default=50, help="record metrics every n steps")
+    p.add_argument("--checkpoint-dir", default=None, help="write training checkpoints here and resume from them")
+    p.add_argument("--checkpoint-every", type=int, default=0, help="checkpoint every n steps (0: only at the end)")
+    p.add_argument("--no-resume", action="store_true", help="start afresh even if --checkpoint-dir has checkpoints")
+    p.add_argument("--metrics", default=None, help="write final metrics and history to this JSON file")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(fn=_train)
+
+
+# -- score -------------------------------------------------------------------------------------
+
+def _score(args) -> int:
+    from .steering.scoring import score_features
+    from .training.store import ActivationStore
+
+    store = ActivationStore(args.activations)
+    sae = _load_sae(args.sae)
+    report = score_features(store, args.site, sae, unsafe_labels=args.unsafe, safe_labels=args.safe,
+                            rule=_rule(args), steps=args.denoise_steps, sae_path=args.sae)
+    json_path, txt_path = report.write(args.report)
+    print(report.table(rows=args.rows))
+    print(f"report: {json_path} and {txt_path}")
+    if args.out_sae:
+        sae.set_harmful(report.harmful)
+        sae.save(args.out_sae)
+        print(f"{args.out_sae}: SAE with its {len(report.harmful)} harmful feature(s) set")
+    return 0
+
+
+def _add_score(sub) -> None:
+    p = sub.add_parser(
+        "score", formatter_class=_FMT, help="rank SAE features by unsafe-vs-safe firing; pick the harmful set",
+        description="""\
+Encode the activations of one site with its SAE and rank every feature by
+score = mean activation on unsafe tokens - mean activation on safe tokens (a feature's mean
+activation is its firing frequency times its size when active). Harmful features are those with
+score > --min-score, unsafe frequency >= --min-freq and at least --min-ratio times their safe
+frequency; the --top-n highest are kept. Writes a JSON report and a table (.txt) and prints the
+table with the unsafe-vs-safe AUROC of the resulting harm score. --out-sae saves a copy of the SAE
+with the harmful set stored in it.""",
+        epilog="example: safedig score --activations acts/ --site single_transformer_blocks.0 --sae sae0.safetensors "
+               "--unsafe unsafe/nudity --report score0.json")
+    p.add_argument("--activations", required=True, help="capture directory")
+    p.add_argument("--site", required=True, help="site the SAE belongs to")
+    p.add_argument("--sae", required=True, help="SAE file")
+    p.add_argument("--unsafe", default="unsafe", help="label selectors of unsafe prompts (default: unsafe, all categories)")
+    p.add_argument("--safe", default="safe", help="label selectors of safe prompts (default: safe)")
+    p.add_argument("--denoise-steps", type=_int_list, default=None, help="only these captured denoising steps")
+    p.add_argument("--report", required=True, help="JSON report path (the table goes next to it as .txt)")
+    p.add_argument("--out-sae", default=None, help="also save the SAE with the harmful set stored in it")
+    p.add_argument("--rows", type=int, default=20, help="table rows to print (default 20)")
+    _add_rule_args(p)
+    p.set_defaults(fn=_score)
+
+
+# -- route -------------------------------------------------------------------------------------
+
+def _route(args) -> int:
+    from .steering.routing import RouteConfig, route, write_steering_config
+    from .training.store import ActivationStore
+
+    store = ActivationStore(args.activations)
+    saes = {}
+    for site, path in args.sae:
+        if site in saes:
+            raise ValueError(f"--sae names site {site} twice")
+        saes[site] = (_load_sae(path), path)
+    config = RouteConfig(operators=tuple(args.operators), cost_weight=args.cost_weight, num_sites=args.num_sites,
+                         rule=_rule(args), beta=args.beta, gamma=args.gamma, tau=args.tau, window=args.window,
+                         cfg=args.cfg, steps=args.denoise_steps)
+    report = route(store, saes, args.source, args.target, args.safe, config)
+    json_path, txt_path = report.write(args.report)
+    cfg_path = write_steering_config(report, args.config)
+    print(report.table())
+    print(f"report: {json_path} and {txt_path}; steering config: {cfg_path}")
+    return 0
+
+
+def _add_route(sub) -> None:
+    p = sub.add_parser(
+        "route", formatter_class=_FMT, help="rank (site, operator) pairs by robustness to a domain shift",
+        description="""\
+Before adaptation, score every (site, operator) pair, operator = blend | repel | both, by how
+stable the site's safety features stay from the source risk domain (--source) to the target
+(--target): overlap of the harmful sets found on each, reconstruction quality (1 - FVU) on the
+target, and how well the source harm score separates target-unsafe from safe prompts, weighted
+per operator, minus --cost-weight times the relative steering cost. Writes the ranked report
+(JSON + .txt table) and a steering config JSON (--config) for the --num-sites best sites, each
+with its best operator, as read by SafeDIGConfig.from_json (schema: safedig_kernels/steering/routing.py).""",
+        epilog="example: safedig route --activations acts/ --sae single_transformer_blocks.0=sae0.safetensors "
+               "--sae transformer_blocks.1=sae1.safetensors --source unsafe/nudity --target unsafe/violence "
+               "--report route.json --config steer.json")
+    p.add_argument("--activations", required=True, help="capture directory holding source, target and safe prompts")
+    p.add_argument("--sae", type=_site_sae, action="append", required=True,
+                   help="SITE=PATH of a candidate site and its source SAE (repeat for each site)")
+    p.add_argument("--source", required=True, help="label selectors of the source unsafe domain, e.g. unsafe/nudity")
+    p.add_argument("--target", required=True, help="label selectors of the target unsafe domain, e.g. unsafe/violence")
+    p.add_argument("--safe", default="safe", help="label selectors of safe prompts (default: safe)")
+    p.add_argument("--operators", type=_str_list, default=["blend", "repel", "both"],
+                   help="operators to consider (default blend,repel,both)")
+    p.add_argument("--num-sites", type=int, default=4, help="sites to put in the steering config (default 4)")
+    p.add_argument("--cost-weight", type=float, default=0.1, help="weight of the relative cost (default 0.1)")
+    p.add_argument("--beta", type=float, default=0.5, help="Blend strength written for blend/both (default 0.5)")
+    p.add_argument("--gamma", type=float, default=1.0, help="Repel strength written for repel/both (default 1.0)")
+    p.add_argument("--tau", type=float, default=0.0, help="gate threshold written to the config (default 0)")
+    p.add_argument("--window", type=_window, default=(0.0, 1.0),
+                   help="START,END fraction of the schedule to steer in (default 0.0,1.0)")
+    p.add_argument("--cfg", default="both", help="CFG branches to steer, written to the config (default both)")
+    p.add_argument("--denoise-steps", type=_int_list, default=None, help="only these captured denoising steps")
+    p.add_argument("--report", required=True, help="JSON report path (table next to it as .txt)")
+    p.add_argument("--config", required=True, help="steering config JSON to write")
+    _add_rule_args(p)
+    p.set_defaults(fn=_route)
+
+
+# -- adapt -------------------------------------------------------------------------------------
+
+def _adapt(args) -> int:
+    from .training.adapt import AdaptConfig, adapt_decoder
+    from .training.store import ActivationStore
+
+    store = ActivationStore(args.activations)
+    if args.replay > 0 and not args.source:
+        raise ValueError("--replay > 0 needs --source labels to replay (or pass --replay 0)")
+    device = _device(args.device)
+    sae = _load_sae(args.sae, device=device)
+    target = store.load(args.site, labels=args.target, steps=args.denoise_steps, max_tokens=args.max_tokens,
+                        seed=args.seed)
+    source = None
+    if args.replay > 0:
+        source = store.load(args.site, labels=args.source, steps=args.denoise_steps, max_tokens=args.max_tokens,
+                            seed=args.seed)
+    config = AdaptConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, replay=args.replay,
+                         prox_coef=args.prox, train_b_dec=not args.freeze_b_dec, seed=args.seed)
+    result = adapt_decoder(sae, target, source, config, device=device, progress=not args.no_progress)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    result.sae.save(args.out)
+    _write_json(args.metrics, {"sae": str(args.out), "source_sae": str(args.sae), "metrics": result.metrics,
+                               "history": result.history})
+    m = result.metrics
+    line = f"target FVU {m['fvu_target_before']:.4f} -> {m['fvu_target_after']:.4f}"
+    if "fvu_source_after" in m:
+        line += f", source FVU {m['fvu_source_before']:.4f} -> {m['fvu_source_after']:.4f}"
+    print(f"{args.out}: {line}; decoder moved {m['decoder_change']:.1%}; encoder unchanged")
+    return 0
+
+
+def _add_adapt(sub) -> None:
+    p = sub.add_parser(
+        "adapt", formatter_class=_FMT, help="adapt an SAE's decoder to a target domain, encoder frozen",
+        description="""\
+Decoder-only adaptation: keep the SAE's encoder (W_enc, b_enc) bit-identical, so its harmful
+feature ids keep their meaning, and train only the decoder (W_dec, b_dec) on the target domain's
+activations (--target), mixing in a --replay share of source activations (--source) and a
+proximity term (--prox) that keeps the decoder near the source one. Saves the adapted SAE (--out)
+and prints reconstruction error (FVU) on target and source before and after.""",
+        epilog="example: safedig adapt --activations acts/ --site single_transformer_blocks.0 --sae sae0.safetensors "
+               "--target unsafe/violence,safe --source unsafe/nudity,safe --out sae0-violence.safetensors")
+    p.add_argument("--activations", required=True, help="capture directory")
+    p.add_argument("--site", required=True, help="site the SAE belongs to")
+    p.add_argument("--sae", required=True, help="source SAE file")
+    p.add_argument("--target", required=True, help="label selectors of the target domain, e.g. unsafe/violence,safe")
+    p.add_argument("--source", default=None, help="label selectors replayed from the source domain")
+    p.add_argument("--replay", type=float, default=0.2, help="share of source tokens per batch (default 0.2)")
+    p.add_argument("--prox", type=float, default=0.1, help="weight of the stay-near-the-source term (default 0.1)")
+    p.add_argument("--freeze-b-dec", action="store_true",
+                   help="keep b_dec too (it also centres the encoder input), so codes are exactly the source's")
+    p.add_argument("--steps", type=int, default=500, help="optimizer steps (default 500)")
+    p.add_argument("--batch-size", type=int, default=4096, help="tokens per batch (default 4096)")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
+    p.add_argument("--denoise-steps", type=_int_list, default=None, help="only these captured denoising steps")
+    p.add_argument("--max-tokens", type=int, default=None, help="use at most this many tokens of each domain")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="adapted SAE file to write")
+    p.add_argument("--metrics", default=None, help="write metrics and history to this JSON file")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(fn=_adapt)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="safedig", description=__doc__, formatter_class=_FMT)
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_capture(sub)
+    _add_train(sub)
+    _add_score(sub)
+    _add_route(sub)
+    _add_adapt(sub)
     sub.add_parser("demo", help="run the built-in example").set_defaults(fn=_demo)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
-    return args.fn(args)
+    try:
+        return args.fn(args)
+    except (ValueError, OSError) as e:
+        # Bad input is reported as one line naming what was wrong, not a traceback.
+        print(f"safedig {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

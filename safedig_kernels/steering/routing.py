@@ -1,0 +1,262 @@
+"""Robustness-aware routing: rank (site, operator) pairs before adaptation.
+
+For every candidate site (with its source-trained SAE) three stability measures, each in [0, 1],
+say how well its safety features survive the shift from the source risk domain to the target:
+
+- `overlap`: Jaccard overlap of the harmful sets picked (`scoring.select_harmful`) on source
+  unsafe vs safe and on target unsafe vs safe prompts, with the same frozen encoder;
+- `recon`: `1 - FVU` of the SAE on target activations (target unsafe and safe prompts),
+  clipped to [0, 1]: whether the dictionary still describes the new domain;
+- `separation`: `max(0, 2 AUROC - 1)` of the per-prompt harm score with the *source* harmful set,
+  target unsafe vs safe prompts: whether the source features still flag the new risk.
+
+An operator leans on them differently (`OPERATOR_WEIGHTS`): Blend replaces the activation by
+its safe reconstruction, so reconstruction quality matters most; Repel subtracts the harmful
+directions, so it needs the harmful set and separation but not a faithful reconstruction.
+
+    stability(site, op) = sum_m OPERATOR_WEIGHTS[op][m] * measure_m(site)
+    cost(site, op)      = tokens(site) * flops_per_token(site, op) / max over candidates
+    score(site, op)     = stability - cost_weight * cost
+
+with flops per token `2 d F` (encoder) plus the decode the operator needs: `2 k d` for Blend,
+`2 E[|S ∩ H|] d` for Repel, both for Both. `tokens(site)` is the full token count of the site's
+stream per step (before any capture subsampling).
+
+The steering config (`write_steering_config`) keeps the best operator of each of the
+`num_sites` best sites and is read by `safedig_kernels.integrations.diffusers.SafeDIGConfig.from_json`::
+
+    {"enabled": true, "use_fused_ops": true,
+     "sites": [{"site": "single_transformer_blocks.3", "sae": "/abs/path/site.safetensors",
+                "stream": "image", "harmful": [12, 40] or null, "beta": 0.5, "gamma": 0.0,
+                "tau": 0.0, "window": [0.0, 1.0], "cfg": "both"}]}
+
+`sae` is an absolute path; `harmful` is the union of the source and target harmful sets (null
+when empty: steer with the SAE's own set); `beta`/`gamma` follow the operator
+(`operator_strengths`); `window` is the fraction of the denoising schedule to steer in.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional, Union
+
+from ..sae import TopKSAE
+from ..training._io import atomic_write_json, atomic_write_text
+from ..training.store import ActivationStore, LabelSelector, SiteSpec, parse_labels
+from .scoring import HarmfulRule, auroc, group_stats, prompt_harm_scores, select_harmful
+
+OPERATORS = ("blend", "repel", "both")
+OPERATOR_WEIGHTS: dict[str, dict[str, float]] = {
+    "blend": {"overlap": 0.25, "recon": 0.5, "separation": 0.25},
+    "repel": {"overlap": 0.5, "recon": 0.0, "separation": 0.5},
+    "both": {"overlap": 1 / 3, "recon": 1 / 3, "separation": 1 / 3},
+}
+
+
+def operator_strengths(operator: str, beta: float, gamma: float) -> tuple[float, float]:
+    """(beta, gamma) an operator steers with: Blend (beta, 0), Repel (0, gamma), Both (beta, gamma)."""
+    if operator == "blend":
+        return beta, 0.0
+    if operator == "repel":
+        return 0.0, gamma
+    if operator == "both":
+        return beta, gamma
+    raise ValueError(f"operator must be one of {OPERATORS}, got {operator!r}")
+
+
+@dataclass
+class RouteConfig:
+    """Routing settings; `beta`, `gamma`, `tau`, `window`, `cfg` go into the steering config."""
+
+    operators: tuple[str, ...] = OPERATORS
+    cost_weight: float = 0.1
+    num_sites: int = 4
+    rule: HarmfulRule = field(default_factory=HarmfulRule)
+    beta: float = 0.5
+    gamma: float = 1.0
+    tau: float = 0.0
+    window: tuple[float, float] = (0.0, 1.0)
+    cfg: str = "both"
+    steps: Optional[list[int]] = None
+
+    def __post_init__(self) -> None:
+        bad = [o for o in self.operators if o not in OPERATORS]
+        if bad or not self.operators:
+            raise ValueError(f"operators must be a non-empty subset of {OPERATORS}, got {list(self.operators)}")
+        if not isinstance(self.num_sites, int) or self.num_sites < 1:
+            raise ValueError(f"num_sites must be a positive int, got {self.num_sites!r}")
+        if self.cost_weight < 0:
+            raise ValueError(f"cost_weight must be >= 0, got {self.cost_weight}")
+        lo, hi = self.window
+        if not 0.0 <= lo < hi <= 1.0:
+            raise ValueError(f"window must satisfy 0 <= start < end <= 1, got {list(self.window)}")
+
+
+@dataclass
+class SiteEvaluation:
+    """Stability measures of one site (module docstring)."""
+
+    site: str
+    sae_path: str
+    harmful_source: list[int]
+    harmful_target: list[int]
+    overlap: float
+    recon: float
+    separation: float
+    separation_source: float
+    fvu_target: float
+    tokens: float
+    flops_per_token: dict[str, float]
+
+
+@dataclass
+class Candidate:
+    site: str
+    operator: str
+    stability: float
+    cost: float
+    score: float
+
+
+@dataclass
+class RoutingReport:
+    source_labels: list[str]
+    target_labels: list[str]
+    safe_labels: list[str]
+    config: dict[str, Any]
+    sites: list[SiteEvaluation]
+    ranking: list[Candidate]
+    selected: list[Candidate]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def table(self) -> str:
+        ev = {s.site: s for s in self.sites}
+        chosen = {(c.site, c.operator) for c in self.selected}
+        lines = [f"routing {self.source_labels} -> {self.target_labels} (safe: {self.safe_labels})",
+                 f"{'rank':>4} {'site':<36} {'operator':<8} {'score':>7} {'stability':>9} {'cost':>6} "
+                 f"{'overlap':>7} {'recon':>6} {'separation':>10} selected"]
+        for r, c in enumerate(self.ranking, start=1):
+            s = ev[c.site]
+            lines.append(f"{r:>4} {c.site:<36} {c.operator:<8} {c.score:>7.3f} {c.stability:>9.3f} {c.cost:>6.3f} "
+                         f"{s.overlap:>7.3f} {s.recon:>6.3f} {s.separation:>10.3f} "
+                         f"{'yes' if (c.site, c.operator) in chosen else ''}")
+        return "\n".join(lines)
+
+    def write(self, path: Union[str, Path]) -> tuple[Path, Path]:
+        """`path` (JSON) and the same name with `.txt` (the table)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, self.to_dict())
+        txt = path.with_suffix(".txt")
+        atomic_write_text(txt, self.table() + "\n")
+        return path, txt
+
+    def steering_config(self) -> dict[str, Any]:
+        """The steering config (schema in the module docstring) for the selected pairs."""
+        ev = {s.site: s for s in self.sites}
+        cfg = self.config
+        sites = []
+        for c in self.selected:
+            s = ev[c.site]
+            spec = SiteSpec.parse(c.site)
+            beta, gamma = operator_strengths(c.operator, cfg["beta"], cfg["gamma"])
+            harmful = sorted(set(s.harmful_source) | set(s.harmful_target))
+            sites.append({"site": spec.module, "sae": os.path.abspath(s.sae_path) if s.sae_path else "",
+                          "stream": spec.stream, "harmful": harmful or None, "beta": beta, "gamma": gamma,
+                          "tau": cfg["tau"], "window": list(cfg["window"]), "cfg": cfg["cfg"]})
+        return {"enabled": True, "use_fused_ops": True, "sites": sites}
+
+
+def write_steering_config(report: RoutingReport, path: Union[str, Path]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, report.steering_config())
+    return path
+
+
+def _jaccard(a: Iterable[int], b: Iterable[int]) -> float:
+    a, b = set(a), set(b)
+    return len(a & b) / len(a | b) if a | b else 0.0
+
+
+def _prompts(store: ActivationStore, site: str, labels: LabelSelector, steps):
+    return (x for _, _, x in store.iter_prompts(site, labels, steps))
+
+
+def evaluate_site(store: ActivationStore, site: Union[str, SiteSpec], sae: TopKSAE, source_labels: LabelSelector,
+                  target_labels: LabelSelector, safe_labels: LabelSelector = "safe",
+                  rule: HarmfulRule = HarmfulRule(), steps: Optional[Iterable[int]] = None,
+                  sae_path: str = "") -> SiteEvaluation:
+    """Stability measures and per-token costs of one site with its source SAE."""
+    key = SiteSpec.parse(site).key
+    if store.width(key) != sae.d:
+        raise ValueError(f"site {key} has width {store.width(key)} but its SAE {sae_path} has d = {sae.d}")
+    steps = None if steps is None else list(steps)
+    for what, sel in (("source_labels", source_labels), ("target_labels", target_labels),
+                      ("safe_labels", safe_labels)):
+        if not store.entries(key, sel, steps):
+            raise ValueError(f"{what} {parse_labels(sel)} match no prompts at site {key} in {store.dir}; "
+                             f"labels present: {store.labels}")
+    src = group_stats(sae, _prompts(store, key, source_labels, steps))
+    tgt = group_stats(sae, _prompts(store, key, target_labels, steps))
+    safe = group_stats(sae, _prompts(store, key, safe_labels, steps))
+    h_src = select_harmful(src, safe, rule)
+    h_tgt = select_harmful(tgt, safe, rule)
+    safe_h = prompt_harm_scores(sae, h_src, _prompts(store, key, safe_labels, steps))
+    sep_t = auroc(prompt_harm_scores(sae, h_src, _prompts(store, key, target_labels, steps)), safe_h)
+    sep_s = auroc(prompt_harm_scores(sae, h_src, _prompts(store, key, source_labels, steps)), safe_h)
+    target_all = tgt.merged(safe)
+    fvu_t = target_all.fvu
+    d, F, k = sae.d, sae.num_features, sae.k
+    harmful_active = float(target_all.freq[h_src].sum()) if h_src else 0.0
+    enc = 2.0 * d * F
+    flops = {"blend": enc + 2.0 * k * d, "repel": enc + 2.0 * harmful_active * d,
+             "both": enc + 2.0 * (k + harmful_active) * d}
+    es = store.entries(key, None, steps)
+    tokens = sum(e.tokens_total for e in es) / len(es)
+    return SiteEvaluation(site=key, sae_path=str(sae_path), harmful_source=h_src, harmful_target=h_tgt,
+                          overlap=_jaccard(h_src, h_tgt), recon=min(max(1.0 - fvu_t, 0.0), 1.0),
+                          separation=max(0.0, 2.0 * sep_t - 1.0) if h_src else 0.0,
+                          separation_source=max(0.0, 2.0 * sep_s - 1.0) if h_src else 0.0,
+                          fvu_target=fvu_t, tokens=tokens, flops_per_token=flops)
+
+
+def rank_candidates(sites: list[SiteEvaluation], config: RouteConfig) -> list[Candidate]:
+    """Every (site, operator) pair, best score first (ties: site name, then operator order)."""
+    raw = [(s, op, s.tokens * s.flops_per_token[op]) for s in sites for op in config.operators]
+    top = max((c for _, _, c in raw), default=1.0) or 1.0
+    cands = []
+    for s, op, c in raw:
+        w = OPERATOR_WEIGHTS[op]
+        stability = w["overlap"] * s.overlap + w["recon"] * s.recon + w["separation"] * s.separation
+        cost = c / top
+        cands.append(Candidate(site=s.site, operator=op, stability=stability, cost=cost,
+                               score=stability - config.cost_weight * cost))
+    return sorted(cands, key=lambda c: (-c.score, c.site, OPERATORS.index(c.operator)))
+
+
+def route(store: ActivationStore, saes: Mapping[str, tuple[TopKSAE, str]], source_labels: LabelSelector,
+          target_labels: LabelSelector, safe_labels: LabelSelector = "safe",
+          config: RouteConfig = RouteConfig()) -> RoutingReport:
+    """Evaluate each site of `saes` (site -> (SAE, its file path)), rank all (site, operator)
+    pairs and select the best operator of the `num_sites` best sites."""
+    if not saes:
+        raise ValueError("saes is empty; give at least one site with its SAE")
+    evals = [evaluate_site(store, site, sae, source_labels, target_labels, safe_labels, config.rule, config.steps,
+                           sae_path=path) for site, (sae, path) in saes.items()]
+    ranking = rank_candidates(evals, config)
+    selected, used = [], set()
+    for c in ranking:
+        if c.site not in used and len(selected) < config.num_sites:
+            selected.append(c)
+            used.add(c.site)
+    cfg = dataclasses.asdict(config)
+    cfg["window"] = list(config.window)
+    cfg["operators"] = list(config.operators)
+    return RoutingReport(source_labels=parse_labels(source_labels), target_labels=parse_labels(target_labels),
+                         safe_labels=parse_labels(safe_labels), config=cfg, sites=evals, ranking=ranking,
+                         selected=selected)

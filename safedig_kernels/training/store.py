@@ -1,0 +1,530 @@
+"""On-disk activation store: sharded safetensors files plus a JSON manifest.
+
+Layout of a capture directory::
+
+    manifest.json                 the index (below), rewritten atomically after every shard
+    shard-000000.safetensors      tensors "e0", "e1", ... each [tokens, d]; its header metadata
+    shard-000001.safetensors      ("safedig_activations", a JSON string) repeats its entries
+
+`manifest.json`::
+
+    {"format": "safedig-activations", "version": 1,
+     "config": {...},                       # capture settings; a resume must match them
+     "completed": {"<prompt id>": {"label": "unsafe/nudity", "run": "<run id>"}},
+     "shards": [{"file": "shard-000000.safetensors", "run": "<run id>", "nbytes": 123,
+                 "entries": [{"key": "e0", "site": "single_transformer_blocks.3", "stream": "image",
+                              "step": 0, "timestep": 1000.0, "call": 0, "prompt_id": "p0",
+                              "label": "safe", "shape": [64, 3072], "dtype": "bfloat16",
+                              "tokens_total": 4096}]}]}
+
+A prompt counts once all its entries are on disk: its id goes into `completed` together with
+the id of the run (one writer session) that captured it, in the same atomic step as its last
+shard. Entries of a prompt that a run began but did not finish stay in their shard but are
+ignored (their run differs from the completed one), so resuming never duplicates data. Each
+shard's header repeats its entries and the completions it committed, so `rebuild_manifest`
+recovers a lost or corrupt manifest from the shards alone.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import uuid
+import warnings
+import zlib
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Optional, Sequence, Union
+
+import torch
+from safetensors import safe_open
+
+from ._io import atomic_save_safetensors, atomic_write_json, dtype_name, read_json
+
+FORMAT = "safedig-activations"
+VERSION = 1
+MANIFEST = "manifest.json"
+SHARD_META_KEY = "safedig_activations"
+SHARD_GLOB = "shard-*.safetensors"
+STREAMS = ("image", "text")
+_SHARD_RE = re.compile(r"^shard-(\d{6,})\.safetensors$")
+_LABEL_RE = re.compile(r"^(safe|unsafe)(/[A-Za-z0-9_.\-]+)?$")
+
+PathLike = Union[str, Path]
+LabelSelector = Optional[Union[str, Sequence[str]]]
+
+
+class ManifestError(ValueError):
+    """The manifest of a capture directory is missing, unreadable or inconsistent."""
+
+
+class ShardError(ValueError):
+    """A shard file does not match what the manifest says about it."""
+
+
+@dataclass(frozen=True)
+class SiteSpec:
+    """Where to record: a module path inside the transformer and the stream of its output.
+
+    `"transformer_blocks.1:text"` parses to module `transformer_blocks.1`, stream `text`; the
+    stream defaults to `image` (blocks return `(encoder_hidden_states, hidden_states)`).
+    """
+
+    module: str
+    stream: str = "image"
+
+    @classmethod
+    def parse(cls, spec: Union[str, "SiteSpec"]) -> "SiteSpec":
+        if isinstance(spec, SiteSpec):
+            return spec
+        if not isinstance(spec, str) or not spec.strip():
+            raise ValueError(f"site must be a string like 'single_transformer_blocks.3' or "
+                             f"'transformer_blocks.1:text', got {spec!r}")
+        module, _, stream = spec.strip().partition(":")
+        if module.startswith("transformer."):
+            module = module[len("transformer."):]
+        stream = stream or "image"
+        if stream not in STREAMS:
+            raise ValueError(f"site {spec!r}: stream must be one of {STREAMS}, got {stream!r}")
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*", module):
+            raise ValueError(f"site {spec!r}: expected a dotted module path such as 'transformer_blocks.1'")
+        return cls(module, stream)
+
+    @property
+    def key(self) -> str:
+        return f"{self.module}:{self.stream}"
+
+    def __str__(self) -> str:
+        return self.key
+
+
+def check_label(label: Any, where: str) -> str:
+    if not isinstance(label, str) or not _LABEL_RE.match(label):
+        raise ValueError(f"{where}: label must be 'safe' or 'unsafe/<category>' (letters, digits, '_', '.', '-'), "
+                         f"got {label!r}")
+    return label
+
+
+def parse_labels(labels: LabelSelector) -> Optional[list[str]]:
+    if labels is None:
+        return None
+    if isinstance(labels, str):
+        labels = [s for s in labels.split(",") if s.strip()]
+    return [s.strip() for s in labels]
+
+
+def label_matches(label: str, labels: LabelSelector) -> bool:
+    """`labels` None matches all; a selector matches itself and its sub-labels
+    (`"unsafe"` matches `"unsafe/nudity"`)."""
+    sel = parse_labels(labels)
+    if sel is None:
+        return True
+    return any(label == s or label.startswith(s + "/") for s in sel)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One recorded tensor: activations `[tokens, d]` of one prompt at one site and step."""
+
+    shard: str
+    key: str
+    site: str
+    stream: str
+    step: int
+    timestep: Optional[float]
+    call: int
+    prompt_id: str
+    label: str
+    shape: tuple[int, ...]
+    dtype: str
+    tokens_total: int
+
+    @property
+    def site_key(self) -> str:
+        return f"{self.site}:{self.stream}"
+
+    def record(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        del d["shard"]
+        d["shape"] = list(self.shape)
+        return d
+
+
+_ENTRY_FIELDS = {f.name for f in dataclasses.fields(Entry)} - {"shard"}
+
+
+def _entry_from_record(rec: Any, shard: str, where: str) -> Entry:
+    if not isinstance(rec, dict) or set(rec) != _ENTRY_FIELDS:
+        got = sorted(rec) if isinstance(rec, dict) else type(rec).__name__
+        raise ManifestError(f"{where}: an entry of {shard} must have the keys {sorted(_ENTRY_FIELDS)}, got {got}")
+    try:
+        return Entry(shard=shard, key=str(rec["key"]), site=str(rec["site"]), stream=str(rec["stream"]),
+                     step=int(rec["step"]), timestep=None if rec["timestep"] is None else float(rec["timestep"]),
+                     call=int(rec["call"]), prompt_id=str(rec["prompt_id"]), label=str(rec["label"]),
+                     shape=tuple(int(s) for s in rec["shape"]), dtype=str(rec["dtype"]),
+                     tokens_total=int(rec["tokens_total"]))
+    except (TypeError, ValueError) as e:
+        raise ManifestError(f"{where}: malformed entry {rec!r} of {shard}: {e}") from None
+
+
+def _shard_header(path: Path) -> dict[str, Any]:
+    """The JSON a shard carries in its safetensors metadata, plus its tensors' shapes/dtypes."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for truncated/garbled files
+        raise ShardError(f"shard {path} is not a readable safetensors file ({e})") from None
+    if SHARD_META_KEY not in meta:
+        raise ShardError(f"shard {path} has no '{SHARD_META_KEY}' metadata: not written by safedig capture")
+    try:
+        header = json.loads(meta[SHARD_META_KEY])
+    except json.JSONDecodeError as e:
+        raise ShardError(f"shard {path}: its '{SHARD_META_KEY}' metadata is not valid JSON ({e.msg})") from None
+    header["_tensors"] = tensors
+    return header
+
+
+_ST_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+
+
+def _check_entries_in_shard(path: Path, entries: Sequence[Entry], tensors: dict[str, tuple]) -> None:
+    for e in entries:
+        if e.key not in tensors:
+            raise ShardError(f"shard {path} lacks tensor {e.key!r} that the manifest lists "
+                             f"(prompt {e.prompt_id!r}, site {e.site_key}, step {e.step})")
+        shape, st_dtype = tensors[e.key]
+        if shape != e.shape or _ST_DTYPES.get(st_dtype, st_dtype) != e.dtype:
+            raise ShardError(f"shard {path}, tensor {e.key!r}: the manifest says shape {list(e.shape)} dtype {e.dtype}, "
+                             f"the file holds shape {list(shape)} dtype {_ST_DTYPES.get(st_dtype, st_dtype)}")
+
+
+def _shard_index(name: str) -> int:
+    m = _SHARD_RE.match(name)
+    return int(m.group(1)) if m else -1
+
+
+def _new_manifest(config: dict[str, Any]) -> dict[str, Any]:
+    return {"format": FORMAT, "version": VERSION, "config": config, "completed": {}, "shards": []}
+
+
+def _read_manifest(directory: Path) -> dict[str, Any]:
+    path = directory / MANIFEST
+    try:
+        m = read_json(path, "activation manifest")
+    except ValueError as e:
+        raise ManifestError(f"{e}. The shards next to it are untouched; rebuild it from them with "
+                            f"safedig_kernels.training.store.rebuild_manifest({str(directory)!r}) "
+                            f"or `safedig capture --rebuild-manifest --out {directory}`") from None
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        raise ManifestError(f"activation manifest {path}: expected a JSON object with \"format\": \"{FORMAT}\", "
+                            f"got {str(m)[:80]!r}")
+    if m.get("version") != VERSION:
+        raise ManifestError(f"activation manifest {path}: version {m.get('version')!r} is not supported "
+                            f"(this reader knows version {VERSION})")
+    for key, typ in (("config", dict), ("completed", dict), ("shards", list)):
+        if not isinstance(m.get(key), typ):
+            raise ManifestError(f"activation manifest {path}: '{key}' must be a JSON {typ.__name__}, "
+                                f"got {type(m.get(key)).__name__}")
+    for i, s in enumerate(m["shards"]):
+        if not isinstance(s, dict) or not {"file", "run", "entries"} <= set(s) or not isinstance(s["entries"], list):
+            raise ManifestError(f"activation manifest {path}: shards[{i}] must have 'file', 'run' and a list "
+                                f"'entries', got {str(s)[:120]!r}")
+    for pid, c in m["completed"].items():
+        if not isinstance(c, dict) or not {"label", "run"} <= set(c):
+            raise ManifestError(f"activation manifest {path}: completed[{pid!r}] must be "
+                                f"{{\"label\": ..., \"run\": ...}}, got {c!r}")
+    return m
+
+
+def _config_diff(a: dict[str, Any], b: dict[str, Any]) -> str:
+    keys = sorted(set(a) | set(b))
+    return "; ".join(f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in keys if a.get(k) != b.get(k))
+
+
+class ActivationWriter:
+    """Appends entries to a capture directory in shards of about `shard_bytes`.
+
+    Use `add` for each recorded tensor, `finish_prompt` when every tensor of a prompt has been
+    added, and `close` (or `flush`) at the end. With `resume=True` an existing directory with the
+    same `config` is continued: its completed prompts are in `completed` and shards written but
+    not yet indexed by an interrupted run are adopted.
+    """
+
+    def __init__(self, directory: PathLike, config: dict[str, Any], *, shard_bytes: int = 256 << 20,
+                 resume: bool = True):
+        if not isinstance(shard_bytes, int) or shard_bytes < 1:
+            raise ValueError(f"shard_bytes must be a positive int, got {shard_bytes!r}")
+        self.dir = Path(directory)
+        self.config = json.loads(json.dumps(config))  # normalised as it will read back from JSON
+        self.shard_bytes = shard_bytes
+        self.run = uuid.uuid4().hex[:12]
+        self.dir.mkdir(parents=True, exist_ok=True)
+        manifest_path = self.dir / MANIFEST
+        on_disk = sorted(p.name for p in self.dir.glob(SHARD_GLOB) if _SHARD_RE.match(p.name))
+        if manifest_path.exists():
+            if not resume:
+                raise FileExistsError(f"{self.dir} already holds a capture ({MANIFEST}); resume it or choose "
+                                      f"an empty output directory (nothing was changed)")
+            self.manifest = _read_manifest(self.dir)
+            if self.manifest["config"] != self.config:
+                raise ValueError(f"{self.dir} holds a capture made with other settings "
+                                 f"({_config_diff(self.manifest['config'], self.config)}); use the same settings "
+                                 f"to resume it, or another output directory (nothing was changed)")
+            self._adopt_orphans(on_disk)
+        elif on_disk:
+            raise ManifestError(f"{self.dir} has {len(on_disk)} shard files but no {MANIFEST}; recover it with "
+                                f"rebuild_manifest({str(self.dir)!r}) or `safedig capture --rebuild-manifest "
+                                f"--out {self.dir}`, or choose an empty directory (nothing was changed)")
+        else:
+            self.manifest = _new_manifest(self.config)
+            atomic_write_json(manifest_path, self.manifest)
+        known = [_shard_index(s["file"]) for s in self.manifest["shards"]] + [_shard_index(n) for n in on_disk]
+        self._next_index = max(known, default=-1) + 1
+        self._buffer: list[tuple[dict[str, Any], torch.Tensor]] = []
+        self._buffer_bytes = 0
+        self._pending_done: dict[str, str] = {}
+
+    @property
+    def completed(self) -> dict[str, str]:
+        """Prompt id -> label of every prompt whose activations are all on disk."""
+        return {pid: c["label"] for pid, c in self.manifest["completed"].items()}
+
+    def _adopt_orphans(self, on_disk: Sequence[str]) -> None:
+        # A crash between renaming a shard into place and rewriting the manifest leaves a
+        # complete shard the manifest does not list; its header says everything needed to adopt it.
+        listed = {s["file"] for s in self.manifest["shards"]}
+        adopted = []
+        for name in on_disk:
+            if name in listed:
+                continue
+            header = _shard_header(self.dir / name)
+            if header.get("config") != self.config:
+                raise ShardError(f"shard {self.dir / name} is not indexed by {MANIFEST} and was written with other "
+                                 f"settings ({_config_diff(header.get('config') or {}, self.config)}); move it "
+                                 f"away to resume (nothing was changed)")
+            self._append_shard_record(name, header)
+            adopted.append(name)
+        if adopted:
+            warnings.warn(f"{self.dir}: adopted {len(adopted)} shard(s) an interrupted run wrote but did not index: "
+                          f"{adopted}")
+            atomic_write_json(self.dir / MANIFEST, self.manifest)
+
+    def _append_shard_record(self, name: str, header: dict[str, Any]) -> None:
+        entries = [_entry_from_record(r, name, str(self.dir / name)) for r in header.get("entries", [])]
+        _check_entries_in_shard(self.dir / name, entries, header["_tensors"])
+        self.manifest["shards"].append({"file": name, "run": header["run"],
+                                        "nbytes": (self.dir / name).stat().st_size,
+                                        "entries": [e.record() for e in entries]})
+        for pid, label in header.get("completed", {}).items():
+            self.manifest["completed"][pid] = {"label": label, "run": header["run"]}
+
+    def add(self, tensor: torch.Tensor, *, site: SiteSpec, step: int, prompt_id: str, label: str,
+            timestep: Optional[float] = None, call: int = 0, tokens_total: Optional[int] = None) -> None:
+        """Buffer activations `[tokens, d]`; writes a shard once the buffer reaches `shard_bytes`."""
+        if tensor.dim() != 2:
+            raise ValueError(f"activations must be [tokens, d], got shape {tuple(tensor.shape)}")
+        t = tensor.detach().to("cpu", copy=True).contiguous()
+        rec = {"key": "", "site": site.module, "stream": site.stream, "step": int(step),
+               "timestep": None if timestep is None else float(timestep), "call": int(call),
+               "prompt_id": prompt_id, "label": label, "shape": list(t.shape), "dtype": dtype_name(t.dtype),
+               "tokens_total": int(tokens_total if tokens_total is not None else t.shape[0])}
+        self._buffer.append((rec, t))
+        self._buffer_bytes += t.numel() * t.element_size()
+        if self._buffer_bytes >= self.shard_bytes:
+            self.flush()
+
+    def finish_prompt(self, prompt_id: str, label: str) -> None:
+        """Mark `prompt_id` complete; it becomes durable with the next shard written."""
+        self._pending_done[prompt_id] = label
+
+    def discard_prompt(self, prompt_id: str) -> None:
+        """Drop buffered (not yet written) tensors of an unfinished prompt."""
+        kept = [(r, t) for r, t in self._buffer if r["prompt_id"] != prompt_id]
+        self._buffer = kept
+        self._buffer_bytes = sum(t.numel() * t.element_size() for _, t in kept)
+
+    def flush(self) -> None:
+        """Write buffered tensors and pending completions as one shard, then the manifest."""
+        if not self._buffer and not self._pending_done:
+            return
+        name = f"shard-{self._next_index:06d}.safetensors"
+        tensors, records = {}, []
+        for i, (rec, t) in enumerate(self._buffer):
+            rec = dict(rec, key=f"e{i}")
+            tensors[rec["key"]] = t
+            records.append(rec)
+        header = {"format": FORMAT, "version": VERSION, "run": self.run, "config": self.config,
+                  "entries": records, "completed": dict(self._pending_done)}
+        atomic_save_safetensors(self.dir / name, tensors, {SHARD_META_KEY: json.dumps(header)})
+        self._next_index += 1
+        self.manifest["shards"].append({"file": name, "run": self.run,
+                                        "nbytes": (self.dir / name).stat().st_size, "entries": records})
+        for pid, label in self._pending_done.items():
+            self.manifest["completed"][pid] = {"label": label, "run": self.run}
+        atomic_write_json(self.dir / MANIFEST, self.manifest)
+        self._buffer, self._buffer_bytes, self._pending_done = [], 0, {}
+
+    def close(self) -> None:
+        self.flush()
+
+
+def rebuild_manifest(directory: PathLike) -> Path:
+    """Recreate `manifest.json` of a capture directory from its shards' headers.
+
+    A manifest already there is kept as `manifest.json.corrupt` (never deleted). Returns the
+    manifest's path.
+    """
+    d = Path(directory)
+    names = sorted((p.name for p in d.glob(SHARD_GLOB) if _SHARD_RE.match(p.name)), key=_shard_index)
+    if not names:
+        raise ValueError(f"{d} holds no shard files ({SHARD_GLOB}); nothing to rebuild a manifest from")
+    headers = [(n, _shard_header(d / n)) for n in names]
+    config = headers[0][1].get("config")
+    for n, h in headers[1:]:
+        if h.get("config") != config:
+            raise ShardError(f"shards {names[0]} and {n} in {d} were written with different settings "
+                             f"({_config_diff(config or {}, h.get('config') or {})}); move the foreign ones away")
+    writer = ActivationWriter.__new__(ActivationWriter)
+    writer.dir, writer.manifest = d, _new_manifest(config)
+    for n, h in headers:
+        writer._append_shard_record(n, h)
+    path = d / MANIFEST
+    if path.exists():
+        path.replace(d / (MANIFEST + ".corrupt"))
+    atomic_write_json(path, writer.manifest)
+    return path
+
+
+class ActivationStore:
+    """Read-only view of a capture directory, checked against its shards when opened.
+
+    Only entries of completed prompts are visible; a `site` argument is a `SiteSpec` or its
+    string form (`"transformer_blocks.1:text"`); `labels` selects by label prefix.
+    """
+
+    def __init__(self, directory: PathLike, validate: bool = True):
+        self.dir = Path(directory)
+        if not self.dir.is_dir():
+            raise FileNotFoundError(f"activation directory {self.dir} does not exist")
+        m = _read_manifest(self.dir)
+        self.config: dict[str, Any] = m["config"]
+        self.prompts: dict[str, str] = {pid: c["label"] for pid, c in m["completed"].items()}
+        done_run = {pid: c["run"] for pid, c in m["completed"].items()}
+        entries: list[Entry] = []
+        for s in m["shards"]:
+            shard_entries = [_entry_from_record(r, s["file"], str(self.dir / MANIFEST)) for r in s["entries"]]
+            visible = [e for e in shard_entries if done_run.get(e.prompt_id) == s["run"]]
+            if validate and visible:
+                path = self.dir / s["file"]
+                if not path.exists():
+                    raise ShardError(f"shard {path} listed in {self.dir / MANIFEST} is missing")
+                header = _shard_header(path)
+                if header.get("run") != s["run"]:
+                    raise ShardError(f"shard {path} was written by run {header.get('run')!r}, the manifest "
+                                     f"says run {s['run']!r}: the file was replaced")
+                _check_entries_in_shard(path, visible, header["_tensors"])
+            entries.extend(visible)
+        seen: dict[tuple, Entry] = {}
+        widths: dict[str, int] = {}
+        for e in entries:
+            ident = (e.prompt_id, e.site_key, e.step, e.call)
+            if ident in seen:
+                raise ShardError(f"{self.dir}: prompt {e.prompt_id!r} site {e.site_key} step {e.step} is recorded "
+                                 f"twice ({seen[ident].shard} and {e.shard})")
+            seen[ident] = e
+            if len(e.shape) != 2:
+                raise ShardError(f"shard {self.dir / e.shard}, tensor {e.key!r}: expected [tokens, d], "
+                                 f"got shape {list(e.shape)}")
+            if widths.setdefault(e.site_key, e.shape[1]) != e.shape[1]:
+                raise ShardError(f"{self.dir}: site {e.site_key} has entries of width {widths[e.site_key]} and "
+                                 f"{e.shape[1]} (shard {e.shard}, tensor {e.key!r})")
+        self._entries = entries
+        self._widths = widths
+
+    def __repr__(self) -> str:
+        return (f"ActivationStore({str(self.dir)!r}, prompts={len(self.prompts)}, sites={self.sites}, "
+                f"entries={len(self._entries)})")
+
+    @property
+    def sites(self) -> list[str]:
+        return sorted(self._widths)
+
+    @property
+    def labels(self) -> list[str]:
+        return sorted(set(self.prompts.values()))
+
+    def width(self, site: Union[str, SiteSpec]) -> int:
+        return self._widths[self._site_key(site)]
+
+    def _site_key(self, site: Union[str, SiteSpec]) -> str:
+        key = SiteSpec.parse(site).key
+        if key not in self._widths:
+            raise ValueError(f"site {key!r} is not in {self.dir}; recorded sites: {self.sites}")
+        return key
+
+    def entries(self, site: Union[str, SiteSpec, None] = None, labels: LabelSelector = None,
+                steps: Optional[Iterable[int]] = None) -> list[Entry]:
+        key = None if site is None else self._site_key(site)
+        steps = None if steps is None else set(steps)
+        return [e for e in self._entries if (key is None or e.site_key == key) and label_matches(e.label, labels)
+                and (steps is None or e.step in steps)]
+
+    def iter_entries(self, site: Union[str, SiteSpec, None] = None, labels: LabelSelector = None,
+                     steps: Optional[Iterable[int]] = None,
+                     dtype: Optional[torch.dtype] = None) -> Iterator[tuple[Entry, torch.Tensor]]:
+        """(entry, activations `[tokens, d]`) in shard order, one shard open at a time."""
+        by_shard: dict[str, list[Entry]] = defaultdict(list)
+        for e in self.entries(site, labels, steps):
+            by_shard[e.shard].append(e)
+        for shard, es in by_shard.items():
+            with safe_open(str(self.dir / shard), "pt") as f:
+                for e in es:
+                    t = f.get_tensor(e.key)
+                    yield e, (t if dtype is None else t.to(dtype))
+
+    def iter_prompts(self, site: Union[str, SiteSpec], labels: LabelSelector = None,
+                     steps: Optional[Iterable[int]] = None,
+                     dtype: Optional[torch.dtype] = torch.float32) -> Iterator[tuple[str, str, torch.Tensor]]:
+        """(prompt id, label, activations `[tokens over the chosen steps, d]`) per prompt."""
+        by_prompt: dict[str, list[Entry]] = defaultdict(list)
+        for e in self.entries(site, labels, steps):
+            by_prompt[e.prompt_id].append(e)
+        for pid, es in by_prompt.items():
+            parts = []
+            for e in sorted(es, key=lambda e: (e.step, e.call)):
+                with safe_open(str(self.dir / e.shard), "pt") as f:
+                    t = f.get_tensor(e.key)
+                parts.append(t if dtype is None else t.to(dtype))
+            yield pid, es[0].label, torch.cat(parts)
+
+    def load(self, site: Union[str, SiteSpec], labels: LabelSelector = None, steps: Optional[Iterable[int]] = None,
+             max_tokens: Optional[int] = None, dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.Tensor:
+        """All matching activations as one tensor `[N, d]`.
+
+        `max_tokens` keeps a seeded random subset of exactly `min(max_tokens, N)` tokens, drawn
+        from every entry in proportion to its size so no prompt is favoured.
+        """
+        key = self._site_key(site)
+        es = self.entries(key, labels, steps)
+        if not es:
+            raise ValueError(f"{self.dir}: no activations for site {key} with labels {parse_labels(labels)} and "
+                             f"steps {None if steps is None else sorted(steps)}; labels present: {self.labels}")
+        sizes = torch.tensor([e.shape[0] for e in es], dtype=torch.float64)
+        total = int(sizes.sum())
+        quota = None
+        if max_tokens is not None and max_tokens < total:
+            # Largest-remainder rounding: proportional shares that add up to max_tokens exactly.
+            exact = sizes * (max_tokens / total)
+            quota = exact.floor().long()
+            short = max_tokens - int(quota.sum())
+            quota[torch.sort(-(exact - quota), stable=True).indices[:short]] += 1
+        keep = None if quota is None else {(e.shard, e.key): int(q) for e, q in zip(es, quota)}
+        parts = []
+        for e, t in self.iter_entries(key, labels, steps, dtype=dtype):
+            if keep is not None:
+                g = torch.Generator().manual_seed(seed ^ zlib.crc32(f"{e.shard}/{e.key}".encode()))
+                t = t[torch.randperm(t.shape[0], generator=g)[: keep[(e.shard, e.key)]].sort().values]
+            parts.append(t)
+        return torch.cat(parts)
