@@ -149,8 +149,8 @@ def steer_anchor(x, W_enc, b_enc, W_dec, b_dec, harmful, beta, gamma, k: int):
 
 
 def tuning_sweep(dev, bench, shape, dtype) -> dict:
-    """Stage timings: the encoder GEMM per pre-activation mode, the select kernel over launch
-    settings, and the decode kernel over tile shapes."""
+    """Stage timings: the encoder GEMM per pre-activation dtype, both selection algorithms over
+    launch settings, and the decode kernel over tile shapes."""
     from safedig_kernels.ops.sparse_decode import decode_config
     from safedig_kernels.ops.steer import _decode_steer
     from safedig_kernels.ops.topk_encode import _encoder_gemm, _select, _SelectScratch, select_config
@@ -161,32 +161,36 @@ def tuning_sweep(dev, bench, shape, dtype) -> dict:
     bias = sae.enc_bias()
     res = {"gemm": [], "select": [], "decode": []}
     res["gemv_bias"] = bench(lambda: sk.ops.encoder_bias(sae.W_enc, sae.b_enc, sae.b_dec))
-    for pre_dtype in (torch.float32, dtype):
-        try:
-            pre, bias_on_load = _encoder_gemm(x, sae.W_enc, bias, pre_dtype)
-        except Exception as e:
-            res["gemm"].append({"pre_dtype": str(pre_dtype), "error": repr(e)[:200]})
+    settings = [(dtype, algo, chunk, warps) for algo in ("split", "row") for chunk in (1024, 2048, 4096) for warps in (4, 8)]
+    settings += [(torch.float32, "split", 2048, 4), (torch.float32, "row", 2048, 4)]
+    pres = {}
+    for pre_dtype, algo, chunk, warps in settings:
+        if pre_dtype not in pres:
+            try:
+                pres[pre_dtype] = _encoder_gemm(x, sae.W_enc, bias, pre_dtype)
+                res["gemm"].append({"pre_dtype": str(pre_dtype), **bench(lambda: _encoder_gemm(x, sae.W_enc, bias, pre_dtype))})
+            except Exception as e:
+                res["gemm"].append({"pre_dtype": str(pre_dtype), "error": repr(e)[:200]})
+                pres[pre_dtype] = None
+            log("gemm", res["gemm"][-1])
+        if pres[pre_dtype] is None:
             continue
-        res["gemm"].append({"pre_dtype": str(pre_dtype), "bias_in_gemm": bias_on_load is None,
-                            **bench(lambda: _encoder_gemm(x, sae.W_enc, bias, pre_dtype))})
-        log("gemm", res["gemm"][-1])
-        for chunk in (1024, 2048, 4096):
-            for warps in (2, 4, 8):
-                cfg = select_config(Fdim, k, chunk, warps)
-                vals = torch.empty(N, k, device=dev)
-                idx = torch.empty(N, k, device=dev, dtype=torch.int32)
-                scratch = _SelectScratch(N, cfg["CAND"], x.device)
-                try:
-                    t = bench(lambda: _select(vals, idx, scratch, pre, bias_on_load, k, cfg))
-                except Exception as e:  # a setting the compiler rejects (registers, shared memory)
-                    t = {"error": repr(e)[:200]}
-                res["select"].append({"pre_dtype": str(pre_dtype), "chunk": chunk, "num_warps": warps, **t})
-                log("select", res["select"][-1])
+        pre, bias_on_load = pres[pre_dtype]
+        cfg = select_config(Fdim, k, chunk, warps)
+        vals = torch.empty(N, k, device=dev)
+        idx = torch.empty(N, k, device=dev, dtype=torch.int32)
+        scratch = _SelectScratch(N, cfg, x.device)
+        try:
+            t = bench(lambda: _select(vals, idx, scratch, pre, bias_on_load, k, cfg, algo))
+        except Exception as e:  # a setting the compiler rejects (registers, shared memory)
+            t = {"error": repr(e)[:200]}
+        res["select"].append({"pre_dtype": str(pre_dtype), "algo": algo, "chunk": chunk, "num_warps": warps, **t})
+        log("select", res["select"][-1])
+    del pres
     vals, idx = sae.encode(x)
     y = torch.empty_like(x)
     h = torch.empty(N, device=dev)
-    for block_d, k_block, warps in ((1024, 8, 4), (1024, 4, 4), (2048, 4, 4), (2048, 8, 8), (4096, 4, 8),
-                                    (4096, 2, 8), (1024, 8, 2), (512, 8, 2), (4096, 4, 16)):
+    for block_d, k_block, warps in ((1024, 8, 4), (1024, 4, 4), (512, 8, 2), (512, 8, 4), (2048, 4, 4), (1024, 16, 4)):
         cfg = decode_config(d, k, dict(BLOCK_D=block_d, K_BLOCK=k_block, num_warps=warps))
         try:
             t = bench(lambda: _decode_steer(y, h, x[:, None], vals, idx, sae.harmful_mask, sae.W_dec, sae.b_dec,
@@ -318,7 +322,7 @@ def main(argv=None) -> int:
             bs, bd = best(sweep["select"]), best(sweep["decode"])
             if bs and bd:
                 tuned = dict(pre_dtype=getattr(torch, bs["pre_dtype"].replace("torch.", "")), chunk=bs["chunk"],
-                             select_warps=bs["num_warps"],
+                             select_warps=bs["num_warps"], select_algo=bs["algo"],
                              decode_overrides={kk: bd[kk] for kk in ("BLOCK_D", "K_BLOCK", "num_warps")})
                 result["tuned"] = {**{kk: str(v) for kk, v in tuned.items()}}
                 log("tuned", result["tuned"])
