@@ -187,6 +187,18 @@ def tuning_sweep(dev, bench, shape, dtype) -> dict:
         res["select"].append({"pre_dtype": str(pre_dtype), "algo": algo, "chunk": chunk, "num_warps": warps, **t})
         log("select", res["select"][-1])
     del pres
+    # the small-N end: which algorithm wins when there are few rows to spread over the GPU
+    for n_small in (16, 256):
+        xs = x[:n_small]
+        pre_s, bias_s = _encoder_gemm(xs, sae.W_enc, bias, dtype)
+        for algo in ("split", "row"):
+            cfg = select_config(Fdim, k)
+            scratch = _SelectScratch(n_small, cfg, x.device)
+            vs = torch.empty(n_small, k, device=dev)
+            ids = torch.empty(n_small, k, device=dev, dtype=torch.int32)
+            t = bench(lambda: _select(vs, ids, scratch, pre_s, bias_s, k, cfg, algo))
+            res.setdefault("select_small_n", []).append({"N": n_small, "algo": algo, **t})
+            log("select small N", res["select_small_n"][-1])
     vals, idx = sae.encode(x)
     y = torch.empty_like(x)
     h = torch.empty(N, device=dev)
