@@ -55,6 +55,7 @@ def build_cases(set_name: str, device: torch.device, dtype: torch.dtype, *, ops:
     """The rows of a named set, grouped by shape (inputs are made once per shape). `ops`,
     `providers` select by name, `shapes` by substring of the shape id; each must match."""
     ops = list(ops) if ops else None
+    providers = list(providers) if providers else None
     for name in ops or ():
         if name not in OPS and name != GEMM_OP:
             raise ValueError(f"unknown op {name!r}; known: {list(OPS) + [GEMM_OP]}")
@@ -79,7 +80,7 @@ def build_cases(set_name: str, device: torch.device, dtype: torch.dtype, *, ops:
                     cases.append(Case(op, p, e.shape, dtype))
     if not cases:
         raise ValueError(f"no benchmark rows in set {set_name!r} match ops={ops} shapes={shape_filters} "
-                         f"providers={list(providers or []) or None}")
+                         f"providers={providers}")
     return cases
 
 
