@@ -362,3 +362,45 @@ def test_cli_usage_errors_and_listing(capsys):
     assert main(["--list", "--device", "cpu"]) == 0
     listed = capsys.readouterr().out.splitlines()
     assert listed[:-1] == [c.id for c in build_cases("cpu", torch.device("cpu"), torch.float32)]
+
+
+def test_gpu_result_renders_spec_targets_from_its_own_rows():
+    """A GPU result (the recorded CPU rows relabelled as bf16 rows at the FLUX 4x shape):
+    the SPEC §6 table shows the ratios of those rows and judges them against TARGETS."""
+    from safedig_kernels.bench.report import TARGETS, to_markdown
+
+    doc = json.loads(FIXTURE_A.read_text())
+    info = doc["machine_info"]["safedig"]
+    info.update(device="Fake GPU", device_type="cuda", cuda="12.8", fused_runs_reference=False)
+    info["ceilings"]["gemm_TFLOPs"] = {"bfloat16": info["ceilings"]["gemm_TFLOPs"]["float32"]}
+    flux4 = model_shape("flux1-dev", 1024, 4, 32).id
+    for b in doc["benchmarks"]:
+        e = b["extra_info"]
+        e["dtype"] = "bfloat16"
+        if e["shape"] == "cpu-small-4x-k32-N64":
+            e["shape"] = flux4
+    md = to_markdown(load(doc))
+    assert md.startswith("## GPU numbers: Fake GPU")
+    med = {(b["extra_info"]["op"], b["extra_info"]["provider"]): float(np.percentile(b["stats"]["data"], 50))
+           for b in doc["benchmarks"] if b["extra_info"]["shape"] == flux4}
+    rows = [ln for ln in md.splitlines() if ln.startswith("| ") and flux4 in ln and "encoder GEMM" in ln]
+    assert len(rows) == 1
+    cells = [c.strip() for c in rows[0].strip("|").split("|")]
+    ratio = med[("steer", "fused")] / med[("encoder_gemm", "torch_mm")]
+    assert float(cells[2]) == pytest.approx(ratio, rel=5e-3)
+    t = next(t for t in TARGETS if t.metric == "vs_gemm")
+    assert cells[5] == ("meets goal" if ratio <= t.goal else "meets must" if ratio <= t.must else "**misses must**")
+    compiled = [ln for ln in md.splitlines() if ln.startswith("| fastest torch.compile'd") and flux4 in ln]
+    speedup = min(med[("steer", "compiled_reference")], med[("steer", "compiled_anchor")]) / med[("steer", "fused")]
+    assert float(compiled[0].split("|")[3]) == pytest.approx(speedup, rel=5e-3)
+    assert md.count("| not measured |") == 3  # FLUX 16x (two targets) and N = 16 are not in this result
+
+
+def test_time_budget_stops_early_and_lists_what_was_not_measured(tmp_path, capsys):
+    rc = main(["run", "--set", "cpu", "--no-compile", "--ops", "steer", "--time-budget", "1e-9", "--out", str(tmp_path)])
+    assert rc == 0
+    doc = json.loads((tmp_path / "results.json").read_text())
+    planned = [c.id for c in build_cases("cpu", torch.device("cpu"), torch.float32, ops=["steer"], compile_=False)]
+    assert doc["benchmarks"] == [] and doc["machine_info"]["safedig"]["not_measured"] == planned
+    md = (tmp_path / "results.md").read_text()
+    assert f"Not measured (run stopped early): {len(planned)} rows" in md and all(f"`{n}`" in md for n in planned)

@@ -110,10 +110,8 @@ def _run(args) -> int:
     budget = DEFAULT_TIME_BUDGET_S[set_name] if args.time_budget is None else (args.time_budget or None)
     outcome = run(cases, session, out_json=out_json, time_budget_s=budget,
                   log=lambda s: print(s, flush=True))
-    written = [out_json]
-    if outcome.doc["benchmarks"]:
-        written += write_reports(load(outcome.doc), args.out, plots=not args.no_plots)
-        print("\n" + (args.out / "results.md").read_text())
+    written = [out_json] + write_reports(load(outcome.doc), args.out, plots=not args.no_plots)
+    print("\n" + (args.out / "results.md").read_text())
     for path in written:
         print(f"wrote {path}")
     print(f"{len(outcome.doc['benchmarks'])} rows in {time.monotonic() - t0:.0f} s on {session.env['device']}")

@@ -227,6 +227,7 @@ def run(cases: list[Case], session: BenchSession, *, out_json: Optional[Path] = 
                 out.refused.append(r)
                 log(f"REFUSED {r}")
                 continue
+            fn = None  # the call's closure holds this shape's tensors (a CUDA graph's pool too)
             doc["benchmarks"].append(session.bench_entry(case, data, p, check))
             log(f"{case.id:60s} {percentile(data, 50) * 1e3:9.4f} ms  ({p.rounds} x {p.iterations})")
             if out_json is not None:
