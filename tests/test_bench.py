@@ -101,6 +101,20 @@ def test_pytest_benchmark_suite_writes_json_the_report_reads(tmp_path):
     assert all(r.p20_ms <= r.median_ms <= r.p80_ms for r in res.rows)
 
 
+def test_pytest_benchmark_suite_refuses_a_wrong_row(tmp_path):
+    out = tmp_path / "pb.json"
+    env = _clean_env()
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), env["PYTHONPATH"]])
+    p = subprocess.run([sys.executable, "-m", "pytest", "benchmarks/test_bench_ops.py", "-q", "-p", "no:cacheprovider",
+                        "-p", "_bench_broken_fused", "-k", "N16 and steer and (fused or eager_reference)",
+                        "--safedig-no-compile", "--benchmark-json", str(out)],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    bad = "steer-cpu-small-4x-k32-N16-float32-fused"
+    assert p.returncode == 1 and f"REFUSED {bad}" in p.stdout, p.stdout[-3000:]
+    names = [b["extra_info"]["provider"] for b in json.loads(out.read_text())["benchmarks"]]
+    assert names == ["eager_reference"]
+
+
 # -- the correctness gate ----------------------------------------------------------------
 
 def _broken(kind: str):
