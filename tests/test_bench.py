@@ -24,7 +24,7 @@ from safedig_kernels.bench import providers as prov
 from safedig_kernels.bench.check import check_outputs
 from safedig_kernels.bench.report import ReportError, load, render_results
 from safedig_kernels.bench.runner import build_cases
-from safedig_kernels.bench.shapes import MODELS, Shape, entries, model_shape
+from safedig_kernels.bench.shapes import MODELS, OPS, Shape, entries, model_shape
 from safedig_kernels.bench.timing import percentile
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -231,6 +231,7 @@ def _tables(md: str) -> dict:
     for line in md.splitlines():
         if line.startswith("### "):
             op = line[4:].split()[0]
+            op = op if op in (*OPS, "encoder_gemm") else None
         elif line.startswith("| ") and op and not line.startswith("| shape") and not line.startswith("| SPEC"):
             cells = [c.strip() for c in line.strip("|").split("|")]
             out[(op, cells[0], cells[3])] = cells

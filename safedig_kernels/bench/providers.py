@@ -85,6 +85,12 @@ def make_inputs(shape: Shape, dtype: torch.dtype, device: torch.device, seed: in
     return Inputs(x, W_enc, b_enc, W_dec, b_dec, harmful, *scalars, k=shape.k)
 
 
+def input_settings(seed: int) -> dict:
+    """What the inputs were, for the report: strengths, harmful fraction, seed."""
+    return {"beta": BETA, "gamma": GAMMA, "tau": TAU, "harmful_fraction": HARMFUL_FRACTION, "seed": seed,
+            "activations": "N(0, 1)", "W_enc": "N(0, 1/d)", "W_dec": "unit-norm random rows"}
+
+
 def oracle_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp32 for bf16/fp16 inputs (the simplified SPEC §3 oracle), fp64 for fp32 inputs."""
     return torch.float64 if dtype == torch.float32 else torch.float32

@@ -183,6 +183,11 @@ def header_lines(res: Results) -> list[str]:
         "÷ GEMM is the median over `x @ W_enc` alone. Every row passed its correctness check against "
         "the fp32 (fp64 for fp32 inputs) reference before it was timed.",
     ]
+    if m.get("inputs"):
+        i = m["inputs"]
+        lines += ["", f"Inputs (seed {i['seed']}): activations {i['activations']}, W_enc {i['W_enc']}, W_dec "
+                  f"{i['W_dec']}, {100 * i['harmful_fraction']:g} % of features harmful; beta {i['beta']:g}, "
+                  f"gamma {i['gamma']:g}, tau {i['tau']:g} (every token steered)."]
     if m.get("fused_runs_reference"):
         lines += ["", "**The fused ops ran the PyTorch reference on this device (no Triton kernels were timed).**"]
     if m.get("not_measured"):
@@ -252,6 +257,10 @@ def to_markdown(res: Results, level: int = 2) -> str:
         rows = [r for r in res.rows if r.op == op]
         if rows:
             lines += ["", f"{h}# {op}" + (" (CPU)" if res.is_cpu else ""), ""] + op_table(rows)
+    lines += ["", f"{h}# Shapes", "", "| shape | model | d | F | k | N | where N comes from |",
+              "|---|---|---:|---:|---:|---:|---|"]
+    for r in {r.shape: r for r in res.rows}.values():
+        lines.append(f"| {r.shape} | {r.model} | {r.d} | {r.F} | {r.k} | {r.N} | {r.context} |")
     return "\n".join(lines) + "\n"
 
 

@@ -22,7 +22,7 @@ from typing import Callable, Iterable, Optional
 import torch
 
 from .check import Refused, check_outputs
-from .providers import BUILDERS, KINDS, Prepared, as_outputs, flops_bytes, gemm_flops, providers_for
+from .providers import BUILDERS, KINDS, Prepared, as_outputs, flops_bytes, gemm_flops, input_settings, providers_for
 from .shapes import GEMM_OP, OPS, Shape, entries
 from .timing import POLICIES, Plan, Policy, dtype_name, environment, measure, measure_ceilings, percentile, plan
 
@@ -115,7 +115,7 @@ class BenchSession:
     def machine_info(self) -> dict:
         """What `machine_info["safedig"]` holds: environment, ceilings, set, timing method."""
         return {**self.env, "ceilings": self.ceilings, "set": self.set_name, "policy": self.policy.to_dict(),
-                "timer": TIMER_NAME}
+                "timer": TIMER_NAME, "inputs": input_settings(self.seed)}
 
     def prepared(self, case: Case) -> Prepared:
         p = self._prep
