@@ -310,6 +310,8 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--shapes", default="", help="comma-separated shape names (default: all)")
     ap.add_argument("--no-compiled", action="store_true", help="skip the torch.compile baselines (their compile time)")
+    ap.add_argument("--compiled-shapes", default=",".join(TARGET_SHAPES),
+                    help="shapes that also time the torch.compile baselines (compile time is the cost)")
     ap.add_argument("--tests", default="tests/", help="what pytest runs with -m gpu")
     a = ap.parse_args(argv)
     out = Path(a.out)
@@ -344,7 +346,7 @@ def main(argv=None) -> int:
     rows = result["rows"] = []
     for shape in shapes:
         try:
-            compiled = not a.no_compiled and (a.smoke or shape[0] in TARGET_SHAPES)
+            compiled = not a.no_compiled and (a.smoke or shape[0] in a.compiled_shapes.split(","))
             rows.append(bench_shape(dev, bench, shape, dtype, compiled=compiled, tuned=tuned))
         except Exception as e:
             rows.append({"shape": shape[0], "N": shape[1], "d": shape[2], "F": shape[3], "k": shape[4], "error": repr(e)[:300]})
