@@ -13,8 +13,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
-import math
-import os
 import platform
 import statistics
 import subprocess
@@ -23,13 +21,14 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import safedig_kernels as sk  # noqa: E402
 from safedig_kernels import reference  # noqa: E402
+from safedig_kernels.bench.device_reports import kernel_check_markdown  # noqa: E402
+from safedig_kernels.bench.providers import steer_anchor  # noqa: E402
 
 SHAPES = [  # (name, N, d, F, k): SPEC §5
     ("flux-4x", 4608, 3072, 12288, 32),
@@ -122,8 +121,25 @@ def run_gpu_tests(out: Path, timeout: int, target: str = "tests/") -> dict:
         rc = "timeout"
     (out / "gpu_tests.log").write_text(tail)
     log(tail[-2500:])
-    summary = [ln for ln in tail.splitlines() if " passed" in ln or " failed" in ln or " error" in ln]
-    return {"returncode": rc, "seconds": round(time.time() - t, 1), "summary": summary[-1] if summary else tail[-300:]}
+    junit = summarize_junit(out / "gpu_tests.xml")
+    return {"returncode": rc, "seconds": round(time.time() - t, 1), **junit}
+
+
+def summarize_junit(path: Path) -> dict:
+    """Counts and failing test ids from pytest's junit XML: complete even when the process was
+    stopped after writing it, unlike the tail of its log."""
+    import xml.etree.ElementTree as ET
+
+    if not path.exists() or path.stat().st_size == 0:
+        return {"summary": "no junit XML written (pytest did not finish)"}
+    suite = ET.parse(path).getroot()
+    suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+    failed = [c.get("name") for c in suite.iter("testcase") if c.find("failure") is not None or c.find("error") is not None]
+    skipped = sum(1 for c in suite.iter("testcase") if c.find("skipped") is not None)
+    total = int(suite.get("tests", 0))
+    summary = (f"{total} tests: {total - len(failed) - skipped} passed, {len(failed)} failed, {skipped} skipped "
+               f"in {float(suite.get('time', 0)):.1f} s")
+    return {"summary": summary + (f"; failed: {', '.join(failed)}" if failed else ""), "failed": failed}
 
 
 def make_sae(N, d, Fdim, k, dev, dtype, harmful_frac=0.05, seed=0):
@@ -132,20 +148,6 @@ def make_sae(N, d, Fdim, k, dev, dtype, harmful_frac=0.05, seed=0):
                         seed=seed, dtype=dtype, device=dev)
     x = torch.randn(N, d, generator=g).to(dev, dtype)
     return sae, x
-
-
-def steer_anchor(x, W_enc, b_enc, W_dec, b_dec, harmful, beta, gamma, k: int):
-    """Plain eager steering as SPEC §5's anchors wrote it (torch.topk, embedding_bag, input
-    dtype; not tie-exact): the fastest straightforward eager formulation, a fair baseline."""
-    pre = (x - b_dec) @ W_enc + b_enc
-    vals, idx = torch.topk(pre, k, dim=-1)
-    vals = F.relu(vals)
-    harm = harmful[idx]
-    safe_w = torch.where(harm, torch.zeros_like(vals), vals)
-    harm_w = vals - safe_w
-    x_hat_safe = F.embedding_bag(idx, W_dec, per_sample_weights=safe_w, mode="sum") + b_dec
-    r = F.embedding_bag(idx, W_dec, per_sample_weights=harm_w, mode="sum")
-    return x + beta * (x_hat_safe - x) - gamma * r
 
 
 def tuning_sweep(dev, bench, shape, dtype) -> dict:
@@ -273,33 +275,6 @@ def bench_shape(dev, bench, shape, dtype, compiled: bool, tuned: dict | None) ->
     return row
 
 
-def ms(row, key):
-    v = row.get(key)
-    return v.get("median_ms") if isinstance(v, dict) else None
-
-
-def fmt(v, spec=".3f"):
-    return "n/m" if v is None else format(v, spec)
-
-
-def summary_table(rows) -> str:
-    head = ("| shape (N, d, F, k) | cuBLAS GEMM | fused steer | fused / GEMM | gated Repel 10% | eager ref | "
-            "compiled ref | eager anchor | compiled anchor | compiled anchor / fused | CUDA graph |")
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for r in rows:
-        fused = ms(r, "fused_steer_tuned") or ms(r, "fused_steer")
-        if ms(r, "fused_steer_tuned") and ms(r, "fused_steer"):
-            fused = min(ms(r, "fused_steer_tuned"), ms(r, "fused_steer"))
-        gemm = ms(r, "gemm")
-        ca = ms(r, "compiled_anchor")
-        lines.append(
-            f"| {r['shape']} ({r['N']}, {r['d']}, {r['F']}, {r['k']}) | {fmt(gemm)} | {fmt(fused)} | "
-            f"{fmt(fused / gemm if fused and gemm else None, '.2f')} | {fmt(ms(r, 'fused_steer_repel_gated10'))} | "
-            f"{fmt(ms(r, 'eager_reference'))} | {fmt(ms(r, 'compiled_reference'))} | {fmt(ms(r, 'eager_anchor'))} | "
-            f"{fmt(ca)} | {fmt(ca / fused if ca and fused else None, '.2f')} | {fmt(ms(r, 'fused_steer_cudagraph'))} |")
-    return "\n".join(lines)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="out/gpu_check")
@@ -353,14 +328,7 @@ def main(argv=None) -> int:
             log("shape failed", rows[-1])
         # written after every shape, so a run cut short still returns what it measured
         (out / "gpu_check.json").write_text(json.dumps(result, indent=1, default=str))
-    table = summary_table(rows)
-    env = result["env"]
-    md = (f"## Kernel benchmark: {env['device']}, torch {env['torch']}, triton {env['triton']}, {env['date']}, git {env['git']}\n\n"
-          f"Ceilings measured in this run: {json.dumps({kk: round(v, 2) for kk, v in result['ceilings'].items()})}. "
-          f"Times in ms, CUDA events around single calls, median of {a.reps} (warm L2); dtype {str(dtype)[6:]}; "
-          f"fused steer and both baselines steer every token (beta 0.5, gamma 1, tau -1).\n\n{table}\n")
-    if "gpu_tests" in result:
-        md += f"\nGPU tests: {result['gpu_tests']['summary']}\n"
+    md = kernel_check_markdown(json.loads(json.dumps(result, default=str)))
     (out / "gpu_check.json").write_text(json.dumps(result, indent=1, default=str))
     (out / "gpu_check.md").write_text(md)
     log("\n" + md)

@@ -37,6 +37,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import safedig_kernels as sk  # noqa: E402
+from safedig_kernels.bench.device_reports import pipeline_table  # noqa: E402
 from safedig_kernels.integrations import SafeDIGConfig, SiteConfig, apply_safedig, remove_safedig  # noqa: E402
 
 STEERING = ("none", "fused", "reference")
@@ -234,23 +235,6 @@ def _env(device: str) -> dict:
     return env
 
 
-def _table(rows: list[dict]) -> str:
-    lines = ["| model | compile | steering | ms/step p50 | p20-p80 | overhead vs none | gated | first call s |",
-             "|---|---|---|---|---|---|---|---|"]
-    base = {(r["model"], r["compile"]): r.get("ms_p50") for r in rows if r["steering"] == "none"}
-    for r in rows:
-        if "ms_p50" not in r:
-            lines.append(f"| {r['model']} | {r['compile']} | {r['steering']} | {r.get('error') or r.get('skipped')} "
-                         f"| | | | |")
-            continue
-        b = base.get((r["model"], r["compile"]))
-        over = f"{(r['ms_p50'] / b - 1) * 100:+.1f} %" if b and r["steering"] != "none" else ""
-        gated = f"{r['gated_fraction']:.2f}" if "gated_fraction" in r else ""
-        lines.append(f"| {r['model']} | {r['compile']} | {r['steering']} | {r['ms_p50']:.2f} | "
-                     f"{r['ms_p20']:.2f}-{r['ms_p80']:.2f} | {over} | {gated} | {r['first_call_s']:.1f} |")
-    return "\n".join(lines)
-
-
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="folder for pipeline_step.json and pipeline_step.md")
@@ -294,7 +278,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     def save() -> None:
         result["elapsed_s"] = time.perf_counter() - t_start
-        result["table_md"] = _table(result["rows"])
+        result["table_md"] = pipeline_table(result["rows"])
         with open(os.path.join(args.out, "pipeline_step.json"), "w") as f:
             json.dump(result, f, indent=1)
         with open(os.path.join(args.out, "pipeline_step.md"), "w") as f:

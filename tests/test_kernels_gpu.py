@@ -14,7 +14,7 @@ import importlib
 import pytest
 import torch
 import torch._dynamo.testing
-from _oracle import assert_bitwise_equal, assert_valid_topk
+from _oracle import assert_bitwise_equal, assert_codes_within_tolerance, assert_valid_topk
 
 import safedig_kernels as sk
 from safedig_kernels import ops, reference
@@ -37,6 +37,10 @@ def select_algo(request, monkeypatch):
 # Relative rounding of the pre-activation buffer the kernels select on (bf16 pre for bf16,
 # fp32 pre for fp16 and fp32) plus the fp32 accumulation of a d-long dot product.
 PRE_REL_TOL = {torch.bfloat16: 2.0 ** -7, torch.float16: 2e-5, torch.float32: 2e-5}
+# One unit in the last place of that buffer, relative: what a code may carry from the rounding
+# of x @ W_enc alone (the H200 run of 2026-11-28 showed an h off by 0.013 at 5.69 in bf16, with
+# the plain 2x-the-low-precision-reference bound at 0.006; a CPU emulation reproduced it exactly).
+BUFFER_ULP = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -23, torch.float32: 2.0 ** -23}
 
 
 def make(d, F, dtype, N=None, lead=None, device=DEV):
@@ -86,9 +90,10 @@ def check_steer(x, W_enc, b_enc, W_dec, b_dec, harmful, beta, gamma, tau, k):
 
     atol = 1e-5 * (1 + y64_k.abs().nan_to_num(0).max().item())
     assert err(y.reshape(-1, d), y64_k) <= 2 * err(y_lowp, y64_l) + atol
-    assert err(h.reshape(-1), h64_k) <= 2 * err(h_lowp, h64_l) + 1e-5 * (1 + h64_k.abs().nan_to_num(0).max().item())
-    assert err(vals.reshape(-1, k), _codes64(pre64, idx.reshape(-1, k), bad)) <= \
-        2 * err(lowp_vals, _codes64(pre64, lowp_idx, bad)) + 1e-5 * (1 + scale.max().item() if scale.numel() else 1)
+    gemm64 = x2.double() @ t64[0]
+    lowp_z = _codes64(pre64, lowp_idx, bad)
+    assert_codes_within_tolerance(vals.reshape(-1, k), h.reshape(-1), idx.reshape(-1, k), pre64, gemm64, harmful,
+                                  BUFFER_ULP[x.dtype], err(lowp_vals, lowp_z), err(h_lowp, h64_l))
     assert torch.equal(torch.isnan(h.reshape(-1)), bad)
     if bad.any():
         assert_bitwise_equal(y.reshape(-1, d)[bad], x2[bad])

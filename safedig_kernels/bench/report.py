@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Optional, Union
 
+from .device_reports import kernel_check_markdown, kind_of, pipeline_markdown
 from .shapes import GEMM_OP, LATENCY_N, OPS, Shape, model_shape, n_shape
 from .timing import percentile
 
@@ -386,6 +387,13 @@ def render_results(paths: list[Path]) -> str:
         out.append("No GPU results are recorded yet.")
         return "\n".join(out) + "\n"
     for p in paths:
-        res = load(p)
-        out.append(to_markdown(res, level=2).replace(f"## {title(res)}", f"## {title(res)} (`{p.name}`)", 1))
+        doc = json.loads(Path(p).read_text())
+        kind = kind_of(doc)
+        if kind == "kernel_check":
+            out.append(kernel_check_markdown(doc).replace("\n", f" (`{p.name}`)\n", 1))
+        elif kind == "pipeline_step":
+            out.append(pipeline_markdown(doc).replace("\n", f" (`{p.name}`)\n", 1))
+        else:
+            res = load(p)
+            out.append(to_markdown(res, level=2).replace(f"## {title(res)}", f"## {title(res)} (`{p.name}`)", 1))
     return "\n".join(out)
