@@ -23,6 +23,17 @@ from .topk_encode import _topk_encode_fwd, encoder_bias
 
 
 @triton.jit
+def _load_codes(vals_ptr, idx_ptr, harmful_ptr, n, kb, F, K: tl.constexpr, K_BLOCK: tl.constexpr):
+    """Codes kb .. kb + K_BLOCK of token n: values, feature ids, harmful flags, in-range mask."""
+    ks = kb + tl.arange(0, K_BLOCK)
+    kmask = ks < K
+    z = tl.load(vals_ptr + n * K + ks, mask=kmask, other=0.0)
+    j = tl.load(idx_ptr + n * K + ks, mask=kmask, other=0)
+    harm = tl.load(harmful_ptr + j, mask=kmask & (j >= 0) & (j < F), other=0) != 0
+    return z, j, harm, kmask
+
+
+@triton.jit
 def _steer_fwd_kernel(
     y_ptr, h_ptr,
     x_ptr, vals_ptr, idx_ptr, harmful_ptr, W_dec_ptr, b_dec_ptr, beta_ptr, gamma_ptr, tau_ptr,
@@ -37,11 +48,7 @@ def _steer_fwd_kernel(
     h = tl.zeros([], dtype=tl.float32)
     n_nan = tl.zeros([], dtype=tl.int32)
     for kb in range(0, K, K_BLOCK):
-        ks = kb + tl.arange(0, K_BLOCK)
-        kmask = ks < K
-        z = tl.load(vals_ptr + n * K + ks, mask=kmask, other=0.0)
-        j = tl.load(idx_ptr + n * K + ks, mask=kmask, other=0)
-        harm = tl.load(harmful_ptr + j, mask=kmask & (j >= 0) & (j < F), other=0) != 0
+        z, j, harm, kmask = _load_codes(vals_ptr, idx_ptr, harmful_ptr, n, kb, F, K, K_BLOCK)
         h += tl.sum(tl.where(harm, z, 0.0), axis=0)
         n_nan += tl.sum((z != z).to(tl.int32), axis=0)  # the encoder marks non-finite tokens with NaN codes
     h = tl.where(n_nan > 0, float("nan"), h)
@@ -57,11 +64,8 @@ def _steer_fwd_kernel(
     if active:
         acc = tl.zeros([BLOCK_D], dtype=tl.float32)
         for kb in range(0, K, K_BLOCK):
-            ks2 = kb + tl.arange(0, K_BLOCK)
-            kmask2 = ks2 < K
-            z2 = tl.load(vals_ptr + n * K + ks2, mask=kmask2, other=0.0)
-            j2 = tl.load(idx_ptr + n * K + ks2, mask=kmask2, other=0)
-            harm2 = tl.load(harmful_ptr + j2, mask=kmask2 & (j2 >= 0) & (j2 < F), other=0) != 0
+            # own names: reusing the first loop's would make them loop-carried (Triton 3.6-3.9)
+            z2, j2, harm2, kmask2 = _load_codes(vals_ptr, idx_ptr, harmful_ptr, n, kb, F, K, K_BLOCK)
             w = tl.where(harm2, -gamma * z2, beta * z2)
             acc = _weighted_row_sum(acc, w, j2, kmask2, W_dec_ptr, stride_wf, F, offs_d, dmask)
         xf = x.to(tl.float32)
