@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import sys
 from pathlib import Path
@@ -469,8 +468,8 @@ and prints reconstruction error (FVU) on target and source before and after.""",
 
 @contextlib.contextmanager
 def _config_errors(path: str) -> Iterator[None]:
-    """Report a bad steering config, or a model it does not fit, as one line naming the file.
-    (apply_safedig raises TypeError for an unsupported model, which `main` would not catch.)"""
+    """Report a bad steering config, or a model it does not fit, as one line naming the file
+    (apply_safedig raises TypeError for an unsupported model, which `main` would not catch)."""
     try:
         yield
     except (ValueError, TypeError) as e:
@@ -480,7 +479,8 @@ def _config_errors(path: str) -> Iterator[None]:
 
 def _steer(args) -> int:
     from .integrations.diffusers import SafeDIGConfig
-    from .steering.generate import GenerateConfig, generate, load_saes, summary_table, time_steps, write_outputs
+    from .steering.generate import (GenerateConfig, check_config, generate, load_saes, summarize, summary_table,
+                                    time_steps, write_outputs)
     from .training._io import dtype_from_name
     from .training.capture import load_pipeline, load_prompts
     from .training.store import label_matches
@@ -507,12 +507,13 @@ def _steer(args) -> int:
     with _torch_threads(args.threads, args.model, device):
         pipe = load_pipeline(args.model, device=device, dtype=model_dtype)
         with _config_errors(args.config):
-            runs = generate(pipe, prompts, loaded, gen, progress=not args.no_progress)
-            timing = time_steps(pipe, prompts[0], loaded, gen, repeats=args.time) if args.time else None
+            check_config(pipe, loaded)
+        runs = generate(pipe, prompts, loaded, gen, progress=not args.no_progress)
+        timing = time_steps(pipe, prompts[0], loaded, gen, repeats=args.time) if args.time else None
     paths = write_outputs(runs, args.out, gen, config, extra={"config": str(Path(args.config).resolve()),
                                                               "model": args.model, "timing": timing})
     if gen.baseline:
-        print(summary_table(json.loads(paths["report"].read_text())["summary"]))
+        print(summary_table(summarize(runs)))
     if timing:
         print(f"time per denoising step ({timing['device']}, {timing['threads']} thread(s)): "
               f"{timing['ms_per_step_without']:.2f} ms without steering, {timing['ms_per_step_with']:.2f} ms with "

@@ -265,6 +265,13 @@ def _judges(handle: SafeDIGHandle, judges: Optional[Judges]) -> dict[str, tuple[
             if isinstance(s.sae, TopKSAE)}
 
 
+def check_config(pipe, config: SafeDIGConfig) -> None:
+    """Raise what `apply_safedig` would for `config` on `pipe` (unknown site, SAE width, model
+    not supported), leaving the pipeline as it was."""
+    apply_safedig(pipe, config)
+    remove_safedig(pipe)
+
+
 def generate(pipe, prompts: Sequence[PromptRecord], config: SafeDIGConfig, gen: GenerateConfig = GenerateConfig(),
              *, judges: Optional[Judges] = None, progress: bool = False) -> list[PromptRun]:
     """Run every prompt with steering off (if `gen.baseline`) and on; see the module docstring.
