@@ -6,7 +6,7 @@
     safedig route    rank (site, operator) pairs by robustness to a risk-domain shift; write a steering config
     safedig adapt    adapt an SAE's decoder to a target domain with the encoder frozen
     safedig steer    generate with and without steering from a steering config; images and harm telemetry
-    safedig demo     the whole workflow on a built-in tiny FLUX, end to end, on a CPU in about a minute
+    safedig demo     the whole workflow on a built-in tiny FLUX, end to end, on a CPU in well under two minutes
 
 Run `safedig <command> --help` for each.
 """
@@ -611,7 +611,7 @@ def _demo(args) -> int:
 
 def _add_demo(sub) -> None:
     p = sub.add_parser(
-        "demo", formatter_class=_FMT, help="the whole workflow on a built-in tiny FLUX, end to end (CPU, ~1 min)",
+        "demo", formatter_class=_FMT, help="the whole workflow on a built-in tiny FLUX, end to end (CPU, < 2 min)",
         description="""\
 The main job on a built-in default: with no arguments, build a tiny FLUX-architecture pipeline
 with seeded random weights, define a synthetic unsafe concept (a direction added to the text
@@ -629,7 +629,7 @@ through the same functions the other subcommands use, and print a before/after t
 Writes into --out (default ./safedig-demo): grid.png (unsteered | source SAE | adapted SAE |
 difference, one row per held-out prompt), summary.json (every number in the table), the steering
 configs, SAEs, reports, and per-prompt images and telemetry (as `safedig steer` writes them).
-Deterministic for a given --seed, apart from the timings. About a minute on one CPU core.
+Deterministic for a given --seed, apart from the timings. Well under two minutes on a CPU.
 
 On a GPU with real weights: --model <FLUX.1-dev or SD3.5 pipeline dir / id> --device cuda
 --model-dtype bfloat16 --prompts labelled.jsonl (text prompts labelled safe, --source and
@@ -659,7 +659,7 @@ k = 32 and candidate sites spread over the blocks (--sites to choose).""",
     p.add_argument("--k", type=int, default=None, help="SAE active latents (4 tiny, 32 otherwise)")
     p.add_argument("--train-steps", type=int, default=None, help="SAE training steps (300)")
     p.add_argument("--timing-repeats", type=int, default=None, help="runs timed with and without steering (5)")
-    p.add_argument("--seed", type=int, default=0, help="seed of everything: weights, prompts, noise, training")
+    p.add_argument("--seed", type=int, default=0, help="seed of the prompts, noise, training and adaptation (the tiny model's weights are fixed)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: 1 for tiny-flux on a CPU, else torch's default)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

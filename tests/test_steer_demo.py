@@ -181,11 +181,19 @@ def _bad_configs(routed, d: Path) -> dict[str, tuple[Path, str]]:
         "not JSON": (write("notjson", "{not json"), "notjson.json"),
         "no format tag": (write("noformat", {k: v for k, v in doc.items() if k != "format"}), '"format"'),
         "beta out of range": (write("beta", dict(doc, sites=[dict(site, beta=3.0)])), "beta must lie in [0, 1]"),
+        "corrupt SAE": (write("corrupt", dict(doc, sites=[dict(site, sae=str(_corrupt(d)))])),
+                        "not a valid SAE checkpoint"),
     }
 
 
-@pytest.mark.parametrize("case", ["unknown site", "SAE width", "missing SAE", "not JSON", "no format tag",
-                                  "beta out of range"])
+def _corrupt(d: Path) -> Path:
+    p = d / "corrupt.safetensors"
+    p.write_bytes(b"not a safetensors file")
+    return p
+
+
+@pytest.mark.parametrize("case", ["unknown site", "SAE width", "missing SAE", "corrupt SAE", "not JSON",
+                                  "no format tag", "beta out of range"])
 def test_steer_fails_closed(case, routed, tmp_path, capsys):
     config, phrase = _bad_configs(routed, tmp_path)[case]
     out = tmp_path / "out"
@@ -273,6 +281,22 @@ def test_demo_rerun_is_deterministic(quick_demo, capsys):
     assert second["table"] == first["table"] and second["selected"] == first["selected"]
     for phrase in ("Harm score h", "Final latents moved", "Steering overhead, cpu", str(out / "grid.png")):
         assert phrase in printed
+
+
+def test_steer_reproduces_the_demo_from_its_files(quick_demo, tmp_path, capsys):
+    """The demo's last stage is `safedig steer` on the files it wrote: rerunning the command it
+    prints moves every held-out prompt's latents exactly as the demo did."""
+    _, out, summary = quick_demo
+    c = summary["config"]
+    assert main(["steer", "--config", str(out / "steer-adapted.json"), "--prompts", summary["files"]["eval_prompts"],
+                 "--height", str(c["height"]), "--width", str(c["width"]), "--num-inference-steps",
+                 str(c["num_inference_steps"]), "--out", str(tmp_path / "again"), "--no-progress",
+                 "--no-images"]) == 0
+    again = json.loads((tmp_path / "again" / "report.json").read_text())["prompts"]
+    demo = json.loads((out / "steer-adapted" / "report.json").read_text())["prompts"]
+    assert [p["id"] for p in again] == [p["id"] for p in demo]
+    assert [p["change"] for p in again] == [p["change"] for p in demo]
+    assert any(p["change"] > 0 for p in again)
 
 
 def test_demo_refuses_a_foreign_directory(tmp_path, capsys):
