@@ -596,7 +596,8 @@ def _demo(args) -> int:
     print(format_table(summary))
     f = summary["files"]
     print()
-    print(f"picture grid: {f['grid']}")
+    print(f"picture grid: {f['grid']} (columns: unsteered, steered with the source SAEs, with the adapted SAEs, "
+          f"|adapted - unsteered| amplified)")
     print(f"summary: {f['summary']}; steering configs: {f['steer_config']}, {f['steer_config_adapted']}; "
           f"per-prompt images and telemetry: {f['steer_source']}/, {f['steer_adapted']}/")
     if f.get("eval_prompts"):
@@ -626,8 +627,11 @@ through the same functions the other subcommands use, and print a before/after t
   - time per denoising step with and without steering on this machine (CPU numbers on a tiny
     model, not GPU figures).
 
+Routing ranks every candidate site; the demo steers the best --num-sites that have harmful
+features at all (a site without any has nothing to steer, however well it reconstructs).
+
 Writes into --out (default ./safedig-demo): grid.png (unsteered | source SAE | adapted SAE |
-difference, one row per held-out prompt), summary.json (every number in the table), the steering
+difference, four held-out prompts per label), summary.json (every number in the table), the steering
 configs, SAEs, reports, and per-prompt images and telemetry (as `safedig steer` writes them).
 Deterministic for a given --seed, apart from the timings. Well under two minutes on a CPU.
 
