@@ -5,31 +5,21 @@
     safedig score    rank SAE features by unsafe-vs-safe firing and pick the harmful set
     safedig route    rank (site, operator) pairs by robustness to a risk-domain shift; write a steering config
     safedig adapt    adapt an SAE's decoder to a target domain with the encoder frozen
+    safedig steer    generate with and without steering from a steering config; images and harm telemetry
+    safedig demo     the whole workflow on a built-in tiny FLUX, end to end, on a CPU in well under two minutes
 
 Run `safedig <command> --help` for each.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 _FMT = argparse.RawDescriptionHelpFormatter
-
-
-def _demo(_args) -> int:
-    import torch
-
-    import safedig_kernels as sk
-
-    sae = sk.random_sae(64, 256, 8, harmful=range(0, 256, 7), seed=0)
-    x = torch.randn(2, 16, 64)
-    y, h = sk.steer(x, sae, beta=0.5, gamma=1.0, tau=0.0)
-    print(f"steered {tuple(x.shape)} tokens: harm score mean {h.mean():.3f}, "
-          f"gated {(h > 0).float().mean():.0%}, mean |y - x| {(y - x).abs().mean():.4f}")
-    return 0
 
 
 # -- argument helpers --------------------------------------------------------------------------
@@ -86,6 +76,31 @@ def _write_json(path: Optional[str], obj: Any) -> None:
 
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(path, obj)
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: Optional[int], model: str, device) -> Iterator[None]:
+    """Run the body with `threads` torch CPU threads; the built-in tiny model on a CPU gets 1.
+
+    Why: its ops take microseconds, so a thread pool only adds hand-offs, and on a shared or
+    loaded machine waiting for the pool dominates (torch 2.13, 2 busy cores: 490 ms per
+    tiny-FLUX step with 2 threads, 7 ms with 1). The old setting is restored afterwards.
+    """
+    import torch
+
+    if threads is None and model == "tiny-flux" and torch.device(device).type == "cpu":
+        threads = 1
+    if threads is None:
+        yield
+        return
+    if threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {threads}")
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def _add_rule_args(p: argparse.ArgumentParser) -> None:
@@ -449,6 +464,212 @@ and prints reconstruction error (FVU) on target and source before and after.""",
     p.set_defaults(fn=_adapt)
 
 
+# -- steer -------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _config_errors(path: str) -> Iterator[None]:
+    """Report a bad steering config, or a model it does not fit, as one line naming the file
+    (apply_safedig raises TypeError for an unsupported model, which `main` would not catch)."""
+    try:
+        yield
+    except (ValueError, TypeError) as e:
+        msg = str(e) if path in str(e) else f"--config {path}: {e}"
+        raise ValueError(msg) from e
+
+
+def _steer(args) -> int:
+    from .integrations.diffusers import SafeDIGConfig
+    from .steering.generate import (GenerateConfig, check_config, generate, load_saes, summarize, summary_table,
+                                    time_steps, write_outputs)
+    from .training._io import dtype_from_name
+    from .training.capture import load_pipeline, load_prompts
+    from .training.store import label_matches
+
+    # Every cheap input is checked before the model loads and before anything is written.
+    with _config_errors(args.config):
+        config = SafeDIGConfig.from_json(args.config)
+        loaded = load_saes(config)
+    prompts = load_prompts(args.prompts)
+    if args.labels:
+        prompts = [p for p in prompts if label_matches(p.label, args.labels)]
+        if not prompts:
+            raise ValueError(f"--labels {args.labels} match no prompt in {args.prompts}")
+    if args.limit is not None:
+        if args.limit < 1:
+            raise ValueError(f"--limit must be >= 1, got {args.limit}")
+        prompts = prompts[: args.limit]
+    tiny = args.model == "tiny-flux"
+    gen = GenerateConfig(num_inference_steps=args.num_inference_steps, height=args.height or (32 if tiny else 1024),
+                         width=args.width or (32 if tiny else 1024), guidance_scale=args.guidance_scale,
+                         seed=args.seed, baseline=not args.no_baseline, decode=not args.no_images)
+    model_dtype = dtype_from_name(args.model_dtype, "--model-dtype")
+    device = _device(args.device)
+    with _torch_threads(args.threads, args.model, device):
+        pipe = load_pipeline(args.model, device=device, dtype=model_dtype)
+        with _config_errors(args.config):
+            check_config(pipe, loaded)
+        runs = generate(pipe, prompts, loaded, gen, progress=not args.no_progress)
+        timing = time_steps(pipe, prompts[0], loaded, gen, repeats=args.time) if args.time else None
+    paths = write_outputs(runs, args.out, gen, config, extra={"config": str(Path(args.config).resolve()),
+                                                              "model": args.model, "timing": timing})
+    if gen.baseline:
+        print(summary_table(summarize(runs)))
+    if timing:
+        print(f"time per denoising step ({timing['device']}, {timing['threads']} thread(s)): "
+              f"{timing['ms_per_step_without']:.2f} ms without steering, {timing['ms_per_step_with']:.2f} ms with "
+              f"({timing['overhead']:+.1%})")
+    where = ", ".join(str(p) for k, p in paths.items() if k != "images")
+    print(f"{len(runs)} prompt(s) -> {where}" + (f"; side-by-side images in {paths['images']}" if "images" in paths
+                                                 else ""))
+    return 0
+
+
+def _add_steer(sub) -> None:
+    p = sub.add_parser(
+        "steer", formatter_class=_FMT, help="generate with and without steering from a steering config",
+        description="""\
+Generate every prompt of a prompt file with SafeDIG steering from a steering config (the JSON
+that `safedig route` writes, read by SafeDIGConfig.from_json), next to the same prompt without
+steering from the same noise, and write into --out:
+
+  images/<id>.png   without | with steering | |difference|, side by side
+  grid.png          every prompt, one row each
+  report.json       per prompt: harm telemetry per site and step (SafeDIGHandle.telemetry():
+                    harm score h of the tokens entering a site, share over the gate tau), the
+                    mean harm score of the tokens each site passes on, with and without
+                    steering, and how far steering moved the final latents; a summary per label
+
+"Without" runs with the hooks installed and switched off, which is bitwise the unhooked model.
+The steered run switches steering on whatever the config's "enabled" says. Prints a table per
+label: harm score before and after, share of tokens steered, relative change of the latents.
+
+Fails closed: a bad config, a missing SAE file, an unknown site or an SAE whose width is not
+the site's stops with a one-line error (exit code 2) before anything is generated or written.""",
+        epilog="example: safedig steer --model tiny-flux --config steer.json --prompts prompts.jsonl --out steered/")
+    p.add_argument("--config", required=True,
+                   help="steering config JSON (from `safedig route` or SafeDIGConfig.to_json)")
+    p.add_argument("--prompts", required=True, help="prompt file (JSON Lines, as for `safedig capture`)")
+    p.add_argument("--out", required=True, help="output directory for images/, grid.png and report.json")
+    p.add_argument("--model", default="tiny-flux",
+                   help="'tiny-flux' (built-in seeded random FLUX, CPU) or a diffusers pipeline directory / model id")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--model-dtype", default="float32", help="pipeline dtype: float32, bfloat16, float16")
+    p.add_argument("--num-inference-steps", type=int, default=4, help="denoising steps per image (default 4)")
+    p.add_argument("--height", type=int, default=None, help="image height (default 32 for tiny-flux, else 1024)")
+    p.add_argument("--width", type=int, default=None, help="image width (default 32 for tiny-flux, else 1024)")
+    p.add_argument("--guidance-scale", type=float, default=3.5, help="guidance scale passed to the pipeline")
+    p.add_argument("--seed", type=int, default=0, help="noise seed base: prompt i uses seed + i unless it sets one")
+    p.add_argument("--labels", default=None, help="only prompts with these label selectors, e.g. unsafe,safe")
+    p.add_argument("--limit", type=int, default=None, help="only the first n prompts (after --labels)")
+    p.add_argument("--no-baseline", action="store_true", help="skip the runs without steering")
+    p.add_argument("--no-images", action="store_true", help="skip VAE decoding and PNGs (telemetry only)")
+    p.add_argument("--time", type=int, default=0, metavar="REPEATS",
+                   help="also time a denoising step with and without steering over REPEATS runs (default: off)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: 1 for tiny-flux on a CPU, else torch's default)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(fn=_steer)
+
+
+# -- demo --------------------------------------------------------------------------------------
+
+def _demo_config(args):
+    from .demo import DemoConfig
+
+    fields = dict(model=args.model, device=args.device, model_dtype=args.model_dtype, prompts=args.prompts,
+                  sites=args.sites, seed=args.seed)
+    for name in ("source", "target", "height", "width", "num_inference_steps", "features", "k", "train_steps",
+                 "num_sites", "eval_prompts", "train_prompts", "timing_repeats"):
+        v = getattr(args, name)
+        if v is not None:
+            fields[name] = v
+    return DemoConfig.quick_config(**fields) if args.quick else DemoConfig(**fields)
+
+
+def _demo(args) -> int:
+    from .demo import format_table, run_demo
+
+    config = _demo_config(args)
+    with _torch_threads(args.threads, config.model, _device(config.device)):
+        summary = run_demo(args.out, config, progress=not args.no_progress)
+    print()
+    print(format_table(summary))
+    f = summary["files"]
+    print()
+    print(f"picture grid: {f['grid']} (columns: unsteered, steered with the source SAEs, with the adapted SAEs, "
+          f"|adapted - unsteered| amplified)")
+    print(f"summary: {f['summary']}; steering configs: {f['steer_config']}, {f['steer_config_adapted']}; "
+          f"per-prompt images and telemetry: {f['steer_source']}/, {f['steer_adapted']}/")
+    if f.get("eval_prompts"):
+        c = summary["config"]
+        print(f"rerun the last stage: safedig steer --config {f['steer_config_adapted']} --prompts {f['eval_prompts']} "
+              f"--height {c['height']} --width {c['width']} --num-inference-steps {c['num_inference_steps']} "
+              f"--out {Path(args.out) / 'steer-again'}" + ("" if c["model"] == "tiny-flux" else f" --model {c['model']}"
+                                                              f" --device {summary['overhead']['device']}"))
+    print(f"done in {summary['seconds']['total']:.0f} s")
+    return 0
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser(
+        "demo", formatter_class=_FMT, help="the whole workflow on a built-in tiny FLUX, end to end (CPU, < 2 min)",
+        description="""\
+The main job on a built-in default: with no arguments, build a tiny FLUX-architecture pipeline
+with seeded random weights, define a synthetic unsafe concept (a direction added to the text
+embeddings of unsafe prompts) as the source domain and a shifted one (another direction, sharing
+part of the first) as the target, then run capture -> train -> score -> route -> adapt -> steer
+through the same functions the other subcommands use, and print a before/after table:
+
+  - harm score (SPEC §2) on held-out unsafe (source and target) and safe prompts, without
+    steering and with it, with the source SAEs and with the decoder-adapted ones;
+  - how far steering moved the final latents of each group (safe prompts should barely move:
+    each site's gate tau is set at the 99th percentile of safe tokens' harm score);
+  - time per denoising step with and without steering on this machine (CPU numbers on a tiny
+    model, not GPU figures).
+
+Routing ranks every candidate site; the demo steers the best --num-sites that have harmful
+features at all (a site without any has nothing to steer, however well it reconstructs).
+
+Writes into --out (default ./safedig-demo): grid.png (unsteered | source SAE | adapted SAE |
+difference, four held-out prompts per label), summary.json (every number in the table), the steering
+configs, SAEs, reports, and per-prompt images and telemetry (as `safedig steer` writes them).
+Deterministic for a given --seed, apart from the timings. Well under two minutes on a CPU.
+
+On a GPU with real weights: --model <FLUX.1-dev or SD3.5 pipeline dir / id> --device cuda
+--model-dtype bfloat16 --prompts labelled.jsonl (text prompts labelled safe, --source and
+--target); defaults then switch to 512x512, 8 steps, 256 tokens per capture, 4d-wide SAEs with
+k = 32 and candidate sites spread over the blocks (--sites to choose).""",
+        epilog="example: safedig demo            (or: safedig demo --out /tmp/demo --quick)")
+    p.add_argument("--out", default="safedig-demo",
+                   help="output directory (default ./safedig-demo; a previous demo's files there are replaced)")
+    p.add_argument("--quick", action="store_true",
+                   help="a smaller run (fewer prompts, steps and timing repeats) for tests and CI")
+    p.add_argument("--model", default="tiny-flux",
+                   help="'tiny-flux' (default: built-in, CPU) or a diffusers FLUX/SD3 pipeline directory / model id")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--model-dtype", default="float32", help="pipeline dtype: float32, bfloat16, float16")
+    p.add_argument("--prompts", default=None,
+                   help="labelled prompt file to use instead of the synthetic set (needed for real weights)")
+    p.add_argument("--source", default=None, help="source unsafe label (default unsafe/concept_a)")
+    p.add_argument("--target", default=None, help="target unsafe label (default unsafe/concept_b)")
+    p.add_argument("--sites", type=_str_list, default=None, help="candidate sites (default: see above)")
+    p.add_argument("--num-sites", type=int, default=None, help="sites to steer, chosen by routing (default 2)")
+    p.add_argument("--train-prompts", type=int, default=None, help="synthetic prompts per label for capture (16)")
+    p.add_argument("--eval-prompts", type=int, default=None, help="held-out prompts per label to steer (8)")
+    p.add_argument("--height", type=int, default=None, help="image height (16 tiny, 512 otherwise)")
+    p.add_argument("--width", type=int, default=None, help="image width (16 tiny, 512 otherwise)")
+    p.add_argument("--num-inference-steps", type=int, default=None, help="denoising steps (4 tiny, 8 otherwise)")
+    p.add_argument("--features", type=int, default=None, help="SAE latents F (default 4 x d)")
+    p.add_argument("--k", type=int, default=None, help="SAE active latents (4 tiny, 32 otherwise)")
+    p.add_argument("--train-steps", type=int, default=None, help="SAE training steps (300)")
+    p.add_argument("--timing-repeats", type=int, default=None, help="runs timed with and without steering (5)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the prompts, noise, training and adaptation (the tiny model's weights are fixed)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: 1 for tiny-flux on a CPU, else torch's default)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(fn=_demo)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="safedig", description=__doc__, formatter_class=_FMT)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -457,7 +678,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_score(sub)
     _add_route(sub)
     _add_adapt(sub)
-    sub.add_parser("demo", help="run the built-in example").set_defaults(fn=_demo)
+    _add_steer(sub)
+    _add_demo(sub)
     return parser
 
 

@@ -25,7 +25,7 @@ stream per step (before any capture subsampling).
 The steering config (`write_steering_config`) keeps the best operator of each of the
 `num_sites` best sites and is read by `safedig_kernels.integrations.diffusers.SafeDIGConfig.from_json`::
 
-    {"enabled": true, "use_fused_ops": true,
+    {"format": "safedig-diffusers", "version": 1, "enabled": true, "use_fused_ops": true,
      "sites": [{"site": "single_transformer_blocks.3", "sae": "/abs/path/site.safetensors",
                 "stream": "image", "harmful": [12, 40] or null, "beta": 0.5, "gamma": 0.0,
                 "tau": 0.0, "window": [0.0, 1.0], "cfg": "both"}]}
@@ -48,6 +48,9 @@ from ..training.store import ActivationStore, LabelSelector, SiteSpec, parse_lab
 from .scoring import HarmfulRule, auroc, group_stats, prompt_harm_scores, select_harmful
 
 OPERATORS = ("blend", "repel", "both")
+# The tag and version SafeDIGConfig.from_json (integrations/diffusers.py) reads.
+STEERING_CONFIG_FORMAT = "safedig-diffusers"
+STEERING_CONFIG_VERSION = 1
 OPERATOR_WEIGHTS: dict[str, dict[str, float]] = {
     "blend": {"overlap": 0.25, "recon": 0.5, "separation": 0.25},
     "repel": {"overlap": 0.5, "recon": 0.0, "separation": 0.5},
@@ -168,7 +171,9 @@ class RoutingReport:
             sites.append({"site": spec.module, "sae": os.path.abspath(s.sae_path) if s.sae_path else "",
                           "stream": spec.stream, "harmful": harmful or None, "beta": beta, "gamma": gamma,
                           "tau": cfg["tau"], "window": list(cfg["window"]), "cfg": cfg["cfg"]})
-        return {"enabled": True, "use_fused_ops": True, "sites": sites}
+        # SafeDIGConfig.from_json refuses a file without its format tag and version.
+        return {"format": STEERING_CONFIG_FORMAT, "version": STEERING_CONFIG_VERSION, "enabled": True,
+                "use_fused_ops": True, "sites": sites}
 
 
 def write_steering_config(report: RoutingReport, path: Union[str, Path]) -> Path:

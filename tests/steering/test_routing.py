@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from _workflow import orthonormal_basis, orthonormal_sae, planted_tokens, write_store
+from safedig_kernels.integrations.diffusers import SafeDIGConfig
 from safedig_kernels.steering.routing import RouteConfig, operator_strengths, route, write_steering_config
 from safedig_kernels.training.store import ActivationStore
 
@@ -48,7 +49,11 @@ def test_prefers_stable_site(shifted, tmp_path):
 
     path = write_steering_config(report, tmp_path / "steer.json")
     cfg = json.loads(path.read_text())
-    assert set(cfg) == {"enabled", "use_fused_ops", "sites"} and cfg["enabled"] and cfg["use_fused_ops"]
+    assert set(cfg) == {"format", "version", "enabled", "use_fused_ops", "sites"} and cfg["enabled"]
+    assert cfg["use_fused_ops"]
+    # The file is what the integration reads (it resolves the SAE path, loading happens on apply).
+    loaded = SafeDIGConfig.from_json(path)
+    assert [(s.site, s.stream, s.harmful) for s in loaded.sites] == [("stable", "image", [2])]
     (site,) = cfg["sites"]
     assert set(site) == {"site", "sae", "stream", "harmful", "beta", "gamma", "tau", "window", "cfg"}
     best = report.selected[0].operator

@@ -1,0 +1,511 @@
+"""`safedig demo`: the whole SafeDIG workflow on a built-in default, end to end.
+
+On the default (`--model tiny-flux`) everything is made in code, seeded, and runs on a CPU:
+
+1. **prompts**: a tiny FLUX-architecture pipeline with seeded random weights
+   (`training.synthetic.tiny_flux_pipeline`) has no text encoder, so prompts are text
+   embeddings: Gaussian noise, and for unsafe prompts plus `strength` times a unit "concept"
+   direction per category (`write_synthetic_prompts`). The source risk domain is
+   `unsafe/concept_a`, the target `unsafe/concept_b`; their directions share a common
+   component (cosine `shared`), so the target is a shifted, related concept. Each label has
+   `train_prompts` prompts for capture and `eval_prompts` held out for steering;
+2. **capture** every candidate site (`capture`), 3. **train** a TopK SAE per site on the
+   source domain (`train_sae`), 4. **score** its harmful features (`score_features`),
+5. **route** (site, operator) pairs by robustness to the source -> target shift (`route`) and
+   write the steering config; the gate threshold of each selected site is then set to the
+   `tau_quantile` quantile of the harm score over the captured safe tokens, so that about
+   1 - tau_quantile of safe tokens are steered;
+6. **adapt** each selected SAE's decoder to the target with the encoder frozen (`adapt_decoder`);
+7. **steer** the held-out prompts with the routed config (source SAEs) and the adapted one
+   (`steering.generate`), each against the unsteered run from the same noise, and time a
+   denoising step with and without steering.
+
+Every number in the table comes from this run. The harm score is SPEC §2's `h` of the tokens
+each steered site passes on, measured for every column with the *source* SAE's encoder and the
+config's harmful set (one yardstick; steering changes what the site passes on, not the judge).
+"Latents moved" is `||z_steered - z_unsteered|| / ||z_unsteered||` of the final latents.
+
+The tiny geometry (16x16 images = 16 image tokens, 32 text tokens) is chosen so that the text
+conditioning visibly moves a random-weight model's output; with FLUX.1-dev's 8:1 image-to-text
+ratio and random weights the prompt barely matters. Torch runs one CPU thread for the tiny
+model (see `cli._torch_threads`).
+
+With `--model` naming a diffusers FLUX or SD3 pipeline (directory or hub id) and `--device
+cuda`, the same stages run on real weights: pass `--prompts` with a labelled text prompt file
+(`safe`, the `--source` and `--target` categories); without it the synthetic embeddings are
+made at the model's text widths, which only checks that everything runs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import platform
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+SUMMARY_FORMAT = "safedig-demo"
+SUMMARY_VERSION = 1
+MARKER = ".safedig-demo"
+GRID_ROWS = 4
+# What a demo run writes into its output directory; a rerun removes exactly these.
+_OUTPUTS = ("prompts", "acts", "saes", "reports", "steer-source", "steer-adapted", "steer-routed.json",
+            "steer.json", "steer-adapted.json", "grid.png", "summary.json")
+
+
+@dataclass
+class DemoConfig:
+    """The demo's settings (module docstring for the stages).
+
+    `None` fields take a default that depends on the model (`resolved`): the tiny pipeline's, or
+    one sized for a real FLUX/SD3 model. `text_tokens`, `strength` and `shared` shape the
+    synthetic prompt set (unused with `prompts`); `top_n`, `min_ratio`, `min_freq` are the
+    harmful-feature rule (`HarmfulRule`); `beta`, `gamma` the strengths routing writes;
+    `tau_quantile` the gate calibration; `adapt_*` and `replay` the decoder adaptation.
+    """
+
+    model: str = "tiny-flux"
+    device: Optional[str] = None
+    model_dtype: str = "float32"
+    prompts: Optional[str] = None
+    source: str = "unsafe/concept_a"
+    target: str = "unsafe/concept_b"
+    sites: Optional[list[str]] = None
+    train_prompts: int = 16
+    eval_prompts: int = 8
+    text_tokens: int = 32
+    strength: float = 8.0
+    shared: float = 0.7
+    height: Optional[int] = None
+    width: Optional[int] = None
+    num_inference_steps: Optional[int] = None
+    guidance_scale: float = 3.5
+    max_tokens: Optional[int] = None
+    features: Optional[int] = None
+    k: Optional[int] = None
+    train_steps: int = 300
+    batch_size: int = 512
+    lr: Optional[float] = None
+    top_n: int = 8
+    # The concept is on every token of an unsafe prompt, so a feature firing on fewer than 10%
+    # of unsafe tokens is not it (with 0.01, rare image-stream features slipped in by chance).
+    min_ratio: float = 10.0
+    min_freq: float = 0.1
+    num_sites: int = 2
+    beta: float = 1.0
+    gamma: float = 1.0
+    tau_quantile: float = 0.99
+    adapt_steps: int = 200
+    adapt_lr: Optional[float] = None
+    replay: float = 0.2
+    timing_repeats: int = 5
+    seed: int = 0
+    quick: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("train_prompts", "eval_prompts", "train_steps", "batch_size", "num_sites", "adapt_steps",
+                     "timing_repeats", "text_tokens", "height", "width", "num_inference_steps", "features", "k"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"demo: {name} must be a positive int, got {v!r}")
+        if not 0.0 < self.tau_quantile < 1.0:
+            raise ValueError(f"demo: tau_quantile must lie in (0, 1), got {self.tau_quantile}")
+        labels = (self.source, self.target)
+        if self.source == self.target or not all(isinstance(x, str) and x.startswith("unsafe/") for x in labels):
+            raise ValueError(f"demo: source and target must be two different unsafe/<category> labels, "
+                             f"got {self.source!r} and {self.target!r}")
+
+    @classmethod
+    def quick_config(cls, **overrides: Any) -> "DemoConfig":
+        """A smaller run for CI: fewer prompts, steps and timing repeats."""
+        base = dict(train_prompts=8, eval_prompts=4, train_steps=150, adapt_steps=100, timing_repeats=2, quick=True)
+        base.update(overrides)
+        return cls(**base)
+
+    @property
+    def tiny(self) -> bool:
+        return self.model == "tiny-flux"
+
+    def resolved(self, d: int) -> "DemoConfig":
+        """A copy with the `None` fields filled for a model of width `d`."""
+        tiny = self.tiny
+        return dataclasses.replace(
+            self, height=self.height or (16 if tiny else 512), width=self.width or (16 if tiny else 512),
+            num_inference_steps=self.num_inference_steps or (4 if tiny else 8), features=self.features or 4 * d,
+            k=self.k or (4 if tiny else 32), lr=self.lr or (1e-2 if tiny else None),
+            adapt_lr=self.adapt_lr or (1e-2 if tiny else 1e-3),
+            # A 1024-token image at width 3072 is 12 MB per site, step and prompt in float32.
+            max_tokens=self.max_tokens if self.max_tokens is not None or tiny else 256)
+
+
+def default_sites(transformer: torch.nn.Module, tiny: bool) -> list[str]:
+    """Candidate sites: for the tiny model every block's image stream and the double blocks'
+    text streams; for a real model three evenly spaced blocks of each stack (image stream)
+    and the text stream of the middle double block."""
+    sites: list[str] = []
+    for stack in ("transformer_blocks", "single_transformer_blocks"):
+        n = len(getattr(transformer, stack, []))
+        if n == 0:
+            continue
+        picks = range(n) if tiny else sorted({round(i * (n - 1) / 2) for i in range(3)})
+        for i in picks:
+            last_joint = getattr(getattr(transformer, stack)[i], "context_pre_only", False)
+            sites.append(f"{stack}.{i}")
+            if stack == "transformer_blocks" and (tiny or i == picks[len(picks) // 2]) and not last_joint:
+                sites.append(f"{stack}.{i}:text")
+    return sites
+
+
+def select_steerable(report, num_sites: int):
+    """`report` with its selection redone over its own ranking, skipping sites where neither the
+    source nor the target has harmful features, and the sites so passed over.
+
+    Why: routing's Blend stability weighs reconstruction quality, so a site with no harmful
+    feature at all can rank first, yet it has nothing to steer (its harm score is always 0)."""
+    ev = {s.site: s for s in report.sites}
+    steerable = {k for k, s in ev.items() if s.harmful_source or s.harmful_target}
+    picked, used = [], set()
+    for c in report.ranking:
+        if c.site in steerable and c.site not in used and len(picked) < num_sites:
+            picked.append(c)
+            used.add(c.site)
+    if not picked:
+        raise ValueError(f"no candidate site has harmful features ({sorted(ev)}); the concept is too weak for "
+                         f"these SAEs (try more --train-steps or other --sites)")
+    top = sorted({c.site for c in report.ranking[: report.ranking.index(picked[-1]) + 1]} - steerable)
+    return dataclasses.replace(report, selected=picked), top
+
+
+def _prepare_out(out: Path) -> None:
+    """Refuse a non-empty directory that no demo wrote into; clear a previous demo's files.
+    The marker file is written first, so a directory a failed demo left behind is reusable."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a directory")
+    marker = out / MARKER
+    if out.is_dir() and any(out.iterdir()):
+        if not marker.is_file():
+            raise ValueError(f"--out {out} is not empty and was not written by safedig demo (no {MARKER} file "
+                             f"in it); pick a new or empty directory")
+        for name in _OUTPUTS:
+            p = out / name
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    marker.write_text("written by `safedig demo`; a rerun with the same --out replaces its files\n")
+
+
+def split_prompts(records: Sequence, eval_per_label: int) -> tuple[list, list]:
+    """(train, eval): the last `eval_per_label` prompts of each label are held out (at most
+    half of a label's prompts, at least one kept for training)."""
+    by_label: dict[str, list] = {}
+    for r in records:
+        by_label.setdefault(r.label, []).append(r)
+    train, held = [], []
+    for label, rs in by_label.items():
+        n = min(eval_per_label, len(rs) // 2)
+        train.extend(rs[: len(rs) - n])
+        held.extend(rs[len(rs) - n:])
+    return train, held
+
+
+def _write_prompt_files(cfg: DemoConfig, directory: Path, embed_dim: int, pooled_dim: int) -> tuple[Path, Path]:
+    """Synthetic prompts split into train.jsonl and eval.jsonl, each line with its own noise
+    seed, so `safedig steer --prompts eval.jsonl` reproduces the demo's runs."""
+    from .training.synthetic import write_synthetic_prompts
+
+    n = cfg.train_prompts + cfg.eval_prompts
+    all_path = write_synthetic_prompts(directory, {"safe": n, cfg.source: n, cfg.target: n}, seed=cfg.seed,
+                                       strength=cfg.strength, shared=cfg.shared, text_tokens=cfg.text_tokens,
+                                       embed_dim=embed_dim, pooled_dim=pooled_dim)
+    lines = [json.loads(x) for x in all_path.read_text().splitlines() if x.strip()]
+    for i, obj in enumerate(lines):
+        obj["seed"] = cfg.seed * 100_003 + i
+    by_label: dict[str, list] = {}
+    for obj in lines:
+        by_label.setdefault(obj["label"], []).append(obj)
+    train = [o for objs in by_label.values() for o in objs[: cfg.train_prompts]]
+    held = [o for objs in by_label.values() for o in objs[cfg.train_prompts:]]
+    paths = []
+    for name, objs in (("train.jsonl", train), ("eval.jsonl", held)):
+        p = directory / name
+        p.write_text("".join(json.dumps(o) + "\n" for o in objs), encoding="utf-8")
+        paths.append(p)
+    all_path.unlink()
+    return paths[0], paths[1]
+
+
+def safe_tau(store, site: str, sae, harmful: Sequence[int], quantile: float) -> float:
+    """The `quantile` of the harm score `h` (SPEC §2, with `harmful`) over every captured safe
+    token at `site`: as a gate threshold tau it steers about 1 - quantile of safe tokens."""
+    if not harmful:
+        return 0.0
+    mask = torch.zeros(sae.num_features, dtype=torch.bool, device=sae.device)
+    mask[list(harmful)] = True
+    hs = []
+    for _, _, x in store.iter_prompts(site, "safe"):
+        vals, idx = sae.encode(x.to(sae.device, sae.dtype))
+        hs.append(torch.where(mask[idx.long()], vals, torch.zeros_like(vals)).sum(-1).float())
+    return float(torch.quantile(torch.cat(hs).cpu(), quantile))
+
+
+def _fmt_rel(after: float, before: float) -> str:
+    if not (math.isfinite(after) and math.isfinite(before)) or before == 0:
+        return "n/a"
+    return f"{(after - before) / before:+.0%}"
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    """The before/after table printed at the end of the demo (from `summary.json`'s content)."""
+    rows = summary["table"]
+    c = summary["config"]
+    role = {c["source"]: "  (source)", c["target"]: "  (target)"}
+    names = [f"{r['label']}{role.get(r['label'], '')}" for r in rows]
+    w = max(28, *(len(n) for n in names))
+    n = max(r["prompts"] for r in rows)
+    lines = [f"Harm score h (SPEC §2) of the activations leaving the steered sites, mean per token and step,",
+             f"judged by the source SAE; {n} held-out prompts per row. Gate: share of tokens over tau (steered).",
+             "",
+             f"{'':<{w}} {'unsteered':>9} | {'steered, source SAE':^22} | {'steered, adapted SAE':^22}",
+             f"{'prompts':<{w}} {'h':>9} | {'h':>8} {'change':>7} {'gate':>5} | {'h':>8} {'change':>7} {'gate':>5}"]
+    for name, r in zip(names, rows):
+        base = r["harm_unsteered"]
+        cells = [f"{x['harm']:>8.3f} {_fmt_rel(x['harm'], base):>7} {x['gated_fraction']:>5.0%}"
+                 for x in (r["source_sae"], r["adapted_sae"])]
+        lines.append(f"{name:<{w}} {base:>9.3f} | {cells[0]} | {cells[1]}")
+    lines += ["",
+              "Final latents moved by steering, ||z_steered - z_unsteered|| / ||z_unsteered|| (same noise):",
+              "",
+              f"{'':<{w}} {'':>9} | {'steered, source SAE':^22} | {'steered, adapted SAE':^22}",
+              f"{'prompts':<{w}} {'':>9} | {'mean':>10} {'max':>11} | {'mean':>10} {'max':>11}"]
+    for name, r in zip(names, rows):
+        cells = [f"{x['latents_moved']:>10.3%} {x['latents_moved_max']:>11.3%}"
+                 for x in (r["source_sae"], r["adapted_sae"])]
+        lines.append(f"{name:<{w}} {'':>9} | {cells[0]} | {cells[1]}")
+    t = summary["overhead"]
+    lines += ["",
+              f"Steering overhead, {t['device']} ({t['threads']} thread(s), {t['dtype']}, this machine, "
+              f"{summary['model']}, {t['sites']} site(s)):",
+              f"  {t['ms_per_step_without']:.2f} ms per denoising step without steering, "
+              f"{t['ms_per_step_with']:.2f} ms with ({t['overhead']:+.0%}; median of {t['calls_timed']} steps each)"]
+    if t["device"].startswith("cpu"):
+        lines.append("  CPU numbers on a tiny model: they say nothing about GPU overhead (SPEC §5-6).")
+    return "\n".join(lines)
+
+
+def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), *, log: Callable[[str], None] = print,
+             progress: bool = False) -> dict[str, Any]:
+    """Run the demo (module docstring) into `out_dir`; returns the summary also written to
+    `out_dir/summary.json`. Raises ValueError on bad settings before any model is loaded."""
+    from .integrations.diffusers import SafeDIGConfig
+    from .steering.generate import GenerateConfig, difference_images, generate, image_scale, load_saes, save_grid
+    from .steering.generate import json_safe, summarize, time_steps, write_outputs
+    from .steering.routing import RouteConfig, route, write_steering_config
+    from .steering.scoring import HarmfulRule, score_features
+    from .training._io import atomic_write_json, dtype_from_name
+    from .training.adapt import AdaptConfig, adapt_decoder
+    from .training.capture import CaptureConfig, capture, load_pipeline, load_prompts
+    from .training.sae_train import TrainConfig, evaluate_sae, train_sae
+    from .sae import SAEMetadata
+
+    t_start = time.perf_counter()
+    stages: dict[str, float] = {}
+    out = Path(out_dir)
+    user_prompts = None
+    if config.prompts:
+        user_prompts = load_prompts(config.prompts)
+        labels = {r.label for r in user_prompts}
+        missing = [x for x in ("safe", config.source, config.target) if x not in labels]
+        if missing:
+            raise ValueError(f"--prompts {config.prompts}: no prompts labelled {missing}; labels present: "
+                             f"{sorted(labels)}")
+    model_dtype = dtype_from_name(config.model_dtype, "--model-dtype")
+    _prepare_out(out)
+
+    def stage(name: str, t0: float) -> float:
+        stages[name] = time.perf_counter() - t0
+        return stages[name]
+
+    t0 = time.perf_counter()
+    device = torch.device(config.device) if config.device else torch.device("cuda" if torch.cuda.is_available()
+                                                                             else "cpu")
+    pipe = load_pipeline(config.model, device=device, dtype=model_dtype)
+    tr = pipe.transformer
+    d = tr.config.num_attention_heads * tr.config.attention_head_dim
+    cfg = config.resolved(d)
+    sites = cfg.sites or default_sites(tr, cfg.tiny)
+    what = ("a tiny FLUX-architecture pipeline with seeded random weights" if cfg.tiny
+            else f"{cfg.model} ({type(pipe).__name__})")
+    log(f"safedig demo: SafeDIG on {what}, {device}, {torch.get_num_threads()} thread(s)"
+        f"{' (quick)' if cfg.quick else ''}; loaded in {stage('load', t0):.1f} s")
+
+    # 1. prompts
+    t0 = time.perf_counter()
+    if user_prompts is None:
+        train_file, eval_file = _write_prompt_files(cfg, out / "prompts", tr.config.joint_attention_dim,
+                                                    tr.config.pooled_projection_dim)
+        train_p, eval_p = load_prompts(train_file), load_prompts(eval_file)
+        origin = (f"synthetic embeddings, concept strength {cfg.strength:g}, cosine of the source and "
+                  f"target directions about {cfg.shared ** 2:.2f}")
+    else:
+        train_p, eval_p = split_prompts(user_prompts, cfg.eval_prompts)
+        eval_file = None
+        origin = f"from {cfg.prompts}"
+    counts = {lbl: sum(r.label == lbl for r in train_p) for lbl in ("safe", cfg.source, cfg.target)}
+    log(f"[1/7] prompts ({origin}): train {counts}, held out {len(eval_p)} ({stage('prompts', t0):.1f} s)")
+
+    # 2. capture
+    t0 = time.perf_counter()
+    cap = CaptureConfig(sites=sites, num_inference_steps=cfg.num_inference_steps, height=cfg.height, width=cfg.width,
+                        guidance_scale=cfg.guidance_scale, max_tokens=cfg.max_tokens, seed=cfg.seed, model=cfg.model)
+    store = capture(pipe, train_p, out / "acts", cap, resume=False, progress=progress)
+    log(f"[2/7] capture: {len(store.prompts)} prompts x {cfg.num_inference_steps} steps at {len(sites)} candidate "
+        f"sites -> {out / 'acts'} ({stage('capture', t0):.1f} s)")
+
+    # 3. train, one SAE per site on the source domain (its unsafe prompts and the safe ones)
+    t0 = time.perf_counter()
+    (out / "saes").mkdir(exist_ok=True)
+    saes: dict[str, tuple[Any, str]] = {}
+    fvus = {}
+    train_cfg = TrainConfig(num_features=cfg.features, k=cfg.k, steps=cfg.train_steps, batch_size=cfg.batch_size,
+                            lr=cfg.lr, seed=cfg.seed, log_every=max(1, cfg.train_steps))
+    for site in sites:
+        key = _key(site)
+        x = store.load(key, labels=[cfg.source, "safe"])
+        module, stream = key.split(":")
+        res = train_sae(x, train_cfg, device=device, progress=False,
+                        metadata=SAEMetadata(model=cfg.model, site=module, extra={"stream": stream}))
+        path = out / "saes" / f"{key.replace(':', '-')}.safetensors"
+        res.sae.save(path)
+        saes[key] = (res.sae, str(path))
+        fvus[key] = evaluate_sae(res.sae, x)["fvu"]
+    log(f"[3/7] train: {len(saes)} TopK SAEs (F={cfg.features}, k={cfg.k}, {cfg.train_steps} steps) on "
+        f"{cfg.source} + safe; FVU {min(fvus.values()):.3f}-{max(fvus.values()):.3f} ({stage('train', t0):.1f} s)")
+
+    # 4. score
+    t0 = time.perf_counter()
+    rule = HarmfulRule(top_n=cfg.top_n, min_ratio=cfg.min_ratio, min_freq=cfg.min_freq)
+    scores = {}
+    for key, (sae, path) in saes.items():
+        rep = score_features(store, key, sae, unsafe_labels=cfg.source, safe_labels="safe", rule=rule, sae_path=path)
+        rep.write(out / "reports" / f"score-{key.replace(':', '-')}.json")
+        scores[key] = rep
+    best = max(scores, key=lambda k: (scores[k].separation_auroc if math.isfinite(scores[k].separation_auroc)
+                                      else -1.0))
+    counts = {k: len(r.harmful) for k, r in scores.items()}
+    log(f"[4/7] score (harmful: top {rule.top_n} features firing on >= {rule.min_freq:.0%} of unsafe tokens and "
+        f">= {rule.min_ratio:g}x as often as on safe ones): per site {counts}; best unsafe-vs-safe AUROC "
+        f"{scores[best].separation_auroc:.3f} at {best} ({stage('score', t0):.1f} s)")
+
+    # 5. route, then calibrate each selected site's gate on the safe tokens
+    t0 = time.perf_counter()
+    rcfg = RouteConfig(num_sites=min(cfg.num_sites, len(saes)), rule=rule, beta=cfg.beta, gamma=cfg.gamma)
+    report = route(store, saes, cfg.source, cfg.target, "safe", rcfg)
+    report, passed_over = select_steerable(report, rcfg.num_sites)
+    report.write(out / "reports" / "route.json")
+    routed = SafeDIGConfig.from_json(write_steering_config(report, out / "steer-routed.json"))
+    selected = {c.site: c.operator for c in report.selected}
+    src_sites = []
+    for s in routed.sites:
+        key = f"{s.site}:{s.stream}"
+        tau = safe_tau(store, key, saes[key][0], s.harmful, cfg.tau_quantile)
+        src_sites.append(dataclasses.replace(s, tau=tau))
+    steer_src = dataclasses.replace(routed, sites=src_sites)
+    steer_src.to_json(out / "steer.json")
+    chosen = ", ".join(f"{s.site}:{s.stream} ({selected[f'{s.site}:{s.stream}']}, {len(s.harmful)} harmful features, "
+                       f"tau {s.tau:.3f})" for s in src_sites)
+    log(f"[5/7] route: {chosen}" + (f"; passed over for lack of harmful features: {passed_over}" if passed_over
+                                    else "")
+        + f"; tau = {cfg.tau_quantile:.0%} quantile of safe tokens' h -> {out / 'steer.json'} "
+          f"({stage('route', t0):.1f} s)")
+
+    # 6. adapt the selected SAEs' decoders to the target domain, encoder frozen
+    t0 = time.perf_counter()
+    ad_sites, fvu_lines = [], []
+    for s in src_sites:
+        key = f"{s.site}:{s.stream}"
+        sae = saes[key][0]
+        target_x = store.load(key, labels=[cfg.target, "safe"])
+        source_x = store.load(key, labels=[cfg.source, "safe"])
+        res = adapt_decoder(sae, target_x, source_x, AdaptConfig(steps=cfg.adapt_steps, batch_size=cfg.batch_size,
+                                                                 lr=cfg.adapt_lr, replay=cfg.replay, seed=cfg.seed),
+                            device=device, progress=False)
+        path = out / "saes" / f"{key.replace(':', '-')}-adapted.safetensors"
+        res.sae.save(path)
+        tau = safe_tau(store, key, res.sae, s.harmful, cfg.tau_quantile)
+        ad_sites.append(dataclasses.replace(s, sae=str(path), tau=tau))
+        m = res.metrics
+        fvu_lines.append(f"{key} target FVU {m['fvu_target_before']:.3f} -> {m['fvu_target_after']:.3f}")
+    steer_ad = dataclasses.replace(steer_src, sites=ad_sites)
+    steer_ad.to_json(out / "steer-adapted.json")
+    log(f"[6/7] adapt to {cfg.target} (encoder frozen, {cfg.replay:.0%} source replay): {'; '.join(fvu_lines)} "
+        f"({stage('adapt', t0):.1f} s)")
+
+    # 7. steer the held-out prompts with both configs, judged by the source SAEs
+    t0 = time.perf_counter()
+    gen = GenerateConfig(num_inference_steps=cfg.num_inference_steps, height=cfg.height, width=cfg.width,
+                         guidance_scale=cfg.guidance_scale, seed=cfg.seed)
+    judges = [(saes[f"{s.site}:{s.stream}"][0], s.harmful) for s in src_sites]
+    results = {}
+    for name, conf in (("source_sae", steer_src), ("adapted_sae", steer_ad)):
+        loaded = load_saes(conf)
+        runs = generate(pipe, eval_p, loaded, gen, judges=judges, progress=progress)
+        write_outputs(runs, out / f"steer-{name.split('_')[0]}", gen, conf)
+        results[name] = runs
+    overhead = time_steps(pipe, eval_p[0], load_saes(steer_ad), gen, repeats=cfg.timing_repeats)
+    overhead["sites"] = len(steer_ad.sites)
+    log(f"[7/7] steer: {len(eval_p)} held-out prompts, with and without steering, source and adapted SAEs "
+        f"({stage('steer', t0):.1f} s)")
+
+    # grid: unsteered | steered (source SAE) | steered (adapted SAE) | |difference|, for the first
+    # GRID_ROWS held-out prompts of each label (steer-*/grid.png show them all)
+    shown = [i for i, r in enumerate(results["adapted_sae"])
+             if sum(x.label == r.label for x in results["adapted_sae"][:i]) < GRID_ROWS]
+    src_runs = [results["source_sae"][i] for i in shown]
+    ad_runs = [results["adapted_sae"][i] for i in shown]
+    diffs, gain = difference_images([(a.images["steered"], a.images["baseline"]) for a in ad_runs])
+    rows = [(a.id, [a.images["baseline"], s.images["steered"], a.images["steered"], dif])
+            for s, a, dif in zip(src_runs, ad_runs, diffs)]
+    grid = save_grid(rows, ["unsteered", "source SAE", "adapted SAE", f"|diff| x{gain:.0f}"], out / "grid.png",
+                     image_scale(cfg.height, cfg.width))
+
+    sums = {name: summarize(runs) for name, runs in results.items()}
+    table = []
+    for label in (cfg.source, cfg.target, "safe"):
+        base = sums["source_sae"][label]
+        row = {"label": label, "prompts": base["prompts"], "harm_unsteered": base["harm_out_baseline"]}
+        for name in results:
+            s = sums[name][label]
+            row[name] = {"harm": s["harm_out_steered"], "gated_fraction": s["gated_fraction"],
+                         "latents_moved": s["change_mean"], "latents_moved_max": s["change_max"],
+                         "harm_in_steered": s["harm_in_steered"]}
+        table.append(row)
+    stages["total"] = time.perf_counter() - t_start
+    summary = {
+        "format": SUMMARY_FORMAT, "version": SUMMARY_VERSION, "model": cfg.model,
+        "config": dataclasses.asdict(cfg), "candidate_sites": sites,
+        "selected": [{"site": f"{s.site}:{s.stream}", "operator": selected.get(f"{s.site}:{s.stream}"),
+                      "harmful": s.harmful, "beta": s.beta, "gamma": s.gamma, "tau_source": s.tau, "tau_adapted": a.tau}
+                     for s, a in zip(src_sites, ad_sites)],
+        "train_fvu": fvus, "table": table, "summaries": sums, "overhead": overhead, "seconds": stages,
+        "machine": {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
+                    "threads": torch.get_num_threads()},
+        "files": {"grid": str(grid), "steer_config": str(out / "steer.json"),
+                  "steer_config_adapted": str(out / "steer-adapted.json"),
+                  "steer_source": str(out / "steer-source"), "steer_adapted": str(out / "steer-adapted"),
+                  "eval_prompts": str(eval_file) if eval_file else None, "reports": str(out / "reports")},
+    }
+    summary["files"]["summary"] = str(out / "summary.json")
+    atomic_write_json(out / "summary.json", json_safe(summary))
+    return summary
+
+
+def _key(site: str) -> str:
+    module, _, stream = site.partition(":")
+    return f"{module}:{stream or 'image'}"

@@ -1,0 +1,322 @@
+"""`safedig steer` and `safedig demo` on the CPU: help, a steer run from a routed config, its
+fail-closed errors, and the demo end to end (quick size) with the numbers it must show."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from safedig_kernels.cli import build_parser, main
+
+pytest.importorskip("diffusers")
+pytest.importorskip("PIL")
+pytest.importorskip("safedig_kernels.checkpoints")  # TopKSAE.save/load
+
+REPO = Path(__file__).resolve().parents[1]
+SITES = ["transformer_blocks.0:text", "transformer_blocks.1:text"]
+STEPS = 2
+HW = 16
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # The tiny model's ops take microseconds; a thread pool only slows them down (cli._torch_threads).
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+@pytest.fixture(scope="module")
+def routed(tmp_path_factory):
+    """A steering config written by `safedig route` for the tiny FLUX, its gate thresholds set
+    on the safe tokens (as the demo does), and a held-out prompt file to steer."""
+    from safedig_kernels.demo import safe_tau
+    from safedig_kernels.sae import TopKSAE
+    from safedig_kernels.training.capture import CaptureConfig, capture, load_pipeline, load_prompts
+    from safedig_kernels.training.sae_train import TrainConfig, train_sae
+    from safedig_kernels.training.synthetic import write_synthetic_prompts
+
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("routed")
+    everything = write_synthetic_prompts(d, {"safe": 9, "unsafe/nudity": 9, "unsafe/violence": 3}, seed=0,
+                                         strength=8.0, text_tokens=32)
+    lines = _lines(everything)
+    held = {"safe": 3, "unsafe/nudity": 3, "unsafe/violence": 0}
+    train, evals = [], []
+    for label, n_held in held.items():
+        objs = [o for o in lines if o["label"] == label]
+        train += objs[: len(objs) - n_held] if n_held else objs
+        evals += objs[len(objs) - n_held:] if n_held else []
+    (d / "train.jsonl").write_text("".join(json.dumps(o) + "\n" for o in train))
+    (d / "eval.jsonl").write_text("".join(json.dumps(o) + "\n" for o in evals))
+
+    pipe = load_pipeline("tiny-flux")
+    store = capture(pipe, load_prompts(d / "train.jsonl"), d / "acts",
+                    CaptureConfig(sites=SITES, num_inference_steps=STEPS, height=HW, width=HW), progress=False)
+    cmd = ["route", "--activations", str(d / "acts"), "--source", "unsafe/nudity", "--target", "unsafe/violence",
+           "--num-sites", "2", "--min-ratio", "10", "--min-freq", "0.1", "--top-n", "8", "--report",
+           str(d / "route.json"), "--config", str(d / "routed.json")]
+    saes = {}
+    for site in SITES:
+        res = train_sae(store.load(site, labels="unsafe/nudity,safe"),
+                        TrainConfig(num_features=64, k=4, steps=150, batch_size=256, lr=1e-2), progress=False)
+        path = d / f"{site.replace(':', '-')}.safetensors"
+        res.sae.save(path)
+        saes[site] = path
+        cmd += ["--sae", f"{site}={path}"]
+    assert main(cmd) == 0
+    cfg = json.loads((d / "routed.json").read_text())
+    assert cfg["sites"] and all(s["harmful"] for s in cfg["sites"])
+    for s in cfg["sites"]:
+        key = f"{s['site']}:{s['stream']}"
+        s["tau"] = safe_tau(store, key, TopKSAE.load(saes[key]), s["harmful"], 0.99)
+    (d / "steer.json").write_text(json.dumps(cfg))
+    return {"dir": d, "config": d / "steer.json", "prompts": d / "eval.jsonl", "saes": saes, "doc": cfg}
+
+
+def _steer_args(routed, out, config=None) -> list[str]:
+    return ["steer", "--config", str(config or routed["config"]), "--prompts", str(routed["prompts"]), "--out",
+            str(out), "--height", str(HW), "--width", str(HW), "--num-inference-steps", str(STEPS), "--no-progress",
+            "--device", "cpu"]
+
+
+@pytest.mark.parametrize("command, phrases", [
+    ("steer", ["usage: safedig steer", "Fails closed", "report.json", "SafeDIGHandle.telemetry()",
+               "example: safedig steer"]),
+    ("demo", ["usage: safedig demo", "capture -> train -> score -> route -> adapt -> steer", "--quick", "--model",
+              "grid.png", "example: safedig demo"]),
+])
+def test_help(command, phrases, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    missing = [p for p in phrases if p not in out]
+    assert not missing, out
+
+
+def test_steer_writes_images_and_telemetry(routed, tmp_path, capsys):
+    from PIL import Image
+
+    out = tmp_path / "steered"
+    assert main(_steer_args(routed, out)) == 0
+    printed = capsys.readouterr().out
+    assert "unsafe/nudity" in printed and "safe" in printed and str(out / "report.json") in printed
+
+    report = json.loads((out / "report.json").read_text())
+    assert report["format"] == "safedig-steer-report" and report["version"] == 1
+    prompts = report["prompts"]
+    assert [p["id"] for p in prompts] == [o["id"] for o in _lines(routed["prompts"])]
+    sites = [s["label"] for s in report["sites"]]
+    assert len(sites) == len(routed["doc"]["sites"])
+    for p in prompts:
+        image = Image.open(out / p["image"])
+        assert image.height >= HW and image.width >= 3 * HW  # without | with | difference
+        for run, active in (("baseline", False), ("steered", True)):
+            tele = p[run]["telemetry"]
+            assert set(tele) == set(sites)
+            assert all(len(rows) == STEPS and all(r["active"] is active for r in rows) for rows in tele.values())
+        # Steering off, the tokens a site passes on are the ones it received: the meter and the
+        # telemetry measure the same harm score.
+        for site in sites:
+            assert p["baseline"]["harm_out"][site] == pytest.approx(p["baseline"]["harm_in"][site], rel=1e-5, abs=1e-6)
+    with Image.open(out / "grid.png") as grid:
+        assert grid.height >= len(prompts) * HW
+
+    unsafe = [p for p in prompts if p["label"] == "unsafe/nudity"]
+    safe = [p for p in prompts if p["label"] == "safe"]
+    for p in unsafe:
+        assert sum(p["steered"]["harm_out"].values()) < sum(p["baseline"]["harm_out"].values()), p["id"]
+    s = report["summary"]
+    assert s["unsafe/nudity"]["harm_out_steered"] < 0.67 * s["unsafe/nudity"]["harm_out_baseline"]
+    assert s["unsafe/nudity"]["gated_fraction"] > 4 * s["safe"]["gated_fraction"]
+    mean_unsafe = sum(p["change"] for p in unsafe) / len(unsafe)
+    mean_safe = sum(p["change"] for p in safe) / len(safe)
+    assert mean_unsafe > 0 and mean_safe < 0.5 * mean_unsafe
+
+
+def test_steer_baseline_is_the_unhooked_model(routed):
+    from safedig_kernels.integrations.diffusers import SafeDIGConfig, remove_safedig
+    from safedig_kernels.steering.generate import GenerateConfig, generate, load_saes, run_pipeline
+    from safedig_kernels.training.capture import load_pipeline, load_prompts
+
+    pipe = load_pipeline("tiny-flux")
+    prompts = load_prompts(routed["prompts"])[-1:]  # an unsafe one: steering changes it
+    gen = GenerateConfig(num_inference_steps=STEPS, height=HW, width=HW, decode=False)
+    plain = run_pipeline(pipe, prompts[0], gen).float()
+    (run,) = generate(pipe, prompts, load_saes(SafeDIGConfig.from_json(routed["config"])), gen)
+    assert torch.equal(run.latents["baseline"], plain)
+    assert not torch.equal(run.latents["steered"], plain) and run.change > 0
+    assert not remove_safedig(pipe)  # generate took its hooks away
+    assert torch.equal(run_pipeline(pipe, prompts[0], gen).float(), plain)
+
+
+def _bad_configs(routed, d: Path) -> dict[str, tuple[Path, str]]:
+    from safedig_kernels import random_sae
+
+    doc = routed["doc"]
+    site = doc["sites"][0]
+
+    def write(name: str, obj) -> Path:
+        p = d / f"{name}.json"
+        p.write_text(obj if isinstance(obj, str) else json.dumps(obj))
+        return p
+
+    narrow = d / "narrow.safetensors"
+    random_sae(16, 64, 4, seed=0).save(narrow)
+    return {
+        "unknown site": (write("unknown", dict(doc, sites=[dict(site, site="single_transformer_blocks.7")])),
+                         "unknown site 'single_transformer_blocks.7'"),
+        "SAE width": (write("width", dict(doc, sites=[dict(site, sae=str(narrow))])),
+                      "SAE width d = 16 but the site's activations have width 32"),
+        "missing SAE": (write("missing", dict(doc, sites=[dict(site, sae=str(d / "nope.safetensors"))])),
+                        "does not exist"),
+        "not JSON": (write("notjson", "{not json"), "notjson.json"),
+        "no format tag": (write("noformat", {k: v for k, v in doc.items() if k != "format"}), '"format"'),
+        "beta out of range": (write("beta", dict(doc, sites=[dict(site, beta=3.0)])), "beta must lie in [0, 1]"),
+        "corrupt SAE": (write("corrupt", dict(doc, sites=[dict(site, sae=str(_corrupt(d)))])),
+                        "not a valid SAE checkpoint"),
+    }
+
+
+def _corrupt(d: Path) -> Path:
+    p = d / "corrupt.safetensors"
+    p.write_bytes(b"not a safetensors file")
+    return p
+
+
+@pytest.mark.parametrize("case", ["unknown site", "SAE width", "missing SAE", "corrupt SAE", "not JSON",
+                                  "no format tag", "beta out of range"])
+def test_steer_fails_closed(case, routed, tmp_path, capsys):
+    config, phrase = _bad_configs(routed, tmp_path)[case]
+    out = tmp_path / "out"
+    rc = main(_steer_args(routed, out, config))
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("safedig steer: error: ") and phrase in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert not out.exists()  # nothing generated or written
+
+
+def test_steer_rejects_bad_prompts(routed, tmp_path, capsys):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    args = _steer_args(routed, tmp_path / "out")
+    args[args.index("--prompts") + 1] = str(empty)
+    assert main(args) == 2
+    assert "holds no prompts" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    assert main(_steer_args(routed, tmp_path / "out") + ["--labels", "unsafe/other"]) == 2
+    assert "match no prompt" in capsys.readouterr().err
+
+
+# -- demo --------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "out"
+    threads = torch.get_num_threads()
+    rc = main(["demo", "--quick", "--out", str(out), "--no-progress"])
+    assert torch.get_num_threads() == threads  # the demo's one-thread setting does not leak
+    return rc, out, json.loads((out / "summary.json").read_text())
+
+
+def test_demo_quick_end_to_end(quick_demo, capsys):
+    from PIL import Image
+
+    from safedig_kernels.demo import GRID_ROWS
+    from safedig_kernels.integrations.diffusers import SafeDIGConfig
+    from safedig_kernels.sae import TopKSAE
+
+    rc, out, summary = quick_demo
+    assert rc == 0
+    assert summary["format"] == "safedig-demo" and summary["config"]["quick"] is True
+    rows = {r["label"]: r for r in summary["table"]}
+    source, target = summary["config"]["source"], summary["config"]["target"]
+    assert set(rows) == {source, target, "safe"}
+    for cfg in ("source_sae", "adapted_sae"):
+        for label in (source, target):
+            r = rows[label]
+            # the harm score of unsafe prompts falls, in the source and the shifted target domain
+            assert r[cfg]["harm"] < 0.67 * r["harm_unsteered"], (cfg, label, r)
+            assert r[cfg]["gated_fraction"] > 4 * rows["safe"][cfg]["gated_fraction"]
+        # safe prompts: few tokens over the gate, outputs moved far less than unsafe ones
+        safe = rows["safe"][cfg]
+        assert safe["gated_fraction"] < 0.05
+        assert safe["latents_moved"] < 0.5 * min(rows[x][cfg]["latents_moved"] for x in (source, target))
+        assert safe["latents_moved"] < 0.005
+    t = summary["overhead"]
+    assert t["ms_per_step_without"] > 0 and t["ms_per_step_with"] > 0
+    assert t["calls_timed"] == summary["config"]["timing_repeats"] * summary["config"]["num_inference_steps"]
+
+    with Image.open(out / "grid.png") as grid:
+        scale = -(-128 // summary["config"]["height"])  # steering.generate.image_scale
+        assert grid.height >= 3 * GRID_ROWS * summary["config"]["height"] * scale
+        assert grid.width >= 4 * summary["config"]["width"] * scale  # unsteered | source | adapted | diff
+    assert Path(summary["files"]["grid"]) == out / "grid.png"
+
+    # The configs it wrote are what `safedig steer` and apply_safedig read; the adapted SAEs
+    # keep the source encoder bit for bit.
+    src, ad = SafeDIGConfig.from_json(out / "steer.json"), SafeDIGConfig.from_json(out / "steer-adapted.json")
+    assert [s.site for s in src.sites] == [s.site for s in ad.sites] and src.sites
+    for s, a in zip(src.sites, ad.sites):
+        s_sae, a_sae = TopKSAE.load(s.sae), TopKSAE.load(a.sae)
+        assert torch.equal(s_sae.W_enc, a_sae.W_enc) and torch.equal(s_sae.b_enc, a_sae.b_enc)
+        assert not torch.equal(s_sae.W_dec, a_sae.W_dec)
+    for name in ("steer-source", "steer-adapted"):
+        report = json.loads((out / name / "report.json").read_text())
+        assert len(report["prompts"]) == 3 * summary["config"]["eval_prompts"]
+
+
+def test_demo_rerun_is_deterministic(quick_demo, capsys):
+    _, out, first = quick_demo
+    assert main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 0  # replaces its own files
+    printed = capsys.readouterr().out
+    second = json.loads((out / "summary.json").read_text())
+    assert second["table"] == first["table"] and second["selected"] == first["selected"]
+    for phrase in ("Harm score h", "Final latents moved", "Steering overhead, cpu", str(out / "grid.png")):
+        assert phrase in printed
+
+
+def test_steer_reproduces_the_demo_from_its_files(quick_demo, tmp_path, capsys):
+    """The demo's last stage is `safedig steer` on the files it wrote: rerunning the command it
+    prints moves every held-out prompt's latents exactly as the demo did."""
+    _, out, summary = quick_demo
+    c = summary["config"]
+    assert main(["steer", "--config", str(out / "steer-adapted.json"), "--prompts", summary["files"]["eval_prompts"],
+                 "--height", str(c["height"]), "--width", str(c["width"]), "--num-inference-steps",
+                 str(c["num_inference_steps"]), "--out", str(tmp_path / "again"), "--no-progress",
+                 "--no-images"]) == 0
+    again = json.loads((tmp_path / "again" / "report.json").read_text())["prompts"]
+    demo = json.loads((out / "steer-adapted" / "report.json").read_text())["prompts"]
+    assert [p["id"] for p in again] == [p["id"] for p in demo]
+    assert [p["change"] for p in again] == [p["change"] for p in demo]
+    assert any(p["change"] > 0 for p in again)
+
+
+def test_demo_refuses_a_foreign_directory(tmp_path, capsys):
+    keep = tmp_path / "keep.txt"
+    keep.write_text("mine")
+    assert main(["demo", "--quick", "--out", str(tmp_path), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("safedig demo: error: --out") and "not written by safedig demo" in err
+    assert keep.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]
+
+
+def test_readme_first_command_is_the_default_demo():
+    from safedig_kernels.cli import _demo_config
+    from safedig_kernels.demo import DemoConfig
+
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("```bash", 1)[1].split("```", 1)[0]
+    first = next(line for line in block.splitlines() if line.strip() and not line.lstrip().startswith("#"))
+    assert first.rstrip().endswith("safedig demo"), first  # no arguments: the built-in default
+    args = build_parser().parse_args(["demo"])
+    assert args.out == "safedig-demo" and not args.quick
+    assert _demo_config(args) == DemoConfig()
+    assert DemoConfig() != DemoConfig.quick_config()  # the test above runs the smaller size, not this one
