@@ -6,6 +6,7 @@
     safedig route    rank (site, operator) pairs by robustness to a risk-domain shift; write a steering config
     safedig adapt    adapt an SAE's decoder to a target domain with the encoder frozen
     safedig steer    generate with and without steering from a steering config; images and harm telemetry
+    safedig bench    benchmark the ops against the eager and compiled references: JSON, CSV, tables, plots
     safedig demo     the whole workflow on a built-in tiny FLUX, end to end, on a CPU in well under two minutes
 
 Run `safedig <command> --help` for each.
@@ -670,6 +671,12 @@ k = 32 and candidate sites spread over the blocks (--sites to choose).""",
     p.set_defaults(fn=_demo)
 
 
+def _add_bench(sub) -> None:
+    # Listed for `safedig --help`; main() hands `safedig bench ...` to the suite's own parser.
+    sub.add_parser("bench", add_help=False,
+                   help="benchmark the ops (run, report, compare, results); `safedig bench --help`")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="safedig", description=__doc__, formatter_class=_FMT)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -679,11 +686,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_route(sub)
     _add_adapt(sub)
     _add_steer(sub)
+    _add_bench(sub)
     _add_demo(sub)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        # argparse will not hand an option-first remainder (`bench --help`) to a subparser: the
+        # benchmark suite parses its own arguments.
+        from .bench.commands import main as bench_main
+
+        return bench_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -142,3 +142,13 @@ def test_end_to_end_workflow(tmp_path, capsys):
     ddp, one = TopKSAE.load(tmp_path / "ddp.safetensors"), TopKSAE.load(tmp_path / "one.safetensors")
     for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
         torch.testing.assert_close(getattr(ddp, name), getattr(one, name), rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_bench_subcommand_hands_its_arguments_to_the_suite(capsys):
+    from safedig_kernels import cli
+
+    assert cli.main(["bench", "--help"]) == 0
+    assert "usage: safedig bench" in capsys.readouterr().out
+    assert cli.main(["bench", "run", "--set", "cpu", "--list"]) == 0
+    listed = capsys.readouterr().out.split()
+    assert listed and all("cpu" in row for row in listed)
