@@ -228,7 +228,7 @@ def _sha256(path: Path) -> str:
 def save_train_checkpoint(directory: Union[str, Path], step: int, model: _TopKSAEModule,
                           optimizer: torch.optim.Optimizer, tokens_since_fired: torch.Tensor,
                           info: dict[str, Any], keep: int = 2) -> Path:
-    """Write `step-XXXXXXXX.safetensors` then its JSON (format in the module docstring);
+    """Write `step-NNNNNNNN.safetensors` then its JSON (format in the module docstring);
     older pairs beyond the newest `keep` are removed. Returns the JSON path."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
