@@ -41,7 +41,7 @@ import torch
 from ..integrations.diffusers import SafeDIGConfig, SafeDIGHandle, apply_safedig, remove_safedig
 from ..sae import TopKSAE
 from ..training._io import atomic_write_json
-from ..training.capture import PromptRecord
+from ..training.capture import PromptRecord, progress_bar_disabled
 
 REPORT_FORMAT = "safedig-steer-report"
 REPORT_VERSION = 1
@@ -289,39 +289,33 @@ def generate(pipe, prompts: Sequence[PromptRecord], config: SafeDIGConfig, gen: 
         raise ValueError("prompts is empty; expected at least one PromptRecord")
     handle = apply_safedig(pipe, config)
     meter = None
-    old_bar = getattr(pipe, "_progress_bar_config", None)
-    try:
-        if hasattr(pipe, "set_progress_bar_config"):
-            pipe.set_progress_bar_config(disable=True)
-        meter = _HarmMeter(pipe.transformer, _site_streams(handle), _judges(handle, judges))
-        runs = []
-        for p in tqdm(records, desc=f"steer {len(handle.sites)} site(s)", unit="prompt", disable=not progress):
-            latents, images, telemetry, harm_out = {}, {}, {}, {}
-            for run in RUNS:
-                if run == "baseline" and not gen.baseline:
-                    continue
-                if run == "steered":
-                    handle.enable()
-                else:
-                    handle.disable()
-                handle.reset_telemetry()
-                meter.reset()
-                latents[run] = run_pipeline(pipe, p, gen).detach().float().cpu()
-                telemetry[run] = handle.telemetry()
-                harm_out[run] = meter.read()
-                if gen.decode:
-                    images[run] = decode_latents(pipe, latents[run].to(_pipeline_device(pipe)), gen.height,
-                                                 gen.width)[0]
-            runs.append(PromptRun(p.id, p.label, prompt_seed(p, gen), latents, images, telemetry, harm_out))
-        return runs
-    finally:
-        if meter is not None:
-            meter.remove()
-        remove_safedig(pipe)
-        if old_bar is not None:
-            pipe._progress_bar_config = old_bar
-        elif hasattr(pipe, "_progress_bar_config"):
-            del pipe._progress_bar_config
+    with progress_bar_disabled(pipe):
+        try:
+            meter = _HarmMeter(pipe.transformer, _site_streams(handle), _judges(handle, judges))
+            runs = []
+            for p in tqdm(records, desc=f"steer {len(handle.sites)} site(s)", unit="prompt", disable=not progress):
+                latents, images, telemetry, harm_out = {}, {}, {}, {}
+                for run in RUNS:
+                    if run == "baseline" and not gen.baseline:
+                        continue
+                    if run == "steered":
+                        handle.enable()
+                    else:
+                        handle.disable()
+                    handle.reset_telemetry()
+                    meter.reset()
+                    latents[run] = run_pipeline(pipe, p, gen).detach().float().cpu()
+                    telemetry[run] = handle.telemetry()
+                    harm_out[run] = meter.read()
+                    if gen.decode:
+                        images[run] = decode_latents(pipe, latents[run].to(_pipeline_device(pipe)), gen.height,
+                                                     gen.width)[0]
+                runs.append(PromptRun(p.id, p.label, prompt_seed(p, gen), latents, images, telemetry, harm_out))
+            return runs
+        finally:
+            if meter is not None:
+                meter.remove()
+            remove_safedig(pipe)
 
 
 def time_steps(pipe, prompt: PromptRecord, config: SafeDIGConfig, gen: GenerateConfig, repeats: int = 5,
@@ -348,29 +342,23 @@ def time_steps(pipe, prompt: PromptRecord, config: SafeDIGConfig, gen: GenerateC
 
     hooks = [transformer.register_forward_pre_hook(pre, with_kwargs=True),
              transformer.register_forward_hook(post, with_kwargs=True)]
-    old_bar = getattr(pipe, "_progress_bar_config", None)
-    try:
-        if hasattr(pipe, "set_progress_bar_config"):
-            pipe.set_progress_bar_config(disable=True)
-        for i in range(repeats + 1):
-            for mode in ("off", "on"):
-                if mode == "on":
-                    apply_safedig(pipe, config)
-                current.clear()
-                try:
-                    run_pipeline(pipe, prompt, gen)
-                finally:
+    with progress_bar_disabled(pipe):
+        try:
+            for i in range(repeats + 1):
+                for mode in ("off", "on"):
                     if mode == "on":
-                        remove_safedig(pipe)
-                if i > 0:  # the first run of each warms caches and allocators up
-                    times[mode].extend(current)
-    finally:
-        for h in hooks:
-            h.remove()
-        if old_bar is not None:
-            pipe._progress_bar_config = old_bar
-        elif hasattr(pipe, "_progress_bar_config"):
-            del pipe._progress_bar_config
+                        apply_safedig(pipe, config)
+                    current.clear()
+                    try:
+                        run_pipeline(pipe, prompt, gen)
+                    finally:
+                        if mode == "on":
+                            remove_safedig(pipe)
+                    if i > 0:  # the first run of each warms caches and allocators up
+                        times[mode].extend(current)
+        finally:
+            for h in hooks:
+                h.remove()
     off, on = statistics.median(times["off"]), statistics.median(times["on"])
     return {"ms_per_step_without": off * 1e3, "ms_per_step_with": on * 1e3, "overhead": on / off - 1.0,
             "calls_timed": len(times["off"]), "device": str(_pipeline_device(pipe)),

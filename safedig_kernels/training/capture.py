@@ -24,12 +24,13 @@ of a batch that holds two rows per prompt (SD3 concatenates [negative, positive]
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
 from safetensors import safe_open
@@ -292,6 +293,21 @@ def _run_prompt(pipe, p: PromptRecord, config: CaptureConfig) -> None:
     pipe(**kwargs)
 
 
+
+@contextlib.contextmanager
+def progress_bar_disabled(pipe) -> Iterator[None]:
+    """Silence a diffusers pipeline's own per-step progress bar, restoring its setting after."""
+    old = getattr(pipe, "_progress_bar_config", None)
+    try:
+        if hasattr(pipe, "set_progress_bar_config"):
+            pipe.set_progress_bar_config(disable=True)
+        yield
+    finally:
+        if old is not None:
+            pipe._progress_bar_config = old
+        elif hasattr(pipe, "_progress_bar_config"):
+            del pipe._progress_bar_config
+
 def capture(pipe, prompts: Union[PathLike, Sequence[PromptRecord]], out_dir: PathLike, config: CaptureConfig,
             *, resume: bool = True, progress: bool = True) -> ActivationStore:
     """Run `pipe` over `prompts` and record `config.sites` into `out_dir`; returns the store.
@@ -326,43 +342,37 @@ def capture(pipe, prompts: Union[PathLike, Sequence[PromptRecord]], out_dir: Pat
 
     rec = _Recorder(writer, config)
     handles = []
-    old_bar = getattr(pipe, "_progress_bar_config", None)
-    try:
-        if hasattr(pipe, "set_progress_bar_config"):
-            pipe.set_progress_bar_config(disable=True)
-        handles.append(transformer.register_forward_pre_hook(rec.transformer_pre_hook, with_kwargs=True))
-        for s, m in modules.items():
-            handles.append(m.register_forward_hook(rec.site_hook(s)))
-        for p in tqdm(todo, desc=f"capture {len(sites)} site(s)", unit="prompt", disable=not progress):
-            rec.begin(p)
-            try:
-                with torch.inference_mode():
-                    _run_prompt(pipe, p, config)
-                missing = (rec.steps or set()) - rec.steps_recorded
-                if missing or not rec.steps_recorded:
-                    raise RuntimeError(f"prompt {p.id!r}: the pipeline never reached step(s) {sorted(missing) or 'any'} "
-                                       f"(it ran {rec.step + 1} step(s)); check steps and num_inference_steps")
-            except BaseException:
-                writer.discard_prompt(p.id)
-                raise
-            finally:
-                rec.prompt = None
-            writer.finish_prompt(p.id, p.label)
-        writer.close()
-    except BaseException:
-        # Keep every prompt that finished before the failure; its tensors may still be buffered.
+    with progress_bar_disabled(pipe):
         try:
-            writer.flush()
-        except Exception:
-            pass
-        raise
-    finally:
-        for h in handles:
-            h.remove()
-        if old_bar is not None:
-            pipe._progress_bar_config = old_bar
-        elif hasattr(pipe, "_progress_bar_config"):
-            del pipe._progress_bar_config
+            handles.append(transformer.register_forward_pre_hook(rec.transformer_pre_hook, with_kwargs=True))
+            for s, m in modules.items():
+                handles.append(m.register_forward_hook(rec.site_hook(s)))
+            for p in tqdm(todo, desc=f"capture {len(sites)} site(s)", unit="prompt", disable=not progress):
+                rec.begin(p)
+                try:
+                    with torch.inference_mode():
+                        _run_prompt(pipe, p, config)
+                    missing = (rec.steps or set()) - rec.steps_recorded
+                    if missing or not rec.steps_recorded:
+                        raise RuntimeError(f"prompt {p.id!r}: the pipeline never reached step(s) {sorted(missing) or 'any'} "
+                                           f"(it ran {rec.step + 1} step(s)); check steps and num_inference_steps")
+                except BaseException:
+                    writer.discard_prompt(p.id)
+                    raise
+                finally:
+                    rec.prompt = None
+                writer.finish_prompt(p.id, p.label)
+            writer.close()
+        except BaseException:
+            # Keep every prompt that finished before the failure; its tensors may still be buffered.
+            try:
+                writer.flush()
+            except Exception:
+                pass
+            raise
+        finally:
+            for h in handles:
+                h.remove()
     return ActivationStore(out_dir)
 
 
