@@ -181,7 +181,7 @@ def tuning_sweep(dev, bench, shape, dtype) -> dict:
         cfg = select_config(Fdim, k, chunk, warps)
         vals = torch.empty(N, k, device=dev)
         idx = torch.empty(N, k, device=dev, dtype=torch.int32)
-        scratch = _SelectScratch(N, cfg, x.device)
+        scratch = _SelectScratch(N, cfg, x.device, algo)
         try:
             t = bench(lambda: _select(vals, idx, scratch, pre, bias_on_load, k, cfg, algo))
         except Exception as e:  # a setting the compiler rejects (registers, shared memory)
@@ -195,7 +195,7 @@ def tuning_sweep(dev, bench, shape, dtype) -> dict:
         pre_s, bias_s = _encoder_gemm(xs, sae.W_enc, bias, dtype)
         for algo in ("split", "row"):
             cfg = select_config(Fdim, k)
-            scratch = _SelectScratch(n_small, cfg, x.device)
+            scratch = _SelectScratch(n_small, cfg, x.device, algo)
             vs = torch.empty(n_small, k, device=dev)
             ids = torch.empty(n_small, k, device=dev, dtype=torch.int32)
             t = bench(lambda: _select(vs, ids, scratch, pre_s, bias_s, k, cfg, algo))

@@ -374,7 +374,7 @@ def _topk_encode_fwd(x2: torch.Tensor, W_enc: torch.Tensor, enc_bias: torch.Tens
     pre_dtype = pre_dtype or pre_dtype_for(x2.dtype, x2.device)
     cfg = select_config(F, k, chunk, num_warps)
     rows_per_pass = max(1, PRE_BUFFER_BYTES // (F * torch.finfo(pre_dtype).bits // 8))
-    scratch = _SelectScratch(min(N, rows_per_pass), cfg, x2.device)
+    scratch = _SelectScratch(min(N, rows_per_pass), cfg, x2.device, algo or DEFAULT_SELECT_ALGO)
     enc_bias = enc_bias.contiguous()
     for start in range(0, N, rows_per_pass):
         stop = min(N, start + rows_per_pass)
@@ -384,15 +384,16 @@ def _topk_encode_fwd(x2: torch.Tensor, W_enc: torch.Tensor, enc_bias: torch.Tens
 
 
 class _SelectScratch:
-    """Per-row candidate slots, their atomic counters and the split algorithm's group maxima,
-    reused across row passes."""
+    """Per-row candidate slots and their atomic counters, plus the split algorithm's group
+    maxima and bounds (only when it runs), reused across row passes."""
 
-    def __init__(self, rows: int, cfg: dict, device: torch.device):
+    def __init__(self, rows: int, cfg: dict, device: torch.device, algo: str = "split"):
         self.vals = torch.empty(rows, cfg["CAND"], device=device, dtype=torch.float32)
         self.idx = torch.empty(rows, cfg["CAND"], device=device, dtype=torch.int32)
         self.count = torch.empty(rows, device=device, dtype=torch.int32)
-        self.gmax = torch.empty(rows, cfg["NUM_CHUNKS"], cfg["GROUPS"], device=device, dtype=torch.float32)
-        self.lower = torch.empty(rows, device=device, dtype=torch.float32)
+        if algo == "split":
+            self.gmax = torch.empty(rows, cfg["NUM_CHUNKS"], cfg["GROUPS"], device=device, dtype=torch.float32)
+            self.lower = torch.empty(rows, device=device, dtype=torch.float32)
 
 
 def _select(vals, idx, scratch: _SelectScratch, pre, bias: Optional[torch.Tensor], k: int, cfg: dict,
