@@ -70,7 +70,7 @@ def main() -> None:
         common = dict(CHUNK=cfg["CHUNK"], NUM_CHUNKS=cfg["NUM_CHUNKS"], GROUPS=cfg["GROUPS"], HAS_BIAS=const["HAS_BIAS"])
         pre_sig = {"pre_ptr": "*" + TY[pre_dtype], "bias_ptr": "*fp32", "stride_pre": "i32", "F": "i32"}
         split = [
-            ("split_group_max", _group_max_kernel, {"gmax_ptr": "*fp32", **pre_sig}, common),
+            ("split_group_max", _group_max_kernel, {"gmax_ptr": "*fp32", "count_ptr": "*i32", **pre_sig}, common),
             ("split_bound", _split_bound_kernel, {"lower_ptr": "*fp32", "gmax_ptr": "*fp32"},
              dict(K=k, NUM_CHUNKS=cfg["NUM_CHUNKS"], CHUNKS_POW2=cfg["CHUNKS_POW2"], GROUPS=cfg["GROUPS"],
                   EXACT_ONLY=cfg["EXACT_ONLY"])),

@@ -10,14 +10,14 @@ so changing them needs no recompilation and no host sync.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Mapping, Optional
 
 import torch
 
 from .. import reference
 from .._checks import check_steer
 from .._library import use_triton_for
-from ._triton import tl, triton
+from ._triton import cdiv, tl, triton
 from .sparse_decode import _weighted_row_sum, decode_config
 from .topk_encode import _topk_encode_fwd, encoder_bias
 
@@ -97,10 +97,10 @@ def _steer_fwd(x: torch.Tensor, W_enc, W_dec, b_dec, harmful, beta, gamma, tau, 
     return y, h
 
 
-def _decode_steer(y, h, x3, vals, idx, harmful, W_dec, b_dec, beta, gamma, tau, k: int, cfg: dict) -> None:
+def _decode_steer(y, h, x3, vals, idx, harmful, W_dec, b_dec, beta, gamma, tau, k: int, cfg: Mapping) -> None:
     B, T, d = x3.shape
     W_dec = W_dec if W_dec.stride(1) == 1 else W_dec.contiguous()
-    grid = (B * T, triton.cdiv(d, cfg["BLOCK_D"]))
+    grid = (B * T, cdiv(d, cfg["BLOCK_D"]))
     _steer_fwd_kernel[grid](
         y, h, x3, vals, idx, harmful.view(torch.uint8), W_dec, b_dec.contiguous(),
         beta, gamma, tau,

@@ -25,14 +25,16 @@ a barrier) were the cost, hence the tiles and the atomic counter.
 """
 from __future__ import annotations
 
-from typing import Optional
+import functools
+from types import MappingProxyType
+from typing import Mapping, Optional
 
 import torch
 
 from .. import reference
 from .._checks import check_encoder, check_k
 from .._library import mm_has_out_dtype, use_triton_for
-from ._triton import tl, triton
+from ._triton import cdiv, next_pow2, tl, triton
 
 # Bytes of pre-activations materialised at once; larger inputs are processed in row chunks.
 PRE_BUFFER_BYTES = 1 << 30
@@ -191,6 +193,10 @@ def _topk_select_kernel(
         n_cand = tl.zeros([], dtype=tl.int32)
         if not EXACT_ONLY:
             lower = _lower_bound(gmax, K, GROUPS)
+            # The row's slot counter is this program's alone: zeroing it here saves the launcher
+            # a memset launch; the barrier orders the store before every thread's atomics.
+            tl.store(count_ptr + row, 0)
+            tl.debug_barrier()
             # Pass 2: each candidate v >= L takes a scratch slot from the row's counter.
             counter = count_ptr + row + tl.zeros([GROUPS, GS], dtype=tl.int32)
             for c in range(NUM_CHUNKS):
@@ -210,15 +216,18 @@ def _topk_select_kernel(
 
 @triton.jit
 def _group_max_kernel(
-    gmax_ptr,
+    gmax_ptr, count_ptr,
     pre_ptr, bias_ptr,
     stride_pre, F,
     CHUNK: tl.constexpr, GROUPS: tl.constexpr, NUM_CHUNKS: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):
     """"split" algorithm, step 1, one program per (row, chunk): the chunk's group maxima, NaN
-    for a group holding a non-finite value. gmax is [rows, NUM_CHUNKS, GROUPS] fp32."""
+    for a group holding a non-finite value. gmax is [rows, NUM_CHUNKS, GROUPS] fp32. Chunk 0
+    also zeroes the row's slot counter for step 3 (a launch later), saving a memset launch."""
     row = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
+    if c == 0:
+        tl.store(count_ptr + row, 0)
     v, offs, valid, bad = _load_tile(pre_ptr + row * stride_pre, bias_ptr, c * CHUNK, F, GROUPS, CHUNK // GROUPS, HAS_BIAS)
     g = tl.max(tl.where(valid, v, float("-inf")), axis=1)
     g = tl.where(tl.max(bad.to(tl.int32), axis=1) > 0, float("nan"), g)
@@ -292,8 +301,10 @@ def _split_rank_kernel(
         _rank_and_store(vals_ptr + row * K, idx_ptr + row * K, cand_vals, cand_idx, n_cand, K, CAND, RANK_BLOCK)
 
 
-def select_config(F: int, k: int, chunk: Optional[int] = None, num_warps: Optional[int] = None) -> dict:
-    """Launch settings for `_topk_select_kernel`: a small heuristic, not autotuned.
+@functools.lru_cache(maxsize=256)
+def select_config(F: int, k: int, chunk: Optional[int] = None, num_warps: Optional[int] = None) -> Mapping:
+    """Launch settings for the select kernels (read-only, cached: it runs on every op call): a
+    small heuristic, not autotuned.
 
     CHUNK elements of the row are held at once (more per chunk: fewer loop trips, more
     registers); GROUPS = 2 * next_pow2(k) groups leave ~1.2 k candidates on random data, and
@@ -301,19 +312,19 @@ def select_config(F: int, k: int, chunk: Optional[int] = None, num_warps: Option
     Defaults from the H200 sweep of 2026-11-28 (benchmarks/gpu_check.py): 2048-element chunks
     and 4 warps beat 4096/8192 and 8/16 warps at the FLUX 4x shape.
     """
-    k_pow2 = triton.next_power_of_2(k)
+    k_pow2 = next_pow2(k)
     if chunk is None:
-        chunk = min(triton.next_power_of_2(F), 2048)
+        chunk = min(next_pow2(F), 2048)
     exact_only = k_pow2 > 64
     groups = min(2 * k_pow2, chunk)
     if groups < k:  # a chunk this small cannot give k groups: the bound would not hold
         exact_only = True
     cand = k_pow2 if exact_only else 4 * k_pow2
-    num_chunks = triton.cdiv(F, chunk)
-    return dict(
-        CHUNK=chunk, NUM_CHUNKS=num_chunks, CHUNKS_POW2=triton.next_power_of_2(num_chunks), GROUPS=max(groups, 1),
+    num_chunks = cdiv(F, chunk)
+    return MappingProxyType(dict(
+        CHUNK=chunk, NUM_CHUNKS=num_chunks, CHUNKS_POW2=next_pow2(num_chunks), GROUPS=max(groups, 1),
         CAND=cand, RANK_BLOCK=min(cand, 32), EXACT_ONLY=exact_only, num_warps=num_warps or 4,
-    )
+    ))
 
 
 def encoder_bias(W_enc: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor) -> torch.Tensor:
@@ -353,10 +364,24 @@ def _encoder_gemm(x2: torch.Tensor, W_enc: torch.Tensor, enc_bias: torch.Tensor,
 
 # "split": four launches, the two that read the pre-activations made of many small programs
 # (group maxima per (row, chunk); bound per row; candidates per (row, chunk); rank per row).
-# "row": one program per row does all of it. Both are exact and tested; the default is the one
-# measured faster (benchmarks/gpu_check.py sweeps both).
+# "row": one program per row does all of it. Both are exact and tested. "auto" (the default)
+# picks by rows, from the H200 sweep of 2026-11-28 (selection alone, CUDA events): "row" at
+# N = 16 and 256 (0.17 against 0.38 ms: one launch where split makes four, and small N is
+# launch-bound), "split" at the FLUX 4x shape (0.212-0.220 against 0.223 ms). The crossover
+# between 256 and 4608 rows was not measured; benchmarks/gpu_check.py sweeps both.
 SELECT_ALGOS = ("split", "row")
-DEFAULT_SELECT_ALGO = "split"
+DEFAULT_SELECT_ALGO = "auto"
+ROW_ALGO_MAX_ROWS = 256
+
+
+def resolve_select_algo(algo: Optional[str], rows: int) -> str:
+    """The selection algorithm that runs for `rows` rows: `algo`, or the default's choice."""
+    algo = algo or DEFAULT_SELECT_ALGO
+    if algo == "auto":
+        return "row" if rows <= ROW_ALGO_MAX_ROWS else "split"
+    if algo not in SELECT_ALGOS:
+        raise ValueError(f"algo must be 'auto' or one of {SELECT_ALGOS}, got {algo!r}")
+    return algo
 
 
 def _topk_encode_fwd(x2: torch.Tensor, W_enc: torch.Tensor, enc_bias: torch.Tensor, k: int,
@@ -374,7 +399,8 @@ def _topk_encode_fwd(x2: torch.Tensor, W_enc: torch.Tensor, enc_bias: torch.Tens
     pre_dtype = pre_dtype or pre_dtype_for(x2.dtype, x2.device)
     cfg = select_config(F, k, chunk, num_warps)
     rows_per_pass = max(1, PRE_BUFFER_BYTES // (F * torch.finfo(pre_dtype).bits // 8))
-    scratch = _SelectScratch(min(N, rows_per_pass), cfg, x2.device, algo or DEFAULT_SELECT_ALGO)
+    algo = resolve_select_algo(algo, N)  # by N, so every row pass of one call runs the same kernels
+    scratch = _SelectScratch(min(N, rows_per_pass), cfg, x2.device, algo)
     enc_bias = enc_bias.contiguous()
     for start in range(0, N, rows_per_pass):
         stop = min(N, start + rows_per_pass)
@@ -387,7 +413,7 @@ class _SelectScratch:
     """Per-row candidate slots and their atomic counters, plus the split algorithm's group
     maxima and bounds (only when it runs), reused across row passes."""
 
-    def __init__(self, rows: int, cfg: dict, device: torch.device, algo: str = "split"):
+    def __init__(self, rows: int, cfg: Mapping, device: torch.device, algo: str = "split"):
         self.vals = torch.empty(rows, cfg["CAND"], device=device, dtype=torch.float32)
         self.idx = torch.empty(rows, cfg["CAND"], device=device, dtype=torch.int32)
         self.count = torch.empty(rows, device=device, dtype=torch.int32)
@@ -396,13 +422,12 @@ class _SelectScratch:
             self.lower = torch.empty(rows, device=device, dtype=torch.float32)
 
 
-def _select(vals, idx, scratch: _SelectScratch, pre, bias: Optional[torch.Tensor], k: int, cfg: dict,
+def _select(vals, idx, scratch: _SelectScratch, pre, bias: Optional[torch.Tensor], k: int, cfg: Mapping,
             algo: Optional[str] = None) -> None:
-    algo = algo or DEFAULT_SELECT_ALGO
-    if algo not in SELECT_ALGOS:
-        raise ValueError(f"algo must be one of {SELECT_ALGOS}, got {algo!r}")
+    """Top k of each row of `pre` (+ `bias`) into vals/idx. The kernels zero the scratch
+    counters themselves (no memset launch)."""
     rows, F = pre.shape
-    scratch.count[:rows].zero_()
+    algo = resolve_select_algo(algo, rows)
     common = dict(HAS_BIAS=bias is not None, CHUNK=cfg["CHUNK"], NUM_CHUNKS=cfg["NUM_CHUNKS"], GROUPS=cfg["GROUPS"],
                   num_warps=cfg["num_warps"])
     bias = bias if bias is not None else pre  # never read when HAS_BIAS is False
@@ -412,7 +437,7 @@ def _select(vals, idx, scratch: _SelectScratch, pre, bias: Optional[torch.Tensor
             K=k, CAND=cfg["CAND"], RANK_BLOCK=cfg["RANK_BLOCK"], EXACT_ONLY=cfg["EXACT_ONLY"], **common)
         return
     grid = (rows, cfg["NUM_CHUNKS"])
-    _group_max_kernel[grid](scratch.gmax, pre, bias, pre.stride(0), F, **common)
+    _group_max_kernel[grid](scratch.gmax, scratch.count, pre, bias, pre.stride(0), F, **common)
     _split_bound_kernel[(rows,)](scratch.lower, scratch.gmax, K=k, NUM_CHUNKS=cfg["NUM_CHUNKS"],
                                  CHUNKS_POW2=cfg["CHUNKS_POW2"], GROUPS=cfg["GROUPS"], EXACT_ONLY=cfg["EXACT_ONLY"],
                                  num_warps=cfg["num_warps"])

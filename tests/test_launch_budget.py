@@ -1,0 +1,81 @@
+"""How many kernels one `steer` call launches, and which selection algorithm runs.
+
+Small-N calls are bound by host launch cost (SPEC §6: 0.1 ms at N = 16), so every launch must
+earn its place: the scratch counters are zeroed inside the select kernels, not by a memset,
+and small inputs take the one-launch "row" selection. Kernels run under TRITON_INTERPRET with
+poisoned allocations, so a counter left unzeroed shows up as a wrong or crashing selection.
+"""
+from __future__ import annotations
+
+import importlib
+from collections import Counter
+
+import pytest
+import torch
+from _oracle import dense_steer64
+
+from safedig_kernels.ops.steer import _steer_fwd
+from safedig_kernels.ops.topk_encode import ROW_ALGO_MAX_ROWS, encoder_bias, resolve_select_algo
+
+topk_module = importlib.import_module("safedig_kernels.ops.topk_encode")
+steer_module = importlib.import_module("safedig_kernels.ops.steer")
+
+
+def test_auto_selection_picks_by_rows(monkeypatch):
+    monkeypatch.setattr(topk_module, "DEFAULT_SELECT_ALGO", "auto")
+    assert resolve_select_algo(None, 1) == "row"
+    assert resolve_select_algo(None, ROW_ALGO_MAX_ROWS) == "row"
+    assert resolve_select_algo(None, ROW_ALGO_MAX_ROWS + 1) == "split"
+    assert resolve_select_algo("row", 10 ** 6) == "row"
+    assert resolve_select_algo("split", 1) == "split"
+    with pytest.raises(ValueError, match="algo must be 'auto' or one of"):
+        resolve_select_algo("radix", 4)
+
+
+class _CountingKernel:
+    """Stands in for a `@triton.jit` kernel: counts launches, then launches the real one."""
+
+    def __init__(self, name: str, kernel, counts: Counter):
+        self.name, self.kernel, self.counts = name, kernel, counts
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def run(*args, **kwargs):
+            self.counts[self.name] += 1
+            return launch(*args, **kwargs)
+        return run
+
+
+@pytest.mark.interpreter
+@pytest.mark.usefixtures("poison_allocations")
+@pytest.mark.parametrize("rows,algo,launches", [
+    (5, "row", {"_topk_select_kernel": 1, "_steer_fwd_kernel": 1}),
+    (ROW_ALGO_MAX_ROWS + 3, "split", {"_group_max_kernel": 1, "_split_bound_kernel": 1,
+                                      "_split_candidates_kernel": 1, "_split_rank_kernel": 1, "_steer_fwd_kernel": 1}),
+])
+def test_steer_launches(monkeypatch, rows, algo, launches):
+    monkeypatch.setattr(topk_module, "DEFAULT_SELECT_ALGO", "auto")
+    counts: Counter = Counter()
+    for module in (topk_module, steer_module):
+        for name in dir(module):
+            if name.startswith("_") and name.endswith("_kernel"):
+                monkeypatch.setattr(module, name, _CountingKernel(name, getattr(module, name), counts))
+    memsets = []
+    real_zero = torch.Tensor.zero_
+    monkeypatch.setattr(torch.Tensor, "zero_", lambda t: memsets.append(t.shape) or real_zero(t))
+
+    d, F, k = 6, 64, 3
+    W_enc = torch.randn(d, F) / d ** 0.5
+    b_enc, b_dec = torch.randn(F) * 0.1, torch.randn(d) * 0.1
+    W_dec = torch.nn.functional.normalize(torch.randn(F, d), dim=1)
+    harmful = torch.rand(F) < 0.3
+    beta, gamma, tau = torch.tensor(0.5), torch.tensor(1.0), torch.tensor(-1.0)
+    x = torch.randn(rows, d)
+    y, h = _steer_fwd(x, W_enc, W_dec, b_dec, harmful, beta, gamma, tau, k, encoder_bias(W_enc, b_enc, b_dec))
+
+    assert dict(counts) == launches
+    assert memsets == []
+    y64, h64 = dense_steer64(x, W_enc, b_enc, W_dec, b_dec, harmful, 0.5, 1.0, -1.0, k)
+    torch.testing.assert_close(h.double(), h64, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y.double(), y64, rtol=1e-5, atol=1e-5)
