@@ -87,6 +87,63 @@ def timer(dev: str, reps: int, warm: int = 3):
     return bench
 
 
+def graphed(fn):
+    """`fn` captured once in a CUDA graph (after warm-up calls on a side stream, which compile
+    the kernels and settle the allocator); returns the replay."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def _kernel_label(name: str) -> str:
+    if name.startswith("_"):
+        return name.split("(")[0]  # our Triton kernels
+    low = name.lower()
+    if "gemm" in low or "gemv" in low or low.startswith(("sm90", "sm80", "cutlass", "nvjet")):
+        return "cuBLAS " + ("GEMV" if "gemv" in low else "GEMM")
+    if "memset" in low:
+        return "memset"
+    return name[:48]
+
+
+def kernel_breakdown(dev: str, fn, reps: int = 10) -> dict:
+    """Where one call's device time goes: the profiler's kernel records over `reps` back-to-back
+    calls, summed per kernel, against the span from the first kernel's start to the last one's
+    end (span - sum = time the GPU sat idle between kernels: launch gaps). On the CPU (smoke
+    runs) it lists CPU ops instead, which only checks the plumbing."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    if dev == "cuda":
+        torch.cuda.synchronize()
+    acts = [ProfilerActivity.CUDA] if dev == "cuda" else [ProfilerActivity.CPU]
+    with profile(activities=acts) as prof:
+        for _ in range(reps):
+            fn()
+        if dev == "cuda":
+            torch.cuda.synchronize()
+    want = DeviceType.CUDA if dev == "cuda" else DeviceType.CPU
+    events = [e for e in prof.events() if e.device_type == want and (dev == "cuda" or not e.cpu_parent)]
+    if not events:
+        return {"error": "the profiler recorded no kernels"}
+    per: dict = {}
+    for e in events:
+        label = _kernel_label(e.name)
+        per[label] = per.get(label, 0.0) + (e.time_range.end - e.time_range.start) / 1e3 / reps
+    span = (max(e.time_range.end for e in events) - min(e.time_range.start for e in events)) / 1e3 / reps
+    busy = sum(per.values())
+    return {"span_ms": span, "busy_ms": busy, "launches_per_call": len(events) / reps,
+            "kernels": [{"name": n, "ms": t} for n, t in sorted(per.items(), key=lambda kv: -kv[1])]}
+
+
 def ceilings(dev: str, bench) -> dict:
     if dev != "cuda":
         return {}
@@ -189,8 +246,9 @@ def tuning_sweep(dev, bench, shape, dtype) -> dict:
         res["select"].append({"pre_dtype": str(pre_dtype), "algo": algo, "chunk": chunk, "num_warps": warps, **t})
         log("select", res["select"][-1])
     del pres
-    # the small-N end: which algorithm wins when there are few rows to spread over the GPU
-    for n_small in (16, 256):
+    # the small-N end and the crossover: which algorithm wins with few rows to spread over the
+    # GPU, timed per call (host launch cost included) and replayed from a CUDA graph (without)
+    for n_small in (16, 256, 1024, 2304):
         xs = x[:n_small]
         pre_s, bias_s = _encoder_gemm(xs, sae.W_enc, bias, dtype)
         for algo in ("split", "row"):
@@ -198,9 +256,14 @@ def tuning_sweep(dev, bench, shape, dtype) -> dict:
             scratch = _SelectScratch(n_small, cfg, x.device, algo)
             vs = torch.empty(n_small, k, device=dev)
             ids = torch.empty(n_small, k, device=dev, dtype=torch.int32)
-            t = bench(lambda: _select(vs, ids, scratch, pre_s, bias_s, k, cfg, algo))
-            res.setdefault("select_small_n", []).append({"N": n_small, "algo": algo, **t})
-            log("select small N", res["select_small_n"][-1])
+            call = lambda: _select(vs, ids, scratch, pre_s, bias_s, k, cfg, algo)  # noqa: E731
+            entry = {"N": n_small, "algo": algo, **bench(call)}
+            try:
+                entry["graph_ms"] = bench(graphed(call))["median_ms"]
+            except Exception as e:
+                entry["graph_error"] = repr(e)[:200]
+            res.setdefault("select_small_n", []).append(entry)
+            log("select small N", entry)
     vals, idx = sae.encode(x)
     y = torch.empty_like(x)
     h = torch.empty(N, device=dev)
@@ -241,6 +304,11 @@ def bench_shape(dev, bench, shape, dtype, compiled: bool, tuned: dict | None) ->
     record("gemm", lambda: torch.mm(x, W_enc))
     record("gemm_with_bias", lambda: (x - b_dec) @ W_enc + b_enc)
     record("fused_steer", lambda: sae.steer(x))
+    try:
+        row["breakdown"] = kernel_breakdown(dev, lambda: sae.steer(x))
+    except Exception as e:
+        row["breakdown"] = {"error": repr(e)[:300]}
+    log(f"  {name:12s} breakdown", row["breakdown"])
     if tuned:
         record("fused_steer_tuned", lambda: _steer_fwd(x, W_enc, W_dec, b_dec, harm, b, g, t, k, sae.enc_bias(), **tuned))
     record("fused_topk_encode", lambda: sae.encode(x))
@@ -258,13 +326,7 @@ def bench_shape(dev, bench, shape, dtype, compiled: bool, tuned: dict | None) ->
     if dev == "cuda" and N <= 64:
         # launch overhead dominates at small N: also time a CUDA-graph replay of the op
         static = x.clone()
-        for _ in range(2):
-            sae.steer(static)
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            sae.steer(static)
-        record("fused_steer_cudagraph", graph.replay)
+        record("fused_steer_cudagraph", graphed(lambda: sae.steer(static)))
     # correctness of what was timed: the fused output against the input-dtype reference
     y_f, _ = sae.steer(x)
     y_r, _ = reference.steer(x, W_enc, b_enc, W_dec, b_dec, harm, b, g, t, k)

@@ -351,6 +351,21 @@ def test_results_generator_renders_a_recorded_result():
     assert render_results([]).rstrip().endswith("No GPU results are recorded yet.")
 
 
+def test_kernel_check_renders_the_profiler_breakdown_and_graph_timings():
+    from safedig_kernels.bench.device_reports import kernel_check_markdown
+
+    row = {"shape": "flux-4x", "N": 4608, "d": 3072, "F": 12288, "k": 32, "gemm": {"median_ms": 0.5},
+           "fused_steer": {"median_ms": 1.0},
+           "breakdown": {"span_ms": 1.0, "busy_ms": 0.875, "launches_per_call": 5,
+                         "kernels": [{"name": "cuBLAS GEMM", "ms": 0.5}, {"name": "_steer_fwd_kernel", "ms": 0.375}]}}
+    doc = {"env": {"device": "GPU", "torch": "t", "triton": "tr", "date": "d"}, "ceilings": {}, "rows": [row],
+           "sweep": {"select_small_n": [{"N": 16, "algo": "row", "median_ms": 0.17, "graph_ms": 0.02}]}}
+    text = kernel_check_markdown(doc)
+    assert ("- flux-4x: span 1.000 ms per call, 5 launches; cuBLAS GEMM 0.500, _steer_fwd_kernel 0.375; "
+            "GPU idle between kernels 0.125.") in text
+    assert "Selection alone at small N (ms, per call / CUDA-graph replay): N=16 row 0.170 / 0.020." in text
+
+
 def test_shapes_follow_the_model_configs():
     flux, sd35l, sd35m = MODELS["flux1-dev"], MODELS["sd35-large"], MODELS["sd35-medium"]
     # SPEC §4: FLUX 4096 image + 512 text tokens at 1024², width 3072; SD3.5 Large width 2432,

@@ -67,12 +67,26 @@ def _sweep_lines(sweep: dict) -> list[str]:
             f"{s['median_ms']:.3f}" for s in sel[:4]) + f"; slowest swept {sel[-1]['median_ms']:.3f}.")
     small = sweep.get("select_small_n", [])
     if small:
-        out.append("Selection alone at small N (ms): " + "; ".join(
-            f"N={s['N']} {s['algo']} {_fmt(s.get('median_ms'))}" for s in small) + ".")
+        graphs = any("graph_ms" in s for s in small)
+        out.append(f"Selection alone at small N (ms{', per call / CUDA-graph replay' if graphs else ''}): " + "; ".join(
+            f"N={s['N']} {s['algo']} {_fmt(s.get('median_ms'))}"
+            + (f" / {_fmt(s['graph_ms'])}" if "graph_ms" in s else "") for s in small) + ".")
     dec = sorted((s for s in sweep.get("decode", []) if "median_ms" in s), key=lambda s: s["median_ms"])
     if dec:
         out.append("Fused decode alone, every token steered (ms): " + "; ".join(
             f"[{s['K_BLOCK']}, {s['BLOCK_D']}] tile, {s['num_warps']} warps: {s['median_ms']:.3f}" for s in dec[:3]) + ".")
+    return out
+
+
+def _breakdown_lines(rows: list[dict]) -> list[str]:
+    out = []
+    for r in rows:
+        b = r.get("breakdown")
+        if not isinstance(b, dict) or "kernels" not in b:
+            continue
+        parts = ", ".join(f"{k['name']} {k['ms']:.3f}" for k in b["kernels"])
+        out.append(f"{r['shape']}: span {b['span_ms']:.3f} ms per call, {b['launches_per_call']:.0f} launches; "
+                   f"{parts}; GPU idle between kernels {b['span_ms'] - b['busy_ms']:.3f}.")
     return out
 
 
@@ -89,6 +103,10 @@ def kernel_check_markdown(doc: dict, level: int = 2) -> str:
              "Event timing of one call includes host launch gaps when the GPU runs out of queued work "
              "(small N); the CUDA graph column replays the op without them.",
              "", kernel_check_table(doc["rows"]), ""]
+    breakdown = _breakdown_lines(doc["rows"])
+    if breakdown:
+        lines += ["Where the default fused steer's time goes (profiler kernel records over 10 back-to-back "
+                  "calls, ms per call):", ""] + [f"- {s}" for s in breakdown] + [""]
     if doc.get("sweep"):
         lines += ["Sweep at the FLUX 4x shape:", ""] + [f"- {s}" for s in _sweep_lines(doc["sweep"])] + [""]
     if doc.get("gpu_tests"):
