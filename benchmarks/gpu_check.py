@@ -221,6 +221,9 @@ def tuning_sweep(dev, bench, shape, dtype) -> dict:
     res = {"gemm": [], "select": [], "decode": []}
     res["gemv_bias"] = bench(lambda: sk.ops.encoder_bias(sae.W_enc, sae.b_enc, sae.b_dec))
     settings = [(dtype, algo, chunk, warps) for algo in ("split", "row") for chunk in (1024, 2048, 4096) for warps in (4, 8)]
+    # one or two warps per program: reductions stay in shuffles (no barriers), more programs resident
+    settings += [(dtype, algo, chunk, warps) for algo in ("split", "row") for chunk, warps in ((512, 1), (1024, 1), (1024, 2),
+                                                                                           (2048, 2))]
     settings += [(torch.float32, "split", 2048, 4), (torch.float32, "row", 2048, 4)]
     pres = {}
     for pre_dtype, algo, chunk, warps in settings:

@@ -33,7 +33,10 @@ CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuob
 
 SELECT = [(12288, 32, torch.bfloat16, None, None), (49152, 64, torch.bfloat16, None, None),
           (9728, 32, torch.float32, None, None), (131072, 256, torch.bfloat16, None, None), (100, 7, torch.float32, None, None),
-          (12288, 32, torch.bfloat16, 2048, 4)]
+          (12288, 32, torch.bfloat16, 2048, 4),
+          # the 1- and 2-warp settings gpu_check sweeps
+          (12288, 32, torch.bfloat16, 512, 1), (12288, 32, torch.bfloat16, 1024, 1), (12288, 32, torch.bfloat16, 1024, 2),
+          (12288, 32, torch.bfloat16, 2048, 2)]
 DECODE = [(3072, 32, torch.bfloat16), (2432, 64, torch.float16), (1000, 256, torch.float32)]
 
 

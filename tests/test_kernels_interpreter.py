@@ -65,6 +65,19 @@ def test_topk_encode_kernel(N, d, F, k, chunk, layout):
     torch.testing.assert_close(vals.double(), torch.gather(z, 1, idx.long()), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("num_warps", [1, 2])
+def test_topk_encode_kernel_narrow_programs_rank_in_small_blocks(num_warps):
+    # 1- and 2-warp settings rank candidates in blocks of 8 and 16 (RANK_BLOCK), not 32
+    N, d, F, k = 4, 10, 500, 20
+    assert select_config(F, k, 128, num_warps)["RANK_BLOCK"] == 8 * num_warps
+    W_enc, b_enc, _, b_dec = sae(d, F)
+    x = torch.randn(N, d)
+    vals, idx = _topk_encode_fwd(x, W_enc, encoder_bias(W_enc, b_enc, b_dec), k, chunk=128, num_warps=num_warps)
+    pre64, chosen, z, _ = dense_codes64(x, W_enc, b_enc, b_dec, k)
+    assert idx.tolist() == chosen
+    torch.testing.assert_close(vals.double(), torch.gather(z, 1, idx.long()), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("k", [1, 3, 6, 9])
 def test_topk_encode_kernel_exact_ties_and_signed_zeros(k):
     # A zero encoder makes every pre-activation equal b_enc: exact ties, and -0.0 beside +0.0.

@@ -310,7 +310,9 @@ def select_config(F: int, k: int, chunk: Optional[int] = None, num_warps: Option
     registers); GROUPS = 2 * next_pow2(k) groups leave ~1.2 k candidates on random data, and
     CAND = 4 * next_pow2(k) scratch slots leave room for skewed rows before the fallback.
     Defaults from the H200 sweep of 2026-11-28 (benchmarks/gpu_check.py): 2048-element chunks
-    and 4 warps beat 4096/8192 and 8/16 warps at the FLUX 4x shape.
+    and 4 warps beat 4096/8192 and 8/16 warps at the FLUX 4x shape. The candidate ranking
+    compares [CAND, RANK_BLOCK] blocks; RANK_BLOCK shrinks below 4 warps so 1- and 2-warp
+    programs (swept, not yet measured) fit their registers without spilling.
     """
     k_pow2 = next_pow2(k)
     if chunk is None:
@@ -323,7 +325,7 @@ def select_config(F: int, k: int, chunk: Optional[int] = None, num_warps: Option
     num_chunks = cdiv(F, chunk)
     return MappingProxyType(dict(
         CHUNK=chunk, NUM_CHUNKS=num_chunks, CHUNKS_POW2=next_pow2(num_chunks), GROUPS=max(groups, 1),
-        CAND=cand, RANK_BLOCK=min(cand, 32), EXACT_ONLY=exact_only, num_warps=num_warps or 4,
+        CAND=cand, RANK_BLOCK=min(cand, 32, 8 * (num_warps or 4)), EXACT_ONLY=exact_only, num_warps=num_warps or 4,
     ))
 
 
