@@ -558,10 +558,12 @@ def _apply_flux(*sites, pipe=None, **cfg):
     (lambda: SiteConfig("transformer_blocks.0", sae(1), harmful=[1, -2]), ValueError, "non-negative int"),
     (lambda: SiteConfig("transformer_blocks.0", object()), TypeError, "TopKSAE or a checkpoint path"),
     (lambda: SafeDIGConfig([]), ValueError, "non-empty"),
+    (lambda: _apply_flux(SiteConfig("transformer_blocks.0", sae(1), harmful=[], tau=0.0)), ValueError,
+     "harmful set is empty.*never opens"),
 ], ids=["index", "name", "flux-site-on-sd3", "width", "missing-file", "harmful-range", "clip-encoder",
         "t5-needs-pipeline", "sd3-last-block-text", "cfg-cond-flux", "cfg-cond-bare", "overlap", "not-a-model",
         "not-a-pipeline", "beta-range", "gamma-nan", "tau-type", "window-order", "stream", "cfg", "harmful-negative",
-        "sae-type", "no-sites"])
+        "sae-type", "no-sites", "gate-never-opens"])
 def test_fail_closed(make, exc, match):
     with pytest.raises(exc, match=match):
         make()
@@ -581,12 +583,24 @@ def test_fail_closed_leaves_model_unhooked_and_apply_twice_raises():
     before = (float(st.beta), float(st.gamma), st.harmful.clone())
     for kwargs, exc in [(dict(beta=0.1, gamma=float("inf")), ValueError), (dict(beta=2.0), ValueError),
                         (dict(harmful=[F + 1]), ValueError), (dict(window=(0.5, 0.5)), ValueError),
+                        (dict(harmful=[], tau=0.2), ValueError), (dict(harmful=[]), ValueError),
                         (dict(enabled=1), TypeError)]:
         with pytest.raises(exc):
             handle.set_site("transformer_blocks.0", **kwargs)
     assert (float(st.beta), float(st.gamma)) == before[:2] and torch.equal(st.harmful, before[2])
     with pytest.raises(ValueError, match="no site"):
         handle.set_site("transformer_blocks.1", beta=0.1)
+    remove_safedig(pipe)
+
+
+def test_empty_harmful_set_is_accepted_when_the_gate_can_open():
+    # tau < 0 opens the gate for every token (h = 0 > tau): pure Blend, a deliberate setting
+    pipe = flux_pipe(1, 1)
+    handle = _apply_flux(SiteConfig("transformer_blocks.0", sae(1), harmful=[], beta=0.5, tau=-1.0), pipe=pipe)
+    handle.set_site("transformer_blocks.0", tau=-0.5)
+    with pytest.raises(ValueError, match="never opens with tau = 0.0"):
+        handle.set_site("transformer_blocks.0", tau=0.0)
+    assert handle.config().sites[0].tau == -0.5
     remove_safedig(pipe)
 
 

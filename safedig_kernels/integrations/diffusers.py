@@ -261,6 +261,14 @@ def _check_strengths(where: str, beta, gamma, tau) -> None:
         raise ValueError(f"{where}.beta must lie in [0, 1] (Blend strength, SPEC §2), got {beta}")
 
 
+def _check_gate_can_open(where: str, n_harmful: int, tau: float) -> None:
+    """With no harmful features h is 0 for every token, so with tau >= 0 the gate (h > tau)
+    never opens: the site would be on in name only. Refuse rather than steer silently off."""
+    if n_harmful == 0 and tau >= 0:
+        raise ValueError(f"{where}: the harmful set is empty, so h = 0 for every token and the gate h > tau "
+                         f"never opens with tau = {tau}; give harmful features, or tau < 0 to Blend every token")
+
+
 def _check_window(window, where: str) -> tuple[float, float]:
     if isinstance(window, (str, bytes)) or not isinstance(window, Sequence) or len(window) != 2:
         raise TypeError(f"{where} must be a (start, end) pair of floats, got {window!r}")
@@ -631,6 +639,8 @@ class SafeDIGHandle:
             else:
                 harmful = _check_ids(harmful, f"{where}.harmful")
             mask = as_harmful_mask(harmful, st.sae.num_features, st.harmful.device)
+        n_harmful = int(mask.sum()) if mask is not None else len(st.cfg.harmful)
+        _check_gate_can_open(where, n_harmful, st.cfg.tau if tau is None else tau)
         # All checks passed: apply.
         for name, v in (("beta", beta), ("gamma", gamma), ("tau", tau)):
             if v is not None:
@@ -835,6 +845,7 @@ def apply_safedig(pipeline_or_transformer, config: SafeDIGConfig) -> SafeDIGHand
         gamma = float(sae.gamma) if cfg.gamma is None else cfg.gamma
         tau = float(sae.tau) if cfg.tau is None else cfg.tau
         _check_strengths(f"{where} (SAE defaults)", beta, gamma, tau)
+        _check_gate_can_open(where, int(harmful.sum()), tau)
         mods = per_module.setdefault(id(site.module), [])
         for other in mods:
             if site.kind == "text_encoder" or "both" in (other.stream, cfg.stream) or other.stream == cfg.stream:
