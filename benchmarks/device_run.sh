@@ -18,7 +18,7 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv,noheader || true
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 
-timeout "${KERNEL_S:-150}" python3 benchmarks/gpu_check.py --out "$WORK/kernels" --reps 15 \
+timeout "${KERNEL_S:-200}" python3 benchmarks/gpu_check.py --out "$WORK/kernels" --reps 15 \
   --tests "tests/test_kernels_gpu.py tests/test_diffusers_integration.py" --tests-timeout 75 \
   --shapes flux-4x,flux-16x,latency-n16 --compiled-shapes flux-4x > "$WORK/kernels.log" 2>&1
 echo "gpu_check exit $?"; grep -E "GPU tests|tuned" "$WORK/kernels.log" | tail -3

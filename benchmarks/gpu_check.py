@@ -289,6 +289,7 @@ def best(rows):
 
 def bench_shape(dev, bench, shape, dtype, compiled: bool, tuned: dict | None) -> dict:
     from safedig_kernels.ops.steer import _steer_fwd
+    from safedig_kernels.ops.topk_encode import SELECT_ALGOS
 
     name, N, d, Fdim, k = shape
     sae, x = make_sae(N, d, Fdim, k, dev, dtype)
@@ -314,6 +315,9 @@ def bench_shape(dev, bench, shape, dtype, compiled: bool, tuned: dict | None) ->
     log(f"  {name:12s} breakdown", row["breakdown"])
     if tuned:
         record("fused_steer_tuned", lambda: _steer_fwd(x, W_enc, W_dec, b_dec, harm, b, g, t, k, sae.enc_bias(), **tuned))
+    for algo in SELECT_ALGOS:  # which selection wins here: the sweep runs at the FLUX 4x shape only
+        record(f"fused_steer_{algo}",
+               lambda: _steer_fwd(x, W_enc, W_dec, b_dec, harm, b, g, t, k, sae.enc_bias(), select_algo=algo))
     record("fused_topk_encode", lambda: sae.encode(x))
     # gated pure Repel: tau at the 90th percentile of h, so about 10 % of tokens are steered
     _, h = sae.steer(x)

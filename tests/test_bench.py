@@ -355,7 +355,8 @@ def test_kernel_check_renders_the_profiler_breakdown_and_graph_timings():
     from safedig_kernels.bench.device_reports import kernel_check_markdown
 
     row = {"shape": "flux-4x", "N": 4608, "d": 3072, "F": 12288, "k": 32, "gemm": {"median_ms": 0.5},
-           "fused_steer": {"median_ms": 1.0},
+           "fused_steer": {"median_ms": 1.0}, "fused_steer_split": {"median_ms": 1.0},
+           "fused_steer_row": {"median_ms": 1.25},
            "breakdown": {"span_ms": 1.0, "busy_ms": 0.875, "launches_per_call": 5,
                          "kernels": [{"name": "cuBLAS GEMM", "ms": 0.5}, {"name": "_steer_fwd_kernel", "ms": 0.375}]}}
     doc = {"env": {"device": "GPU", "torch": "t", "triton": "tr", "date": "d"}, "ceilings": {}, "rows": [row],
@@ -364,6 +365,7 @@ def test_kernel_check_renders_the_profiler_breakdown_and_graph_timings():
     assert ("- flux-4x: span 1.000 ms per call, 5 launches; cuBLAS GEMM 0.500, _steer_fwd_kernel 0.375; "
             "GPU idle between kernels 0.125.") in text
     assert "Selection alone at small N (ms, per call / CUDA-graph replay): N=16 row 0.170 / 0.020." in text
+    assert "- flux-4x: split 1.000, row 1.250." in text
 
 
 def test_shapes_follow_the_model_configs():

@@ -78,6 +78,15 @@ def _sweep_lines(sweep: dict) -> list[str]:
     return out
 
 
+def _algo_lines(rows: list[dict]) -> list[str]:
+    out = []
+    for r in rows:
+        algos = {k[len("fused_steer_"):]: _ms(r, k) for k in ("fused_steer_split", "fused_steer_row") if _ms(r, k)}
+        if algos:
+            out.append(f"{r['shape']}: " + ", ".join(f"{a} {v:.3f}" for a, v in algos.items()) + ".")
+    return out
+
+
 def _breakdown_lines(rows: list[dict]) -> list[str]:
     out = []
     for r in rows:
@@ -103,6 +112,9 @@ def kernel_check_markdown(doc: dict, level: int = 2) -> str:
              "Event timing of one call includes host launch gaps when the GPU runs out of queued work "
              "(small N); the CUDA graph column replays the op without them.",
              "", kernel_check_table(doc["rows"]), ""]
+    algos = _algo_lines(doc["rows"])
+    if algos:
+        lines += ["Fused steer by selection algorithm, default launch settings (ms):", ""] + [f"- {s}" for s in algos] + [""]
     breakdown = _breakdown_lines(doc["rows"])
     if breakdown:
         lines += ["Where the default fused steer's time goes (profiler kernel records over 10 back-to-back "
