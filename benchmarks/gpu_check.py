@@ -210,8 +210,6 @@ def make_sae(N, d, Fdim, k, dev, dtype, harmful_frac=0.05, seed=0):
 def tuning_sweep(dev, bench, shape, dtype) -> dict:
     """Stage timings: the encoder GEMM per pre-activation dtype, both selection algorithms over
     launch settings, and the decode kernel over tile shapes."""
-    from safedig_kernels.ops.sparse_decode import decode_config
-    from safedig_kernels.ops.steer import _decode_steer
     from safedig_kernels.ops.topk_encode import _encoder_gemm, _select, _SelectScratch, select_config
 
     _, N, d, Fdim, k = shape
@@ -267,19 +265,40 @@ def tuning_sweep(dev, bench, shape, dtype) -> dict:
                 entry["graph_error"] = repr(e)[:200]
             res.setdefault("select_small_n", []).append(entry)
             log("select small N", entry)
+    res["decode"] = decode_sweep(bench, sae, x, k, ((1024, 8, 4), (1024, 4, 4), (512, 8, 2), (512, 8, 4), (2048, 4, 4),
+                                                    (1024, 16, 4)))
+    return res
+
+
+def decode_sweep(bench, sae, x, k, tiles) -> list:
+    """The fused decode alone (every token steered) per [K_BLOCK, BLOCK_D] tile and warps."""
+    from safedig_kernels.ops.sparse_decode import decode_config
+    from safedig_kernels.ops.steer import _decode_steer
+
+    N, d = x.shape
     vals, idx = sae.encode(x)
     y = torch.empty_like(x)
-    h = torch.empty(N, device=dev)
-    for block_d, k_block, warps in ((1024, 8, 4), (1024, 4, 4), (512, 8, 2), (512, 8, 4), (2048, 4, 4), (1024, 16, 4)):
+    h = torch.empty(N, device=x.device)
+    rows = []
+    for block_d, k_block, warps in tiles:
         cfg = decode_config(d, k, dict(BLOCK_D=block_d, K_BLOCK=k_block, num_warps=warps))
         try:
             t = bench(lambda: _decode_steer(y, h, x[:, None], vals, idx, sae.harmful_mask, sae.W_dec, sae.b_dec,
                                             sae.beta, sae.gamma, sae.tau, k, cfg))
         except Exception as e:
             t = {"error": repr(e)[:200]}
-        res["decode"].append({"BLOCK_D": block_d, "K_BLOCK": k_block, "num_warps": warps, **t})
-        log("decode", res["decode"][-1])
-    return res
+        rows.append({"BLOCK_D": block_d, "K_BLOCK": k_block, "num_warps": warps, **t})
+        log("decode", d, k, rows[-1])
+    return rows
+
+
+def decode_sweep_16x(dev, bench, shape, dtype) -> list:
+    """At 16x the decoder (302 MB) outgrows L2: narrower d-blocks make each pass over the
+    tokens touch a slice of W_dec small enough to stay cached (the grid runs d-block-major)."""
+    _, N, d, Fdim, k = shape
+    sae, x = make_sae(N, d, Fdim, k, dev, dtype)
+    sae.set_strengths(beta=0.5, gamma=1.0, tau=-1.0)
+    return decode_sweep(bench, sae, x, k, ((1024, 8, 4), (512, 8, 4), (512, 8, 2), (256, 8, 2), (256, 16, 2)))
 
 
 def best(rows):
@@ -376,6 +395,7 @@ def main(argv=None) -> int:
     if not a.skip_sweep and dev == "cuda":
         try:
             sweep = tuning_sweep(dev, bench, SHAPES[0], dtype)
+            sweep["decode_16x"] = decode_sweep_16x(dev, bench, SHAPES[1], dtype)
             result["sweep"] = sweep
             bs, bd = best(sweep["select"]), best(sweep["decode"])
             if bs and bd:

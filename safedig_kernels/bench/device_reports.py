@@ -71,10 +71,12 @@ def _sweep_lines(sweep: dict) -> list[str]:
         out.append(f"Selection alone at small N (ms{', per call / CUDA-graph replay' if graphs else ''}): " + "; ".join(
             f"N={s['N']} {s['algo']} {_fmt(s.get('median_ms'))}"
             + (f" / {_fmt(s['graph_ms'])}" if "graph_ms" in s else "") for s in small) + ".")
-    dec = sorted((s for s in sweep.get("decode", []) if "median_ms" in s), key=lambda s: s["median_ms"])
-    if dec:
-        out.append("Fused decode alone, every token steered (ms): " + "; ".join(
-            f"[{s['K_BLOCK']}, {s['BLOCK_D']}] tile, {s['num_warps']} warps: {s['median_ms']:.3f}" for s in dec[:3]) + ".")
+    for key, where in (("decode", ""), ("decode_16x", " at the FLUX 16x shape")):
+        dec = sorted((s for s in sweep.get(key, []) if "median_ms" in s), key=lambda s: s["median_ms"])
+        if dec:
+            out.append(f"Fused decode alone{where}, every token steered (ms): " + "; ".join(
+                f"[{s['K_BLOCK']}, {s['BLOCK_D']}] tile, {s['num_warps']} warps: {s['median_ms']:.3f}" for s in dec[:3])
+                + (f"; slowest swept {dec[-1]['median_ms']:.3f}" if key == "decode_16x" else "") + ".")
     return out
 
 
