@@ -218,13 +218,17 @@ def tuning_sweep(dev, bench, shape, dtype) -> dict:
     bias = sae.enc_bias()
     res = {"gemm": [], "select": [], "decode": []}
     res["gemv_bias"] = bench(lambda: sk.ops.encoder_bias(sae.W_enc, sae.b_enc, sae.b_dec))
-    settings = [(dtype, algo, chunk, warps) for algo in ("split", "row") for chunk in (1024, 2048, 4096) for warps in (4, 8)]
+    settings = [(dtype, algo, chunk, warps, 1) for algo in ("split", "row") for chunk in (1024, 2048, 4096)
+                for warps in (4, 8)]
     # one or two warps per program: reductions stay in shuffles (no barriers), more programs resident
-    settings += [(dtype, algo, chunk, warps) for algo in ("split", "row") for chunk, warps in ((512, 1), (1024, 1), (1024, 2),
-                                                                                           (2048, 2))]
-    settings += [(torch.float32, "split", 2048, 4), (torch.float32, "row", 2048, 4)]
+    settings += [(dtype, algo, chunk, warps, 1) for algo in ("split", "row")
+                 for chunk, warps in ((512, 1), (1024, 1), (1024, 2), (2048, 2))]
+    # "row" with its chunk loads software-pipelined (the next chunks in flight while one is reduced)
+    settings += [(dtype, "row", chunk, warps, stages) for chunk, warps, stages in ((1024, 4, 2), (1024, 4, 3), (2048, 4, 2),
+                                                                                 (1024, 2, 3), (512, 1, 3))]
+    settings += [(torch.float32, "split", 2048, 4, 1), (torch.float32, "row", 2048, 4, 1)]
     pres = {}
-    for pre_dtype, algo, chunk, warps in settings:
+    for pre_dtype, algo, chunk, warps, stages in settings:
         if pre_dtype not in pres:
             try:
                 pres[pre_dtype] = _encoder_gemm(x, sae.W_enc, bias, pre_dtype)
@@ -236,7 +240,7 @@ def tuning_sweep(dev, bench, shape, dtype) -> dict:
         if pres[pre_dtype] is None:
             continue
         pre, bias_on_load = pres[pre_dtype]
-        cfg = select_config(Fdim, k, chunk, warps)
+        cfg = select_config(Fdim, k, chunk, warps, stages)
         vals = torch.empty(N, k, device=dev)
         idx = torch.empty(N, k, device=dev, dtype=torch.int32)
         scratch = _SelectScratch(N, cfg, x.device, algo)
@@ -244,7 +248,8 @@ def tuning_sweep(dev, bench, shape, dtype) -> dict:
             t = bench(lambda: _select(vals, idx, scratch, pre, bias_on_load, k, cfg, algo))
         except Exception as e:  # a setting the compiler rejects (registers, shared memory)
             t = {"error": repr(e)[:200]}
-        res["select"].append({"pre_dtype": str(pre_dtype), "algo": algo, "chunk": chunk, "num_warps": warps, **t})
+        res["select"].append({"pre_dtype": str(pre_dtype), "algo": algo, "chunk": chunk, "num_warps": warps,
+                              "load_stages": stages, **t})
         log("select", res["select"][-1])
     del pres
     # the small-N end and the crossover: which algorithm wins with few rows to spread over the
@@ -400,7 +405,7 @@ def main(argv=None) -> int:
             bs, bd = best(sweep["select"]), best(sweep["decode"])
             if bs and bd:
                 tuned = dict(pre_dtype=getattr(torch, bs["pre_dtype"].replace("torch.", "")), chunk=bs["chunk"],
-                             select_warps=bs["num_warps"], select_algo=bs["algo"],
+                             select_warps=bs["num_warps"], select_algo=bs["algo"], select_stages=bs.get("load_stages"),
                              decode_overrides={kk: bd[kk] for kk in ("BLOCK_D", "K_BLOCK", "num_warps")})
                 result["tuned"] = {**{kk: str(v) for kk, v in tuned.items()}}
                 log("tuned", result["tuned"])

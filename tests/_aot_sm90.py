@@ -36,7 +36,9 @@ SELECT = [(12288, 32, torch.bfloat16, None, None), (49152, 64, torch.bfloat16, N
           (12288, 32, torch.bfloat16, 2048, 4),
           # the 1- and 2-warp settings gpu_check sweeps
           (12288, 32, torch.bfloat16, 512, 1), (12288, 32, torch.bfloat16, 1024, 1), (12288, 32, torch.bfloat16, 1024, 2),
-          (12288, 32, torch.bfloat16, 2048, 2)]
+          (12288, 32, torch.bfloat16, 2048, 2),
+          # "row" with pipelined chunk loads (sixth field: load_stages; the split kernels have no such loop)
+          (12288, 32, torch.bfloat16, 1024, 4, 3), (12288, 32, torch.bfloat16, 512, 1, 3)]
 DECODE = [(3072, 32, torch.bfloat16), (2432, 64, torch.float16), (1000, 256, torch.float32)]
 
 
@@ -60,15 +62,18 @@ def resources(kernel) -> dict:
 
 
 def main() -> None:
-    for F, k, pre_dtype, chunk, warps in SELECT:
-        cfg = select_config(F, k, chunk, warps)
-        const = {n: cfg[n] for n in ("CHUNK", "NUM_CHUNKS", "GROUPS", "CAND", "RANK_BLOCK", "EXACT_ONLY")}
+    for F, k, pre_dtype, chunk, warps, *stages in SELECT:
+        cfg = select_config(F, k, chunk, warps, *stages)
+        const = {n: cfg[n] for n in ("CHUNK", "NUM_CHUNKS", "GROUPS", "CAND", "RANK_BLOCK", "EXACT_ONLY", "LOAD_STAGES")}
         sig = {"vals_ptr": "*fp32", "idx_ptr": "*i32", "cand_val_ptr": "*fp32", "cand_idx_ptr": "*i32",
                "count_ptr": "*i32", "pre_ptr": "*" + TY[pre_dtype], "bias_ptr": "*fp32", "stride_pre": "i32", "F": "i32"}
         const = dict(K=k, HAS_BIAS=pre_dtype != torch.float32, **const)
         res = resources(compile_sm90(_topk_select_kernel, sig, const, cfg["num_warps"]))
         print(json.dumps({"kernel": "select", "F": F, "k": k, "pre": str(pre_dtype), "chunk": cfg["CHUNK"],
-                          "num_warps": cfg["num_warps"], "exact_only": cfg["EXACT_ONLY"], **res}), flush=True)
+                          "num_warps": cfg["num_warps"], "load_stages": cfg["LOAD_STAGES"], "exact_only": cfg["EXACT_ONLY"],
+                          **res}), flush=True)
+        if stages:
+            continue
         # the split algorithm's three kernels at the same settings
         common = dict(CHUNK=cfg["CHUNK"], NUM_CHUNKS=cfg["NUM_CHUNKS"], GROUPS=cfg["GROUPS"], HAS_BIAS=const["HAS_BIAS"])
         pre_sig = {"pre_ptr": "*" + TY[pre_dtype], "bias_ptr": "*fp32", "stride_pre": "i32", "F": "i32"}

@@ -65,14 +65,16 @@ def test_topk_encode_kernel(N, d, F, k, chunk, layout):
     torch.testing.assert_close(vals.double(), torch.gather(z, 1, idx.long()), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("num_warps", [1, 2])
-def test_topk_encode_kernel_narrow_programs_rank_in_small_blocks(num_warps):
-    # 1- and 2-warp settings rank candidates in blocks of 8 and 16 (RANK_BLOCK), not 32
+@pytest.mark.parametrize("num_warps,load_stages", [(1, None), (2, None), (4, 3)])
+def test_topk_encode_kernel_swept_launch_settings(num_warps, load_stages):
+    # 1- and 2-warp settings rank candidates in blocks of 8 and 16 (RANK_BLOCK), not 32;
+    # load_stages pipelines the row kernel's chunk loops (the interpreter runs them plainly)
     N, d, F, k = 4, 10, 500, 20
-    assert select_config(F, k, 128, num_warps)["RANK_BLOCK"] == 8 * num_warps
+    assert select_config(F, k, 128, num_warps)["RANK_BLOCK"] == min(8 * num_warps, 32)
     W_enc, b_enc, _, b_dec = sae(d, F)
     x = torch.randn(N, d)
-    vals, idx = _topk_encode_fwd(x, W_enc, encoder_bias(W_enc, b_enc, b_dec), k, chunk=128, num_warps=num_warps)
+    vals, idx = _topk_encode_fwd(x, W_enc, encoder_bias(W_enc, b_enc, b_dec), k, chunk=128, num_warps=num_warps,
+                                 load_stages=load_stages)
     pre64, chosen, z, _ = dense_codes64(x, W_enc, b_enc, b_dec, k)
     assert idx.tolist() == chosen
     torch.testing.assert_close(vals.double(), torch.gather(z, 1, idx.long()), rtol=1e-5, atol=1e-5)

@@ -63,7 +63,9 @@ def _sweep_lines(sweep: dict) -> list[str]:
     sel = sorted((s for s in sweep.get("select", []) if "median_ms" in s), key=lambda s: s["median_ms"])
     if sel:
         out.append("Selection alone, fastest settings (ms): " + "; ".join(
-            f"{s['algo']} chunk {s['chunk']} warps {s['num_warps']} {s['pre_dtype'].replace('torch.', '')}: "
+            f"{s['algo']} chunk {s['chunk']} warps {s['num_warps']}"
+            + (f" stages {s['load_stages']}" if s.get("load_stages", 1) > 1 else "")
+            + f" {s['pre_dtype'].replace('torch.', '')}: "
             f"{s['median_ms']:.3f}" for s in sel[:4]) + f"; slowest swept {sel[-1]['median_ms']:.3f}.")
     small = sweep.get("select_small_n", [])
     if small:

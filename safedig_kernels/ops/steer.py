@@ -79,7 +79,8 @@ def _steer_fwd_kernel(
 def _steer_fwd(x: torch.Tensor, W_enc, W_dec, b_dec, harmful, beta, gamma, tau, k: int,
                enc_bias: torch.Tensor, pre_dtype: Optional[torch.dtype] = None,
                chunk: Optional[int] = None, select_warps: Optional[int] = None,
-               decode_overrides: Optional[dict] = None, select_algo: Optional[str] = None
+               decode_overrides: Optional[dict] = None, select_algo: Optional[str] = None,
+               select_stages: Optional[int] = None
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launcher. `x` `[N, d]` or `[B, T, d]`, any strides. Returns y (contiguous, x's shape and
     dtype) and h (fp32, x's shape without d). No host sync; allocations depend on shapes only.
@@ -92,7 +93,8 @@ def _steer_fwd(x: torch.Tensor, W_enc, W_dec, b_dec, harmful, beta, gamma, tau, 
     h = torch.empty(x.shape[:-1], device=x.device, dtype=torch.float32)
     if N == 0:
         return y, h
-    vals, idx = _topk_encode_fwd(x3.reshape(N, d), W_enc, enc_bias, k, pre_dtype, chunk, select_warps, select_algo)
+    vals, idx = _topk_encode_fwd(x3.reshape(N, d), W_enc, enc_bias, k, pre_dtype, chunk, select_warps, select_algo,
+                                 select_stages)
     _decode_steer(y, h, x3, vals, idx, harmful, W_dec, b_dec, beta, gamma, tau, k, decode_config(d, k, decode_overrides))
     return y, h
 

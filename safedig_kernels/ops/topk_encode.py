@@ -167,8 +167,13 @@ def _topk_select_kernel(
     stride_pre, F,
     K: tl.constexpr, CHUNK: tl.constexpr, NUM_CHUNKS: tl.constexpr, GROUPS: tl.constexpr,
     CAND: tl.constexpr, RANK_BLOCK: tl.constexpr, EXACT_ONLY: tl.constexpr, HAS_BIAS: tl.constexpr,
+    LOAD_STAGES: tl.constexpr = 1,
 ):
-    """One program per row ("row" algorithm): both passes walk the row chunk by chunk."""
+    """One program per row ("row" algorithm): both passes walk the row chunk by chunk.
+
+    LOAD_STAGES > 1 asks Triton to software-pipeline the chunk loads (cp.async into shared
+    memory, the next chunks in flight while one is reduced): a sweep knob for a program that
+    otherwise waits out each chunk's load latency in turn. 1: plain loops."""
     row = tl.program_id(0).to(tl.int64)
     pre_row = pre_ptr + row * stride_pre
     cand_vals = cand_val_ptr + row * CAND
@@ -181,7 +186,7 @@ def _topk_select_kernel(
     # keep its shape, so each loop has names of its own.)
     bad_acc = tl.zeros([GROUPS, GS], dtype=tl.int32)
     gmax = tl.full([GROUPS], float("-inf"), tl.float32)
-    for c in range(NUM_CHUNKS):
+    for c in tl.range(0, NUM_CHUNKS, num_stages=LOAD_STAGES if LOAD_STAGES > 1 else None):
         v1, offs1, valid1, bad1 = _load_tile(pre_row, bias_ptr, c * CHUNK, F, GROUPS, GS, HAS_BIAS)
         bad_acc = bad_acc | bad1.to(tl.int32)
         gmax = tl.maximum(gmax, tl.max(tl.where(valid1, v1, float("-inf")), axis=1))
@@ -199,7 +204,7 @@ def _topk_select_kernel(
             tl.debug_barrier()
             # Pass 2: each candidate v >= L takes a scratch slot from the row's counter.
             counter = count_ptr + row + tl.zeros([GROUPS, GS], dtype=tl.int32)
-            for c in range(NUM_CHUNKS):
+            for c in tl.range(0, NUM_CHUNKS, num_stages=LOAD_STAGES if LOAD_STAGES > 1 else None):
                 v2, offs2, valid2, _ = _load_tile(pre_row, bias_ptr, c * CHUNK, F, GROUPS, GS, HAS_BIAS)
                 is_cand = valid2 & (v2 >= lower)
                 slot = tl.atomic_add(counter, 1, mask=is_cand, sem="relaxed")
@@ -302,7 +307,8 @@ def _split_rank_kernel(
 
 
 @functools.lru_cache(maxsize=256)
-def select_config(F: int, k: int, chunk: Optional[int] = None, num_warps: Optional[int] = None) -> Mapping:
+def select_config(F: int, k: int, chunk: Optional[int] = None, num_warps: Optional[int] = None,
+                  load_stages: Optional[int] = None) -> Mapping:
     """Launch settings for the select kernels (read-only, cached: it runs on every op call): a
     small heuristic, not autotuned.
 
@@ -312,7 +318,8 @@ def select_config(F: int, k: int, chunk: Optional[int] = None, num_warps: Option
     Defaults from the H200 sweep of 2026-11-28 (benchmarks/gpu_check.py): 2048-element chunks
     and 4 warps beat 4096/8192 and 8/16 warps at the FLUX 4x shape. The candidate ranking
     compares [CAND, RANK_BLOCK] blocks; RANK_BLOCK shrinks below 4 warps so 1- and 2-warp
-    programs (swept, not yet measured) fit their registers without spilling.
+    programs (swept, not yet measured) fit their registers without spilling. `load_stages` > 1
+    pipelines the "row" kernel's chunk loads (swept, not yet measured; 1: plain loops).
     """
     k_pow2 = next_pow2(k)
     if chunk is None:
@@ -326,6 +333,7 @@ def select_config(F: int, k: int, chunk: Optional[int] = None, num_warps: Option
     return MappingProxyType(dict(
         CHUNK=chunk, NUM_CHUNKS=num_chunks, CHUNKS_POW2=next_pow2(num_chunks), GROUPS=max(groups, 1),
         CAND=cand, RANK_BLOCK=min(cand, 32, 8 * (num_warps or 4)), EXACT_ONLY=exact_only, num_warps=num_warps or 4,
+        LOAD_STAGES=load_stages or 1,
     ))
 
 
@@ -388,10 +396,11 @@ def resolve_select_algo(algo: Optional[str], rows: int) -> str:
 
 def _topk_encode_fwd(x2: torch.Tensor, W_enc: torch.Tensor, enc_bias: torch.Tensor, k: int,
                      pre_dtype: Optional[torch.dtype] = None, chunk: Optional[int] = None,
-                     num_warps: Optional[int] = None, algo: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     num_warps: Optional[int] = None, algo: Optional[str] = None,
+                     load_stages: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Launcher. `x2` `[N, d]` (any strides), `enc_bias` fp32 `[F]`. Returns vals fp32 and idx
     int32, `[N, k]`. No host sync; allocations depend on shapes only. `pre_dtype`, `chunk`,
-    `num_warps` and `algo` override the defaults (benchmarks sweep them)."""
+    `num_warps`, `algo` and `load_stages` override the defaults (benchmarks sweep them)."""
     N = x2.shape[0]
     F = W_enc.shape[1]
     vals = torch.empty(N, k, device=x2.device, dtype=torch.float32)
@@ -399,7 +408,7 @@ def _topk_encode_fwd(x2: torch.Tensor, W_enc: torch.Tensor, enc_bias: torch.Tens
     if N == 0:
         return vals, idx
     pre_dtype = pre_dtype or pre_dtype_for(x2.dtype, x2.device)
-    cfg = select_config(F, k, chunk, num_warps)
+    cfg = select_config(F, k, chunk, num_warps, load_stages)
     rows_per_pass = max(1, PRE_BUFFER_BYTES // (F * torch.finfo(pre_dtype).bits // 8))
     algo = resolve_select_algo(algo, N)  # by N, so every row pass of one call runs the same kernels
     scratch = _SelectScratch(min(N, rows_per_pass), cfg, x2.device, algo)
@@ -436,7 +445,8 @@ def _select(vals, idx, scratch: _SelectScratch, pre, bias: Optional[torch.Tensor
     if algo == "row":
         _topk_select_kernel[(rows,)](
             vals, idx, scratch.vals, scratch.idx, scratch.count, pre, bias, pre.stride(0), F,
-            K=k, CAND=cfg["CAND"], RANK_BLOCK=cfg["RANK_BLOCK"], EXACT_ONLY=cfg["EXACT_ONLY"], **common)
+            K=k, CAND=cfg["CAND"], RANK_BLOCK=cfg["RANK_BLOCK"], EXACT_ONLY=cfg["EXACT_ONLY"],
+            LOAD_STAGES=cfg["LOAD_STAGES"], **common)
         return
     grid = (rows, cfg["NUM_CHUNKS"])
     _group_max_kernel[grid](scratch.gmax, scratch.count, pre, bias, pre.stride(0), F, **common)
