@@ -270,6 +270,22 @@ def tuning_sweep(dev, bench, shape, dtype) -> dict:
                 entry["graph_error"] = repr(e)[:200]
             res.setdefault("select_small_n", []).append(entry)
             log("select small N", entry)
+    # the whole steer at small N: one kernel (select + decode per token) against two
+    from safedig_kernels.ops.steer import _steer_fwd
+
+    sae.set_strengths(beta=0.5, gamma=1.0, tau=-1.0)
+    for n_small in (16, 64, 256):
+        xs = x[:n_small]
+        for one in (True, False):
+            call = lambda: _steer_fwd(xs, sae.W_enc, sae.W_dec, sae.b_dec, sae.harmful_mask, sae.beta,  # noqa: E731
+                                      sae.gamma, sae.tau, k, bias, select_algo="row", one_launch=one)
+            entry = {"N": n_small, "one_launch": one, **bench(call)}
+            try:
+                entry["graph_ms"] = bench(graphed(call))["median_ms"]
+            except Exception as e:
+                entry["graph_error"] = repr(e)[:200]
+            res.setdefault("steer_small_n", []).append(entry)
+            log("steer small N", entry)
     res["decode"] = decode_sweep(bench, sae, x, k, ((1024, 8, 4), (1024, 4, 4), (512, 8, 2), (512, 8, 4), (2048, 4, 4),
                                                     (1024, 16, 4)))
     return res

@@ -23,7 +23,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from safedig_kernels.ops.sparse_decode import _sparse_decode_kernel, decode_config  # noqa: E402
-from safedig_kernels.ops.steer import _steer_fwd_kernel  # noqa: E402
+from safedig_kernels.ops.steer import _steer_fwd_kernel, _steer_row_kernel  # noqa: E402
 from safedig_kernels.ops.topk_encode import (  # noqa: E402
     _group_max_kernel, _split_bound_kernel, _split_candidates_kernel, _split_rank_kernel, _topk_select_kernel,
     select_config)
@@ -40,6 +40,9 @@ SELECT = [(12288, 32, torch.bfloat16, None, None), (49152, 64, torch.bfloat16, N
           # "row" with pipelined chunk loads (sixth field: load_stages; the split kernels have no such loop)
           (12288, 32, torch.bfloat16, 1024, 4, 3), (12288, 32, torch.bfloat16, 512, 1, 3)]
 DECODE = [(3072, 32, torch.bfloat16), (2432, 64, torch.float16), (1000, 256, torch.float32)]
+# the one-launch small-N steer kernel: (d, F, k, dtype)
+ONE_LAUNCH = [(3072, 12288, 32, torch.bfloat16), (3072, 49152, 64, torch.bfloat16), (2432, 9728, 32, torch.float16),
+              (1000, 300, 7, torch.float32)]
 
 
 def compile_sm90(fn, signature: dict, constexprs: dict, num_warps: int):
@@ -111,6 +114,21 @@ def main() -> None:
                "stride_wf": "i64", "F": "i32", "d": "i32"}
         res = resources(compile_sm90(_sparse_decode_kernel, sig, const, cfg["num_warps"]))
         print(json.dumps({"kernel": "sparse_decode", "d": d, "k": k, "dtype": str(dtype), **res}), flush=True)
+    for d, F, k, dtype in ONE_LAUNCH:
+        scfg, dcfg = select_config(F, k), decode_config(d, k)
+        pre = torch.float32 if dtype == torch.float16 else dtype  # as pre_dtype_for
+        t = "*" + TY[dtype]
+        sig = {"y_ptr": t, "h_ptr": "*fp32", "vals_ptr": "*fp32", "idx_ptr": "*i32", "cand_val_ptr": "*fp32",
+               "cand_idx_ptr": "*i32", "count_ptr": "*i32", "pre_ptr": "*" + TY[pre], "bias_ptr": "*fp32", "x_ptr": t,
+               "harmful_ptr": "*u8", "W_dec_ptr": t, "b_dec_ptr": t, "beta_ptr": "*fp32", "gamma_ptr": "*fp32",
+               "tau_ptr": "*fp32", "stride_pre": "i32", "stride_xb": "i64", "stride_xt": "i64", "stride_xd": "i64",
+               "stride_wf": "i64", "T": "i32", "F": "i32", "d": "i32"}
+        const = {n: scfg[n] for n in ("CHUNK", "NUM_CHUNKS", "GROUPS", "CAND", "RANK_BLOCK", "EXACT_ONLY", "LOAD_STAGES")}
+        const.update(K=k, HAS_BIAS=dtype != torch.float32, K_BLOCK=dcfg["K_BLOCK"], BLOCK_D=dcfg["BLOCK_D"],
+                     NUM_D_BLOCKS=-(-d // dcfg["BLOCK_D"]))
+        res = resources(compile_sm90(_steer_row_kernel, sig, const, scfg["num_warps"]))
+        print(json.dumps({"kernel": "steer_one_launch", "d": d, "F": F, "k": k, "dtype": str(dtype),
+                          "exact_only": scfg["EXACT_ONLY"], **res}), flush=True)
 
 
 if __name__ == "__main__":

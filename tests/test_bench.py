@@ -361,6 +361,8 @@ def test_kernel_check_renders_the_profiler_breakdown_and_graph_timings():
                          "kernels": [{"name": "cuBLAS GEMM", "ms": 0.5}, {"name": "_steer_fwd_kernel", "ms": 0.375}]}}
     doc = {"env": {"device": "GPU", "torch": "t", "triton": "tr", "date": "d"}, "ceilings": {}, "rows": [row],
            "sweep": {"select_small_n": [{"N": 16, "algo": "row", "median_ms": 0.17, "graph_ms": 0.02}],
+                     "steer_small_n": [{"N": 16, "one_launch": True, "median_ms": 0.1, "graph_ms": 0.04},
+                                       {"N": 16, "one_launch": False, "median_ms": 0.15}],
                      "decode_16x": [{"BLOCK_D": 256, "K_BLOCK": 8, "num_warps": 2, "median_ms": 0.3},
                                     {"BLOCK_D": 1024, "K_BLOCK": 8, "num_warps": 4, "median_ms": 0.4}]}}
     text = kernel_check_markdown(doc)
@@ -368,6 +370,8 @@ def test_kernel_check_renders_the_profiler_breakdown_and_graph_timings():
             "GPU idle between kernels 0.125.") in text
     assert "Selection alone at small N (ms, per call / CUDA-graph replay): N=16 row 0.170 / 0.020." in text
     assert "- flux-4x: split 1.000, row 1.250." in text
+    assert ("Fused steer at small N, \"row\" selection, one kernel or two (ms, per call / CUDA-graph replay): "
+            "N=16 one 0.100 / 0.040; N=16 two 0.150.") in text
     assert ("Fused decode alone at the FLUX 16x shape, every token steered (ms): [8, 256] tile, 2 warps: 0.300; "
             "[8, 1024] tile, 4 warps: 0.400; slowest swept 0.400.") in text
 

@@ -29,9 +29,10 @@ def compiled():
 def test_every_kernel_compiles_for_sm90(compiled):
     kinds = {r["kernel"] for r in compiled}
     assert kinds == {"select", "split_group_max", "split_bound", "split_candidates", "split_rank", "steer_decode",
-                     "sparse_decode"}
-    # 10 select settings x 5 kernels (no candidates pass when exact), 2 pipelined "row" settings, 6 decode
-    assert len(compiled) == 10 * 5 - 1 + 2 + 6
+                     "sparse_decode", "steer_one_launch"}
+    # 10 select settings x 5 kernels (no candidates pass when exact), 2 pipelined "row" settings, 6 decode,
+    # 4 one-launch steer
+    assert len(compiled) == 10 * 5 - 1 + 2 + 6 + 4
     assert {r["load_stages"] for r in compiled if r["kernel"] == "select"} == {1, 3}
 
 

@@ -133,6 +133,24 @@ def test_real_sizes(N, d, F, k, dtype):
     check_steer(x, *sae, 0.0, 2.0, 0.05, k)        # gated pure Repel
 
 
+@pytest.mark.parametrize("N,d,F,k", [(64, 3072, 12288, 32), (16, 3072, 49152, 64), (33, 2432, 9728, 32)],
+                         ids=lambda v: str(v))
+def test_one_launch_steer_matches_two_kernels_bitwise(N, d, F, k):
+    # One program selecting and then steering its token must give exactly what the select and
+    # steer kernels give: same code, so any difference is a race on the codes it wrote itself.
+    from safedig_kernels.ops.steer import _steer_fwd
+
+    x, W_enc, b_enc, W_dec, b_dec, harmful = make(d, F, torch.bfloat16, lead=(1, N + 1))
+    x = x[:, 1:]  # a [B, T, d] view that starts past its storage offset
+    bias = ops.encoder_bias(W_enc, b_enc, b_dec)
+    args = (x, W_enc, W_dec, b_dec, harmful, *strengths(0.5, 1.0, -1.0), k, bias)
+    for _ in range(3):
+        y1, h1 = _steer_fwd(*args, one_launch=True)
+        y2, h2 = _steer_fwd(*args, one_launch=False, select_algo="row")
+        assert_bitwise_equal(y1, y2)
+        assert_bitwise_equal(h1, h2)
+
+
 def test_flux_single_block_strided_activation():
     # FLUX single blocks hand back [B, T_img, d] slices of a [B, T_txt + T_img, d] buffer.
     buf, *sae = make(3072, 12288, torch.bfloat16, lead=(1, 512 + 4096))

@@ -17,12 +17,21 @@ pytestmark = [pytest.mark.interpreter, pytest.mark.usefixtures("poison_allocatio
 
 # the module, not the `ops.topk_encode` function that shadows it as a package attribute
 topk_encode_module = importlib.import_module("safedig_kernels.ops.topk_encode")
+steer_module = importlib.import_module("safedig_kernels.ops.steer")
 
 
 @pytest.fixture(params=SELECT_ALGOS, autouse=True)
 def select_algo(request, monkeypatch):
     """Every test runs with each selection algorithm as the default."""
     monkeypatch.setattr(topk_encode_module, "DEFAULT_SELECT_ALGO", request.param)
+    return request.param
+
+
+@pytest.fixture(params=["one_launch_when_small", "two_kernels"])
+def steer_path(request, monkeypatch):
+    """Steer tests run with small N in one launch (the default) and forced through two kernels."""
+    if request.param == "two_kernels":
+        monkeypatch.setattr(steer_module, "ONE_LAUNCH_MAX_ROWS", 0)
     return request.param
 
 
@@ -156,6 +165,7 @@ def _flux_like(B, T, d):
 
 @pytest.mark.parametrize("B,T,d,F,k", STEER_CASES, ids=lambda v: str(v))
 @pytest.mark.parametrize("beta,gamma,tau", STRENGTHS, ids=lambda v: str(v))
+@pytest.mark.usefixtures("steer_path")
 def test_steer_kernel(B, T, d, F, k, beta, gamma, tau):
     W_enc, b_enc, W_dec, b_dec = sae(d, F)
     harmful = torch.rand(F) < 0.3
@@ -173,6 +183,26 @@ def test_steer_kernel(B, T, d, F, k, beta, gamma, tau):
     assert_bitwise_equal(y[bad], x[bad])
 
 
+@pytest.mark.parametrize("B,T,d,F,k", STEER_CASES, ids=lambda v: str(v))
+@pytest.mark.parametrize("block_d", [None, 16], ids=["one-d-block", "d-blocks-of-16"])
+def test_one_launch_steer_equals_two_kernels_bitwise(B, T, d, F, k, block_d):
+    # the same selection and the same decode code, composed in one program (which loops over
+    # the d-blocks) or in two kernels (a program per d-block)
+    W_enc, b_enc, W_dec, b_dec = sae(d, F)
+    harmful = torch.rand(F) < 0.3
+    x = _flux_like(B, T, d)
+    x[0, 0, 1] = float("inf")
+    args = (x, W_enc, W_dec, b_dec, harmful, torch.tensor(0.5), torch.tensor(1.0), torch.tensor(-1.0), k,
+            encoder_bias(W_enc, b_enc, b_dec))
+    tiles = None if block_d is None else dict(BLOCK_D=block_d)
+    y1, h1 = _steer_fwd(*args, one_launch=True, decode_overrides=tiles)
+    y2, h2 = _steer_fwd(*args, one_launch=False, select_algo="row", decode_overrides=tiles)
+    assert_bitwise_equal(y1, y2)
+    assert_bitwise_equal(h1, h2)
+    assert torch.isnan(h1[0, 0]) and torch.isfinite(h1.flatten()[1:]).all()
+
+
+@pytest.mark.usefixtures("steer_path")
 def test_steer_kernel_zero_strengths_bitwise():
     W_enc, b_enc, W_dec, b_dec = sae(16, 64)
     x = _flux_like(2, 3, 16)
@@ -183,6 +213,7 @@ def test_steer_kernel_zero_strengths_bitwise():
     assert torch.isfinite(h).all() and (h > 0).all()
 
 
+@pytest.mark.usefixtures("steer_path")
 def test_steer_kernel_reads_only_the_rows_it_needs():
     # Decoder rows poisoned with NaN: any row the kernel reads would turn y into NaN.
     d, F, k = 12, 60, 6

@@ -2,8 +2,9 @@
 
 Small-N calls are bound by host launch cost (SPEC §6: 0.1 ms at N = 16), so every launch must
 earn its place: the scratch counters are zeroed inside the select kernels, not by a memset,
-and small inputs take the one-launch "row" selection. Kernels run under TRITON_INTERPRET with
-poisoned allocations, so a counter left unzeroed shows up as a wrong or crashing selection.
+small inputs take the "row" selection, and the smallest run selection and decode as one
+kernel. Kernels run under TRITON_INTERPRET with poisoned allocations, so a counter left
+unzeroed shows up as a wrong or crashing selection.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import pytest
 import torch
 from _oracle import dense_steer64
 
-from safedig_kernels.ops.steer import _steer_fwd
+from safedig_kernels.ops.steer import ONE_LAUNCH_MAX_ROWS, _steer_fwd
 from safedig_kernels.ops.topk_encode import ROW_ALGO_MAX_ROWS, encoder_bias, resolve_select_algo
 
 topk_module = importlib.import_module("safedig_kernels.ops.topk_encode")
@@ -49,12 +50,14 @@ class _CountingKernel:
 
 @pytest.mark.interpreter
 @pytest.mark.usefixtures("poison_allocations")
-@pytest.mark.parametrize("rows,algo,launches", [
-    (5, "row", {"_topk_select_kernel": 1, "_steer_fwd_kernel": 1}),
-    (ROW_ALGO_MAX_ROWS + 3, "split", {"_group_max_kernel": 1, "_split_bound_kernel": 1,
-                                      "_split_candidates_kernel": 1, "_split_rank_kernel": 1, "_steer_fwd_kernel": 1}),
-])
-def test_steer_launches(monkeypatch, rows, algo, launches):
+@pytest.mark.parametrize("rows,launches", [
+    (5, {"_steer_row_kernel": 1}),
+    (ONE_LAUNCH_MAX_ROWS, {"_steer_row_kernel": 1}),
+    (ONE_LAUNCH_MAX_ROWS + 1, {"_topk_select_kernel": 1, "_steer_fwd_kernel": 1}),
+    (ROW_ALGO_MAX_ROWS + 3, {"_group_max_kernel": 1, "_split_bound_kernel": 1, "_split_candidates_kernel": 1,
+                             "_split_rank_kernel": 1, "_steer_fwd_kernel": 1}),
+], ids=["small", "one-launch-limit", "row", "split"])
+def test_steer_launches(monkeypatch, rows, launches):
     monkeypatch.setattr(topk_module, "DEFAULT_SELECT_ALGO", "auto")
     counts: Counter = Counter()
     for module in (topk_module, steer_module):

@@ -73,6 +73,11 @@ def _sweep_lines(sweep: dict) -> list[str]:
         out.append(f"Selection alone at small N (ms{', per call / CUDA-graph replay' if graphs else ''}): " + "; ".join(
             f"N={s['N']} {s['algo']} {_fmt(s.get('median_ms'))}"
             + (f" / {_fmt(s['graph_ms'])}" if "graph_ms" in s else "") for s in small) + ".")
+    steer_small = sweep.get("steer_small_n", [])
+    if steer_small:
+        out.append("Fused steer at small N, \"row\" selection, one kernel or two (ms, per call / CUDA-graph replay): "
+                   + "; ".join(f"N={s['N']} {'one' if s['one_launch'] else 'two'} {_fmt(s.get('median_ms'))}"
+                               + (f" / {_fmt(s['graph_ms'])}" if "graph_ms" in s else "") for s in steer_small) + ".")
     for key, where in (("decode", ""), ("decode_16x", " at the FLUX 16x shape")):
         dec = sorted((s for s in sweep.get(key, []) if "median_ms" in s), key=lambda s: s["median_ms"])
         if dec:

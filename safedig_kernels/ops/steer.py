@@ -7,6 +7,9 @@ on another. Per selected feature j the update weight is `beta * z_j` (safe) or `
 (harmful), and only rows with a non-zero weight are read: beta = 0 reads harmful rows alone,
 an ungated token reads no rows at all. Strengths and threshold are read from device tensors,
 so changing them needs no recompilation and no host sync.
+
+Small N (<= ONE_LAUNCH_MAX_ROWS tokens) runs as the GEMM plus one kernel, `_steer_row_kernel`:
+each program selects its token's codes with the "row" selection, then steers all of its d.
 """
 from __future__ import annotations
 
@@ -19,36 +22,47 @@ from .._checks import check_steer
 from .._library import use_triton_for
 from ._triton import cdiv, tl, triton
 from .sparse_decode import _weighted_row_sum, decode_config
-from .topk_encode import _topk_encode_fwd, encoder_bias
+from .topk_encode import (_encoder_gemm, _select_row, _SelectScratch, _topk_encode_fwd, encoder_bias, pre_dtype_for,
+                          resolve_select_algo, select_config)
+
+# Up to this many tokens steer runs as one kernel (plus the GEMM): there the op is bound by host
+# launch cost (H200, 2026-11-28: N = 16 took 0.32 ms per eager call against 0.05 ms replayed from
+# a CUDA graph), and each program has a whole token's d to itself without starving the GPU.
+# Not yet measured on a GPU; benchmarks/gpu_check.py compares both paths at N = 16, 64, 256.
+ONE_LAUNCH_MAX_ROWS = 64
 
 
 @triton.jit
-def _load_codes(vals_ptr, idx_ptr, harmful_ptr, n, kb, F, K: tl.constexpr, K_BLOCK: tl.constexpr):
-    """Codes kb .. kb + K_BLOCK of token n: values, feature ids, harmful flags, in-range mask."""
+def _load_codes(vals_ptr, idx_ptr, harmful_ptr, n, kb, F, K: tl.constexpr, K_BLOCK: tl.constexpr,
+                CODES_CG: tl.constexpr):
+    """Codes kb .. kb + K_BLOCK of token n: values, feature ids, harmful flags, in-range mask.
+    CODES_CG reads the codes past L1: other threads of the same program just wrote them."""
     ks = kb + tl.arange(0, K_BLOCK)
     kmask = ks < K
-    z = tl.load(vals_ptr + n * K + ks, mask=kmask, other=0.0)
-    j = tl.load(idx_ptr + n * K + ks, mask=kmask, other=0)
+    if CODES_CG:
+        z = tl.load(vals_ptr + n * K + ks, mask=kmask, other=0.0, cache_modifier=".cg")
+        j = tl.load(idx_ptr + n * K + ks, mask=kmask, other=0, cache_modifier=".cg")
+    else:
+        z = tl.load(vals_ptr + n * K + ks, mask=kmask, other=0.0)
+        j = tl.load(idx_ptr + n * K + ks, mask=kmask, other=0)
     harm = tl.load(harmful_ptr + j, mask=kmask & (j >= 0) & (j < F), other=0) != 0
     return z, j, harm, kmask
 
 
 @triton.jit
-def _steer_fwd_kernel(
-    y_ptr, h_ptr,
-    x_ptr, vals_ptr, idx_ptr, harmful_ptr, W_dec_ptr, b_dec_ptr, beta_ptr, gamma_ptr, tau_ptr,
-    stride_xb, stride_xt, stride_xd, stride_wf, T, F, d,
-    K: tl.constexpr, K_BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
+def _steer_token_block(
+    y_ptr, h_ptr, x_ptr, vals_ptr, idx_ptr, harmful_ptr, W_dec_ptr, b_dec_ptr, beta_ptr, gamma_ptr, tau_ptr,
+    n, d_block, stride_xb, stride_xt, stride_xd, stride_wf, T, F, d,
+    K: tl.constexpr, K_BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, CODES_CG: tl.constexpr,
 ):
-    n = tl.program_id(0).to(tl.int64)
-    d_block = tl.program_id(1)
+    """Token n's harm score (stored by d-block 0), gate and y over one block of d."""
     offs_d = d_block * BLOCK_D + tl.arange(0, BLOCK_D)
     dmask = offs_d < d
 
     h = tl.zeros([], dtype=tl.float32)
     n_nan = tl.zeros([], dtype=tl.int32)
     for kb in range(0, K, K_BLOCK):
-        z, j, harm, kmask = _load_codes(vals_ptr, idx_ptr, harmful_ptr, n, kb, F, K, K_BLOCK)
+        z, j, harm, kmask = _load_codes(vals_ptr, idx_ptr, harmful_ptr, n, kb, F, K, K_BLOCK, CODES_CG)
         h += tl.sum(tl.where(harm, z, 0.0), axis=0)
         n_nan += tl.sum((z != z).to(tl.int32), axis=0)  # the encoder marks non-finite tokens with NaN codes
     h = tl.where(n_nan > 0, float("nan"), h)
@@ -59,13 +73,13 @@ def _steer_fwd_kernel(
     tau = tl.load(tau_ptr).to(tl.float32)
     active = (h > tau) & ((beta != 0.0) | (gamma != 0.0))  # NaN h never passes the gate
 
-    row = x_ptr + (n // T) * stride_xb + (n % T) * stride_xt
-    x = tl.load(row + offs_d * stride_xd, mask=dmask, other=0.0)
+    x_row = x_ptr + (n // T) * stride_xb + (n % T) * stride_xt
+    x = tl.load(x_row + offs_d * stride_xd, mask=dmask, other=0.0)
     if active:
         acc = tl.zeros([BLOCK_D], dtype=tl.float32)
         for kb in range(0, K, K_BLOCK):
             # own names: reusing the first loop's would make them loop-carried (Triton 3.6-3.9)
-            z2, j2, harm2, kmask2 = _load_codes(vals_ptr, idx_ptr, harmful_ptr, n, kb, F, K, K_BLOCK)
+            z2, j2, harm2, kmask2 = _load_codes(vals_ptr, idx_ptr, harmful_ptr, n, kb, F, K, K_BLOCK, CODES_CG)
             w = tl.where(harm2, -gamma * z2, beta * z2)
             acc = _weighted_row_sum(acc, w, j2, kmask2, W_dec_ptr, stride_wf, F, offs_d, dmask)
         xf = x.to(tl.float32)
@@ -76,15 +90,50 @@ def _steer_fwd_kernel(
     tl.store(y_ptr + n * d + offs_d, y, mask=dmask)
 
 
+@triton.jit
+def _steer_fwd_kernel(
+    y_ptr, h_ptr,
+    x_ptr, vals_ptr, idx_ptr, harmful_ptr, W_dec_ptr, b_dec_ptr, beta_ptr, gamma_ptr, tau_ptr,
+    stride_xb, stride_xt, stride_xd, stride_wf, T, F, d,
+    K: tl.constexpr, K_BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """One program per (token, d-block), after the selection kernels."""
+    _steer_token_block(y_ptr, h_ptr, x_ptr, vals_ptr, idx_ptr, harmful_ptr, W_dec_ptr, b_dec_ptr, beta_ptr, gamma_ptr,
+                       tau_ptr, tl.program_id(0).to(tl.int64), tl.program_id(1), stride_xb, stride_xt, stride_xd,
+                       stride_wf, T, F, d, K, K_BLOCK, BLOCK_D, False)
+
+
+@triton.jit
+def _steer_row_kernel(
+    y_ptr, h_ptr, vals_ptr, idx_ptr, cand_val_ptr, cand_idx_ptr, count_ptr, pre_ptr, bias_ptr,
+    x_ptr, harmful_ptr, W_dec_ptr, b_dec_ptr, beta_ptr, gamma_ptr, tau_ptr,
+    stride_pre, stride_xb, stride_xt, stride_xd, stride_wf, T, F, d,
+    K: tl.constexpr, CHUNK: tl.constexpr, NUM_CHUNKS: tl.constexpr, GROUPS: tl.constexpr, CAND: tl.constexpr,
+    RANK_BLOCK: tl.constexpr, EXACT_ONLY: tl.constexpr, HAS_BIAS: tl.constexpr, LOAD_STAGES: tl.constexpr,
+    K_BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, NUM_D_BLOCKS: tl.constexpr,
+):
+    """Small N in one launch: program n selects token n's codes (the "row" selection), then
+    steers all of its d. At small N the op is bound by host launch cost, not by the GPU."""
+    n = tl.program_id(0).to(tl.int64)
+    _select_row(n, vals_ptr, idx_ptr, cand_val_ptr, cand_idx_ptr, count_ptr, pre_ptr, bias_ptr, stride_pre, F,
+                K, CHUNK, NUM_CHUNKS, GROUPS, CAND, RANK_BLOCK, EXACT_ONLY, HAS_BIAS, LOAD_STAGES)
+    tl.debug_barrier()  # the codes were written by other threads of this program
+    for d_block in range(NUM_D_BLOCKS):
+        _steer_token_block(y_ptr, h_ptr, x_ptr, vals_ptr, idx_ptr, harmful_ptr, W_dec_ptr, b_dec_ptr, beta_ptr,
+                           gamma_ptr, tau_ptr, n, d_block, stride_xb, stride_xt, stride_xd, stride_wf, T, F, d,
+                           K, K_BLOCK, BLOCK_D, True)
+
+
 def _steer_fwd(x: torch.Tensor, W_enc, W_dec, b_dec, harmful, beta, gamma, tau, k: int,
                enc_bias: torch.Tensor, pre_dtype: Optional[torch.dtype] = None,
                chunk: Optional[int] = None, select_warps: Optional[int] = None,
                decode_overrides: Optional[dict] = None, select_algo: Optional[str] = None,
-               select_stages: Optional[int] = None
+               select_stages: Optional[int] = None, one_launch: Optional[bool] = None
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launcher. `x` `[N, d]` or `[B, T, d]`, any strides. Returns y (contiguous, x's shape and
     dtype) and h (fp32, x's shape without d). No host sync; allocations depend on shapes only.
-    The keyword overrides exist for the benchmarks' tuning sweep."""
+    The keyword overrides exist for the benchmarks' tuning sweep; `one_launch` None picks the
+    one-kernel path for N <= ONE_LAUNCH_MAX_ROWS when the selection is "row"."""
     d = x.shape[-1]
     x3 = x if x.dim() == 3 else x.unsqueeze(1)  # [N, d] -> [N, 1, d]: T = 1
     B, T, _ = x3.shape
@@ -93,10 +142,39 @@ def _steer_fwd(x: torch.Tensor, W_enc, W_dec, b_dec, harmful, beta, gamma, tau, 
     h = torch.empty(x.shape[:-1], device=x.device, dtype=torch.float32)
     if N == 0:
         return y, h
+    if one_launch is None:
+        one_launch = N <= ONE_LAUNCH_MAX_ROWS and resolve_select_algo(select_algo, N) == "row"
+    if one_launch:
+        _steer_in_one_launch(y, h, x3, W_enc, W_dec, b_dec, harmful, beta, gamma, tau, k, enc_bias, pre_dtype,
+                             select_config(W_enc.shape[1], k, chunk, select_warps, select_stages),
+                             decode_config(d, k, decode_overrides))
+        return y, h
     vals, idx = _topk_encode_fwd(x3.reshape(N, d), W_enc, enc_bias, k, pre_dtype, chunk, select_warps, select_algo,
                                  select_stages)
     _decode_steer(y, h, x3, vals, idx, harmful, W_dec, b_dec, beta, gamma, tau, k, decode_config(d, k, decode_overrides))
     return y, h
+
+
+def _steer_in_one_launch(y, h, x3, W_enc, W_dec, b_dec, harmful, beta, gamma, tau, k: int, enc_bias,
+                         pre_dtype: Optional[torch.dtype], scfg: Mapping, dcfg: Mapping) -> None:
+    """The GEMM, then `_steer_row_kernel`: one program per token selects and steers it."""
+    B, T, d = x3.shape
+    N, F = B * T, W_enc.shape[1]
+    x2 = x3.reshape(N, d)
+    pre, bias_on_load = _encoder_gemm(x2, W_enc, enc_bias.contiguous(), pre_dtype or pre_dtype_for(x2.dtype, x2.device))
+    scratch = _SelectScratch(N, scfg, x2.device, "row")
+    vals = torch.empty(N, k, device=x2.device, dtype=torch.float32)
+    idx = torch.empty(N, k, device=x2.device, dtype=torch.int32)
+    W_dec = W_dec if W_dec.stride(1) == 1 else W_dec.contiguous()
+    _steer_row_kernel[(N,)](
+        y, h, vals, idx, scratch.vals, scratch.idx, scratch.count, pre, bias_on_load if bias_on_load is not None else pre,
+        x3, harmful.view(torch.uint8), W_dec, b_dec.contiguous(), beta, gamma, tau,
+        pre.stride(0), x3.stride(0), x3.stride(1), x3.stride(2), W_dec.stride(0), T, F, d,
+        K=k, CHUNK=scfg["CHUNK"], NUM_CHUNKS=scfg["NUM_CHUNKS"], GROUPS=scfg["GROUPS"], CAND=scfg["CAND"],
+        RANK_BLOCK=scfg["RANK_BLOCK"], EXACT_ONLY=scfg["EXACT_ONLY"], HAS_BIAS=bias_on_load is not None,
+        LOAD_STAGES=scfg["LOAD_STAGES"], K_BLOCK=dcfg["K_BLOCK"], BLOCK_D=dcfg["BLOCK_D"],
+        NUM_D_BLOCKS=cdiv(d, dcfg["BLOCK_D"]), num_warps=scfg["num_warps"],
+    )
 
 
 def _decode_steer(y, h, x3, vals, idx, harmful, W_dec, b_dec, beta, gamma, tau, k: int, cfg: Mapping) -> None:

@@ -161,20 +161,15 @@ def _lower_bound(gmax, K: tl.constexpr, GROUPS: tl.constexpr):
 
 
 @triton.jit
-def _topk_select_kernel(
-    vals_ptr, idx_ptr, cand_val_ptr, cand_idx_ptr, count_ptr,
-    pre_ptr, bias_ptr,
-    stride_pre, F,
+def _select_row(
+    row, vals_ptr, idx_ptr, cand_val_ptr, cand_idx_ptr, count_ptr, pre_ptr, bias_ptr, stride_pre, F,
     K: tl.constexpr, CHUNK: tl.constexpr, NUM_CHUNKS: tl.constexpr, GROUPS: tl.constexpr,
     CAND: tl.constexpr, RANK_BLOCK: tl.constexpr, EXACT_ONLY: tl.constexpr, HAS_BIAS: tl.constexpr,
-    LOAD_STAGES: tl.constexpr = 1,
+    LOAD_STAGES: tl.constexpr,
 ):
-    """One program per row ("row" algorithm): both passes walk the row chunk by chunk.
-
-    LOAD_STAGES > 1 asks Triton to software-pipeline the chunk loads (cp.async into shared
-    memory, the next chunks in flight while one is reduced): a sweep knob for a program that
-    otherwise waits out each chunk's load latency in turn. 1: plain loops."""
-    row = tl.program_id(0).to(tl.int64)
+    """The "row" algorithm for one row, by one program: both passes walk the row chunk by chunk
+    and the row's top k land, sorted, at vals/idx[row]. Also the first half of the one-launch
+    small-N steer kernel (ops/steer.py)."""
     pre_row = pre_ptr + row * stride_pre
     cand_vals = cand_val_ptr + row * CAND
     cand_idx = cand_idx_ptr + row * CAND
@@ -217,6 +212,24 @@ def _topk_select_kernel(
             n_cand = _exact_candidates(pre_row, bias_ptr, cand_vals, cand_idx, F, K, CHUNK, NUM_CHUNKS, HAS_BIAS)
         tl.debug_barrier()  # the scratch row was written by other threads of this program
         _rank_and_store(vals_ptr + row * K, idx_ptr + row * K, cand_vals, cand_idx, n_cand, K, CAND, RANK_BLOCK)
+
+
+@triton.jit
+def _topk_select_kernel(
+    vals_ptr, idx_ptr, cand_val_ptr, cand_idx_ptr, count_ptr,
+    pre_ptr, bias_ptr,
+    stride_pre, F,
+    K: tl.constexpr, CHUNK: tl.constexpr, NUM_CHUNKS: tl.constexpr, GROUPS: tl.constexpr,
+    CAND: tl.constexpr, RANK_BLOCK: tl.constexpr, EXACT_ONLY: tl.constexpr, HAS_BIAS: tl.constexpr,
+    LOAD_STAGES: tl.constexpr = 1,
+):
+    """One program per row ("row" algorithm).
+
+    LOAD_STAGES > 1 asks Triton to software-pipeline the chunk loads (cp.async into shared
+    memory, the next chunks in flight while one is reduced): a sweep knob for a program that
+    otherwise waits out each chunk's load latency in turn. 1: plain loops."""
+    _select_row(tl.program_id(0).to(tl.int64), vals_ptr, idx_ptr, cand_val_ptr, cand_idx_ptr, count_ptr, pre_ptr,
+                bias_ptr, stride_pre, F, K, CHUNK, NUM_CHUNKS, GROUPS, CAND, RANK_BLOCK, EXACT_ONLY, HAS_BIAS, LOAD_STAGES)
 
 
 @triton.jit
