@@ -376,6 +376,17 @@ def test_kernel_check_renders_the_profiler_breakdown_and_graph_timings():
             "[8, 1024] tile, 4 warps: 0.400; slowest swept 0.400.") in text
 
 
+def test_host_overhead_script_counts_launches_per_path():
+    # a subprocess: the script stubs the kernel launchers for its whole process
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "host_overhead.py"), "--calls", "20", "--runs", "1"],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "TRITON_INTERPRET": "0"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = {line.split("|")[1].strip(): line for line in out.stdout.splitlines() if line.startswith("| ")}
+    assert rows["default"].endswith("| _steer_row_kernel ×1 |")
+    assert rows["row, two kernels"].endswith("| _topk_select_kernel ×1, _steer_fwd_kernel ×1 |")
+    assert "_split_rank_kernel ×1, _steer_fwd_kernel ×1 |" in rows["split"]
+
+
 def test_shapes_follow_the_model_configs():
     flux, sd35l, sd35m = MODELS["flux1-dev"], MODELS["sd35-large"], MODELS["sd35-medium"]
     # SPEC §4: FLUX 4096 image + 512 text tokens at 1024², width 3072; SD3.5 Large width 2432,

@@ -1,0 +1,103 @@
+"""Host-side cost of one `safedig::steer` call: the Python our launchers and the op dispatch run,
+with every Triton launch replaced by a stub that only counts it. Runs on any machine (CPU).
+
+    python benchmarks/host_overhead.py [--N 16] [--calls 3000] [--runs 5]
+
+Small-N steering is bound by this host work plus the launches themselves (SPEC §6 asks 0.1 ms
+at N = 16). What it cannot see: Triton's own launcher and the CUDA driver, which need a GPU;
+it counts the launches instead. Prints, per path, the best of `--runs` runs of `--calls` calls.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import safedig_kernels  # noqa: E402,F401  (registers the ops)
+
+topk_module = importlib.import_module("safedig_kernels.ops.topk_encode")
+steer_module = importlib.import_module("safedig_kernels.ops.steer")
+
+
+class _CountedStub:
+    def __init__(self, name: str, counts: Counter):
+        self.name, self.counts = name, counts
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.counts[self.name] += 1
+        return launch
+
+
+def stub_launches() -> Counter:
+    """Replace every `_*_kernel` of the op modules by a counting stub, and route CPU tensors to
+    the launchers as if they were CUDA ones. For this process only."""
+    counts: Counter = Counter()
+    for module in (topk_module, steer_module):
+        for name in dir(module):
+            if name.startswith("_") and name.endswith("_kernel"):
+                setattr(module, name, _CountedStub(name, counts))
+    steer_module.use_triton_for = lambda t: True
+    return counts
+
+
+PATHS = {  # label: (ONE_LAUNCH_MAX_ROWS, DEFAULT_SELECT_ALGO)
+    "default": (steer_module.ONE_LAUNCH_MAX_ROWS, topk_module.DEFAULT_SELECT_ALGO),
+    "row, two kernels": (0, "row"),
+    "split": (0, "split"),
+}
+
+
+def measure(N: int, calls: int, runs: int, d: int = 64, F: int = 256, k: int = 8) -> list[dict]:
+    counts = stub_launches()
+    g = torch.Generator().manual_seed(0)
+    bf = dict(dtype=torch.bfloat16)
+    x = torch.randn(N, d, generator=g).to(**bf)
+    W_enc, W_dec = torch.randn(d, F, generator=g).to(**bf), torch.randn(F, d, generator=g).to(**bf)
+    b_enc, b_dec = torch.zeros(F, **bf), torch.zeros(d, **bf)
+    strengths = [torch.tensor(v) for v in (0.5, 1.0, -1.0)]
+    bias = topk_module.encoder_bias(W_enc, b_enc, b_dec)
+    args = (x, W_enc, b_enc, W_dec, b_dec, torch.zeros(F, dtype=torch.bool), *strengths, k, bias)
+    op = torch.ops.safedig.steer
+    rows = []
+    for label, (one_launch_max, algo) in PATHS.items():
+        steer_module.ONE_LAUNCH_MAX_ROWS, topk_module.DEFAULT_SELECT_ALGO = one_launch_max, algo
+        for _ in range(100):
+            op(*args)
+        counts.clear()
+        op(*args)
+        launches = dict(counts)
+        best = float("inf")
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                op(*args)
+            best = min(best, (time.perf_counter() - t0) / calls)
+        rows.append({"path": label, "us_per_call": best * 1e6, "triton_launches": launches})
+    steer_module.ONE_LAUNCH_MAX_ROWS, topk_module.DEFAULT_SELECT_ALGO = PATHS["default"]
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--N", type=int, default=16)
+    ap.add_argument("--calls", type=int, default=3000)
+    ap.add_argument("--runs", type=int, default=5)
+    a = ap.parse_args(argv)
+    print(f"safedig::steer host cost per call, N = {a.N}, Triton launches stubbed (torch {torch.__version__})")
+    print("| path | µs per call | Triton launches (plus the cuBLAS GEMM) |\n|---|---:|---|")
+    for r in measure(a.N, a.calls, a.runs):
+        launches = ", ".join(f"{n} ×{c}" for n, c in r["triton_launches"].items())
+        print(f"| {r['path']} | {r['us_per_call']:.1f} | {launches} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
