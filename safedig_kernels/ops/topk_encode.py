@@ -181,7 +181,7 @@ def _select_row(
     # keep its shape, so each loop has names of its own.)
     bad_acc = tl.zeros([GROUPS, GS], dtype=tl.int32)
     gmax = tl.full([GROUPS], float("-inf"), tl.float32)
-    for c in tl.range(0, NUM_CHUNKS, num_stages=LOAD_STAGES if LOAD_STAGES > 1 else None):
+    for c in tl.range(0, NUM_CHUNKS, num_stages=LOAD_STAGES):
         v1, offs1, valid1, bad1 = _load_tile(pre_row, bias_ptr, c * CHUNK, F, GROUPS, GS, HAS_BIAS)
         bad_acc = bad_acc | bad1.to(tl.int32)
         gmax = tl.maximum(gmax, tl.max(tl.where(valid1, v1, float("-inf")), axis=1))
@@ -199,7 +199,7 @@ def _select_row(
             tl.debug_barrier()
             # Pass 2: each candidate v >= L takes a scratch slot from the row's counter.
             counter = count_ptr + row + tl.zeros([GROUPS, GS], dtype=tl.int32)
-            for c in tl.range(0, NUM_CHUNKS, num_stages=LOAD_STAGES if LOAD_STAGES > 1 else None):
+            for c in tl.range(0, NUM_CHUNKS, num_stages=LOAD_STAGES):
                 v2, offs2, valid2, _ = _load_tile(pre_row, bias_ptr, c * CHUNK, F, GROUPS, GS, HAS_BIAS)
                 is_cand = valid2 & (v2 >= lower)
                 slot = tl.atomic_add(counter, 1, mask=is_cand, sem="relaxed")
