@@ -14,7 +14,7 @@ import torch
 
 from ._checks import check_float_dtype, check_k
 from ._library import MAX_FEATURES
-from .ops import Harmful, Strength, as_harmful_mask, as_strength, encoder_bias
+from .ops import Harmful, Strength, as_harmful_mask, encoder_bias, harmful_for_call, strength_for_call
 from .ops import sparse_decode as _sparse_decode
 from .ops import topk_encode as _topk_encode
 from .ops.steer import _steer_op
@@ -158,10 +158,10 @@ class TopKSAE(torch.nn.Module):
         """Blend/Repel steering of `x` `[N, d]` or `[B, T, d]`; unset arguments use this SAE's
         defaults. Returns `y` (x's shape and dtype) and the harm score `h` `[...]` fp32."""
         dev = self.device
-        mask = self.harmful_mask if harmful is None else as_harmful_mask(harmful, self.num_features, dev)
-        b = self.beta if beta is None else as_strength(beta, "beta", dev)
-        g = self.gamma if gamma is None else as_strength(gamma, "gamma", dev)
-        t = self.tau if tau is None else as_strength(tau, "tau", dev)
+        mask = self.harmful_mask if harmful is None else harmful_for_call(harmful, self.num_features, dev)
+        b = self.beta if beta is None else strength_for_call(beta, "beta", dev)
+        g = self.gamma if gamma is None else strength_for_call(gamma, "gamma", dev)
+        t = self.tau if tau is None else strength_for_call(tau, "tau", dev)
         return _steer_op(x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, mask, b, g, t, self.k, self._bias_for(x))
 
     def _bias_for(self, x: torch.Tensor) -> Optional[torch.Tensor]:

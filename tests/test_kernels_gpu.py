@@ -151,6 +151,20 @@ def test_one_launch_steer_matches_two_kernels_bitwise(N, d, F, k):
         assert_bitwise_equal(h1, h2)
 
 
+def test_python_valued_arguments_sync_only_on_first_use():
+    # floats and id lists become device tensors once; after that a call makes no host sync
+    x, W_enc, b_enc, W_dec, b_dec, _ = make(64, 300, torch.bfloat16, N=40)
+    args = (x, W_enc, b_enc, W_dec, b_dec, [1, 5, 7], 0.5, 1.0, 0.0, 8)
+    y0, h0 = ops.steer(*args)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        y1, h1 = ops.steer(*args)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert_bitwise_equal(y0, y1)
+
+
 def test_flux_single_block_strided_activation():
     # FLUX single blocks hand back [B, T_img, d] slices of a [B, T_txt + T_img, d] buffer.
     buf, *sae = make(3072, 12288, torch.bfloat16, lead=(1, 512 + 4096))

@@ -140,6 +140,55 @@ def test_property_ops_match_dense_oracle(case):
         torch.testing.assert_close(x_hat.reshape(-1, d).double(), dense, rtol=tol, atol=tol)
 
 
+# -- per-call arguments given as Python values ----------------------------------------------
+
+def test_per_call_strengths_and_ids_are_made_once_per_value():
+    # a fresh device tensor per call would copy host to device with a stream sync every call
+    dev = torch.device("cpu")
+    beta = ops.strength_for_call(0.5, "beta", dev)
+    assert ops.strength_for_call(0.5, "beta", dev) is beta and beta.item() == 0.5 and beta.dtype == torch.float32
+    zero, neg_zero = ops.strength_for_call(0.0, "tau", dev), ops.strength_for_call(-0.0, "tau", dev)
+    assert zero is not neg_zero and torch.signbit(neg_zero) and not torch.signbit(zero)
+    given = torch.tensor(0.3)
+    assert ops.strength_for_call(given, "beta", dev) is given
+    with pytest.raises(TypeError, match="beta must be a float"):
+        ops.strength_for_call("0.5", "beta", dev)
+    mask = ops.harmful_for_call([1, 3], 8, dev)
+    assert ops.harmful_for_call([1, 3], 8, dev) is mask and mask.nonzero().flatten().tolist() == [1, 3]
+    assert ops.harmful_for_call((1, 4), 8, dev).nonzero().flatten().tolist() == [1, 4]
+    with pytest.raises(ValueError, match=r"\[0, 8\)"):
+        ops.harmful_for_call([9], 8, dev)
+    for i in range(3 * ops._CALL_CONSTANTS_MAX):
+        ops.strength_for_call(float(i), "gamma", dev)
+    assert len(ops._CALL_CONSTANTS) <= ops._CALL_CONSTANTS_MAX
+
+
+def test_per_call_values_never_alias_sae_state():
+    sae = sk.random_sae(16, 40, 4, harmful=[1, 2], seed=0)
+    x = torch.randn(5, 16)
+    y_half, _ = sae.steer(x, beta=0.5, harmful=[3])
+    sae.set_strengths(beta=0.5)
+    sae.set_harmful([3])
+    assert sae.beta is not ops.strength_for_call(0.5, "beta", sae.device)
+    assert sae.harmful_mask is not ops.harmful_for_call([3], 40, sae.device)
+    sae.set_strengths(beta=0.9)  # in place on the SAE's own buffer
+    assert ops.strength_for_call(0.5, "beta", sae.device).item() == 0.5
+    torch.testing.assert_close(sk.steer(x, sae, beta=0.5)[0], y_half)
+
+
+def test_per_call_values_under_compile_are_graph_constants():
+    # traced, a number becomes a constant of the graph; the eager-side cache is not consulted
+    sae = sk.random_sae(16, 40, 4, harmful=[1, 2], seed=0)
+    x = torch.randn(5, 16)
+    ops._CALL_CONSTANTS.clear()
+    f = torch.compile(lambda t: sk.steer(t, sae, beta=0.25, gamma=2.0), fullgraph=True, backend="aot_eager")
+    y, h = f(x)
+    assert ops._CALL_CONSTANTS == {}
+    y_eager, h_eager = sk.steer(x, sae, beta=0.25, gamma=2.0)
+    assert len(ops._CALL_CONSTANTS) == 2
+    torch.testing.assert_close((y, h), (y_eager, h_eager))
+
+
 # -- bad arguments -------------------------------------------------------------------------
 
 def _good(d=8, F=20, dtype=torch.float32):

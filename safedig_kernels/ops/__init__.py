@@ -46,6 +46,42 @@ def as_harmful_mask(harmful: Harmful, F: int, device: torch.device) -> torch.Ten
     return mask.to(device)
 
 
+# Device copies of the Python numbers and id lists that per-call arguments arrive as, made once
+# per (value, device): making a fresh one would copy host to device and sync with the stream on
+# every call, stalling an eager pipeline. Only the ops read them; nothing mutates them.
+_CALL_CONSTANTS: dict = {}
+_CALL_CONSTANTS_MAX = 64
+
+
+def _call_constant(key, make) -> torch.Tensor:
+    t = _CALL_CONSTANTS.get(key)
+    if t is None:
+        if len(_CALL_CONSTANTS) >= _CALL_CONSTANTS_MAX:
+            _CALL_CONSTANTS.clear()
+        t = _CALL_CONSTANTS[key] = make()
+    return t
+
+
+def strength_for_call(value: Strength, name: str, device: torch.device) -> torch.Tensor:
+    """`as_strength` for an argument of one call: a Python number's tensor is cached (read-only)."""
+    if isinstance(value, torch.Tensor) or isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or torch.compiler.is_compiling():
+        return as_strength(value, name, device)
+    return _call_constant(("strength", float(value).hex(), device), lambda: as_strength(value, name, device))
+
+
+def harmful_for_call(harmful: Harmful, F: int, device: torch.device) -> torch.Tensor:
+    """`as_harmful_mask` for an argument of one call: the mask of an id sequence is cached (read-only)."""
+    if isinstance(harmful, torch.Tensor) or torch.compiler.is_compiling():
+        return as_harmful_mask(harmful, F, device)
+    try:
+        key = ("harmful", F, device, tuple(harmful))
+        hash(key)
+    except TypeError:  # not a sequence of hashable ids: let as_harmful_mask say what is wrong
+        return as_harmful_mask(harmful, F, device)
+    return _call_constant(key, lambda: as_harmful_mask(harmful, F, device))
+
+
 def steer(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor,
           harmful: Harmful, beta: Strength, gamma: Strength, tau: Strength, k: int,
           *, enc_bias: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,6 +97,6 @@ def steer(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, W_dec: torc
         raise ValueError(f"W_enc must be a [d, F] tensor, got {getattr(W_enc, 'shape', type(W_enc).__name__)}")
     check_k(k, W_enc.shape[1])
     device = x.device
-    mask = as_harmful_mask(harmful, W_enc.shape[1], device)
-    return _steer_op(x, W_enc, b_enc, W_dec, b_dec, mask, as_strength(beta, "beta", device),
-                     as_strength(gamma, "gamma", device), as_strength(tau, "tau", device), k, enc_bias)
+    mask = harmful_for_call(harmful, W_enc.shape[1], device)
+    return _steer_op(x, W_enc, b_enc, W_dec, b_dec, mask, strength_for_call(beta, "beta", device),
+                     strength_for_call(gamma, "gamma", device), strength_for_call(tau, "tau", device), k, enc_bias)
