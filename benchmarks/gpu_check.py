@@ -102,6 +102,16 @@ def graphed(fn):
     return graph.replay
 
 
+def per_call_and_graphed(bench, call) -> dict:
+    """`call` timed per call (host launch cost included) and replayed from a CUDA graph (without)."""
+    entry = dict(bench(call))
+    try:
+        entry["graph_ms"] = bench(graphed(call))["median_ms"]
+    except Exception as e:
+        entry["graph_error"] = repr(e)[:200]
+    return entry
+
+
 def _kernel_label(name: str) -> str:
     if name.startswith("_"):
         return name.split("(")[0]  # our Triton kernels
@@ -262,12 +272,8 @@ def tuning_sweep(dev, bench, shape, dtype) -> dict:
             scratch = _SelectScratch(n_small, cfg, x.device, algo)
             vs = torch.empty(n_small, k, device=dev)
             ids = torch.empty(n_small, k, device=dev, dtype=torch.int32)
-            call = lambda: _select(vs, ids, scratch, pre_s, bias_s, k, cfg, algo)  # noqa: E731
-            entry = {"N": n_small, "algo": algo, **bench(call)}
-            try:
-                entry["graph_ms"] = bench(graphed(call))["median_ms"]
-            except Exception as e:
-                entry["graph_error"] = repr(e)[:200]
+            entry = {"N": n_small, "algo": algo,
+                     **per_call_and_graphed(bench, lambda: _select(vs, ids, scratch, pre_s, bias_s, k, cfg, algo))}
             res.setdefault("select_small_n", []).append(entry)
             log("select small N", entry)
     # the whole steer at small N: one kernel (select + decode per token) against two
@@ -277,13 +283,9 @@ def tuning_sweep(dev, bench, shape, dtype) -> dict:
     for n_small in (16, 64, 256):
         xs = x[:n_small]
         for one in (True, False):
-            call = lambda: _steer_fwd(xs, sae.W_enc, sae.W_dec, sae.b_dec, sae.harmful_mask, sae.beta,  # noqa: E731
-                                      sae.gamma, sae.tau, k, bias, select_algo="row", one_launch=one)
-            entry = {"N": n_small, "one_launch": one, **bench(call)}
-            try:
-                entry["graph_ms"] = bench(graphed(call))["median_ms"]
-            except Exception as e:
-                entry["graph_error"] = repr(e)[:200]
+            entry = {"N": n_small, "one_launch": one, **per_call_and_graphed(
+                bench, lambda: _steer_fwd(xs, sae.W_enc, sae.W_dec, sae.b_dec, sae.harmful_mask, sae.beta, sae.gamma,
+                                          sae.tau, k, bias, select_algo="row", one_launch=one))}
             res.setdefault("steer_small_n", []).append(entry)
             log("steer small N", entry)
     res["decode"] = decode_sweep(bench, sae, x, k, ((1024, 8, 4), (1024, 4, 4), (512, 8, 2), (512, 8, 4), (2048, 4, 4),

@@ -536,29 +536,37 @@ def _spy_on_the_fused_path(monkeypatch) -> list:
     return seen
 
 
-def test_compiled_blocks_take_the_bias_checked_eagerly_at_each_call(monkeypatch):
-    # compile_repeated_blocks: the transformer's own forward (and the clock hook) runs eagerly,
-    # so the SAE weights are checked once per call and compiled blocks skip the b_dec @ W_enc GEMV.
+def _spied_one_site_flux(monkeypatch):
+    """A tiny FLUX with one fused site, its eager result, and the spy's record of the biases."""
     seen = _spy_on_the_fused_path(monkeypatch)
     pipe = flux_pipe(num_layers=1, num_single_layers=1)
     handle = apply_safedig(pipe, SafeDIGConfig([
         SiteConfig("single_transformer_blocks.0", sae(1), stream="image", beta=0.5, gamma=1.0, tau=-1.0)]))
-    st = handle._states["single_transformer_blocks.0"]
-    eager = generate(pipe)
+    return seen, pipe, handle._states["single_transformer_blocks.0"], generate(pipe)
+
+
+def _shift_b_dec(st) -> torch.Tensor:
+    """Change a folded weight in place; returns the bias the op must be given from now on."""
+    with torch.no_grad():
+        st.sae.b_dec.add_(0.25)
+    return sk.ops.encoder_bias(st.sae.W_enc, st.sae.b_enc, st.sae.b_dec)
+
+
+def test_compiled_blocks_take_the_bias_checked_eagerly_at_each_call(monkeypatch):
+    # compile_repeated_blocks: the transformer's own forward (and the clock hook) runs eagerly,
+    # so the SAE weights are checked once per call and compiled blocks skip the b_dec @ W_enc GEMV.
+    seen, pipe, st, eager = _spied_one_site_flux(monkeypatch)
     pipe.transformer.compile_repeated_blocks(fullgraph=True, backend="aot_eager")
     torch._dynamo.reset()
-    counters.clear()
     seen.clear()
     torch.testing.assert_close(generate(pipe), eager, rtol=1e-5, atol=1e-5)
     assert len(seen) == STEPS and all(b is not None and b.data_ptr() == st.enc_bias.data_ptr() for b in seen)
 
     # A weight changed in place between calls is picked up by the next call, without recompiling.
+    want = _shift_b_dec(st)
     seen.clear()
-    with torch.no_grad():
-        st.sae.b_dec.add_(0.25)
     with torch._dynamo.config.patch(error_on_recompile=True):
         changed = generate(pipe)
-    want = sk.ops.encoder_bias(st.sae.W_enc, st.sae.b_enc, st.sae.b_dec)
     assert len(seen) == STEPS and all(torch.equal(b, want) for b in seen)
     assert (changed - eager).abs().max() > 1e-4
     remove_safedig(pipe)
@@ -567,23 +575,16 @@ def test_compiled_blocks_take_the_bias_checked_eagerly_at_each_call(monkeypatch)
 def test_whole_transformer_compiled_computes_the_bias_in_the_op(monkeypatch):
     # Compiled whole, the clock hook is traced and cannot check the weights: no cached bias is
     # passed, and the op folds it from the weights it is given, at every call.
-    seen = _spy_on_the_fused_path(monkeypatch)
-    pipe = flux_pipe(num_layers=1, num_single_layers=1)
-    handle = apply_safedig(pipe, SafeDIGConfig([
-        SiteConfig("single_transformer_blocks.0", sae(1), stream="image", beta=0.5, gamma=1.0, tau=-1.0)]))
-    st = handle._states["single_transformer_blocks.0"]
-    eager = generate(pipe)
+    seen, pipe, st, eager = _spied_one_site_flux(monkeypatch)
     pipe.transformer = torch.compile(pipe.transformer, fullgraph=True, backend="aot_eager")
     torch._dynamo.reset()
     seen.clear()
     torch.testing.assert_close(generate(pipe), eager, rtol=1e-5, atol=1e-5)
     assert len(seen) == STEPS and all(b is not None and b.data_ptr() != st.enc_bias.data_ptr() for b in seen)
-    with torch.no_grad():
-        st.sae.b_dec.add_(0.25)
+    want = _shift_b_dec(st)
     seen.clear()
     generate(pipe)
-    want = sk.ops.encoder_bias(st.sae.W_enc, st.sae.b_enc, st.sae.b_dec)
-    assert all(torch.equal(b, want) for b in seen)
+    assert len(seen) == STEPS and all(torch.equal(b, want) for b in seen)
 
 
 # -- fail closed -------------------------------------------------------------------------
