@@ -64,10 +64,9 @@ def _call_constant(key, make) -> torch.Tensor:
 
 def strength_for_call(value: Strength, name: str, device: torch.device) -> torch.Tensor:
     """`as_strength` for an argument of one call: a Python number's tensor is cached (read-only)."""
-    if isinstance(value, torch.Tensor) or isinstance(value, bool) or not isinstance(value, (int, float)) \
-            or torch.compiler.is_compiling():
-        return as_strength(value, name, device)
-    return _call_constant(("strength", float(value).hex(), device), lambda: as_strength(value, name, device))
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and not torch.compiler.is_compiling():
+        return _call_constant(("strength", float(value).hex(), device), lambda: as_strength(value, name, device))
+    return as_strength(value, name, device)  # tensors pass through; bad values get its error
 
 
 def harmful_for_call(harmful: Harmful, F: int, device: torch.device) -> torch.Tensor:
