@@ -202,6 +202,23 @@ def test_one_launch_steer_equals_two_kernels_bitwise(B, T, d, F, k, block_d):
     assert torch.isnan(h1[0, 0]) and torch.isfinite(h1.flatten()[1:]).all()
 
 
+@pytest.mark.parametrize("one_launch", [True, False], ids=["one-launch", "two-kernels"])
+def test_steer_kernel_with_the_bias_added_on_load(monkeypatch, one_launch):
+    # bf16/fp16 inputs: the GEMM writes x @ W_enc and the select kernels add the fp32 bias as
+    # they load it. The interpreter runs fp32 only, so the GEMM is made to leave the bias out.
+    W_enc, b_enc, W_dec, b_dec = sae(13, 90)
+    harmful = torch.rand(90) < 0.3
+    x = _flux_like(2, 3, 13)
+    bias = encoder_bias(W_enc, b_enc, b_dec)
+    monkeypatch.setattr(steer_module, "_encoder_gemm", lambda x2, W, b, pre_dtype: (x2 @ W, b))
+    monkeypatch.setattr(topk_encode_module, "_encoder_gemm", lambda x2, W, b, pre_dtype: (x2 @ W, b))
+    strengths = (0.5, 1.0, -1.0)
+    y, h = _steer_fwd(x, W_enc, W_dec, b_dec, harmful, *map(torch.tensor, strengths), 5, bias, one_launch=one_launch)
+    y64, h64 = dense_steer64(x, W_enc, b_enc, W_dec, b_dec, harmful, *strengths, 5)
+    torch.testing.assert_close(y.reshape(-1, 13).double(), y64, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h.reshape(-1).double(), h64, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.usefixtures("steer_path")
 def test_steer_kernel_zero_strengths_bitwise():
     W_enc, b_enc, W_dec, b_dec = sae(16, 64)
