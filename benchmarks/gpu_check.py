@@ -29,6 +29,7 @@ import safedig_kernels as sk  # noqa: E402
 from safedig_kernels import reference  # noqa: E402
 from safedig_kernels.bench.device_reports import kernel_check_markdown  # noqa: E402
 from safedig_kernels.bench.providers import steer_anchor  # noqa: E402
+from safedig_kernels.bench.timing import single_call_times_ms  # noqa: E402
 
 SHAPES = [  # (name, N, d, F, k): SPEC §5
     ("flux-4x", 4608, 3072, 12288, 32),
@@ -66,22 +67,7 @@ def timer(dev: str, reps: int, warm: int = 3):
     def bench(fn) -> dict:
         for _ in range(warm):
             fn()
-        ts = []
-        if dev == "cuda":
-            torch.cuda.synchronize()
-            for _ in range(reps):
-                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                s.record()
-                fn()
-                e.record()
-                torch.cuda.synchronize()
-                ts.append(s.elapsed_time(e))
-        else:
-            for _ in range(reps):
-                t = time.perf_counter()
-                fn()
-                ts.append((time.perf_counter() - t) * 1e3)
-        ts.sort()
+        ts = sorted(single_call_times_ms(fn, reps, dev == "cuda"))
         return {"median_ms": statistics.median(ts), "p20_ms": ts[int(0.2 * (len(ts) - 1))],
                 "p80_ms": ts[int(0.8 * (len(ts) - 1))]}
     return bench

@@ -38,6 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import safedig_kernels as sk  # noqa: E402
 from safedig_kernels.bench.device_reports import pipeline_table  # noqa: E402
+from safedig_kernels.bench.timing import single_call_times_ms  # noqa: E402
 from safedig_kernels.integrations import SafeDIGConfig, SiteConfig, apply_safedig, remove_safedig  # noqa: E402
 
 STEERING = ("none", "fused", "reference")
@@ -149,20 +150,7 @@ class Timer:
             torch.cuda.synchronize()
 
     def time_ms(self, fn: Callable[[], object], reps: int) -> list[float]:
-        out = []
-        for _ in range(reps):
-            if self.cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                torch.cuda.synchronize()
-                out.append(start.elapsed_time(end))
-            else:
-                t = time.perf_counter()
-                fn()
-                out.append((time.perf_counter() - t) * 1e3)
-        return out
+        return single_call_times_ms(fn, reps, self.cuda)
 
 
 def _quantile(xs: list[float], q: float) -> float:

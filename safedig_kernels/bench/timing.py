@@ -25,6 +25,29 @@ from .._library import env_flag, triton_interpreting
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 
 
+def single_call_times_ms(fn: Callable[[], object], reps: int, cuda: bool) -> list[float]:
+    """`reps` single calls of `fn`, each timed on its own: CUDA events around the call on a GPU
+    (the queue drained after each), `perf_counter` on the CPU. What the device scripts report
+    (benchmarks/gpu_check.py, pipeline_step.py); a call's host launch gaps count when the GPU
+    runs out of queued work, unlike the back-to-back rounds of `measure`."""
+    out = []
+    if cuda:
+        torch.cuda.synchronize()
+    for _ in range(reps):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            out.append(start.elapsed_time(end))
+        else:
+            t = time.perf_counter()
+            fn()
+            out.append((time.perf_counter() - t) * 1e3)
+    return out
+
+
 def synced_timer() -> float:
     """`time.perf_counter()` after the CUDA queue drained (a plain clock when CUDA is unused)."""
     if torch.cuda.is_available() and torch.cuda.is_initialized():
