@@ -11,6 +11,7 @@ written: `DIR/gpu_check.json` and `DIR/gpu_check.md`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as _dt
 import json
 import platform
@@ -206,7 +207,8 @@ def make_sae(N, d, Fdim, k, dev, dtype, harmful_frac=0.05, seed=0):
 def tuning_sweep(dev, bench, shape, dtype) -> dict:
     """Stage timings: the encoder GEMM per pre-activation dtype, both selection algorithms over
     launch settings, and the decode kernel over tile shapes."""
-    from safedig_kernels.ops.topk_encode import _encoder_gemm, _select, _SelectScratch, select_config
+    from safedig_kernels.ops._launch import LaunchConfig, select_config
+    from safedig_kernels.ops.topk_encode import _encoder_gemm, _select, _SelectScratch
 
     _, N, d, Fdim, k = shape
     sae, x = make_sae(N, d, Fdim, k, dev, dtype)
@@ -236,7 +238,7 @@ def tuning_sweep(dev, bench, shape, dtype) -> dict:
         if pres[pre_dtype] is None:
             continue
         pre, bias_on_load = pres[pre_dtype]
-        cfg = select_config(Fdim, k, chunk, warps, stages)
+        cfg = select_config(Fdim, k, LaunchConfig(chunk=chunk, select_warps=warps, select_stages=stages))
         vals = torch.empty(N, k, device=dev)
         idx = torch.empty(N, k, device=dev, dtype=torch.int32)
         scratch = _SelectScratch(N, cfg, x.device, algo)
@@ -271,7 +273,7 @@ def tuning_sweep(dev, bench, shape, dtype) -> dict:
         for one in (True, False):
             entry = {"N": n_small, "one_launch": one, **per_call_and_graphed(
                 bench, lambda: _steer_fwd(xs, sae.W_enc, sae.W_dec, sae.b_dec, sae.harmful_mask, sae.beta, sae.gamma,
-                                          sae.tau, k, bias, select_algo="row", one_launch=one))}
+                                          sae.tau, k, bias, LaunchConfig(select_algo="row", one_launch=one)))}
             res.setdefault("steer_small_n", []).append(entry)
             log("steer small N", entry)
     res["decode"] = decode_sweep(bench, sae, x, k, ((1024, 8, 4), (1024, 4, 4), (512, 8, 2), (512, 8, 4), (2048, 4, 4),
@@ -281,7 +283,7 @@ def tuning_sweep(dev, bench, shape, dtype) -> dict:
 
 def decode_sweep(bench, sae, x, k, tiles) -> list:
     """The fused decode alone (every token steered) per [K_BLOCK, BLOCK_D] tile and warps."""
-    from safedig_kernels.ops.sparse_decode import decode_config
+    from safedig_kernels.ops._launch import LaunchConfig, decode_config
     from safedig_kernels.ops.steer import _decode_steer
 
     N, d = x.shape
@@ -290,7 +292,7 @@ def decode_sweep(bench, sae, x, k, tiles) -> list:
     h = torch.empty(N, device=x.device)
     rows = []
     for block_d, k_block, warps in tiles:
-        cfg = decode_config(d, k, dict(BLOCK_D=block_d, K_BLOCK=k_block, num_warps=warps))
+        cfg = decode_config(d, k, LaunchConfig(decode_block_d=block_d, decode_k_block=k_block, decode_warps=warps))
         try:
             t = bench(lambda: _decode_steer(y, h, x[:, None], vals, idx, sae.harmful_mask, sae.W_dec, sae.b_dec,
                                             sae.beta, sae.gamma, sae.tau, k, cfg))
@@ -315,22 +317,22 @@ def best(rows):
     return min(ok, key=lambda r: r["median_ms"]) if ok else None
 
 
-def time_tuned(dev, bench, row: dict, dtype, tuned: dict) -> dict:
-    """The fused steer at `row`'s shape with the sweep's fastest launch settings."""
+def time_tuned(dev, bench, row: dict, dtype, tuned) -> dict:
+    """The fused steer at `row`'s shape with the sweep's fastest launch settings (a LaunchConfig)."""
     from safedig_kernels.ops.steer import _steer_fwd
 
     sae, x = make_sae(row["N"], row["d"], row["F"], row["k"], dev, dtype)
     sae.set_strengths(beta=0.5, gamma=1.0, tau=-1.0)
     try:
         return bench(lambda: _steer_fwd(x, sae.W_enc, sae.W_dec, sae.b_dec, sae.harmful_mask, sae.beta, sae.gamma,
-                                        sae.tau, row["k"], sae.enc_bias(), **tuned))
+                                        sae.tau, row["k"], sae.enc_bias(), tuned))
     except Exception as e:
         return {"error": repr(e)[:300]}
 
 
 def bench_shape(dev, bench, shape, dtype, compiled: bool) -> dict:
+    from safedig_kernels.ops._launch import SELECT_ALGOS, LaunchConfig
     from safedig_kernels.ops.steer import _steer_fwd
-    from safedig_kernels.ops.topk_encode import SELECT_ALGOS
 
     name, N, d, Fdim, k = shape
     sae, x = make_sae(N, d, Fdim, k, dev, dtype)
@@ -356,7 +358,8 @@ def bench_shape(dev, bench, shape, dtype, compiled: bool) -> dict:
     log(f"  {name:12s} breakdown", row["breakdown"])
     for algo in SELECT_ALGOS:  # which selection wins here: the sweep runs at the FLUX 4x shape only
         record(f"fused_steer_{algo}",
-               lambda: _steer_fwd(x, W_enc, W_dec, b_dec, harm, b, g, t, k, sae.enc_bias(), select_algo=algo))
+               lambda: _steer_fwd(x, W_enc, W_dec, b_dec, harm, b, g, t, k, sae.enc_bias(),
+                                  LaunchConfig(select_algo=algo)))
     record("fused_topk_encode", lambda: sae.encode(x))
     # gated pure Repel: tau at the 90th percentile of h, so about 10 % of tokens are steered
     _, h = sae.steer(x)
@@ -438,10 +441,11 @@ def main(argv=None) -> int:
             save()
             bs, bd = best(sweep["select"]), best(sweep["decode"])
             if bs and bd:
-                tuned = dict(pre_dtype=getattr(torch, bs["pre_dtype"].replace("torch.", "")), chunk=bs["chunk"],
-                             select_warps=bs["num_warps"], select_algo=bs["algo"], select_stages=bs.get("load_stages"),
-                             decode_overrides={kk: bd[kk] for kk in ("BLOCK_D", "K_BLOCK", "num_warps")})
-                result["tuned"] = {**{kk: str(v) for kk, v in tuned.items()}}
+                tuned = LaunchConfig(pre_dtype=getattr(torch, bs["pre_dtype"].replace("torch.", "")), chunk=bs["chunk"],
+                                     select_warps=bs["num_warps"], select_algo=bs["algo"],
+                                     select_stages=bs.get("load_stages"), decode_block_d=bd["BLOCK_D"],
+                                     decode_k_block=bd["K_BLOCK"], decode_warps=bd["num_warps"])
+                result["tuned"] = {kk: str(v) for kk, v in dataclasses.asdict(tuned).items()}
                 log("tuned", result["tuned"])
                 for row in rows:  # the fused steer again with the sweep's fastest settings
                     if "error" not in row:

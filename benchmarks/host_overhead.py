@@ -3,7 +3,7 @@ with every Triton launch replaced by a stub that only counts it. Runs on any mac
 
     python benchmarks/host_overhead.py [--N 16] [--calls 3000] [--runs 5]
 
-Small-N steering is bound by this host work plus the launches themselves (SPEC §6 asks 0.1 ms
+Small-N steering is bound by this host work plus the launches themselves (docs/spec.md §6 asks 0.1 ms
 at N = 16). What it cannot see: Triton's own launcher and the CUDA driver, which need a GPU;
 it counts the launches instead. Prints, per path, the best of `--runs` runs of `--calls` calls.
 """
@@ -21,6 +21,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import safedig_kernels  # noqa: E402,F401  (registers the ops)
+from safedig_kernels.ops import _launch  # noqa: E402
+from safedig_kernels.ops._launch import LaunchConfig  # noqa: E402
 
 topk_module = importlib.import_module("safedig_kernels.ops.topk_encode")
 steer_module = importlib.import_module("safedig_kernels.ops.steer")
@@ -48,10 +50,10 @@ def stub_launches() -> Counter:
     return counts
 
 
-PATHS = {  # label: (ONE_LAUNCH_MAX_ROWS, DEFAULT_SELECT_ALGO)
-    "default": (steer_module.ONE_LAUNCH_MAX_ROWS, topk_module.DEFAULT_SELECT_ALGO),
-    "row, two kernels": (0, "row"),
-    "split": (0, "split"),
+PATHS = {  # label: the launch settings every call of that path runs with (ops/_launch.py)
+    "default": _launch.DEFAULT,
+    "row, two kernels": LaunchConfig(select_algo="row", one_launch=False),
+    "split": LaunchConfig(select_algo="split", one_launch=False),
 }
 
 
@@ -67,8 +69,9 @@ def measure(N: int, calls: int, runs: int, d: int = 64, F: int = 256, k: int = 8
     args = (x, W_enc, b_enc, W_dec, b_dec, torch.zeros(F, dtype=torch.bool), *strengths, k, bias)
     op = torch.ops.safedig.steer
     rows = []
-    for label, (one_launch_max, algo) in PATHS.items():
-        steer_module.ONE_LAUNCH_MAX_ROWS, topk_module.DEFAULT_SELECT_ALGO = one_launch_max, algo
+    default = _launch.DEFAULT
+    for label, launch in PATHS.items():
+        _launch.DEFAULT = launch
         for _ in range(100):
             op(*args)
         counts.clear()
@@ -81,7 +84,7 @@ def measure(N: int, calls: int, runs: int, d: int = 64, F: int = 256, k: int = 8
                 op(*args)
             best = min(best, (time.perf_counter() - t0) / calls)
         rows.append({"path": label, "us_per_call": best * 1e6, "triton_launches": launches})
-    steer_module.ONE_LAUNCH_MAX_ROWS, topk_module.DEFAULT_SELECT_ALGO = PATHS["default"]
+    _launch.DEFAULT = default
     return rows
 
 

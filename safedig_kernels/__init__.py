@@ -1,10 +1,15 @@
 """safedig_kernels: SAE-based safety steering (SafeDIG) for diffusion transformers.
 
 Importing the package registers the `torch.ops.safedig.*` custom ops. It works without CUDA
-and without Triton: CPU tensors run the PyTorch reference.
+and without Triton (CPU tensors run the PyTorch reference), and it never imports diffusers:
+the pipeline integration (`safedig_kernels.integrations`) and the SafeDIG workflow
+(`safedig_kernels.workflow`) are imported on their own.
 
     sae = safedig_kernels.TopKSAE.load("site.safetensors")
     y, h = safedig_kernels.steer(x, sae, beta=0.5, gamma=1.0, tau=0.0)   # x: [N, d] or [B, T, d]
+
+The kernel core imports strictly downward: `_library` -> `_checks` -> `reference` -> `ops`
+-> `checkpoints` -> `sae`; `_io` (files and dtype names) sits beside them all.
 """
 from __future__ import annotations
 
@@ -12,13 +17,14 @@ from typing import Optional
 
 import torch
 
-from . import ops, reference
+from . import _moved, checkpoints, ops, reference
+from .checkpoints import FORMAT_VERSION, SAEMetadata, SAEWeights
 from .ops import Harmful, Strength
-from .sae import FORMAT_VERSION, SAEMetadata, TopKSAE, random_sae
+from .sae import TopKSAE, load_sae, random_sae, save_sae
 
 __version__ = "0.1.0"
-__all__ = ["TopKSAE", "SAEMetadata", "FORMAT_VERSION", "random_sae", "encode", "decode", "steer",
-           "ops", "reference"]
+__all__ = ["TopKSAE", "SAEMetadata", "SAEWeights", "FORMAT_VERSION", "random_sae", "load_sae", "save_sae",
+           "encode", "decode", "steer", "ops", "reference", "checkpoints"]
 
 
 def encode(x: torch.Tensor, sae: TopKSAE) -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,10 +39,24 @@ def decode(vals: torch.Tensor, idx: torch.Tensor, sae: TopKSAE) -> torch.Tensor:
 
 def steer(x: torch.Tensor, sae: TopKSAE, *, beta: Optional[Strength] = None, gamma: Optional[Strength] = None,
           tau: Optional[Strength] = None, harmful: Optional[Harmful] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Blend/Repel steering (SPEC §2) of `x` `[N, d]` or `[B, T, d]`, any strides.
+    """Blend/Repel steering (spec §2) of `x` `[N, d]` or `[B, T, d]`, any strides.
 
     `y = x + g * (beta * (x_hat_safe - x) - gamma * r)`, g = 1 where the harm score h > tau.
     Unset strengths and harmful set come from the SAE. Returns `y` (x's shape and dtype) and
     `h` (fp32, `[N]` or `[B, T]`).
     """
     return sae.steer(x, beta=beta, gamma=gamma, tau=tau, harmful=harmful)
+
+
+def _keep_checkpoint_loaders_importable() -> None:
+    # Code written for 0.1 imported whole-SAE loaders from `checkpoints`, which is now the
+    # format layer under `sae` (returning SAEWeights). The package, above both, hands them the
+    # `sae` functions, so those imports keep working without an import cycle.
+    from . import sae
+
+    for name in ("load_sae", "save_sae", "load_safedig", "load_saelens", "load_sparsify"):
+        setattr(checkpoints, name, getattr(sae, name))
+
+
+_keep_checkpoint_loaders_importable()
+_moved.install()

@@ -1,11 +1,25 @@
-"""Argument checks shared by the ops, their fake kernels and the reference.
+"""Argument checks for the ops, the reference and the SAE container: each written once here.
 
-Every failure names the argument and says what was expected and what came. Only metadata is
-inspected (shape, dtype, device), never values: a check must not sync with the device.
+Every failure is a TypeError or ValueError that names the argument and says what was expected
+and what came. Two kinds, so that each property of a call is checked exactly once:
+
+- `check_*_types` (the public boundary, before the dispatcher): is each tensor argument a
+  tensor, is `k` an int. The dispatcher would reject those with a RuntimeError that names no
+  argument, and the wrappers need tensors to convert Python strengths and feature ids.
+- `check_topk_encode`, `check_sparse_decode`, `check_steer` (inside each op: its eager body and
+  its fake kernel): shapes, dtypes, devices and sizes, the op's contract. Written with
+  `torch._check_type` / `torch._check_value`, so under `torch.compile(dynamic=True)` a relation
+  between symbolic sizes becomes a runtime assertion, not a guard that would recompile.
+
+Only metadata is inspected, never values: a check must not sync with the device. Values given
+as Python numbers or ids (strengths, harmful features) are checked where they become tensors
+(`finite_number`, `harmful_ids`).
 """
 from __future__ import annotations
 
-from typing import Optional
+import math
+import numbers
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -14,127 +28,253 @@ from ._library import MAX_FEATURES, MAX_K, SUPPORTED_DTYPES
 _DTYPE_NAMES = "bfloat16, float16 or float32"
 
 
-def _tensor(t, name: str) -> torch.Tensor:
+def _value(cond, message: Callable[[], str]) -> None:
+    if isinstance(cond, bool):  # concrete sizes: a plain check, which dynamo can also trace
+        if not cond:
+            raise ValueError(message())
+    else:  # a relation between symbolic sizes (fake kernels under dynamic shapes)
+        torch._check_value(cond, message)
+
+
+def _type(cond, message: Callable[[], str]) -> None:
+    if not cond:  # dtypes and devices are never symbolic
+        raise TypeError(message())
+
+
+def _shape(t: torch.Tensor) -> tuple:
+    return tuple(t.shape)
+
+
+# -- types (the public boundary) ----------------------------------------------------------
+
+def check_tensor(t: Any, name: str) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     return t
 
 
+def check_int(k: Any, name: str = "k") -> int:
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"{name} must be an int, got {type(k).__name__}")
+    return k
+
+
+def check_encoder_weight(W_enc: Any) -> int:
+    """`W_enc` is a `[d, F]` tensor; returns F (the wrappers need it to build a harmful mask)."""
+    check_tensor(W_enc, "W_enc")
+    if W_enc.dim() != 2:
+        raise ValueError(f"W_enc must be [d, F], got shape {_shape(W_enc)}")
+    return W_enc.shape[1]
+
+
+def check_steer_types(x, W_enc, b_enc, W_dec, b_dec, k) -> int:
+    """Types of `steer`'s tensor arguments and k; returns F. Strengths and the harmful set are
+    checked as they are converted to tensors."""
+    for t, name in ((x, "x"), (b_enc, "b_enc"), (W_dec, "W_dec"), (b_dec, "b_dec")):
+        check_tensor(t, name)
+    check_int(k)
+    return check_encoder_weight(W_enc)
+
+
+def check_topk_encode_types(x, W_enc, b_enc, b_dec, k, enc_bias=None) -> None:
+    for t, name in ((x, "x"), (W_enc, "W_enc"), (b_enc, "b_enc"), (b_dec, "b_dec")):
+        check_tensor(t, name)
+    if enc_bias is not None:
+        check_tensor(enc_bias, "enc_bias")
+    check_int(k)
+
+
+def check_sparse_decode_types(vals, idx, W_dec, b_dec) -> None:
+    for t, name in ((vals, "vals"), (idx, "idx"), (W_dec, "W_dec"), (b_dec, "b_dec")):
+        check_tensor(t, name)
+
+
+# -- metadata (each op's contract) --------------------------------------------------------
+
 def check_float_dtype(t: torch.Tensor, name: str, allow_float64: bool) -> None:
     ok = SUPPORTED_DTYPES + ((torch.float64,) if allow_float64 else ())
-    if t.dtype not in ok:
-        extra = " (float64 only in the reference)" if allow_float64 else ""
-        raise TypeError(f"{name} must have dtype {_DTYPE_NAMES}{extra}, got {t.dtype}")
+    extra = " (float64 only in the reference)" if allow_float64 else ""
+    _type(t.dtype in ok, lambda: f"{name} must have dtype {_DTYPE_NAMES}{extra}, got {t.dtype}")
 
 
-def check_activation(x, name: str = "x", allow_float64: bool = False) -> torch.Tensor:
-    x = _tensor(x, name)
+def check_activation(x: torch.Tensor, name: str = "x", allow_float64: bool = False) -> None:
+    check_tensor(x, name)
     check_float_dtype(x, name, allow_float64)
-    if x.dim() not in (2, 3):
-        raise ValueError(f"{name} must be [N, d] or [B, T, d], got shape {tuple(x.shape)}")
-    if x.shape[-1] < 1:
-        raise ValueError(f"{name} must have a non-empty last dimension d, got shape {tuple(x.shape)}")
-    return x
+    _value(x.dim() in (2, 3), lambda: f"{name} must be [N, d] or [B, T, d], got shape {_shape(x)}")
+    _value(x.shape[-1] >= 1, lambda: f"{name} must have a non-empty last dimension d, got shape {_shape(x)}")
 
 
-def check_like(t, name: str, shape: tuple, ref: torch.Tensor, ref_name: str) -> torch.Tensor:
+def check_like(t: torch.Tensor, name: str, shape: Sequence, ref: torch.Tensor, ref_name: str) -> None:
     """`t` must have `shape` and the dtype and device of `ref`."""
-    t = _tensor(t, name)
-    if tuple(t.shape) != tuple(shape):
-        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
-    if t.dtype != ref.dtype:
-        raise TypeError(f"{name} must have the dtype of {ref_name} ({ref.dtype}), got {t.dtype}")
-    if t.device != ref.device:
-        raise ValueError(f"{name} must be on the device of {ref_name} ({ref.device}), got {t.device}")
-    return t
+    check_tensor(t, name)
+    want = tuple(shape)
+    _value(t.dim() == len(want), lambda: f"{name} must have shape {want}, got {_shape(t)}")
+    for got, expected in zip(t.shape, want):
+        _value(got == expected, lambda: f"{name} must have shape {want}, got {_shape(t)}")
+    _type(t.dtype == ref.dtype, lambda: f"{name} must have the dtype of {ref_name} ({ref.dtype}), got {t.dtype}")
+    _value(t.device == ref.device,
+           lambda: f"{name} must be on the device of {ref_name} ({ref.device}), got {t.device}")
 
 
-def check_encoder(x, W_enc, b_enc, b_dec, allow_float64: bool = False) -> tuple[int, int]:
-    """Returns (d, F)."""
-    x = check_activation(x, "x", allow_float64)
+def check_k(k: int, F) -> None:
+    check_int(k)
+    _value(1 <= k, lambda: f"k must satisfy 1 <= k <= min(F, {MAX_K}), got k = {k}")
+    _value(k <= F, lambda: f"k must satisfy 1 <= k <= min(F, {MAX_K}) = {min(int(F), MAX_K)}, got k = {k}")
+    _value(k <= MAX_K, lambda: f"k must satisfy 1 <= k <= min(F, {MAX_K}) = {min(int(F), MAX_K)}, got k = {k}")
+
+
+def check_encoder(x, W_enc, b_enc, b_dec, allow_float64: bool = False) -> tuple:
+    """x and the encoder tensors agree; returns (d, F)."""
+    check_activation(x, "x", allow_float64)
     d = x.shape[-1]
-    W_enc = _tensor(W_enc, "W_enc")
-    if W_enc.dim() != 2 or W_enc.shape[0] != d:
-        raise ValueError(f"W_enc must be [d, F] with d = x.shape[-1] = {d}, got shape {tuple(W_enc.shape)}")
+    check_tensor(W_enc, "W_enc")
+    _value(W_enc.dim() == 2, lambda: f"W_enc must be [d, F] with d = x.shape[-1] = {d}, got shape {_shape(W_enc)}")
+    _value(W_enc.shape[0] == d,
+           lambda: f"W_enc must be [d, F] with d = x.shape[-1] = {d}, got shape {_shape(W_enc)}")
     F = W_enc.shape[1]
-    if not 1 <= F <= MAX_FEATURES:
-        raise ValueError(f"W_enc must have 1 <= F <= {MAX_FEATURES} features, got F = {F}")
+    _value(1 <= F, lambda: f"W_enc must have 1 <= F <= {MAX_FEATURES} features, got F = {F}")
+    _value(F <= MAX_FEATURES, lambda: f"W_enc must have 1 <= F <= {MAX_FEATURES} features, got F = {F}")
     check_like(W_enc, "W_enc", (d, F), x, "x")
     check_like(b_enc, "b_enc", (F,), x, "x")
     check_like(b_dec, "b_dec", (d,), x, "x")
     return d, F
 
 
-def check_k(k, F: int) -> int:
-    if isinstance(k, bool) or not isinstance(k, int):
-        raise TypeError(f"k must be an int, got {type(k).__name__}")
-    if not 1 <= k <= min(F, MAX_K):
-        raise ValueError(f"k must satisfy 1 <= k <= min(F, {MAX_K}) = {min(F, MAX_K)}, got k = {k}")
-    return k
+def check_enc_bias(enc_bias: Optional[torch.Tensor], F, device: torch.device) -> None:
+    """The cached folded encoder bias `b_enc - b_dec @ W_enc`: float32 `[F]` on x's device."""
+    if enc_bias is None:
+        return
+    check_tensor(enc_bias, "enc_bias")
+    ok = enc_bias.dim() == 1 and enc_bias.dtype == torch.float32 and enc_bias.device == device
+    _value(ok and enc_bias.shape[0] == F, lambda: f"enc_bias must be float32 [F] = [{F}] on {device}, got "
+                                                  f"{enc_bias.dtype} {_shape(enc_bias)} on {enc_bias.device}")
 
 
-def check_codes(vals, idx, allow_float64: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    vals = _tensor(vals, "vals")
-    idx = _tensor(idx, "idx")
+def check_topk_encode(x, W_enc, b_enc, b_dec, k, enc_bias=None, allow_float64: bool = False) -> None:
+    _, F = check_encoder(x, W_enc, b_enc, b_dec, allow_float64)
+    check_k(k, F)
+    check_enc_bias(enc_bias, F, x.device)
+
+
+def check_codes(vals, idx, allow_float64: bool = False) -> None:
+    check_tensor(vals, "vals")
+    check_tensor(idx, "idx")
     want = (torch.float32, torch.float64) if allow_float64 else (torch.float32,)
-    if vals.dtype not in want:
-        raise TypeError(f"vals must have dtype {' or '.join(map(str, want))}, got {vals.dtype}")
-    if idx.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"idx must have dtype torch.int32 or torch.int64, got {idx.dtype}")
-    if vals.dim() not in (2, 3):
-        raise ValueError(f"vals must be [N, k] or [B, T, k], got shape {tuple(vals.shape)}")
-    if tuple(idx.shape) != tuple(vals.shape):
-        raise ValueError(f"idx must have the shape of vals {tuple(vals.shape)}, got {tuple(idx.shape)}")
-    if idx.device != vals.device:
-        raise ValueError(f"idx must be on the device of vals ({vals.device}), got {idx.device}")
-    if not 1 <= vals.shape[-1] <= MAX_K:
-        raise ValueError(f"vals must have 1 <= k <= {MAX_K} columns, got shape {tuple(vals.shape)}")
-    return vals, idx
+    _type(vals.dtype in want, lambda: f"vals must have dtype {' or '.join(map(str, want))}, got {vals.dtype}")
+    _type(idx.dtype in (torch.int32, torch.int64),
+          lambda: f"idx must have dtype torch.int32 or torch.int64, got {idx.dtype}")
+    _value(vals.dim() in (2, 3), lambda: f"vals must be [N, k] or [B, T, k], got shape {_shape(vals)}")
+    _value(idx.dim() == vals.dim(), lambda: f"idx must have the shape of vals {_shape(vals)}, got {_shape(idx)}")
+    for a, b in zip(idx.shape, vals.shape):
+        _value(a == b, lambda: f"idx must have the shape of vals {_shape(vals)}, got {_shape(idx)}")
+    _value(idx.device == vals.device, lambda: f"idx must be on the device of vals ({vals.device}), got {idx.device}")
+    k = vals.shape[-1]
+    _value(1 <= k, lambda: f"vals must have 1 <= k <= {MAX_K} columns, got shape {_shape(vals)}")
+    _value(k <= MAX_K, lambda: f"vals must have 1 <= k <= {MAX_K} columns, got shape {_shape(vals)}")
 
 
-def check_decoder(W_dec, b_dec, d: Optional[int], F: Optional[int], device: torch.device,
-                  allow_float64: bool = False) -> tuple[int, int]:
-    W_dec = _tensor(W_dec, "W_dec")
+def check_decoder(W_dec, b_dec, device: torch.device, allow_float64: bool = False) -> tuple:
+    """`W_dec` `[F, d]` and `b_dec` `[d]` of one float dtype on `device`; returns (d, F)."""
+    check_tensor(W_dec, "W_dec")
     check_float_dtype(W_dec, "W_dec", allow_float64)
-    if W_dec.dim() != 2:
-        raise ValueError(f"W_dec must be [F, d], got shape {tuple(W_dec.shape)}")
-    Fw, dw = W_dec.shape
-    if d is not None and dw != d:
-        raise ValueError(f"W_dec must be [F, d] with d = {d}, got shape {tuple(W_dec.shape)}")
-    if F is not None and Fw != F:
-        raise ValueError(f"W_dec must be [F, d] with F = {F} (the encoder's width), got shape {tuple(W_dec.shape)}")
-    if W_dec.device != device:
-        raise ValueError(f"W_dec must be on device {device}, got {W_dec.device}")
-    check_like(b_dec, "b_dec", (dw,), W_dec, "W_dec")
-    return dw, Fw
+    _value(W_dec.dim() == 2, lambda: f"W_dec must be [F, d], got shape {_shape(W_dec)}")
+    F, d = W_dec.shape
+    _value(W_dec.device == device, lambda: f"W_dec must be on device {device}, got {W_dec.device}")
+    check_like(b_dec, "b_dec", (d,), W_dec, "W_dec")
+    return d, F
 
 
-def check_harmful_mask(mask, F: int, device: torch.device) -> torch.Tensor:
-    mask = _tensor(mask, "harmful")
-    if mask.dtype != torch.bool:
-        raise TypeError(f"harmful must be a torch.bool mask of shape [F] = [{F}], got dtype {mask.dtype}")
-    if tuple(mask.shape) != (F,):
-        raise ValueError(f"harmful must have shape [F] = [{F}], got {tuple(mask.shape)}")
-    if mask.device != device:
-        raise ValueError(f"harmful must be on device {device}, got {mask.device}")
-    return mask
+def check_sparse_decode(vals, idx, W_dec, b_dec, allow_float64: bool = False) -> None:
+    check_codes(vals, idx, allow_float64)
+    check_decoder(W_dec, b_dec, vals.device, allow_float64)
 
 
-def check_strength(t, name: str, device: torch.device) -> torch.Tensor:
-    t = _tensor(t, name)
-    if t.dim() != 0 or not t.dtype.is_floating_point:
-        raise TypeError(f"{name} must be a 0-d floating tensor, got dtype {t.dtype} and shape {tuple(t.shape)}")
-    if t.device != device:
-        raise ValueError(f"{name} must be on device {device} (a CPU scalar would force a host sync), got {t.device}")
-    return t
+def check_harmful_mask(mask, F, device: torch.device) -> None:
+    check_tensor(mask, "harmful")
+    _type(mask.dtype == torch.bool,
+          lambda: f"harmful must be a torch.bool mask of shape [F] = [{F}], got dtype {mask.dtype}")
+    _value(mask.dim() == 1, lambda: f"harmful must have shape [F] = [{F}], got {_shape(mask)}")
+    _value(mask.shape[0] == F, lambda: f"harmful must have shape [F] = [{F}], got {_shape(mask)}")
+    _value(mask.device == device, lambda: f"harmful must be on device {device}, got {mask.device}")
 
 
-def check_steer(x, W_enc, b_enc, W_dec, b_dec, harmful, beta, gamma, tau, k,
-                allow_float64: bool = False) -> tuple[int, int]:
+def check_strength(t, name: str, device: torch.device) -> None:
+    check_tensor(t, name)
+    _type(t.dim() == 0 and t.dtype.is_floating_point,
+          lambda: f"{name} must be a 0-d floating tensor, got dtype {t.dtype} and shape {_shape(t)}")
+    _value(t.device == device,
+           lambda: f"{name} must be on device {device} (a CPU scalar would force a host sync), got {t.device}")
+
+
+def check_steer(x, W_enc, b_enc, W_dec, b_dec, harmful, beta, gamma, tau, k, enc_bias=None,
+                allow_float64: bool = False) -> None:
     d, F = check_encoder(x, W_enc, b_enc, b_dec, allow_float64)
     check_like(W_dec, "W_dec", (F, d), x, "x")
     check_k(k, F)
     check_harmful_mask(harmful, F, x.device)
     for t, name in ((beta, "beta"), (gamma, "gamma"), (tau, "tau")):
         check_strength(t, name, x.device)
-    return d, F
+    check_enc_bias(enc_bias, F, x.device)
+
+
+def check_sae_tensors(W_enc, b_enc, W_dec, b_dec, k) -> None:
+    """The five things a `TopKSAE` holds: `W_enc` `[d, F]`, `b_enc` `[F]`, `W_dec` `[F, d]`,
+    `b_dec` `[d]` of one float dtype (float64 allowed) on one device, and k."""
+    for t, name in ((W_enc, "W_enc"), (b_enc, "b_enc"), (W_dec, "W_dec"), (b_dec, "b_dec")):
+        check_tensor(t, name)
+        check_float_dtype(t, name, allow_float64=True)
+    if W_enc.dim() != 2:
+        raise ValueError(f"W_enc must be [d, F], got shape {_shape(W_enc)}")
+    d, F = W_enc.shape
+    if not 1 <= F <= MAX_FEATURES:
+        raise ValueError(f"W_enc must have 1 <= F <= {MAX_FEATURES} features, got F = {F}")
+    for t, name, shape in ((b_enc, "b_enc", (F,)), (W_dec, "W_dec", (F, d)), (b_dec, "b_dec", (d,))):
+        check_like(t, name, shape, W_enc, "W_enc")
+    check_k(k, F)
+
+
+# -- Python values on their way into tensors ----------------------------------------------
+
+def finite_number(value: Any, name: str) -> float:
+    """A strength or threshold given as a Python number."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float or a 0-d tensor, got {type(value).__name__}")
+    return float(value)
+
+
+def harmful_ids(ids: Any, F: Optional[int] = None, name: str = "harmful") -> list[int]:
+    """Feature ids as a list of ints, each in [0, F) (or >= 0 while F is not known yet): a
+    sequence of ints or a 1-D integer tensor or array. A bool mask is not ids: see
+    `check_harmful_mask`."""
+    if hasattr(ids, "__array__") and not isinstance(ids, torch.Tensor):  # numpy arrays
+        ids = torch.as_tensor(ids)
+    if isinstance(ids, torch.Tensor):
+        if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+            raise TypeError(f"{name} ids must be integers, got a tensor of dtype {ids.dtype}")
+        if ids.dim() != 1:
+            raise ValueError(f"{name} ids must be a 1-D sequence of feature ids, got shape {_shape(ids)}")
+        ids = ids.tolist()
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
+        raise TypeError(f"{name} must be a bool mask [F] or a sequence of feature ids, got {type(ids).__name__}")
+    out = []
+    for j in ids:
+        if isinstance(j, (list, tuple)):
+            raise ValueError(f"{name} ids must be a 1-D sequence of feature ids, got a nested sequence")
+        if isinstance(j, bool) or not isinstance(j, numbers.Integral):
+            raise TypeError(f"{name} ids must be ints, got {j!r} ({type(j).__name__})")
+        out.append(int(j))
+    bad = [j for j in out if j < 0 or (F is not None and j >= F)]
+    if bad:
+        where = "" if F is None else f" in [0, F) = [0, {F})"
+        raise ValueError(f"{name} ids must be non-negative int feature ids{where}, got {bad[:8]}")
+    return out
+
+
+def finite_or_none(value: Any, name: str) -> Optional[float]:
+    """`None`, or a finite Python number (config fields)."""
+    if value is None:
+        return None
+    v = finite_number(value, name)
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be finite, got {v}")
+    return v

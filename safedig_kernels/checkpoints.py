@@ -1,17 +1,21 @@
-"""TopK-SAE checkpoints: this project's own format, SAELens directories, sparsify directories.
+"""TopK-SAE checkpoint formats: this project's own, SAELens directories, sparsify directories.
 
-`load_sae(path)` tells the three apart by the path (docs/checkpoints.md has the details):
+This is the format layer under `TopKSAE` (`sae.py`): readers return `SAEWeights`, the four
+tensors with every foreign convention folded in, k and the `SAEMetadata`, and `TopKSAE.load`
+builds the module from them. It imports nothing of the SAE container.
 
-- a file: this project's format (`load_safedig`), one `.safetensors` file holding `W_enc [d, F]`,
+`read_sae(path)` tells the three formats apart by the path (docs/checkpoints.md has the details):
+
+- a file: this project's format (`read_safedig`), one `.safetensors` file holding `W_enc [d, F]`,
   `b_enc [F]`, `W_dec [F, d]`, `b_dec [d]` and, under the key `"safedig_sae"` of the header
   metadata, a JSON object with `format_version`, `k` and every `SAEMetadata` field;
 - a directory with `cfg.json` + `sae_weights.safetensors`: SAELens 3.x to 6.x, TopK SAEs only
-  (`load_saelens`);
+  (`read_saelens`);
 - a directory with `cfg.json` + `sae.safetensors`: one hookpoint of EleutherAI sparsify (and its
-  predecessor `sae`), TopK only (`load_sparsify`).
+  predecessor `sae`), TopK only (`read_sparsify`).
 
 Every foreign option that changes the function is folded into the four tensors so the ops
-compute SPEC §2 unchanged:
+compute spec §2 unchanged:
 
 - SAELens `apply_b_dec_to_input: false` (encoder sees `x`): `b_enc += b_dec @ W_enc`.
 - SAELens `rescale_acts_by_decoder_norm: true`: `W_enc`, `b_enc` times the decoder row norms
@@ -26,15 +30,16 @@ compute SPEC §2 unchanged:
 Rejected with `CheckpointError`: non-TopK architectures, per-token normalisation
 (`constant_norm_rescale`, `layer_norm`), `hook_z` reshaping, SAELens >= 7, sparsify
 `skip_connection`, `transcode`, `activation: groupmax`, `signed`. Nothing is ever unpickled.
-Every check runs before the `TopKSAE` is built, so a failed load leaves nothing behind.
+Every check runs before anything is returned, so a failed load leaves nothing behind.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import re
-import secrets
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -43,11 +48,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ._io import atomic_write, dtype_from_name
 from ._library import MAX_FEATURES, MAX_K
-from .sae import FORMAT_VERSION, SAEMetadata, TopKSAE
 
-__all__ = ["CheckpointError", "CheckpointDtypeError", "HEADER_KEY", "save_sae", "load_sae",
-           "load_safedig", "load_saelens", "load_sparsify", "detect_format"]
+__all__ = ["FORMAT_VERSION", "SAEMetadata", "SAEWeights", "CheckpointError", "CheckpointDtypeError", "HEADER_KEY",
+           "read_sae", "read_safedig", "read_saelens", "read_sparsify", "write_safedig", "detect_format"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 DTypeLike = Union[torch.dtype, str]
@@ -62,10 +67,6 @@ SAELENS_MAX_MAJOR = 6  # checked against SAELens 6.18 (Oct 2025); 7.x may change
 
 _TENSOR_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")
 _FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
-_DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-                "float64": torch.float64, "fp32": torch.float32, "fp16": torch.float16,
-                "bf16": torch.bfloat16, "half": torch.float16, "float": torch.float32,
-                "double": torch.float64}
 # safetensors < 0.4.2 did not export its error type at the top level.
 _SafetensorError = getattr(safetensors, "SafetensorError", RuntimeError)
 
@@ -84,6 +85,53 @@ class CheckpointDtypeError(CheckpointError, TypeError):
     """A tensor with a dtype the format does not allow (also a TypeError)."""
 
 
+FORMAT_VERSION = 1
+
+
+@dataclass
+class SAEMetadata:
+    """What a checkpoint says about its SAE besides the weights (JSON-serialisable)."""
+
+    format_version: int = FORMAT_VERSION
+    model: str = ""                    # e.g. "black-forest-labs/FLUX.1-dev"
+    site: str = ""                     # e.g. "single_transformer_blocks.9"
+    harmful_features: list[int] = field(default_factory=list)
+    beta: float = 0.0                  # default Blend strength
+    gamma: float = 0.0                 # default Repel strength
+    tau: float = 0.0                   # default gate threshold
+    activation_scale: float = 1.0      # trained on x * scale; already folded into the weights
+    source: str = "safedig"            # format the weights were read from
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "SAEMetadata":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown SAE metadata keys {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+
+@dataclass
+class SAEWeights:
+    """What a checkpoint holds, as the ops compute with it: `W_enc` `[d, F]`, `b_enc` `[F]`,
+    `W_dec` `[F, d]`, `b_dec` `[d]` (one dtype, every foreign convention folded in), k, and the
+    metadata (harmful features and default strengths included)."""
+
+    W_enc: torch.Tensor
+    b_enc: torch.Tensor
+    W_dec: torch.Tensor
+    b_dec: torch.Tensor
+    k: int
+    metadata: SAEMetadata = field(default_factory=SAEMetadata)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, name) for name in _TENSOR_NAMES}
+
+
 # -- argument helpers ------------------------------------------------------------------------
 def _as_path(path: Any, name: str = "path") -> Path:
     if isinstance(path, (str, os.PathLike)):
@@ -92,18 +140,7 @@ def _as_path(path: Any, name: str = "path") -> Path:
 
 
 def _as_dtype(dtype: Optional[DTypeLike]) -> Optional[torch.dtype]:
-    if dtype is None:
-        return None
-    if isinstance(dtype, str):
-        key = dtype.removeprefix("torch.")
-        if key not in _DTYPE_NAMES:
-            raise ValueError(f"dtype must be one of {sorted(_DTYPE_NAMES)}, got {dtype!r}")
-        dtype = _DTYPE_NAMES[key]
-    if not isinstance(dtype, torch.dtype):
-        raise TypeError(f"dtype must be a torch.dtype or a dtype name, got {type(dtype).__name__}")
-    if dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"dtype must be bfloat16, float16, float32 or float64, got {dtype}")
-    return dtype
+    return None if dtype is None else dtype_from_name(dtype, "dtype", allowed=_FLOAT_DTYPES)
 
 
 def _as_device(device: Optional[DeviceLike]) -> torch.device:
@@ -241,8 +278,8 @@ def _check_keys(path: Path, names: list[str], required: tuple[str, ...],
 
 
 def _finish(path: Path, weights: dict[str, torch.Tensor], k: int, metadata: SAEMetadata,
-            device: torch.device, dtype: torch.dtype) -> TopKSAE:
-    """Convert the validated `[d, F]`/`[F]`/`[F, d]`/`[d]` tensors and build the TopKSAE.
+            device: torch.device, dtype: torch.dtype) -> SAEWeights:
+    """Convert the validated `[d, F]`/`[F]`/`[F, d]`/`[d]` tensors.
 
     The stored tensors were checked finite already; this checks again after folding and
     conversion, so an overflow (e.g. float32 weights above 65504 read as float16) is an error
@@ -252,8 +289,7 @@ def _finish(path: Path, weights: dict[str, torch.Tensor], k: int, metadata: SAEM
         t = weights[name].to(dtype=dtype)
         _check_finite(path, name, t, f" after folding the format's options and converting to {dtype}")
         out[name] = t.to(device).contiguous()
-    return TopKSAE(out["W_enc"], out["b_enc"], out["W_dec"], out["b_dec"], k=k, metadata=metadata,
-                   activation_scale=1.0)
+    return SAEWeights(out["W_enc"], out["b_enc"], out["W_dec"], out["b_dec"], k=k, metadata=metadata)
 
 
 # -- this project's format -------------------------------------------------------------------
@@ -263,28 +299,16 @@ _META_FIELDS = {"format_version": (int,), "k": (int,), "model": (str,), "site": 
                 "extra": (dict,)}
 
 
-def _header_json(sae: TopKSAE) -> str:
-    meta = sae.metadata
-    F = sae.num_features
-    # The buffers are what the SAE steers with; the metadata copies are written when they agree
-    # with them (keeping the caller's exact floats and id order), the buffers' values otherwise.
-    mask = sae.harmful_mask.detach().cpu()
-    try:
-        ids = [int(i) for i in meta.harmful_features]
-        from_meta = torch.zeros(F, dtype=torch.bool)
-        from_meta[torch.tensor(ids, dtype=torch.int64)] = True
-        meta_ok = all(0 <= i < F for i in ids) and bool(torch.equal(from_meta, mask))
-    except (IndexError, TypeError, ValueError, RuntimeError):
-        meta_ok = False
-    harmful = ids if meta_ok else mask.nonzero().flatten().tolist()
-    strengths = {}
+def _header_json(weights: SAEWeights) -> str:
+    meta = weights.metadata
+    F = weights.W_enc.shape[1]
+    ids = meta.harmful_features
+    if not isinstance(ids, list) or any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < F for i in ids):
+        raise ValueError(f"cannot save: metadata.harmful_features must be a list of feature ids in [0, {F}), "
+                         f"got {ids!r}")
     for name in ("beta", "gamma", "tau"):
-        buf = getattr(sae, name).detach().cpu()
-        declared = float(getattr(meta, name))
-        same = float(torch.tensor(declared, dtype=buf.dtype)) == float(buf)
-        strengths[name] = declared if same else float(buf)
-        if not math.isfinite(strengths[name]):
-            raise ValueError(f"cannot save: {name} = {strengths[name]} is not finite")
+        if not math.isfinite(getattr(meta, name)):
+            raise ValueError(f"cannot save: {name} = {getattr(meta, name)} is not finite")
     scale = float(meta.activation_scale)
     if not (math.isfinite(scale) and scale > 0):
         raise ValueError(f"cannot save: metadata.activation_scale must be positive and finite, got {scale}")
@@ -294,9 +318,9 @@ def _header_json(sae: TopKSAE) -> str:
             raise TypeError(f"cannot save: metadata.{name} must be a str, got {found}")
     if not isinstance(meta.extra, dict):
         raise TypeError(f"cannot save: metadata.extra must be a dict, got {type(meta.extra).__name__}")
-    doc = {"format_version": FORMAT_VERSION, "k": int(sae.k), "model": meta.model, "site": meta.site,
-           "harmful_features": harmful, **strengths, "activation_scale": scale,
-           "source": meta.source, "extra": meta.extra}
+    doc = {"format_version": FORMAT_VERSION, "k": int(weights.k), "model": meta.model, "site": meta.site,
+           "harmful_features": list(ids), "beta": float(meta.beta), "gamma": float(meta.gamma),
+           "tau": float(meta.tau), "activation_scale": scale, "source": meta.source, "extra": meta.extra}
     try:
         return json.dumps(doc, allow_nan=False, sort_keys=True)
     except (TypeError, ValueError) as e:
@@ -304,75 +328,37 @@ def _header_json(sae: TopKSAE) -> str:
                         f"(str, finite numbers, bool, None, lists, dicts with str keys): {e}") from e
 
 
-def save_sae(sae: TopKSAE, path: PathLike) -> None:
-    """Write `sae` to the single file `path` in this project's format (see module docstring).
+def write_safedig(path: PathLike, weights: SAEWeights) -> None:
+    """Write `weights` to the single file `path` in this project's format (module docstring).
 
-    The write is atomic: the bytes go to a temporary file in the same directory, which is
-    fsynced and then renamed over `path` (`os.replace`), so an interrupted save leaves either
-    the old file or the new one under `path`, never a partial one. Never pickles.
+    Atomic (`_io.atomic_write`): an interrupted save leaves the old file or the new one under
+    `path`, never a partial one, and the new file keeps the old one's permissions. Never pickles.
     """
-    if not isinstance(sae, TopKSAE):
-        raise TypeError(f"sae must be a TopKSAE, got {type(sae).__name__}")
+    if not isinstance(weights, SAEWeights):
+        raise TypeError(f"weights must be SAEWeights, got {type(weights).__name__}")
     path = _as_path(path)
     if path.is_dir():
         raise IsADirectoryError(f"{path}: is a directory; this format is a single file "
                                 f"(e.g. {path / 'sae.safetensors'})")
     if not path.parent.is_dir():
         raise FileNotFoundError(f"{path}: the parent directory {path.parent} does not exist")
-    header = _header_json(sae)
-    tensors = {name: getattr(sae, name).detach().to("cpu").contiguous() for name in _TENSOR_NAMES}
+    header = _header_json(weights)
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in weights.tensors().items()}
     for name, t in tensors.items():
         _check_finite(path, name, t, " (refusing to save)")
-
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    # The final file gets the permissions a plain open() would give it (0o666 less the umask),
-    # or those of the file it replaces. safetensors 0.8 writes its files 0o600 by itself.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    mode = os.fstat(fd).st_mode & 0o7777
-    os.close(fd)
-    try:
-        if path.is_file():
-            mode = path.stat().st_mode & 0o7777
-        save_file(tensors, str(tmp), metadata={HEADER_KEY: header})
-        os.chmod(tmp, mode)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        # Also on KeyboardInterrupt: the half-written temporary file must not linger.
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(path.parent)
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={HEADER_KEY: header}))
 
 
-def _fsync_dir(directory: Path) -> None:
-    # Makes the rename itself durable on POSIX. Best effort: the new file is already in place,
-    # and some filesystems refuse to fsync a directory.
-    if os.name != "posix":
-        return
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
-
-
-def load_safedig(path: PathLike, device: Optional[DeviceLike] = None,
-                 dtype: Optional[DTypeLike] = None) -> TopKSAE:
-    """Read a file written by `save_sae`. Weights keep their stored dtype (bitwise) unless
+def read_safedig(path: PathLike, device: Optional[DeviceLike] = None,
+                 dtype: Optional[DTypeLike] = None) -> SAEWeights:
+    """Read a file written by `write_safedig`. Weights keep their stored dtype (bitwise) unless
     `dtype` is given; they are placed on `device` (default CPU)."""
     path = _as_path(path)
     dtype_ = _as_dtype(dtype)
     device_ = _as_device(device)
     if path.is_dir():
         raise CheckpointError(path, None, "is a directory; a safedig checkpoint is one file "
-                                          "(load_sae reads SAELens and sparsify directories)")
+                                          "(read_sae reads SAELens and sparsify directories)")
     header, names = _read_header(path)
     if HEADER_KEY not in header:
         raise CheckpointError(path, HEADER_KEY, f"missing from the safetensors header metadata "
@@ -432,7 +418,7 @@ def load_safedig(path: PathLike, device: Optional[DeviceLike] = None,
                    dtype_ or W_enc.dtype)
 
 
-# -- folding foreign conventions into SPEC §2 ---------------------------------------------------
+# -- folding foreign conventions into spec §2 ---------------------------------------------------
 def _compute_dtype(*dtypes: Optional[torch.dtype]) -> torch.dtype:
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
@@ -441,7 +427,7 @@ def _fold(path: Path, W_enc: torch.Tensor, b_enc: torch.Tensor, W_dec: torch.Ten
           target: torch.dtype, *, apply_b_dec_to_input: bool = True, rescale_by_decoder_norm: bool = False,
           decoder_scale: Optional[torch.Tensor] = None, activation_scale: float = 1.0,
           weights_key: str = "W_dec") -> dict[str, torch.Tensor]:
-    """The four SPEC §2 tensors, computed in float32 (float64 when the stored or the `target`
+    """The four spec §2 tensors, computed in float32 (float64 when the stored or the `target`
     dtype is float64); returned unchanged when there is nothing to fold.
 
     Foreign forward (s = activation_scale, n = decoder row norms, f = decoder_scale):
@@ -516,8 +502,8 @@ def _saelens_version(cfg: dict[str, Any], path: Path) -> Optional[tuple[int, int
     return None
 
 
-def load_saelens(path: PathLike, device: Optional[DeviceLike] = None, dtype: Optional[DTypeLike] = None,
-                 activation_scale: Optional[float] = None) -> TopKSAE:
+def read_saelens(path: PathLike, device: Optional[DeviceLike] = None, dtype: Optional[DTypeLike] = None,
+                 activation_scale: Optional[float] = None) -> SAEWeights:
     """Read a SAELens TopK SAE directory (`cfg.json` + `sae_weights.safetensors`).
 
     `dtype` defaults to the config's `dtype`, as SAELens does. `activation_scale` is the
@@ -566,11 +552,11 @@ def load_saelens(path: PathLike, device: Optional[DeviceLike] = None, dtype: Opt
     d_sae = _get(cfg, "d_sae", (int,), cfg_path)
     _check_dims(cfg_path, "d_in", d_in, "d_sae", d_sae)
     k = _check_k(cfg_path, k_key, k, d_sae)
-    dtype_name = _get(cfg, "dtype", (str,), cfg_path, default="float32")
-    cfg_dtype = _DTYPE_NAMES.get(dtype_name.removeprefix("torch."))
-    if cfg_dtype is None:
-        raise CheckpointError(cfg_path, "dtype", f"unknown dtype {dtype_name!r}; expected one of "
-                                                 f"{sorted(_DTYPE_NAMES)}")
+    cfg_dtype_name = _get(cfg, "dtype", (str,), cfg_path, default="float32")
+    try:
+        cfg_dtype = dtype_from_name(cfg_dtype_name, "dtype", allowed=_FLOAT_DTYPES)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(cfg_path, "dtype", f"unknown dtype {cfg_dtype_name!r}; {e}") from None
     apply_b_dec = _get(cfg, "apply_b_dec_to_input", (bool,), cfg_path, default=True)
     rescale = _get(cfg, "rescale_acts_by_decoder_norm", (bool,), cfg_path, default=False)
     finetune = _get(cfg, "finetuning_scaling_factor", (bool,), cfg_path, default=False)
@@ -662,8 +648,8 @@ def load_saelens(path: PathLike, device: Optional[DeviceLike] = None, dtype: Opt
 _SPARSIFY_KEYS = ("encoder.weight", "encoder.bias", "W_dec", "b_dec")
 
 
-def load_sparsify(path: PathLike, device: Optional[DeviceLike] = None, dtype: Optional[DTypeLike] = None,
-                  activation_scale: Optional[float] = None) -> TopKSAE:
+def read_sparsify(path: PathLike, device: Optional[DeviceLike] = None, dtype: Optional[DTypeLike] = None,
+                  activation_scale: Optional[float] = None) -> SAEWeights:
     """Read one hookpoint directory of an EleutherAI sparsify TopK SAE (`cfg.json` +
     `sae.safetensors`). `dtype` defaults to the file's dtype, as sparsify does.
     `activation_scale` folds a scale s for an SAE trained on `x * s` (sparsify itself does not
@@ -723,7 +709,7 @@ def detect_format(path: PathLike) -> str:
     saelens, sparsify = (p / SAELENS_WEIGHTS).is_file(), (p / SPARSIFY_WEIGHTS).is_file()
     if saelens and sparsify:
         raise CheckpointError(p, None, f"holds both {SAELENS_WEIGHTS} (SAELens) and {SPARSIFY_WEIGHTS} "
-                                       f"(sparsify); call load_saelens or load_sparsify")
+                                       f"(sparsify); call load_saelens or load_sparsify (safedig_kernels.sae)")
     if has_cfg and saelens:
         return "saelens"
     if has_cfg and sparsify:
@@ -736,8 +722,8 @@ def detect_format(path: PathLike) -> str:
                                    f"{SAELENS_WEIGHTS} (SAELens) or {SPARSIFY_WEIGHTS} (sparsify){hint}")
 
 
-def load_sae(path: PathLike, device: Optional[DeviceLike] = None, dtype: Optional[DTypeLike] = None,
-             activation_scale: Optional[float] = None) -> TopKSAE:
+def read_sae(path: PathLike, device: Optional[DeviceLike] = None, dtype: Optional[DTypeLike] = None,
+             activation_scale: Optional[float] = None) -> SAEWeights:
     """Read a TopK SAE from `path`, whose format is detected (`detect_format`).
 
     `device` defaults to CPU, `dtype` to the checkpoint's own. `activation_scale` is for
@@ -748,6 +734,6 @@ def load_sae(path: PathLike, device: Optional[DeviceLike] = None, dtype: Optiona
         if activation_scale is not None:
             raise ValueError(f"activation_scale applies to SAELens and sparsify checkpoints; {path} is "
                              f"a safedig file, whose weights already have it folded in")
-        return load_safedig(path, device=device, dtype=dtype)
-    loader = load_saelens if fmt == "saelens" else load_sparsify
+        return read_safedig(path, device=device, dtype=dtype)
+    loader = read_saelens if fmt == "saelens" else read_sparsify
     return loader(path, device=device, dtype=dtype, activation_scale=activation_scale)

@@ -2,55 +2,27 @@
 
 Weights are buffers, so `.to(device, dtype)` moves them like any module; strengths and the
 harmful mask are device tensors changed in place, so a compiled graph that reads them never
-recompiles when they change. Checkpoint formats live in `safedig_kernels.checkpoints`.
+recompiles when they change. Files are read and written through the format layer
+(`checkpoints`), which returns `SAEWeights`; `TopKSAE.load` builds the module from them.
 """
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
-from ._checks import check_float_dtype, check_k
-from ._library import MAX_FEATURES
+from . import checkpoints, ops, reference
+from ._checks import check_sae_tensors, check_steer, check_steer_types
+from .checkpoints import FORMAT_VERSION, SAEMetadata, SAEWeights
 from .ops import Harmful, Strength, as_harmful_mask, encoder_bias, harmful_for_call, strength_for_call
-from .ops import sparse_decode as _sparse_decode
-from .ops import topk_encode as _topk_encode
-from .ops.steer import _steer_op
 
-FORMAT_VERSION = 1
-
-
-@dataclass
-class SAEMetadata:
-    """What a checkpoint says about its SAE besides the weights (JSON-serialisable)."""
-
-    format_version: int = FORMAT_VERSION
-    model: str = ""                    # e.g. "black-forest-labs/FLUX.1-dev"
-    site: str = ""                     # e.g. "single_transformer_blocks.9"
-    harmful_features: list[int] = field(default_factory=list)
-    beta: float = 0.0                  # default Blend strength
-    gamma: float = 0.0                 # default Repel strength
-    tau: float = 0.0                   # default gate threshold
-    activation_scale: float = 1.0      # trained on x * scale; already folded into the weights
-    source: str = "safedig"            # format the weights were read from
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "SAEMetadata":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown SAE metadata keys {unknown}; known: {sorted(known)}")
-        return cls(**d)
+__all__ = ["TopKSAE", "SAEMetadata", "SAEWeights", "FORMAT_VERSION", "random_sae", "load_sae", "save_sae",
+           "load_safedig", "load_saelens", "load_sparsify"]
 
 
 class TopKSAE(torch.nn.Module):
-    """TopK sparse autoencoder used for steering, SPEC §2.
+    """TopK sparse autoencoder used for steering, spec §2.
 
     `W_enc` `[d, F]`, `b_enc` `[F]`, `W_dec` `[F, d]`, `b_dec` `[d]`, all of one dtype.
     `activation_scale` s folds an SAE trained on `x * s` into weights that take `x` itself.
@@ -59,24 +31,8 @@ class TopKSAE(torch.nn.Module):
     def __init__(self, W_enc: torch.Tensor, b_enc: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor,
                  k: int, metadata: Optional[SAEMetadata] = None, activation_scale: float = 1.0):
         super().__init__()
+        check_sae_tensors(W_enc, b_enc, W_dec, b_dec, k)
         metadata = dataclasses.replace(metadata) if metadata is not None else SAEMetadata()
-        for t, name in ((W_enc, "W_enc"), (b_enc, "b_enc"), (W_dec, "W_dec"), (b_dec, "b_dec")):
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-            check_float_dtype(t, name, allow_float64=True)
-        if W_enc.dim() != 2:
-            raise ValueError(f"W_enc must be [d, F], got shape {tuple(W_enc.shape)}")
-        d, F = W_enc.shape
-        if not 1 <= F <= MAX_FEATURES:
-            raise ValueError(f"W_enc must have 1 <= F <= {MAX_FEATURES} features, got F = {F}")
-        for t, name, shape in ((b_enc, "b_enc", (F,)), (W_dec, "W_dec", (F, d)), (b_dec, "b_dec", (d,))):
-            if tuple(t.shape) != shape:
-                raise ValueError(f"{name} must have shape {shape} for W_enc of shape {(d, F)}, got {tuple(t.shape)}")
-            if t.dtype != W_enc.dtype:
-                raise TypeError(f"{name} must have W_enc's dtype {W_enc.dtype}, got {t.dtype}")
-            if t.device != W_enc.device:
-                raise ValueError(f"{name} must be on W_enc's device {W_enc.device}, got {t.device}")
-        check_k(k, F)
         s = float(activation_scale)
         if not (s > 0 and s < float("inf")):
             raise ValueError(f"activation_scale must be a positive finite number, got {activation_scale}")
@@ -85,6 +41,7 @@ class TopKSAE(torch.nn.Module):
             # and the reconstruction of x is (b_dec + sum z W_dec) / s.
             W_enc, W_dec, b_dec = W_enc * s, W_dec / s, b_dec / s
             metadata.activation_scale = metadata.activation_scale * s
+        F = W_enc.shape[1]
         self.k = k
         self.metadata = metadata
         self.register_buffer("W_enc", W_enc.detach().clone())
@@ -97,6 +54,11 @@ class TopKSAE(torch.nn.Module):
         self.register_buffer("tau", torch.tensor(float(metadata.tau), device=W_enc.device))
         self._enc_bias_key: Optional[tuple] = None
         self._enc_bias: Optional[torch.Tensor] = None
+
+    @classmethod
+    def from_weights(cls, weights: SAEWeights) -> "TopKSAE":
+        """The SAE a checkpoint reader returned (`checkpoints.read_sae` and friends)."""
+        return cls(weights.W_enc, weights.b_enc, weights.W_dec, weights.b_dec, k=weights.k, metadata=weights.metadata)
 
     # -- shape ---------------------------------------------------------------------------
     @property
@@ -144,25 +106,37 @@ class TopKSAE(torch.nn.Module):
     # -- compute -------------------------------------------------------------------------
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """TopK codes of `x` `[N, d]` / `[B, T, d]`: (vals fp32, idx int32), `[..., k]`."""
-        return _topk_encode(x, self.W_enc, self.b_enc, self.b_dec, self.k, enc_bias=self._bias_for(x))
+        return ops.topk_encode(x, self.W_enc, self.b_enc, self.b_dec, self.k, enc_bias=self._bias_for(x))
 
     def decode(self, vals: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """Reconstruction `[..., d]` from codes `[..., k]`."""
-        return _sparse_decode(vals, idx, self.W_dec, self.b_dec)
+        return ops.sparse_decode(vals, idx, self.W_dec, self.b_dec)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(*self.encode(x))
 
     def steer(self, x: torch.Tensor, beta: Optional[Strength] = None, gamma: Optional[Strength] = None,
-              tau: Optional[Strength] = None, harmful: Optional[Harmful] = None) -> tuple[torch.Tensor, torch.Tensor]:
+              tau: Optional[Strength] = None, harmful: Optional[Harmful] = None, *,
+              enc_bias: Optional[torch.Tensor] = None, fused: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Blend/Repel steering of `x` `[N, d]` or `[B, T, d]`; unset arguments use this SAE's
-        defaults. Returns `y` (x's shape and dtype) and the harm score `h` `[...]` fp32."""
+        defaults. Returns `y` (x's shape and dtype) and the harm score `h` `[...]` fp32.
+
+        `enc_bias`: a folded encoder bias the caller keeps up to date (fp32 `[F]`), else this
+        SAE's own cache. `fused=False` runs the PyTorch reference instead of the op (the
+        baseline benchmarks compare against)."""
         dev = self.device
         mask = self.harmful_mask if harmful is None else harmful_for_call(harmful, self.num_features, dev)
         b = self.beta if beta is None else strength_for_call(beta, "beta", dev)
         g = self.gamma if gamma is None else strength_for_call(gamma, "gamma", dev)
         t = self.tau if tau is None else strength_for_call(tau, "tau", dev)
-        return _steer_op(x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, mask, b, g, t, self.k, self._bias_for(x))
+        tensors = (self.W_enc, self.b_enc, self.W_dec, self.b_dec)
+        if fused:
+            return ops.steer(x, *tensors, mask, b, g, t, self.k,
+                             enc_bias=enc_bias if enc_bias is not None else self._bias_for(x))
+        if not torch.compiler.is_compiling():  # traced, the reference's own shape errors apply
+            check_steer_types(x, *tensors, self.k)
+            check_steer(x, *tensors, mask, b, g, t, self.k, allow_float64=True)
+        return reference.steer(x, *tensors, mask, b, g, t, self.k)
 
     def _bias_for(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         # The cache is a CUDA-kernel shortcut; the reference (CPU) computes from the weights.
@@ -172,24 +146,73 @@ class TopKSAE(torch.nn.Module):
             return None  # data_ptr/_version are not traceable; the op computes the bias itself
         return self.enc_bias()
 
-    # -- checkpoints (implemented in safedig_kernels.checkpoints) -------------------------
+    # -- files ---------------------------------------------------------------------------
+    def to_weights(self) -> SAEWeights:
+        """What a checkpoint of this SAE holds. The buffers are what it steers with; the
+        metadata's copies are kept where they agree with them (the caller's exact floats and
+        id order), replaced by the buffers' values where they do not."""
+        meta = dataclasses.replace(self.metadata, extra=self.metadata.extra)
+        mask = self.harmful_mask.detach().cpu()
+        try:
+            declared = torch.zeros(self.num_features, dtype=torch.bool)
+            declared[torch.tensor([int(i) for i in meta.harmful_features], dtype=torch.int64)] = True
+            ids_ok = bool(torch.equal(declared, mask)) and all(
+                isinstance(i, int) and 0 <= i < self.num_features for i in meta.harmful_features)
+        except (IndexError, TypeError, ValueError, RuntimeError):
+            ids_ok = False
+        if not ids_ok:
+            meta.harmful_features = mask.nonzero().flatten().tolist()
+        for name in ("beta", "gamma", "tau"):
+            buf = getattr(self, name).detach().cpu()
+            try:
+                same = float(torch.tensor(float(getattr(meta, name)), dtype=buf.dtype)) == float(buf)
+            except (TypeError, ValueError):
+                same = False
+            setattr(meta, name, float(getattr(meta, name)) if same else float(buf))
+        return SAEWeights(self.W_enc, self.b_enc, self.W_dec, self.b_dec, k=int(self.k), metadata=meta)
+
     def save(self, path) -> None:
         """Write `path` (safetensors weights + JSON metadata in its header). Never pickles."""
-        from .checkpoints import save_sae
-
-        save_sae(self, path)
+        checkpoints.write_safedig(path, self.to_weights())
 
     @classmethod
     def load(cls, path, device=None, dtype=None, activation_scale: Optional[float] = None) -> "TopKSAE":
         """Read a checkpoint in this project's format, SAELens' or sparsify's (auto-detected).
         `activation_scale` is only for SAELens/sparsify SAEs trained on `x * s`."""
-        from .checkpoints import load_sae
+        return cls.from_weights(checkpoints.read_sae(path, device=device, dtype=dtype,
+                                                     activation_scale=activation_scale))
 
-        return load_sae(path, device=device, dtype=dtype, activation_scale=activation_scale)
+
+# Functions over whole SAEs, one per reader of the format layer.
+
+def load_sae(path, device=None, dtype=None, activation_scale: Optional[float] = None) -> TopKSAE:
+    """`TopKSAE.load`: any supported format, detected from the path."""
+    return TopKSAE.load(path, device=device, dtype=dtype, activation_scale=activation_scale)
+
+
+def load_safedig(path, device=None, dtype=None) -> TopKSAE:
+    return TopKSAE.from_weights(checkpoints.read_safedig(path, device=device, dtype=dtype))
+
+
+def load_saelens(path, device=None, dtype=None, activation_scale: Optional[float] = None) -> TopKSAE:
+    return TopKSAE.from_weights(checkpoints.read_saelens(path, device=device, dtype=dtype,
+                                                         activation_scale=activation_scale))
+
+
+def load_sparsify(path, device=None, dtype=None, activation_scale: Optional[float] = None) -> TopKSAE:
+    return TopKSAE.from_weights(checkpoints.read_sparsify(path, device=device, dtype=dtype,
+                                                          activation_scale=activation_scale))
+
+
+def save_sae(sae: TopKSAE, path) -> None:
+    """`sae.save(path)`."""
+    if not isinstance(sae, TopKSAE):
+        raise TypeError(f"sae must be a TopKSAE, got {type(sae).__name__}")
+    sae.save(path)
 
 
 def random_sae(d: int, F: int, k: int, *, harmful: Sequence[int] = (), seed: int = 0,
-                dtype=torch.float32, device="cpu") -> TopKSAE:
+               dtype=torch.float32, device="cpu") -> TopKSAE:
     """A seeded random SAE with unit-norm decoder rows (examples, tests, benchmarks)."""
     g = torch.Generator().manual_seed(seed)
     W_enc = torch.randn(d, F, generator=g) / d ** 0.5

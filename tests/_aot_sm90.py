@@ -2,7 +2,7 @@
 
 Run in a fresh process without TRITON_INTERPRET (under the interpreter `@triton.jit` yields
 objects the compiler cannot take). Used by test_kernels_compile.py; also handy by hand:
-    python tests/_aot_sm90.py
+    python tests/_aot_sm90.py   (run by tests/ops/test_kernels_compile.py)
 """
 from __future__ import annotations
 
@@ -22,11 +22,11 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from safedig_kernels.ops.sparse_decode import _sparse_decode_kernel, decode_config  # noqa: E402
+from safedig_kernels.ops._launch import LaunchConfig, decode_config, select_config  # noqa: E402
+from safedig_kernels.ops.sparse_decode import _sparse_decode_kernel  # noqa: E402
 from safedig_kernels.ops.steer import _steer_fwd_kernel, _steer_row_kernel  # noqa: E402
 from safedig_kernels.ops.topk_encode import (  # noqa: E402
-    _group_max_kernel, _split_bound_kernel, _split_candidates_kernel, _split_rank_kernel, _topk_select_kernel,
-    select_config)
+    _group_max_kernel, _split_bound_kernel, _split_candidates_kernel, _split_rank_kernel, _topk_select_kernel)
 
 TY = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
@@ -66,7 +66,7 @@ def resources(kernel) -> dict:
 
 def main() -> None:
     for F, k, pre_dtype, chunk, warps, *stages in SELECT:
-        cfg = select_config(F, k, chunk, warps, *stages)
+        cfg = select_config(F, k, LaunchConfig(chunk=chunk, select_warps=warps, select_stages=(stages or [None])[0]))
         const = {n: cfg[n] for n in ("CHUNK", "NUM_CHUNKS", "GROUPS", "CAND", "RANK_BLOCK", "EXACT_ONLY", "LOAD_STAGES")}
         sig = {"vals_ptr": "*fp32", "idx_ptr": "*i32", "cand_val_ptr": "*fp32", "cand_idx_ptr": "*i32",
                "count_ptr": "*i32", "pre_ptr": "*" + TY[pre_dtype], "bias_ptr": "*fp32", "stride_pre": "i32", "F": "i32"}
@@ -116,7 +116,7 @@ def main() -> None:
         print(json.dumps({"kernel": "sparse_decode", "d": d, "k": k, "dtype": str(dtype), **res}), flush=True)
     for d, F, k, dtype in ONE_LAUNCH:
         scfg, dcfg = select_config(F, k), decode_config(d, k)
-        pre = torch.float32 if dtype == torch.float16 else dtype  # as pre_dtype_for
+        pre = torch.float32 if dtype == torch.float16 else dtype  # as _launch.pre_dtype_for
         t = "*" + TY[dtype]
         sig = {"y_ptr": t, "h_ptr": "*fp32", "vals_ptr": "*fp32", "idx_ptr": "*i32", "cand_val_ptr": "*fp32",
                "cand_idx_ptr": "*i32", "count_ptr": "*i32", "pre_ptr": "*" + TY[pre], "bias_ptr": "*fp32", "x_ptr": t,

@@ -24,7 +24,7 @@ import torch
 
 from .providers import Prepared
 from .shapes import GEMM_OP
-from .timing import dtype_name
+from .._io import dtype_name
 
 # How far apart two pre-activations computed in the input dtype may truly be and still come
 # out in either order (relative to the token's largest |pre|): a few roundings each side.

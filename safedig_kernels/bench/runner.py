@@ -24,11 +24,12 @@ import torch
 from .check import Refused, check_outputs
 from .providers import BUILDERS, KINDS, Prepared, as_outputs, flops_bytes, gemm_flops, input_settings, providers_for
 from .shapes import GEMM_OP, OPS, Shape, entries
-from .timing import POLICIES, Plan, Policy, dtype_name, environment, measure, measure_ceilings, percentile, plan
+from .._io import atomic_write_json, dtype_from_name, dtype_name
+from .timing import POLICIES, Plan, Policy, environment, measure, measure_ceilings, percentile, plan
 
 TIMER_NAME = "safedig_kernels.bench.timing.synced_timer"
-DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-          "fp32": torch.float32, "float32": torch.float32}
+# What --dtype accepts: the names `_io.dtype_from_name` reads, for the dtypes the ops support.
+DTYPES = {name: dtype_from_name(name) for name in ("bf16", "bfloat16", "fp16", "float16", "fp32", "float32")}
 
 
 @dataclass(frozen=True)
@@ -183,11 +184,9 @@ def new_document(session: BenchSession) -> dict:
 
 
 def write_json(doc: dict, path: Path) -> None:
-    """Atomic write: a run killed mid-write leaves the previous complete file."""
+    """Atomic write (`_io.atomic_write_json`): a run killed mid-write leaves the previous file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=1))
-    os.replace(tmp, path)
+    atomic_write_json(path, doc)
 
 
 @dataclass

@@ -20,6 +20,7 @@ from typing import Callable, Optional
 
 import torch
 
+from .._io import dtype_name
 from .._library import env_flag, triton_interpreting
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]
@@ -172,10 +173,6 @@ def _best_median(fn: Callable[[], object]) -> float:
 
 
 # -- environment ---------------------------------------------------------------------------
-
-def dtype_name(dt: torch.dtype) -> str:
-    return str(dt).replace("torch.", "")
-
 
 def cpu_name() -> str:
     try:

@@ -5,16 +5,16 @@ K_BLOCK rows at a time, and accumulates in fp32. Rows whose code is 0 are never 
 """
 from __future__ import annotations
 
-import functools
-from types import MappingProxyType
-from typing import Mapping, Optional
+from typing import Optional
 
 import torch
 
 from .. import reference
-from .._checks import check_codes, check_decoder
+from .._checks import check_sparse_decode, check_sparse_decode_types
 from .._library import use_triton_for
-from ._triton import cdiv, next_pow2, tl, triton
+from . import _launch
+from ._launch import LaunchConfig
+from ._triton import cdiv, tl, triton
 
 
 @triton.jit
@@ -53,30 +53,15 @@ def _sparse_decode_kernel(
     tl.store(out_ptr + n * d + offs_d, acc.to(out_ptr.dtype.element_ty), mask=dmask)
 
 
-def decode_config(d: int, k: int, overrides: Optional[dict] = None) -> Mapping:
-    """Launch settings shared by the decode kernels: a heuristic, not autotuned. A program
-    holds a [K_BLOCK, BLOCK_D] tile of decoder rows; `overrides` lets benchmarks sweep it.
-    Defaults from the H200 sweep of 2026-11-28 at the FLUX 4x shape: [8, 1024] tiles with 4
-    warps took 0.17 ms, [16, 512] 0.39 ms and [8, 256] 2.1 ms (wide rows per program win)."""
-    if overrides:
-        return dict(_default_decode_config(d, k), **overrides)
-    return _default_decode_config(d, k)
-
-
-@functools.lru_cache(maxsize=256)
-def _default_decode_config(d: int, k: int) -> Mapping:
-    # read-only and cached: it runs on every op call
-    return MappingProxyType(dict(K_BLOCK=min(next_pow2(k), 8), BLOCK_D=min(next_pow2(d), 1024), num_warps=4))
-
-
-def _sparse_decode_fwd(vals2: torch.Tensor, idx2: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor) -> torch.Tensor:
+def _sparse_decode_fwd(vals2: torch.Tensor, idx2: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor,
+                       launch: Optional[LaunchConfig] = None) -> torch.Tensor:
     """Launcher. `vals2` fp32 / `idx2` int32 `[N, k]`; returns `[N, d]` in W_dec's dtype."""
     N, k = vals2.shape
     d = W_dec.shape[1]
     out = torch.empty(N, d, device=vals2.device, dtype=W_dec.dtype)
     if N == 0:
         return out
-    cfg = decode_config(d, k)
+    cfg = _launch.decode_config(d, k, launch)
     W_dec = W_dec if W_dec.stride(1) == 1 else W_dec.contiguous()
     grid = (N, cdiv(d, cfg["BLOCK_D"]))
     _sparse_decode_kernel[grid](
@@ -86,14 +71,9 @@ def _sparse_decode_fwd(vals2: torch.Tensor, idx2: torch.Tensor, W_dec: torch.Ten
     return out
 
 
-def _check(vals, idx, W_dec, b_dec):
-    check_codes(vals, idx)
-    check_decoder(W_dec, b_dec, None, None, vals.device)
-
-
 @torch.library.custom_op("safedig::sparse_decode", mutates_args=())
 def _sparse_decode_op(vals: torch.Tensor, idx: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor) -> torch.Tensor:
-    _check(vals, idx, W_dec, b_dec)
+    check_sparse_decode(vals, idx, W_dec, b_dec)
     if not use_triton_for(vals):
         return reference.sparse_decode(vals, idx, W_dec, b_dec)
     k = vals.shape[-1]
@@ -103,7 +83,7 @@ def _sparse_decode_op(vals: torch.Tensor, idx: torch.Tensor, W_dec: torch.Tensor
 
 @_sparse_decode_op.register_fake
 def _(vals, idx, W_dec, b_dec):
-    _check(vals, idx, W_dec, b_dec)
+    check_sparse_decode(vals, idx, W_dec, b_dec)
     return vals.new_empty(*vals.shape[:-1], W_dec.shape[1], dtype=W_dec.dtype)
 
 
@@ -115,5 +95,5 @@ def sparse_decode(vals: torch.Tensor, idx: torch.Tensor, W_dec: torch.Tensor, b_
     with an index outside comes back NaN (checking on the host would need a sync), on the CPU
     it raises.
     """
-    _check(vals, idx, W_dec, b_dec)  # clear errors before the dispatcher's own
+    check_sparse_decode_types(vals, idx, W_dec, b_dec)
     return torch.ops.safedig.sparse_decode(vals, idx, W_dec, b_dec)

@@ -8,8 +8,9 @@ on another. Per selected feature j the update weight is `beta * z_j` (safe) or `
 an ungated token reads no rows at all. Strengths and threshold are read from device tensors,
 so changing them needs no recompilation and no host sync.
 
-Small N (<= ONE_LAUNCH_MAX_ROWS tokens) runs as the GEMM plus one kernel, `_steer_row_kernel`:
-each program selects its token's codes with the "row" selection, then steers all of its d.
+Small N (up to `_launch.ONE_LAUNCH_MAX_ROWS` tokens) runs as the GEMM plus one kernel,
+`_steer_row_kernel`: each program selects its token's codes with the "row" selection, then
+steers all of its d.
 """
 from __future__ import annotations
 
@@ -18,18 +19,14 @@ from typing import Mapping, Optional
 import torch
 
 from .. import reference
-from .._checks import check_steer
+from .._checks import check_steer, check_steer_types
 from .._library import use_triton_for
+from . import _launch
+from ._arguments import Harmful, Strength, harmful_for_call, strength_for_call
+from ._launch import LaunchConfig
 from ._triton import cdiv, tl, triton
-from .sparse_decode import _weighted_row_sum, decode_config
-from .topk_encode import (_encoder_gemm, _select_row, _SelectScratch, _topk_encode_fwd, encoder_bias, pre_dtype_for,
-                          resolve_select_algo, select_config)
-
-# Up to this many tokens steer runs as one kernel (plus the GEMM): there the op is bound by host
-# launch cost (H200, 2026-11-28: N = 16 took 0.32 ms per eager call against 0.05 ms replayed from
-# a CUDA graph), and each program has a whole token's d to itself without starving the GPU.
-# Not yet measured on a GPU; benchmarks/gpu_check.py compares both paths at N = 16, 64, 256.
-ONE_LAUNCH_MAX_ROWS = 64
+from .sparse_decode import _weighted_row_sum
+from .topk_encode import _encoder_gemm, _select_row, _SelectScratch, _topk_encode_fwd, encoder_bias
 
 
 @triton.jit
@@ -124,16 +121,10 @@ def _steer_row_kernel(
                            K, K_BLOCK, BLOCK_D, True)
 
 
-def _steer_fwd(x: torch.Tensor, W_enc, W_dec, b_dec, harmful, beta, gamma, tau, k: int,
-               enc_bias: torch.Tensor, pre_dtype: Optional[torch.dtype] = None,
-               chunk: Optional[int] = None, select_warps: Optional[int] = None,
-               decode_overrides: Optional[dict] = None, select_algo: Optional[str] = None,
-               select_stages: Optional[int] = None, one_launch: Optional[bool] = None
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+def _steer_fwd(x: torch.Tensor, W_enc, W_dec, b_dec, harmful, beta, gamma, tau, k: int, enc_bias: torch.Tensor,
+               launch: Optional[LaunchConfig] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Launcher. `x` `[N, d]` or `[B, T, d]`, any strides. Returns y (contiguous, x's shape and
-    dtype) and h (fp32, x's shape without d). No host sync; allocations depend on shapes only.
-    The keyword overrides exist for the benchmarks' tuning sweep; `one_launch` None picks the
-    one-kernel path for N <= ONE_LAUNCH_MAX_ROWS when the selection is "row"."""
+    dtype) and h (fp32, x's shape without d). No host sync; allocations depend on shapes only."""
     d = x.shape[-1]
     x3 = x if x.dim() == 3 else x.unsqueeze(1)  # [N, d] -> [N, 1, d]: T = 1
     B, T, _ = x3.shape
@@ -142,26 +133,24 @@ def _steer_fwd(x: torch.Tensor, W_enc, W_dec, b_dec, harmful, beta, gamma, tau, 
     h = torch.empty(x.shape[:-1], device=x.device, dtype=torch.float32)
     if N == 0:
         return y, h
-    if one_launch is None:
-        one_launch = N <= ONE_LAUNCH_MAX_ROWS and resolve_select_algo(select_algo, N) == "row"
-    if one_launch:
-        _steer_in_one_launch(y, h, x3, W_enc, W_dec, b_dec, harmful, beta, gamma, tau, k, enc_bias, pre_dtype,
-                             select_config(W_enc.shape[1], k, chunk, select_warps, select_stages),
-                             decode_config(d, k, decode_overrides))
+    dcfg = _launch.decode_config(d, k, launch)
+    if _launch.use_one_launch(launch, N):
+        _steer_in_one_launch(y, h, x3, W_enc, W_dec, b_dec, harmful, beta, gamma, tau, k, enc_bias,
+                             _launch.pre_dtype_for(x.dtype, x.device, launch),
+                             _launch.select_config(W_enc.shape[1], k, launch), dcfg)
         return y, h
-    vals, idx = _topk_encode_fwd(x3.reshape(N, d), W_enc, enc_bias, k, pre_dtype, chunk, select_warps, select_algo,
-                                 select_stages)
-    _decode_steer(y, h, x3, vals, idx, harmful, W_dec, b_dec, beta, gamma, tau, k, decode_config(d, k, decode_overrides))
+    vals, idx = _topk_encode_fwd(x3.reshape(N, d), W_enc, enc_bias, k, launch)
+    _decode_steer(y, h, x3, vals, idx, harmful, W_dec, b_dec, beta, gamma, tau, k, dcfg)
     return y, h
 
 
 def _steer_in_one_launch(y, h, x3, W_enc, W_dec, b_dec, harmful, beta, gamma, tau, k: int, enc_bias,
-                         pre_dtype: Optional[torch.dtype], scfg: Mapping, dcfg: Mapping) -> None:
+                         pre_dtype: torch.dtype, scfg: Mapping, dcfg: Mapping) -> None:
     """The GEMM, then `_steer_row_kernel`: one program per token selects and steers it."""
     B, T, d = x3.shape
     N, F = B * T, W_enc.shape[1]
     x2 = x3.reshape(N, d)
-    pre, bias_on_load = _encoder_gemm(x2, W_enc, enc_bias.contiguous(), pre_dtype or pre_dtype_for(x2.dtype, x2.device))
+    pre, bias_on_load = _encoder_gemm(x2, W_enc, enc_bias.contiguous(), pre_dtype)
     scratch = _SelectScratch(N, scfg, x2.device, "row")
     vals = torch.empty(N, k, device=x2.device, dtype=torch.float32)
     idx = torch.empty(N, k, device=x2.device, dtype=torch.int32)
@@ -193,7 +182,7 @@ def _decode_steer(y, h, x3, vals, idx, harmful, W_dec, b_dec, beta, gamma, tau, 
 def _steer_op(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, W_dec: torch.Tensor,
               b_dec: torch.Tensor, harmful: torch.Tensor, beta: torch.Tensor, gamma: torch.Tensor,
               tau: torch.Tensor, k: int, enc_bias: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    check_steer(x, W_enc, b_enc, W_dec, b_dec, harmful, beta, gamma, tau, k)
+    check_steer(x, W_enc, b_enc, W_dec, b_dec, harmful, beta, gamma, tau, k, enc_bias)
     if not use_triton_for(x):
         return reference.steer(x, W_enc, b_enc, W_dec, b_dec, harmful, beta, gamma, tau, k)
     if enc_bias is None:
@@ -203,5 +192,23 @@ def _steer_op(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, W_dec: 
 
 @_steer_op.register_fake
 def _(x, W_enc, b_enc, W_dec, b_dec, harmful, beta, gamma, tau, k, enc_bias=None):
-    check_steer(x, W_enc, b_enc, W_dec, b_dec, harmful, beta, gamma, tau, k)
+    check_steer(x, W_enc, b_enc, W_dec, b_dec, harmful, beta, gamma, tau, k, enc_bias)
     return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(x.shape[:-1], dtype=torch.float32)
+
+
+def steer(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor,
+          harmful: Harmful, beta: Strength, gamma: Strength, tau: Strength, k: int,
+          *, enc_bias: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blend/Repel steering of `x` `[N, d]` or `[B, T, d]` (any strides), spec §2.
+
+    SAE tensors `W_enc` `[d, F]`, `b_enc` `[F]`, `W_dec` `[F, d]`, `b_dec` `[d]` in x's dtype and
+    device; `harmful` a bool mask `[F]` or feature ids; `beta`, `gamma`, `tau` floats or 0-d
+    tensors on x's device; `enc_bias` optionally a cached `b_enc - b_dec @ W_enc` (fp32 `[F]`).
+    Returns `y` (x's shape and dtype) and the harm score `h` (fp32, x's shape without d);
+    non-finite tokens come back unchanged with h = NaN.
+    """
+    F = check_steer_types(x, W_enc, b_enc, W_dec, b_dec, k)
+    device = x.device
+    return torch.ops.safedig.steer(x, W_enc, b_enc, W_dec, b_dec, harmful_for_call(harmful, F, device),
+                                   strength_for_call(beta, "beta", device), strength_for_call(gamma, "gamma", device),
+                                   strength_for_call(tau, "tau", device), k, enc_bias)

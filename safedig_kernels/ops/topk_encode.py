@@ -25,19 +25,16 @@ a barrier) were the cost, hence the tiles and the atomic counter.
 """
 from __future__ import annotations
 
-import functools
-from types import MappingProxyType
 from typing import Mapping, Optional
 
 import torch
 
 from .. import reference
-from .._checks import check_encoder, check_k
+from .._checks import check_topk_encode, check_topk_encode_types
 from .._library import mm_has_out_dtype, use_triton_for
-from ._triton import cdiv, next_pow2, tl, triton
-
-# Bytes of pre-activations materialised at once; larger inputs are processed in row chunks.
-PRE_BUFFER_BYTES = 1 << 30
+from . import _launch
+from ._launch import LaunchConfig
+from ._triton import tl, triton
 
 
 @triton.jit
@@ -319,37 +316,6 @@ def _split_rank_kernel(
         _rank_and_store(vals_ptr + row * K, idx_ptr + row * K, cand_vals, cand_idx, n_cand, K, CAND, RANK_BLOCK)
 
 
-@functools.lru_cache(maxsize=256)
-def select_config(F: int, k: int, chunk: Optional[int] = None, num_warps: Optional[int] = None,
-                  load_stages: Optional[int] = None) -> Mapping:
-    """Launch settings for the select kernels (read-only, cached: it runs on every op call): a
-    small heuristic, not autotuned.
-
-    CHUNK elements of the row are held at once (more per chunk: fewer loop trips, more
-    registers); GROUPS = 2 * next_pow2(k) groups leave ~1.2 k candidates on random data, and
-    CAND = 4 * next_pow2(k) scratch slots leave room for skewed rows before the fallback.
-    Defaults from the H200 sweep of 2026-11-28 (benchmarks/gpu_check.py): 2048-element chunks
-    and 4 warps beat 4096/8192 and 8/16 warps at the FLUX 4x shape. The candidate ranking
-    compares [CAND, RANK_BLOCK] blocks; RANK_BLOCK shrinks below 4 warps so 1- and 2-warp
-    programs (swept, not yet measured) fit their registers without spilling. `load_stages` > 1
-    pipelines the "row" kernel's chunk loads (swept, not yet measured; 1: plain loops).
-    """
-    k_pow2 = next_pow2(k)
-    if chunk is None:
-        chunk = min(next_pow2(F), 2048)
-    exact_only = k_pow2 > 64
-    groups = min(2 * k_pow2, chunk)
-    if groups < k:  # a chunk this small cannot give k groups: the bound would not hold
-        exact_only = True
-    cand = k_pow2 if exact_only else 4 * k_pow2
-    num_chunks = cdiv(F, chunk)
-    return MappingProxyType(dict(
-        CHUNK=chunk, NUM_CHUNKS=num_chunks, CHUNKS_POW2=next_pow2(num_chunks), GROUPS=max(groups, 1),
-        CAND=cand, RANK_BLOCK=min(cand, 32, 8 * (num_warps or 4)), EXACT_ONLY=exact_only, num_warps=num_warps or 4,
-        LOAD_STAGES=load_stages or 1,
-    ))
-
-
 def encoder_bias(W_enc: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor) -> torch.Tensor:
     """`b_enc - b_dec @ W_enc` in fp32, `[F]`: folds the input centring into the bias, so the
     GEMM reads x as it is (no rounded `x - b_dec` copy)."""
@@ -358,16 +324,6 @@ def encoder_bias(W_enc: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor) 
     else:
         centre = b_dec.float() @ W_enc.float()
     return b_enc.float() - centre
-
-
-def pre_dtype_for(x_dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    """Pre-activation buffer dtype. bf16 stays bf16 (SPEC §6: written once, read once; on an
-    H200 the fp32 buffer cost 0.03 ms more to write and more to read, for no change in what a
-    bf16 model can resolve). fp16 goes to fp32 where cuBLAS can write it: DiT activations
-    overflow fp16 pre-activations."""
-    if x_dtype == torch.float16 and (device.type != "cuda" or mm_has_out_dtype()):
-        return torch.float32
-    return x_dtype
 
 
 def _encoder_gemm(x2: torch.Tensor, W_enc: torch.Tensor, enc_bias: torch.Tensor, pre_dtype: torch.dtype
@@ -385,45 +341,20 @@ def _encoder_gemm(x2: torch.Tensor, W_enc: torch.Tensor, enc_bias: torch.Tensor,
     return torch.mm(x2.to(pre_dtype), W_enc.to(pre_dtype)), enc_bias  # CPU under the interpreter
 
 
-# "split": four launches, the two that read the pre-activations made of many small programs
-# (group maxima per (row, chunk); bound per row; candidates per (row, chunk); rank per row).
-# "row": one program per row does all of it. Both are exact and tested. "auto" (the default)
-# picks by rows, from the H200 sweep of 2026-11-28 (selection alone, CUDA events): "row" at
-# N = 16 and 256 (0.17 against 0.38 ms: one launch where split makes four, and small N is
-# launch-bound), "split" at the FLUX 4x shape (0.212-0.220 against 0.223 ms). The crossover
-# between 256 and 4608 rows was not measured; benchmarks/gpu_check.py sweeps both.
-SELECT_ALGOS = ("split", "row")
-DEFAULT_SELECT_ALGO = "auto"
-ROW_ALGO_MAX_ROWS = 256
-
-
-def resolve_select_algo(algo: Optional[str], rows: int) -> str:
-    """The selection algorithm that runs for `rows` rows: `algo`, or the default's choice."""
-    algo = algo or DEFAULT_SELECT_ALGO
-    if algo == "auto":
-        return "row" if rows <= ROW_ALGO_MAX_ROWS else "split"
-    if algo not in SELECT_ALGOS:
-        raise ValueError(f"algo must be 'auto' or one of {SELECT_ALGOS}, got {algo!r}")
-    return algo
-
-
 def _topk_encode_fwd(x2: torch.Tensor, W_enc: torch.Tensor, enc_bias: torch.Tensor, k: int,
-                     pre_dtype: Optional[torch.dtype] = None, chunk: Optional[int] = None,
-                     num_warps: Optional[int] = None, algo: Optional[str] = None,
-                     load_stages: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     launch: Optional[LaunchConfig] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Launcher. `x2` `[N, d]` (any strides), `enc_bias` fp32 `[F]`. Returns vals fp32 and idx
-    int32, `[N, k]`. No host sync; allocations depend on shapes only. `pre_dtype`, `chunk`,
-    `num_warps`, `algo` and `load_stages` override the defaults (benchmarks sweep them)."""
+    int32, `[N, k]`. No host sync; allocations depend on shapes only."""
     N = x2.shape[0]
     F = W_enc.shape[1]
     vals = torch.empty(N, k, device=x2.device, dtype=torch.float32)
     idx = torch.empty(N, k, device=x2.device, dtype=torch.int32)
     if N == 0:
         return vals, idx
-    pre_dtype = pre_dtype or pre_dtype_for(x2.dtype, x2.device)
-    cfg = select_config(F, k, chunk, num_warps, load_stages)
-    rows_per_pass = max(1, PRE_BUFFER_BYTES // (F * torch.finfo(pre_dtype).bits // 8))
-    algo = resolve_select_algo(algo, N)  # by N, so every row pass of one call runs the same kernels
+    pre_dtype = _launch.pre_dtype_for(x2.dtype, x2.device, launch)
+    cfg = _launch.select_config(F, k, launch)
+    rows_per_pass = max(1, _launch.PRE_BUFFER_BYTES // (F * torch.finfo(pre_dtype).bits // 8))
+    algo = _launch.resolve_select_algo(launch, N)  # by N, so every row pass of one call runs the same kernels
     scratch = _SelectScratch(min(N, rows_per_pass), cfg, x2.device, algo)
     enc_bias = enc_bias.contiguous()
     for start in range(0, N, rows_per_pass):
@@ -447,11 +378,10 @@ class _SelectScratch:
 
 
 def _select(vals, idx, scratch: _SelectScratch, pre, bias: Optional[torch.Tensor], k: int, cfg: Mapping,
-            algo: Optional[str] = None) -> None:
-    """Top k of each row of `pre` (+ `bias`) into vals/idx. The kernels zero the scratch
-    counters themselves (no memset launch)."""
+            algo: str) -> None:
+    """Top k of each row of `pre` (+ `bias`) into vals/idx with the "row" or "split" kernels.
+    The kernels zero the scratch counters themselves (no memset launch)."""
     rows, F = pre.shape
-    algo = resolve_select_algo(algo, rows)
     common = dict(HAS_BIAS=bias is not None, CHUNK=cfg["CHUNK"], NUM_CHUNKS=cfg["NUM_CHUNKS"], GROUPS=cfg["GROUPS"],
                   num_warps=cfg["num_warps"])
     bias = bias if bias is not None else pre  # never read when HAS_BIAS is False
@@ -477,19 +407,10 @@ def _select(vals, idx, scratch: _SelectScratch, pre, bias: Optional[torch.Tensor
         EXACT_ONLY=cfg["EXACT_ONLY"], HAS_BIAS=common["HAS_BIAS"], num_warps=cfg["num_warps"])
 
 
-def _check(x, W_enc, b_enc, b_dec, k, enc_bias):
-    _, F = check_encoder(x, W_enc, b_enc, b_dec)
-    check_k(k, F)
-    if enc_bias is not None:
-        if enc_bias.shape != (F,) or enc_bias.dtype != torch.float32 or enc_bias.device != x.device:
-            raise ValueError(f"enc_bias must be float32 [F] = [{F}] on {x.device}, got "
-                             f"{enc_bias.dtype} {tuple(enc_bias.shape)} on {enc_bias.device}")
-
-
 @torch.library.custom_op("safedig::topk_encode", mutates_args=())
 def _topk_encode_op(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor,
                     k: int, enc_bias: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    _check(x, W_enc, b_enc, b_dec, k, enc_bias)
+    check_topk_encode(x, W_enc, b_enc, b_dec, k, enc_bias)
     if not use_triton_for(x):
         return reference.topk_encode(x, W_enc, b_enc, b_dec, k)
     if enc_bias is None:
@@ -501,7 +422,7 @@ def _topk_encode_op(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, b
 
 @_topk_encode_op.register_fake
 def _(x, W_enc, b_enc, b_dec, k, enc_bias=None):
-    _check(x, W_enc, b_enc, b_dec, k, enc_bias)
+    check_topk_encode(x, W_enc, b_enc, b_dec, k, enc_bias)
     lead = x.shape[:-1]
     return x.new_empty(*lead, k, dtype=torch.float32), x.new_empty(*lead, k, dtype=torch.int32)
 
@@ -514,5 +435,5 @@ def topk_encode(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, b_dec
     `enc_bias` optionally passes a cached `b_enc - b_dec @ W_enc` (fp32 `[F]`) to skip a GEMV.
     Returns `vals` fp32 `[..., k]` (ReLU'd, descending) and `idx` int32 `[..., k]`.
     """
-    _check(x, W_enc, b_enc, b_dec, k, enc_bias)  # clear errors before the dispatcher's own
+    check_topk_encode_types(x, W_enc, b_enc, b_dec, k, enc_bias)
     return torch.ops.safedig.topk_encode(x, W_enc, b_enc, b_dec, k, enc_bias)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 triton = pytest.importorskip("triton")
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parents[1]  # tests/, where _aot_sm90.py lives
 
 
 @pytest.fixture(scope="module")

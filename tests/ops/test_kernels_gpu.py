@@ -9,7 +9,6 @@ pre-activations.
 """
 from __future__ import annotations
 
-import importlib
 
 import pytest
 import torch
@@ -18,20 +17,17 @@ from _oracle import assert_bitwise_equal, assert_codes_within_tolerance, assert_
 
 import safedig_kernels as sk
 from safedig_kernels import ops, reference
-from safedig_kernels.ops.topk_encode import SELECT_ALGOS
+from safedig_kernels.ops import _launch
+from safedig_kernels.ops._launch import SELECT_ALGOS, LaunchConfig
 
 pytestmark = pytest.mark.gpu
 DEV = "cuda"
 
 
-# the module, not the `ops.topk_encode` function that shadows it as a package attribute
-topk_encode_module = importlib.import_module("safedig_kernels.ops.topk_encode")
-
-
 @pytest.fixture(params=SELECT_ALGOS, autouse=True)
 def select_algo(request, monkeypatch):
     """Every test runs with each selection algorithm as the default."""
-    monkeypatch.setattr(topk_encode_module, "DEFAULT_SELECT_ALGO", request.param)
+    monkeypatch.setattr(_launch, "DEFAULT", LaunchConfig(select_algo=request.param))
     return request.param
 
 # Relative rounding of the pre-activation buffer the kernels select on (bf16 pre for bf16,
@@ -145,8 +141,8 @@ def test_one_launch_steer_matches_two_kernels_bitwise(N, d, F, k):
     bias = ops.encoder_bias(W_enc, b_enc, b_dec)
     args = (x, W_enc, W_dec, b_dec, harmful, *strengths(0.5, 1.0, -1.0), k, bias)
     for _ in range(3):
-        y1, h1 = _steer_fwd(*args, one_launch=True)
-        y2, h2 = _steer_fwd(*args, one_launch=False, select_algo="row")
+        y1, h1 = _steer_fwd(*args, LaunchConfig(one_launch=True))
+        y2, h2 = _steer_fwd(*args, LaunchConfig(one_launch=False, select_algo="row"))
         assert_bitwise_equal(y1, y2)
         assert_bitwise_equal(h1, h2)
 

@@ -2,20 +2,23 @@
 float64 oracle. Fresh outputs are poisoned (NaN / sentinel) so a missing store fails."""
 from __future__ import annotations
 
+import dataclasses
 import importlib
 
 import pytest
 import torch
 from _oracle import assert_bitwise_equal, assert_valid_topk, dense_codes64, dense_steer64
 
+from safedig_kernels.ops import _launch
+from safedig_kernels.ops._launch import SELECT_ALGOS, select_config
 from safedig_kernels.ops.sparse_decode import _sparse_decode_fwd
 from safedig_kernels.ops.steer import _steer_fwd
-from safedig_kernels.ops.topk_encode import SELECT_ALGOS, _topk_encode_fwd, encoder_bias, select_config
+from safedig_kernels.ops.topk_encode import _topk_encode_fwd, encoder_bias
 
 pytestmark = [pytest.mark.interpreter, pytest.mark.usefixtures("poison_allocations")]
 
 
-# the module, not the `ops.topk_encode` function that shadows it as a package attribute
+# the modules, not the `ops.topk_encode` / `ops.steer` functions that shadow them as package attributes
 topk_encode_module = importlib.import_module("safedig_kernels.ops.topk_encode")
 steer_module = importlib.import_module("safedig_kernels.ops.steer")
 
@@ -23,7 +26,7 @@ steer_module = importlib.import_module("safedig_kernels.ops.steer")
 @pytest.fixture(params=SELECT_ALGOS, autouse=True)
 def select_algo(request, monkeypatch):
     """Every test runs with each selection algorithm as the default."""
-    monkeypatch.setattr(topk_encode_module, "DEFAULT_SELECT_ALGO", request.param)
+    monkeypatch.setattr(_launch, "DEFAULT", _launch.LaunchConfig(select_algo=request.param))
     return request.param
 
 
@@ -31,8 +34,13 @@ def select_algo(request, monkeypatch):
 def steer_path(request, monkeypatch):
     """Steer tests run with small N in one launch (the default) and forced through two kernels."""
     if request.param == "two_kernels":
-        monkeypatch.setattr(steer_module, "ONE_LAUNCH_MAX_ROWS", 0)
+        monkeypatch.setattr(_launch, "ONE_LAUNCH_MAX_ROWS", 0)
     return request.param
+
+
+def launch(**overrides) -> _launch.LaunchConfig:
+    """The default launch settings (as the fixtures set them) with `overrides`."""
+    return dataclasses.replace(_launch.DEFAULT, **overrides)
 
 
 def sae(d, F, scale=1.0):
@@ -66,7 +74,7 @@ ENCODE_CASES = [
 def test_topk_encode_kernel(N, d, F, k, chunk, layout):
     W_enc, b_enc, _, b_dec = sae(d, F)
     x = torch.randn(N, d) if layout == "contiguous" else strided(N, d)
-    vals, idx = _topk_encode_fwd(x, W_enc, encoder_bias(W_enc, b_enc, b_dec), k, chunk=chunk)
+    vals, idx = _topk_encode_fwd(x, W_enc, encoder_bias(W_enc, b_enc, b_dec), k, launch(chunk=chunk))
     pre64, chosen, z, _ = dense_codes64(x, W_enc, b_enc, b_dec, k)
     assert_valid_topk(pre64, idx, k, 1e-5 * (1 + pre64.abs().amax(-1)))
     # with random data a near-tie is vanishingly rare: the sets match exactly here
@@ -79,11 +87,11 @@ def test_topk_encode_kernel_swept_launch_settings(num_warps, load_stages):
     # 1- and 2-warp settings rank candidates in blocks of 8 and 16 (RANK_BLOCK), not 32;
     # load_stages pipelines the row kernel's chunk loops (the interpreter runs them plainly)
     N, d, F, k = 4, 10, 500, 20
-    assert select_config(F, k, 128, num_warps)["RANK_BLOCK"] == min(8 * num_warps, 32)
+    assert select_config(F, k, launch(chunk=128, select_warps=num_warps))["RANK_BLOCK"] == min(8 * num_warps, 32)
     W_enc, b_enc, _, b_dec = sae(d, F)
     x = torch.randn(N, d)
-    vals, idx = _topk_encode_fwd(x, W_enc, encoder_bias(W_enc, b_enc, b_dec), k, chunk=128, num_warps=num_warps,
-                                 load_stages=load_stages)
+    vals, idx = _topk_encode_fwd(x, W_enc, encoder_bias(W_enc, b_enc, b_dec), k,
+                                 launch(chunk=128, select_warps=num_warps, select_stages=load_stages))
     pre64, chosen, z, _ = dense_codes64(x, W_enc, b_enc, b_dec, k)
     assert idx.tolist() == chosen
     torch.testing.assert_close(vals.double(), torch.gather(z, 1, idx.long()), rtol=1e-5, atol=1e-5)
@@ -109,10 +117,10 @@ def test_topk_encode_kernel_heavy_ties_use_the_exact_fallback():
     W_enc = torch.zeros(d, F)
     b_enc = torch.full((F,), 0.25)
     b_enc[[17, 400]] = 0.5
-    vals, idx = _topk_encode_fwd(torch.randn(2, d), W_enc, encoder_bias(W_enc, b_enc, torch.zeros(d)), k, chunk=128)
+    vals, idx = _topk_encode_fwd(torch.randn(2, d), W_enc, encoder_bias(W_enc, b_enc, torch.zeros(d)), k, launch(chunk=128))
     assert idx.tolist() == [[17, 400, 0, 1, 2]] * 2
     assert vals.tolist() == [[0.5, 0.5, 0.25, 0.25, 0.25]] * 2
-    assert not select_config(F, k, 128)["EXACT_ONLY"]  # so the fallback is what ran
+    assert not select_config(F, k, launch(chunk=128))["EXACT_ONLY"]  # so the fallback is what ran
 
 
 def test_topk_encode_kernel_nonfinite_tokens():
@@ -132,10 +140,12 @@ def test_select_kernel_adds_the_bias_on_load():
     W_enc, b_enc, _, b_dec = sae(11, 300)
     x = torch.randn(6, 11)
     k = 9
-    cfg = select_config(300, k, chunk=128)
+    cfg = select_config(300, k, launch(chunk=128))
+    algo = _launch.resolve_select_algo(None, 6)
     vals = torch.empty(6, k)
     idx = torch.empty(6, k, dtype=torch.int32)
-    _select(vals, idx, _SelectScratch(6, cfg, x.device), x @ W_enc, encoder_bias(W_enc, b_enc, b_dec), k, cfg)
+    _select(vals, idx, _SelectScratch(6, cfg, x.device, algo), x @ W_enc, encoder_bias(W_enc, b_enc, b_dec), k, cfg,
+            algo)
     pre64, chosen, z, _ = dense_codes64(x, W_enc, b_enc, b_dec, k)
     assert idx.tolist() == chosen
     torch.testing.assert_close(vals.double(), torch.gather(z, 1, idx.long()), rtol=1e-5, atol=1e-5)
@@ -194,9 +204,8 @@ def test_one_launch_steer_equals_two_kernels_bitwise(B, T, d, F, k, block_d):
     x[0, 0, 1] = float("inf")
     args = (x, W_enc, W_dec, b_dec, harmful, torch.tensor(0.5), torch.tensor(1.0), torch.tensor(-1.0), k,
             encoder_bias(W_enc, b_enc, b_dec))
-    tiles = None if block_d is None else dict(BLOCK_D=block_d)
-    y1, h1 = _steer_fwd(*args, one_launch=True, decode_overrides=tiles)
-    y2, h2 = _steer_fwd(*args, one_launch=False, select_algo="row", decode_overrides=tiles)
+    y1, h1 = _steer_fwd(*args, launch(one_launch=True, decode_block_d=block_d))
+    y2, h2 = _steer_fwd(*args, launch(one_launch=False, select_algo="row", decode_block_d=block_d))
     assert_bitwise_equal(y1, y2)
     assert_bitwise_equal(h1, h2)
     assert torch.isnan(h1[0, 0]) and torch.isfinite(h1.flatten()[1:]).all()
@@ -213,7 +222,7 @@ def test_steer_kernel_with_the_bias_added_on_load(monkeypatch, one_launch):
     monkeypatch.setattr(steer_module, "_encoder_gemm", lambda x2, W, b, pre_dtype: (x2 @ W, b))
     monkeypatch.setattr(topk_encode_module, "_encoder_gemm", lambda x2, W, b, pre_dtype: (x2 @ W, b))
     strengths = (0.5, 1.0, -1.0)
-    y, h = _steer_fwd(x, W_enc, W_dec, b_dec, harmful, *map(torch.tensor, strengths), 5, bias, one_launch=one_launch)
+    y, h = _steer_fwd(x, W_enc, W_dec, b_dec, harmful, *map(torch.tensor, strengths), 5, bias, launch(one_launch=one_launch))
     y64, h64 = dense_steer64(x, W_enc, b_enc, W_dec, b_dec, harmful, *strengths, 5)
     torch.testing.assert_close(y.reshape(-1, 13).double(), y64, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(h.reshape(-1).double(), h64, rtol=1e-5, atol=1e-5)

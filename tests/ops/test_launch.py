@@ -1,6 +1,6 @@
 """How many kernels one `steer` call launches, and which selection algorithm runs.
 
-Small-N calls are bound by host launch cost (SPEC §6: 0.1 ms at N = 16), so every launch must
+Small-N calls are bound by host launch cost (docs/spec.md §6: 0.1 ms at N = 16), so every launch must
 earn its place: the scratch counters are zeroed inside the select kernels, not by a memset,
 small inputs take the "row" selection, and the smallest run selection and decode as one
 kernel. Kernels run under TRITON_INTERPRET with poisoned allocations, so a counter left
@@ -15,22 +15,24 @@ import pytest
 import torch
 from _oracle import dense_steer64
 
-from safedig_kernels.ops.steer import ONE_LAUNCH_MAX_ROWS, _steer_fwd
-from safedig_kernels.ops.topk_encode import ROW_ALGO_MAX_ROWS, encoder_bias, resolve_select_algo
+from safedig_kernels.ops import _launch
+from safedig_kernels.ops._launch import ONE_LAUNCH_MAX_ROWS, ROW_ALGO_MAX_ROWS, LaunchConfig, resolve_select_algo
+from safedig_kernels.ops.steer import _steer_fwd
+from safedig_kernels.ops.topk_encode import encoder_bias
 
 topk_module = importlib.import_module("safedig_kernels.ops.topk_encode")
 steer_module = importlib.import_module("safedig_kernels.ops.steer")
 
 
 def test_auto_selection_picks_by_rows(monkeypatch):
-    monkeypatch.setattr(topk_module, "DEFAULT_SELECT_ALGO", "auto")
+    monkeypatch.setattr(_launch, "DEFAULT", LaunchConfig())
     assert resolve_select_algo(None, 1) == "row"
     assert resolve_select_algo(None, ROW_ALGO_MAX_ROWS) == "row"
     assert resolve_select_algo(None, ROW_ALGO_MAX_ROWS + 1) == "split"
-    assert resolve_select_algo("row", 10 ** 6) == "row"
-    assert resolve_select_algo("split", 1) == "split"
+    assert resolve_select_algo(LaunchConfig(select_algo="row"), 10 ** 6) == "row"
+    assert resolve_select_algo(LaunchConfig(select_algo="split"), 1) == "split"
     with pytest.raises(ValueError, match="algo must be 'auto' or one of"):
-        resolve_select_algo("radix", 4)
+        LaunchConfig(select_algo="radix")
 
 
 class _CountingKernel:
@@ -58,7 +60,7 @@ class _CountingKernel:
                              "_split_rank_kernel": 1, "_steer_fwd_kernel": 1}),
 ], ids=["small", "one-launch-limit", "row", "split"])
 def test_steer_launches(monkeypatch, rows, launches):
-    monkeypatch.setattr(topk_module, "DEFAULT_SELECT_ALGO", "auto")
+    monkeypatch.setattr(_launch, "DEFAULT", LaunchConfig())
     counts: Counter = Counter()
     for module in (topk_module, steer_module):
         for name in dir(module):

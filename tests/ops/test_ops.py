@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 import safedig_kernels as sk
 from safedig_kernels import ops
+from safedig_kernels.ops import _arguments
 
 
 def sae_tensors(d, F, dtype=torch.float32, device="cpu"):
@@ -158,9 +159,9 @@ def test_per_call_strengths_and_ids_are_made_once_per_value():
     assert ops.harmful_for_call((1, 4), 8, dev).nonzero().flatten().tolist() == [1, 4]
     with pytest.raises(ValueError, match=r"\[0, 8\)"):
         ops.harmful_for_call([9], 8, dev)
-    for i in range(3 * ops._CALL_CONSTANTS_MAX):
+    for i in range(3 * _arguments._CALL_CONSTANTS_MAX):
         ops.strength_for_call(float(i), "gamma", dev)
-    assert len(ops._CALL_CONSTANTS) <= ops._CALL_CONSTANTS_MAX
+    assert len(_arguments._CALL_CONSTANTS) <= _arguments._CALL_CONSTANTS_MAX
 
 
 def test_per_call_values_never_alias_sae_state():
@@ -180,12 +181,12 @@ def test_per_call_values_under_compile_are_graph_constants():
     # traced, a number becomes a constant of the graph; the eager-side cache is not consulted
     sae = sk.random_sae(16, 40, 4, harmful=[1, 2], seed=0)
     x = torch.randn(5, 16)
-    ops._CALL_CONSTANTS.clear()
+    _arguments._CALL_CONSTANTS.clear()
     f = torch.compile(lambda t: sk.steer(t, sae, beta=0.25, gamma=2.0), fullgraph=True, backend="aot_eager")
     y, h = f(x)
-    assert ops._CALL_CONSTANTS == {}
+    assert _arguments._CALL_CONSTANTS == {}
     y_eager, h_eager = sk.steer(x, sae, beta=0.25, gamma=2.0)
-    assert len(ops._CALL_CONSTANTS) == 2
+    assert len(_arguments._CALL_CONSTANTS) == 2
     torch.testing.assert_close((y, h), (y_eager, h_eager))
 
 

@@ -1,0 +1,137 @@
+"""Files and names every layer shares: the one atomic write, the one dtype table, JSON reading.
+
+An atomic write puts the bytes in a hidden temporary file next to the destination, fsyncs it,
+renames it over the destination (`os.replace`) and fsyncs the folder. A reader sees the old file
+or the new one, never part of one; once the call returns, a crash loses nothing. The new file
+gets the permission bits of the file it replaces, or those a plain `open()` would give it. An
+interrupted write removes its temporary file; a killed process may leave one behind, named
+`.<name>.<pid>.<random>.tmp`, which no reader of this package ever opens.
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional, Union
+
+import torch
+from safetensors.torch import save_file
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+__all__ = ["atomic_write", "atomic_write_text", "atomic_write_json", "atomic_save_safetensors", "read_json",
+           "DTYPES", "dtype_from_name", "dtype_name", "safetensors_dtype_name"]
+
+
+# -- atomic writes ------------------------------------------------------------------------------
+
+def atomic_write(path: PathLike, write: Callable[[Path], None]) -> None:
+    """Call `write(tmp)` to fill a temporary file, then move it over `path` atomically."""
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    mode = os.fstat(fd).st_mode & 0o7777  # 0o666 less the umask, as open() would give
+    os.close(fd)
+    try:
+        if path.is_file():
+            mode = path.stat().st_mode & 0o7777
+        write(tmp)
+        os.chmod(tmp, mode)  # some writers (safetensors 0.8) create their files 0o600
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        # Also on KeyboardInterrupt: the half-written temporary file must not linger.
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    # Makes the rename itself durable on POSIX. Best effort: the new file is already in place,
+    # and some filesystems refuse to fsync a directory.
+    if os.name != "posix":
+        return
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def atomic_write_text(path: PathLike, text: str) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def atomic_write_json(path: PathLike, obj: Any, indent: Optional[int] = 1) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=indent) + "\n")
+
+
+def atomic_save_safetensors(path: PathLike, tensors: Mapping[str, torch.Tensor],
+                            metadata: Optional[Mapping[str, str]] = None) -> None:
+    """`safetensors.torch.save_file` made atomic; tensors are copied to the CPU, contiguous."""
+    cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(cpu, str(tmp), metadata=dict(metadata) if metadata else None))
+
+
+def read_json(path: PathLike, what: str) -> Any:
+    """Parse JSON at `path`; errors name the file, what it was meant to be and where it broke."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} {path} does not exist") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{what} {path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+
+
+# -- dtype names --------------------------------------------------------------------------------
+
+# Canonical names (what files and reports write) and the short names users type.
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64,
+}
+_ALIASES = {"fp32": "float32", "float": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16",
+            "fp64": "float64", "double": "float64"}
+# safetensors' own codes for the same dtypes, as its file headers spell them
+_SAFETENSORS = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+
+
+def dtype_from_name(name: Union[str, torch.dtype], argument: str = "dtype",
+                    allowed: Optional[tuple[torch.dtype, ...]] = None) -> torch.dtype:
+    """`"bfloat16"`, `"bf16"`, `"torch.bfloat16"` or `torch.bfloat16` itself -> `torch.bfloat16`.
+    `allowed` narrows the accepted dtypes; errors name `argument` and list what it may be."""
+    accepted = tuple(DTYPES.values()) if allowed is None else allowed
+    choices = ", ".join(dtype_name(d) for d in accepted)
+    if isinstance(name, torch.dtype):
+        dtype = name
+    elif isinstance(name, str):
+        key = name.removeprefix("torch.")
+        key = _ALIASES.get(key, key)
+        if key not in DTYPES:
+            raise ValueError(f"{argument} must be one of {choices} (or fp32, fp16, bf16, ...), got {name!r}")
+        dtype = DTYPES[key]
+    else:
+        raise TypeError(f"{argument} must be a torch.dtype or a dtype name, got {type(name).__name__}")
+    if dtype not in accepted:
+        raise TypeError(f"{argument} must be one of {choices}, got {dtype}")
+    return dtype
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The canonical name: `torch.bfloat16` -> `"bfloat16"`."""
+    return str(dtype).removeprefix("torch.")
+
+
+def safetensors_dtype_name(code: str) -> str:
+    """safetensors' header code (`"BF16"`) as a canonical name (`"bfloat16"`); others as given."""
+    return _SAFETENSORS.get(code, code)

@@ -1,0 +1,73 @@
+"""Strengths and harmful sets given as Python values, turned into the device tensors the ops take.
+
+A Python number passed to a compiled function becomes a constant of its graph, and changing it
+recompiles; pass 0-d tensors there. Eagerly, the tensor made for a number or an id list is
+cached per (value, device): making a fresh one would copy host to device and sync with the
+stream on every call, stalling an eager pipeline. Only the ops read the cached tensors; nothing
+mutates them.
+"""
+from __future__ import annotations
+
+from typing import Sequence, Union
+
+import torch
+
+from .._checks import check_harmful_mask, finite_number, harmful_ids
+
+Strength = Union[float, int, torch.Tensor]
+Harmful = Union[torch.Tensor, Sequence[int]]
+
+__all__ = ["Strength", "Harmful", "as_strength", "as_harmful_mask", "strength_for_call", "harmful_for_call"]
+
+
+def as_strength(value: Strength, name: str, device: torch.device) -> torch.Tensor:
+    """A 0-d float32 tensor on `device` for a Python number; a tensor is passed on as it is
+    (the op checks it)."""
+    if isinstance(value, torch.Tensor):
+        return value
+    return torch.tensor(finite_number(value, name), dtype=torch.float32, device=device)
+
+
+def as_harmful_mask(harmful: Harmful, F: int, device: torch.device) -> torch.Tensor:
+    """A bool mask `[F]` on `device` from a bool mask or from feature ids in [0, F)."""
+    if isinstance(harmful, torch.Tensor) and harmful.dtype == torch.bool:
+        check_harmful_mask(harmful, F, device)
+        return harmful
+    mask = torch.zeros(F, dtype=torch.bool)
+    mask[harmful_ids(harmful, F)] = True
+    return mask.to(device)
+
+
+_CALL_CONSTANTS: dict = {}
+_CALL_CONSTANTS_MAX = 64
+
+
+def _call_constant(key, make) -> torch.Tensor:
+    t = _CALL_CONSTANTS.get(key)
+    if t is None:
+        if len(_CALL_CONSTANTS) >= _CALL_CONSTANTS_MAX:
+            _CALL_CONSTANTS.clear()
+        t = _CALL_CONSTANTS[key] = make()
+    return t
+
+
+def strength_for_call(value: Strength, name: str, device: torch.device) -> torch.Tensor:
+    """`as_strength` for an argument of one call: a Python number's tensor is cached (read-only)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and not torch.compiler.is_compiling():
+        return _call_constant(("strength", float(value).hex(), device), lambda: as_strength(value, name, device))
+    return as_strength(value, name, device)  # tensors pass through; bad values get its error
+
+
+def harmful_for_call(harmful: Harmful, F: int, device: torch.device) -> torch.Tensor:
+    """`as_harmful_mask` for an argument of one call: a bool mask passes through (the op checks
+    it), the mask of an id sequence is cached (read-only)."""
+    if isinstance(harmful, torch.Tensor) and harmful.dtype == torch.bool:
+        return harmful
+    if isinstance(harmful, torch.Tensor) or torch.compiler.is_compiling():
+        return as_harmful_mask(harmful, F, device)
+    try:
+        key = ("harmful", F, device, tuple(harmful))
+        hash(key)
+    except TypeError:  # not a sequence of hashable ids: let as_harmful_mask say what is wrong
+        return as_harmful_mask(harmful, F, device)
+    return _call_constant(key, lambda: as_harmful_mask(harmful, F, device))
