@@ -11,7 +11,7 @@ from typing import Mapping, Sequence
 import torch
 
 from safedig_kernels import TopKSAE
-from safedig_kernels.training.store import ActivationWriter, SiteSpec
+from safedig_kernels.workflow.store import ActivationWriter, SiteSpec
 
 
 def orthonormal_basis(d: int, seed: int) -> torch.Tensor:

@@ -22,7 +22,7 @@ from typing import Any, Optional, Union
 import torch
 
 from ..sae import TopKSAE
-from .sae_train import _Batches, _decode, evaluate_sae
+from .train import _Batches, _decode, evaluate_sae
 
 
 @dataclass

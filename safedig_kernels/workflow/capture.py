@@ -1,123 +1,33 @@
 """Record transformer activations of a diffusers pipeline over a labelled prompt set.
 
-Prompt file (JSON Lines, one object per line, blank lines ignored)::
+Prompts come from a prompt file (`prompts.py`).
 
-    {"id": "p0", "label": "unsafe/nudity", "embeddings": "embeds.safetensors", "embeddings_prefix": "p0."}
-    {"id": "p1", "label": "safe", "prompt": "a red bicycle", "seed": 7}
-
-- `id` (unique string) and `label` (`safe` or `unsafe/<category>`) are required;
-- `embeddings`: a safetensors file, relative to the prompt file's folder, holding
-  `<prefix>prompt_embeds` `[T, D]` and, for FLUX/SD3, `<prefix>pooled_prompt_embeds` `[P]`
-  (a leading batch dimension of 1 is accepted); `negative_prompt_embeds` and
-  `negative_pooled_prompt_embeds` are passed on when present (SD3 with CFG needs them when the
-  pipeline has no text encoders);
-- `prompt`: text, used when there are no embeddings (the pipeline needs its text encoders);
-- `seed`: the prompt's noise seed (default: the capture seed plus the line's index).
-
-Each prompt runs through the pipeline once (`output_type="latent"`, no VAE decode). Plain
-forward hooks copy the chosen stream of each site's output at the chosen denoising steps into an
-`ActivationWriter` (see `store.py` for the directory format). Steps are counted from the
+Each prompt runs through the pipeline once (`runner.run_prompt`, no VAE decode). Plain forward
+hooks copy the chosen stream of each site's output (`sites.read_stream`) at the chosen denoising
+steps into an `ActivationWriter` (see `store.py` for the directory format). Steps are counted from the
 `timestep` the transformer receives: a call with a new timestep starts a new step, a repeated one
 is another call in the same step (FLUX true-CFG calls the transformer twice per step). With
 `cfg="cond"` only the conditional branch is kept: the first call of a step, and the second half
-of a batch that holds two rows per prompt (SD3 concatenates [negative, positive]).
+of a CFG batch (SD3 concatenates [negative, positive]; `sites.conditional_start`).
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import json
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
-from safetensors import safe_open
 
-from ._io import dtype_from_name
-from .store import ActivationStore, ActivationWriter, PathLike, SiteSpec, check_label
+from .._io import dtype_from_name
+from ..integrations.diffusers.runner import RunSettings, progress_bar_disabled, run_prompt
+from ..integrations.diffusers.sites import (SiteSpec, call_timestep, conditional_start, model_spec, timestep_index,
+                                            pipeline_batches_cfg, read_stream, resolve_site)
+from .prompts import PromptRecord, load_prompts, prompt_seed
+from .store import ActivationStore, ActivationWriter, PathLike
 
-EMBEDDING_KEYS = ("prompt_embeds", "pooled_prompt_embeds", "negative_prompt_embeds", "negative_pooled_prompt_embeds")
-_POOLED = ("pooled_prompt_embeds", "negative_pooled_prompt_embeds")
-
-
-@dataclass
-class PromptRecord:
-    """One line of a prompt file. `embeddings` is resolved to an absolute path."""
-
-    id: str
-    label: str
-    index: int
-    prompt: Optional[str] = None
-    embeddings: Optional[Path] = None
-    embeddings_prefix: str = ""
-    seed: Optional[int] = None
-
-    def load_embeddings(self) -> dict[str, torch.Tensor]:
-        """Pipeline keyword arguments with a batch dimension of 1 (`[1, T, D]`, `[1, P]`)."""
-        if self.embeddings is None:
-            return {}
-        out = {}
-        with safe_open(str(self.embeddings), "pt") as f:
-            keys = set(f.keys())
-            for name in EMBEDDING_KEYS:
-                if self.embeddings_prefix + name in keys:
-                    t = f.get_tensor(self.embeddings_prefix + name)
-                    want = 1 if name in _POOLED else 2
-                    out[name] = t.unsqueeze(0) if t.dim() == want else t
-        return out
-
-
-def load_prompts(path: PathLike) -> list[PromptRecord]:
-    """Parse and check a prompt file; errors name the file and line."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"prompt file {path} does not exist")
-    records: list[PromptRecord] = []
-    seen: dict[str, int] = {}
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"prompt file {path}, line {lineno}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
-        if not isinstance(obj, dict):
-            raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-        unknown = set(obj) - {"id", "label", "prompt", "embeddings", "embeddings_prefix", "seed"}
-        if unknown:
-            raise ValueError(f"{where}: unknown keys {sorted(unknown)}")
-        pid = obj.get("id")
-        if not isinstance(pid, str) or not pid:
-            raise ValueError(f"{where}: 'id' must be a non-empty string, got {pid!r}")
-        if pid in seen:
-            raise ValueError(f"{where}: id {pid!r} is already used on line {seen[pid]}")
-        seen[pid] = lineno
-        label = check_label(obj.get("label"), where)
-        emb = obj.get("embeddings")
-        prompt = obj.get("prompt")
-        if emb is None and not isinstance(prompt, str):
-            raise ValueError(f"{where}: needs 'embeddings' (a safetensors file) or 'prompt' (text)")
-        seed = obj.get("seed")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise ValueError(f"{where}: 'seed' must be an int, got {seed!r}")
-        rec = PromptRecord(id=pid, label=label, index=len(records), prompt=prompt, seed=seed,
-                           embeddings_prefix=str(obj.get("embeddings_prefix", "")))
-        if emb is not None:
-            rec.embeddings = (path.parent / str(emb)).resolve()
-            if not rec.embeddings.is_file():
-                raise FileNotFoundError(f"{where}: embeddings file {rec.embeddings} does not exist")
-            with safe_open(str(rec.embeddings), "pt") as f:
-                if rec.embeddings_prefix + "prompt_embeds" not in set(f.keys()):
-                    raise ValueError(f"{where}: {rec.embeddings} has no tensor "
-                                     f"{rec.embeddings_prefix + 'prompt_embeds'!r}")
-        records.append(rec)
-    if not records:
-        raise ValueError(f"prompt file {path} holds no prompts; expected one JSON object per line such as "
-                         '{"id": "p0", "label": "safe", "embeddings": "embeds.safetensors"}')
-    return records
+__all__ = ["CaptureConfig", "capture"]
 
 
 @dataclass
@@ -169,6 +79,10 @@ class CaptureConfig:
             raise ValueError(f"cfg must be 'cond' (conditional branch only) or 'all', got {self.cfg!r}")
         return sites
 
+    def run_settings(self) -> RunSettings:
+        return RunSettings(num_inference_steps=self.num_inference_steps, height=self.height, width=self.width,
+                           guidance_scale=self.guidance_scale, pipeline_kwargs=dict(self.pipeline_kwargs))
+
     def fingerprint(self) -> dict[str, Any]:
         """The settings a resumed capture must share (everything except `shard_bytes`)."""
         d = dataclasses.asdict(self)
@@ -178,49 +92,20 @@ class CaptureConfig:
         return d
 
 
-def _block_ranges(transformer: torch.nn.Module) -> str:
-    parts = []
-    for name, child in transformer.named_children():
-        if isinstance(child, torch.nn.ModuleList) and len(child):
-            parts.append(f"{name}.0..{len(child) - 1}")
-    return ", ".join(parts) or "no block lists"
-
-
-def resolve_site(transformer: torch.nn.Module, site: SiteSpec) -> torch.nn.Module:
-    try:
-        return transformer.get_submodule(site.module)
-    except AttributeError:
-        raise ValueError(f"unknown site {site.key!r}: {type(transformer).__name__} has no submodule "
-                         f"{site.module!r} (it has {_block_ranges(transformer)})") from None
-
-
-def _stream(output: Any, site: SiteSpec) -> torch.Tensor:
-    # Blocks return (encoder_hidden_states, hidden_states) in diffusers >= 0.35 (SPEC §4).
-    if isinstance(output, torch.Tensor):
-        if site.stream != "image":
-            raise ValueError(f"site {site.key}: the module returns one tensor, so it has no text stream")
-        return output
-    if isinstance(output, (tuple, list)) and len(output) == 2:
-        t = output[1] if site.stream == "image" else output[0]
-        if isinstance(t, torch.Tensor):
-            return t
-        raise ValueError(f"site {site.key}: the {site.stream} stream of this block's output is "
-                         f"{type(t).__name__} (SD3's last joint block has no text stream)")
-    raise ValueError(f"site {site.key}: expected a tensor or an (encoder_hidden_states, hidden_states) pair, "
-                     f"got {type(output).__name__}")
-
-
 class _Recorder:
     """Hook state: which prompt and step the pipeline is at, and where to put activations."""
 
-    def __init__(self, writer: ActivationWriter, config: CaptureConfig):
+    def __init__(self, writer: ActivationWriter, config: CaptureConfig, pipe, timestep_index: int):
         self.writer = writer
         self.config = config
+        self.pipe = pipe
+        self.timestep_index = timestep_index
         self.steps = None if config.steps is None else set(config.steps)
         self.dtype = None if config.dtype is None else dtype_from_name(config.dtype)
         self.prompt: Optional[PromptRecord] = None
         self.step = -1
         self.call = 0
+        self.cfg_batch = False
         self.last_t: Optional[float] = None
         self.steps_recorded: set[int] = set()
 
@@ -229,13 +114,14 @@ class _Recorder:
         self.steps_recorded = set()
 
     def transformer_pre_hook(self, module, args, kwargs) -> None:
-        t = kwargs.get("timestep")
+        t = call_timestep(args, kwargs, self.timestep_index)
         value = float(t.reshape(-1)[0]) if isinstance(t, torch.Tensor) else None
         if value is None or value != self.last_t:
             self.step, self.call = self.step + 1, 0
         else:
             self.call += 1
         self.last_t = value
+        self.cfg_batch = pipeline_batches_cfg(self.pipe)
 
     def site_hook(self, site: SiteSpec):
         def hook(module, args, output) -> None:
@@ -244,15 +130,14 @@ class _Recorder:
                 return
             if self.config.cfg == "cond" and self.call != 0:
                 return
-            x = _stream(output, site)
+            x = read_stream(output, site.stream, site.key)
             if x.dim() != 3:
                 raise ValueError(f"site {site.key}: expected a [B, T, d] activation, got shape {tuple(x.shape)}")
             if self.config.cfg == "cond":
-                if x.shape[0] == 2:
-                    x = x[1:]
-                elif x.shape[0] != 1:
-                    raise ValueError(f"site {site.key}: one prompt per pipeline call should give a batch of 1 "
-                                     f"(or 2 with CFG), got {x.shape[0]}")
+                x = x[conditional_start(x.shape[0], self.cfg_batch, site.key):]
+                if x.shape[0] != 1:
+                    raise ValueError(f"site {site.key}: one prompt per pipeline call should give one conditional "
+                                     f"row, got {x.shape[0]}")
             x = x.reshape(-1, x.shape[-1])
             tokens_total = x.shape[0]
             x = x[:: self.config.token_stride]
@@ -271,42 +156,21 @@ class _Recorder:
         return hook
 
 
-def _pipeline_device(pipe) -> torch.device:
-    dev = getattr(pipe, "_execution_device", None)
-    return dev if isinstance(dev, torch.device) else next(pipe.transformer.parameters()).device
+def _site_modules(transformer: torch.nn.Module, sites: Sequence[SiteSpec]) -> dict[SiteSpec, torch.nn.Module]:
+    """The block each site names, checked as steering checks it (`sites.resolve_site`)."""
+    spec = model_spec(transformer)
+    if spec is None:
+        raise TypeError(f"capture supports FLUX and SD3 pipelines; unsupported model {type(transformer).__name__}")
+    modules = {}
+    for s in sites:
+        if s.module.startswith("text_encoder"):
+            raise ValueError(f"site {s.key!r}: capture records transformer blocks; text-encoder outputs are not captured")
+        r = resolve_site(s.module, transformer, spec, label=s.key)
+        if s.stream == "text" and not r.has_text_out:
+            raise ValueError(f"site {s.key!r}: this block returns no text stream (SD3's last joint block)")
+        modules[s] = r.module
+    return modules
 
-
-def _run_prompt(pipe, p: PromptRecord, config: CaptureConfig) -> None:
-    device = _pipeline_device(pipe)
-    dtype = next(pipe.transformer.parameters()).dtype
-    kwargs: dict[str, Any] = dict(num_inference_steps=config.num_inference_steps, height=config.height,
-                                  width=config.width, guidance_scale=config.guidance_scale, output_type="latent")
-    kwargs.update(config.pipeline_kwargs)
-    seed = p.seed if p.seed is not None else config.seed + p.index
-    # A CPU generator gives the same noise on every device, so captures are reproducible.
-    kwargs["generator"] = torch.Generator().manual_seed(seed)
-    emb = p.load_embeddings()
-    if emb:
-        kwargs.update({k: v.to(device, dtype) for k, v in emb.items()})
-    else:
-        kwargs["prompt"] = p.prompt
-    pipe(**kwargs)
-
-
-
-@contextlib.contextmanager
-def progress_bar_disabled(pipe) -> Iterator[None]:
-    """Silence a diffusers pipeline's own per-step progress bar, restoring its setting after."""
-    old = getattr(pipe, "_progress_bar_config", None)
-    try:
-        if hasattr(pipe, "set_progress_bar_config"):
-            pipe.set_progress_bar_config(disable=True)
-        yield
-    finally:
-        if old is not None:
-            pipe._progress_bar_config = old
-        elif hasattr(pipe, "_progress_bar_config"):
-            del pipe._progress_bar_config
 
 def capture(pipe, prompts: Union[PathLike, Sequence[PromptRecord]], out_dir: PathLike, config: CaptureConfig,
             *, resume: bool = True, progress: bool = True) -> ActivationStore:
@@ -321,7 +185,7 @@ def capture(pipe, prompts: Union[PathLike, Sequence[PromptRecord]], out_dir: Pat
     transformer = getattr(pipe, "transformer", None)
     if not isinstance(transformer, torch.nn.Module):
         raise TypeError(f"pipe must be a diffusers pipeline with a .transformer module, got {type(pipe).__name__}")
-    modules = {s: resolve_site(transformer, s) for s in sites}
+    modules = _site_modules(transformer, sites)
     records = load_prompts(prompts) if isinstance(prompts, (str, Path)) else list(prompts)
     if not records:
         raise ValueError("prompts is empty; expected at least one PromptRecord")
@@ -340,7 +204,8 @@ def capture(pipe, prompts: Union[PathLike, Sequence[PromptRecord]], out_dir: Pat
                              f"{done[r.id]!r} in {out_dir}; give it a new id (nothing was changed)")
     todo = [r for r in records if r.id not in done]
 
-    rec = _Recorder(writer, config)
+    rec = _Recorder(writer, config, pipe, timestep_index(transformer))
+    settings = config.run_settings()
     handles = []
     with progress_bar_disabled(pipe):
         try:
@@ -350,8 +215,8 @@ def capture(pipe, prompts: Union[PathLike, Sequence[PromptRecord]], out_dir: Pat
             for p in tqdm(todo, desc=f"capture {len(sites)} site(s)", unit="prompt", disable=not progress):
                 rec.begin(p)
                 try:
-                    with torch.inference_mode():
-                        _run_prompt(pipe, p, config)
+                    run_prompt(pipe, settings, prompt_seed(p, config.seed), prompt=p.prompt,
+                               embeddings=p.load_embeddings())
                     missing = (rec.steps or set()) - rec.steps_recorded
                     if missing or not rec.steps_recorded:
                         raise RuntimeError(f"prompt {p.id!r}: the pipeline never reached step(s) {sorted(missing) or 'any'} "
@@ -374,25 +239,3 @@ def capture(pipe, prompts: Union[PathLike, Sequence[PromptRecord]], out_dir: Pat
             for h in handles:
                 h.remove()
     return ActivationStore(out_dir)
-
-
-def load_pipeline(model: str, device: Union[str, torch.device] = "cpu", dtype: torch.dtype = torch.float32):
-    """`"tiny-flux"` (seeded random tiny FLUX, see `synthetic.py`) or a diffusers pipeline
-    directory / model id. Components a saved directory lists as null (e.g. text encoders
-    left out for embedding-only prompts) are passed as None."""
-    if model == "tiny-flux":
-        from .synthetic import tiny_flux_pipeline
-
-        return tiny_flux_pipeline(dtype=dtype).to(device)
-    from diffusers import DiffusionPipeline
-    from diffusers.pipelines import pipeline_utils
-
-    # diffusers 0.42 renamed torch_dtype to dtype (the old name warns); older releases ignore `dtype`.
-    kwargs: dict[str, Any] = {"dtype" if hasattr(pipeline_utils, "_resolve_dtype") else "torch_dtype": dtype}
-    index = Path(model) / "model_index.json"
-    if index.is_file():
-        spec = json.loads(index.read_text())
-        kwargs.update({k: None for k, v in spec.items() if isinstance(v, list) and v == [None, None]})
-    elif Path(model).exists():
-        raise ValueError(f"--model {model}: a local pipeline directory must contain model_index.json")
-    return DiffusionPipeline.from_pretrained(model, **kwargs).to(device)

@@ -3,7 +3,7 @@
 On the default (`--model tiny-flux`) everything is made in code, seeded, and runs on a CPU:
 
 1. **prompts**: a tiny FLUX-architecture pipeline with seeded random weights
-   (`training.synthetic.tiny_flux_pipeline`) has no text encoder, so prompts are text
+   (`synthetic.tiny_flux_pipeline`) has no text encoder, so prompts are text
    embeddings: Gaussian noise, and for unsafe prompts plus `strength` times a unit "concept"
    direction per category (`write_synthetic_prompts`). The source risk domain is
    `unsafe/concept_a`, the target `unsafe/concept_b`; their directions share a common
@@ -20,7 +20,7 @@ On the default (`--model tiny-flux`) everything is made in code, seeded, and run
    (`steering.generate`), each against the unsteered run from the same noise, and time a
    denoising step with and without steering.
 
-Every number in the table comes from this run. The harm score is SPEC §2's `h` of the tokens
+Every number in the table comes from this run. The harm score is spec §2's `h` of the tokens
 each steered site passes on, measured for every column with the *source* SAE's encoder and the
 config's harmful set (one yardstick; steering changes what the site passes on, not the judge).
 "Latents moved" is `||z_steered - z_unsteered|| / ||z_unsteered||` of the final latents.
@@ -28,7 +28,7 @@ config's harmful set (one yardstick; steering changes what the site passes on, n
 The tiny geometry (16x16 images = 16 image tokens, 32 text tokens) is chosen so that the text
 conditioning visibly moves a random-weight model's output; with FLUX.1-dev's 8:1 image-to-text
 ratio and random weights the prompt barely matters. Torch runs one CPU thread for the tiny
-model (see `cli._torch_threads`).
+model (see `cli._options.torch_threads`).
 
 With `--model` naming a diffusers FLUX or SD3 pipeline (directory or hub id) and `--device
 cuda`, the same stages run on real weights: pass `--prompts` with a labelled text prompt file
@@ -48,6 +48,20 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import torch
+
+from .._io import atomic_write_json, dtype_from_name
+from ..integrations.diffusers.sites import SiteSpec
+from ..sae import SAEMetadata, TopKSAE
+from .adapt import AdaptConfig, adapt_decoder
+from .capture import CaptureConfig, capture
+from .generate import GenerateConfig, generate, time_steps
+from .pipelines import load_pipeline
+from .prompts import load_prompts
+from .report import difference_images, image_scale, json_safe, save_grid, summarize, write_outputs
+from .route import RouteConfig, route
+from .score import HarmfulRule, harm_scores, score_features
+from .store import ActivationStore
+from .train import TrainConfig, evaluate_sae, train_sae
 
 SUMMARY_FORMAT = "safedig-demo"
 SUMMARY_VERSION = 1
@@ -218,7 +232,7 @@ def split_prompts(records: Sequence, eval_per_label: int) -> tuple[list, list]:
 def _write_prompt_files(cfg: DemoConfig, directory: Path, embed_dim: int, pooled_dim: int) -> tuple[Path, Path]:
     """Synthetic prompts split into train.jsonl and eval.jsonl, each line with its own noise
     seed, so `safedig steer --prompts eval.jsonl` reproduces the demo's runs."""
-    from .training.synthetic import write_synthetic_prompts
+    from .synthetic import write_synthetic_prompts
 
     n = cfg.train_prompts + cfg.eval_prompts
     all_path = write_synthetic_prompts(directory, {"safe": n, cfg.source: n, cfg.target: n}, seed=cfg.seed,
@@ -241,17 +255,12 @@ def _write_prompt_files(cfg: DemoConfig, directory: Path, embed_dim: int, pooled
     return paths[0], paths[1]
 
 
-def safe_tau(store, site: str, sae, harmful: Sequence[int], quantile: float) -> float:
-    """The `quantile` of the harm score `h` (SPEC §2, with `harmful`) over every captured safe
+def safe_tau(store: ActivationStore, site: str, sae: TopKSAE, harmful: Sequence[int], quantile: float) -> float:
+    """The `quantile` of the harm score `h` (spec §2, with `harmful`) over every captured safe
     token at `site`: as a gate threshold tau it steers about 1 - quantile of safe tokens."""
     if not harmful:
         return 0.0
-    mask = torch.zeros(sae.num_features, dtype=torch.bool, device=sae.device)
-    mask[list(harmful)] = True
-    hs = []
-    for _, _, x in store.iter_prompts(site, "safe"):
-        vals, idx = sae.encode(x.to(sae.device, sae.dtype))
-        hs.append(torch.where(mask[idx.long()], vals, torch.zeros_like(vals)).sum(-1).float())
+    hs = [harm_scores(sae, harmful, x).float() for x in store.prompt_activations(site, "safe")]
     return float(torch.quantile(torch.cat(hs).cpu(), quantile))
 
 
@@ -269,7 +278,7 @@ def format_table(summary: dict[str, Any]) -> str:
     names = [f"{r['label']}{role.get(r['label'], '')}" for r in rows]
     w = max(28, *(len(n) for n in names))
     n = max(r["prompts"] for r in rows)
-    lines = [f"Harm score h (SPEC §2) of the activations leaving the steered sites, mean per token and step,",
+    lines = [f"Harm score h (spec §2) of the activations leaving the steered sites, mean per token and step,",
              f"judged by the source SAE; {n} held-out prompts per row. Gate: share of tokens over tau (steered).",
              "",
              f"{'':<{w}} {'unsteered':>9} | {'steered, source SAE':^22} | {'steered, adapted SAE':^22}",
@@ -295,7 +304,7 @@ def format_table(summary: dict[str, Any]) -> str:
               f"  {t['ms_per_step_without']:.2f} ms per denoising step without steering, "
               f"{t['ms_per_step_with']:.2f} ms with ({t['overhead']:+.0%}; median of {t['calls_timed']} steps each)"]
     if t["device"].startswith("cpu"):
-        lines.append("  CPU numbers on a tiny model: they say nothing about GPU overhead (SPEC §5-6).")
+        lines.append("  CPU numbers on a tiny model: they say nothing about GPU overhead (spec §5-6).")
     return "\n".join(lines)
 
 
@@ -303,17 +312,6 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), *, log: Cal
              progress: bool = False) -> dict[str, Any]:
     """Run the demo (module docstring) into `out_dir`; returns the summary also written to
     `out_dir/summary.json`. Raises ValueError on bad settings before any model is loaded."""
-    from .integrations.diffusers import SafeDIGConfig
-    from .steering.generate import GenerateConfig, difference_images, generate, image_scale, load_saes, save_grid
-    from .steering.generate import json_safe, summarize, time_steps, write_outputs
-    from .steering.routing import RouteConfig, route, write_steering_config
-    from .steering.scoring import HarmfulRule, score_features
-    from .training._io import atomic_write_json, dtype_from_name
-    from .training.adapt import AdaptConfig, adapt_decoder
-    from .training.capture import CaptureConfig, capture, load_pipeline, load_prompts
-    from .training.sae_train import TrainConfig, evaluate_sae, train_sae
-    from .sae import SAEMetadata
-
     t_start = time.perf_counter()
     stages: dict[str, float] = {}
     out = Path(out_dir)
@@ -376,11 +374,11 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), *, log: Cal
     train_cfg = TrainConfig(num_features=cfg.features, k=cfg.k, steps=cfg.train_steps, batch_size=cfg.batch_size,
                             lr=cfg.lr, seed=cfg.seed, log_every=max(1, cfg.train_steps))
     for site in sites:
-        key = _key(site)
+        spec = SiteSpec.parse(site)
+        key = spec.key
         x = store.load(key, labels=[cfg.source, "safe"])
-        module, stream = key.split(":")
         res = train_sae(x, train_cfg, device=device, progress=False,
-                        metadata=SAEMetadata(model=cfg.model, site=module, extra={"stream": stream}))
+                        metadata=SAEMetadata(model=cfg.model, site=spec.module, extra={"stream": spec.stream}))
         path = out / "saes" / f"{key.replace(':', '-')}.safetensors"
         res.sae.save(path)
         saes[key] = (res.sae, str(path))
@@ -409,15 +407,17 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), *, log: Cal
     report = route(store, saes, cfg.source, cfg.target, "safe", rcfg)
     report, passed_over = select_steerable(report, rcfg.num_sites)
     report.write(out / "reports" / "route.json")
-    routed = SafeDIGConfig.from_json(write_steering_config(report, out / "steer-routed.json"))
+    report.steering_config().to_json(out / "steer-routed.json")  # as `safedig route` writes it
+    routed = report.steering_config(saes={key: sae for key, (sae, _) in saes.items()})
     selected = {c.site: c.operator for c in report.selected}
     src_sites = []
     for s in routed.sites:
         key = f"{s.site}:{s.stream}"
-        tau = safe_tau(store, key, saes[key][0], s.harmful, cfg.tau_quantile)
+        tau = safe_tau(store, key, s.sae, s.harmful, cfg.tau_quantile)
         src_sites.append(dataclasses.replace(s, tau=tau))
     steer_src = dataclasses.replace(routed, sites=src_sites)
-    steer_src.to_json(out / "steer.json")
+    steer_src_file = _with_files(steer_src, {key: path for key, (_, path) in saes.items()})
+    steer_src_file.to_json(out / "steer.json")
     chosen = ", ".join(f"{s.site}:{s.stream} ({selected[f'{s.site}:{s.stream}']}, {len(s.harmful)} harmful features, "
                        f"tau {s.tau:.3f})" for s in src_sites)
     log(f"[5/7] route: {chosen}" + (f"; passed over for lack of harmful features: {passed_over}" if passed_over
@@ -427,23 +427,23 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), *, log: Cal
 
     # 6. adapt the selected SAEs' decoders to the target domain, encoder frozen
     t0 = time.perf_counter()
-    ad_sites, fvu_lines = [], []
+    ad_sites, ad_paths, fvu_lines = [], {}, []
     for s in src_sites:
         key = f"{s.site}:{s.stream}"
-        sae = saes[key][0]
         target_x = store.load(key, labels=[cfg.target, "safe"])
         source_x = store.load(key, labels=[cfg.source, "safe"])
-        res = adapt_decoder(sae, target_x, source_x, AdaptConfig(steps=cfg.adapt_steps, batch_size=cfg.batch_size,
-                                                                 lr=cfg.adapt_lr, replay=cfg.replay, seed=cfg.seed),
+        res = adapt_decoder(s.sae, target_x, source_x, AdaptConfig(steps=cfg.adapt_steps, batch_size=cfg.batch_size,
+                                                                   lr=cfg.adapt_lr, replay=cfg.replay, seed=cfg.seed),
                             device=device, progress=False)
-        path = out / "saes" / f"{key.replace(':', '-')}-adapted.safetensors"
-        res.sae.save(path)
+        ad_paths[key] = out / "saes" / f"{key.replace(':', '-')}-adapted.safetensors"
+        res.sae.save(ad_paths[key])
         tau = safe_tau(store, key, res.sae, s.harmful, cfg.tau_quantile)
-        ad_sites.append(dataclasses.replace(s, sae=str(path), tau=tau))
+        ad_sites.append(dataclasses.replace(s, sae=res.sae, tau=tau))
         m = res.metrics
         fvu_lines.append(f"{key} target FVU {m['fvu_target_before']:.3f} -> {m['fvu_target_after']:.3f}")
     steer_ad = dataclasses.replace(steer_src, sites=ad_sites)
-    steer_ad.to_json(out / "steer-adapted.json")
+    steer_ad_file = _with_files(steer_ad, ad_paths)
+    steer_ad_file.to_json(out / "steer-adapted.json")
     log(f"[6/7] adapt to {cfg.target} (encoder frozen, {cfg.replay:.0%} source replay): {'; '.join(fvu_lines)} "
         f"({stage('adapt', t0):.1f} s)")
 
@@ -451,14 +451,13 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), *, log: Cal
     t0 = time.perf_counter()
     gen = GenerateConfig(num_inference_steps=cfg.num_inference_steps, height=cfg.height, width=cfg.width,
                          guidance_scale=cfg.guidance_scale, seed=cfg.seed)
-    judges = [(saes[f"{s.site}:{s.stream}"][0], s.harmful) for s in src_sites]
+    judges = [(s.sae, s.harmful) for s in src_sites]
     results = {}
-    for name, conf in (("source_sae", steer_src), ("adapted_sae", steer_ad)):
-        loaded = load_saes(conf)
-        runs = generate(pipe, eval_p, loaded, gen, judges=judges, progress=progress)
-        write_outputs(runs, out / f"steer-{name.split('_')[0]}", gen, conf)
+    for name, conf, conf_file in (("source_sae", steer_src, steer_src_file), ("adapted_sae", steer_ad, steer_ad_file)):
+        runs = generate(pipe, eval_p, conf, gen, judges=judges, progress=progress)
+        write_outputs(runs, out / f"steer-{name.split('_')[0]}", gen, conf_file)
         results[name] = runs
-    overhead = time_steps(pipe, eval_p[0], load_saes(steer_ad), gen, repeats=cfg.timing_repeats)
+    overhead = time_steps(pipe, eval_p[0], steer_ad, gen, repeats=cfg.timing_repeats)
     overhead["sites"] = len(steer_ad.sites)
     log(f"[7/7] steer: {len(eval_p)} held-out prompts, with and without steering, source and adapted SAEs "
         f"({stage('steer', t0):.1f} s)")
@@ -506,6 +505,6 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), *, log: Cal
     return summary
 
 
-def _key(site: str) -> str:
-    module, _, stream = site.partition(":")
-    return f"{module}:{stream or 'image'}"
+def _with_files(config, paths: dict) -> Any:
+    """`config` as its JSON file names its SAEs: by the files they were saved to."""
+    return config.with_sae_paths({i: paths[f"{s.site}:{s.stream}"] for i, s in enumerate(config.sites)})

@@ -22,17 +22,11 @@ with flops per token `2 d F` (encoder) plus the decode the operator needs: `2 k 
 `2 E[|S ∩ H|] d` for Repel, both for Both. `tokens(site)` is the full token count of the site's
 stream per step (before any capture subsampling).
 
-The steering config (`write_steering_config`) keeps the best operator of each of the
-`num_sites` best sites and is read by `safedig_kernels.integrations.diffusers.SafeDIGConfig.from_json`::
-
-    {"format": "safedig-diffusers", "version": 1, "enabled": true, "use_fused_ops": true,
-     "sites": [{"site": "single_transformer_blocks.3", "sae": "/abs/path/site.safetensors",
-                "stream": "image", "harmful": [12, 40] or null, "beta": 0.5, "gamma": 0.0,
-                "tau": 0.0, "window": [0.0, 1.0], "cfg": "both"}]}
-
-`sae` is an absolute path; `harmful` is the union of the source and target harmful sets (null
-when empty: steer with the SAE's own set); `beta`/`gamma` follow the operator
-(`operator_strengths`); `window` is the fraction of the denoising schedule to steer in.
+The steering config (`RoutingReport.steering_config`, a `SafeDIGConfig`) keeps the best
+operator of each of the `num_sites` best sites: each site's SAE, `harmful` the union of the
+source and target harmful sets (None when empty: steer with the SAE's own set), `beta`/`gamma`
+as the operator steers (`operator_strengths`), and the route's `tau`, `window` and `cfg`.
+`write_steering_config` writes it with `SafeDIGConfig.to_json` (SAE paths relative to the file).
 """
 from __future__ import annotations
 
@@ -42,15 +36,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Union
 
+from .._io import atomic_write_json, atomic_write_text
+from ..integrations.diffusers.config import CFG_MODES, SafeDIGConfig, SiteConfig, check_strengths, check_window
+from ..integrations.diffusers.sites import SiteSpec
 from ..sae import TopKSAE
-from ..training._io import atomic_write_json, atomic_write_text
-from ..training.store import ActivationStore, LabelSelector, SiteSpec, parse_labels
-from .scoring import HarmfulRule, auroc, group_stats, prompt_harm_scores, select_harmful
+from .prompts import LabelSelector, parse_labels
+from .score import HarmfulRule, auroc, group_stats, prompt_harm_scores, select_harmful
+from .store import ActivationStore
 
 OPERATORS = ("blend", "repel", "both")
-# The tag and version SafeDIGConfig.from_json (integrations/diffusers.py) reads.
-STEERING_CONFIG_FORMAT = "safedig-diffusers"
-STEERING_CONFIG_VERSION = 1
 OPERATOR_WEIGHTS: dict[str, dict[str, float]] = {
     "blend": {"overlap": 0.25, "recon": 0.5, "separation": 0.25},
     "repel": {"overlap": 0.5, "recon": 0.0, "separation": 0.5},
@@ -92,9 +86,11 @@ class RouteConfig:
             raise ValueError(f"num_sites must be a positive int, got {self.num_sites!r}")
         if self.cost_weight < 0:
             raise ValueError(f"cost_weight must be >= 0, got {self.cost_weight}")
-        lo, hi = self.window
-        if not 0.0 <= lo < hi <= 1.0:
-            raise ValueError(f"window must satisfy 0 <= start < end <= 1, got {list(self.window)}")
+        # The values the steering config will hold, checked as it checks them, before any work.
+        check_strengths("RouteConfig", self.beta, self.gamma, self.tau)
+        self.window = check_window(self.window, "RouteConfig.window")
+        if self.cfg not in CFG_MODES:
+            raise ValueError(f"RouteConfig.cfg must be one of {CFG_MODES}, got {self.cfg!r}")
 
 
 @dataclass
@@ -158,8 +154,9 @@ class RoutingReport:
         atomic_write_text(txt, self.table() + "\n")
         return path, txt
 
-    def steering_config(self) -> dict[str, Any]:
-        """The steering config (schema in the module docstring) for the selected pairs."""
+    def steering_config(self, saes: Optional[Mapping[str, TopKSAE]] = None) -> SafeDIGConfig:
+        """The steering config of the selected pairs (module docstring). Each site's SAE is
+        `saes[site]` when given (an SAE in memory), else the file it was evaluated from."""
         ev = {s.site: s for s in self.sites}
         cfg = self.config
         sites = []
@@ -168,28 +165,20 @@ class RoutingReport:
             spec = SiteSpec.parse(c.site)
             beta, gamma = operator_strengths(c.operator, cfg["beta"], cfg["gamma"])
             harmful = sorted(set(s.harmful_source) | set(s.harmful_target))
-            sites.append({"site": spec.module, "sae": os.path.abspath(s.sae_path) if s.sae_path else "",
-                          "stream": spec.stream, "harmful": harmful or None, "beta": beta, "gamma": gamma,
-                          "tau": cfg["tau"], "window": list(cfg["window"]), "cfg": cfg["cfg"]})
-        # SafeDIGConfig.from_json refuses a file without its format tag and version.
-        return {"format": STEERING_CONFIG_FORMAT, "version": STEERING_CONFIG_VERSION, "enabled": True,
-                "use_fused_ops": True, "sites": sites}
+            sae = (saes or {}).get(c.site) or (os.path.abspath(s.sae_path) if s.sae_path else "")
+            sites.append(SiteConfig(spec.module, sae, stream=spec.stream, harmful=harmful or None, beta=beta,
+                                    gamma=gamma, tau=cfg["tau"], window=tuple(cfg["window"]), cfg=cfg["cfg"]))
+        return SafeDIGConfig(sites)
 
 
 def write_steering_config(report: RoutingReport, path: Union[str, Path]) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(path, report.steering_config())
-    return path
+    """`report.steering_config()` written as the JSON `SafeDIGConfig.from_json` reads."""
+    return report.steering_config().to_json(path)
 
 
 def _jaccard(a: Iterable[int], b: Iterable[int]) -> float:
     a, b = set(a), set(b)
     return len(a & b) / len(a | b) if a | b else 0.0
-
-
-def _prompts(store: ActivationStore, site: str, labels: LabelSelector, steps):
-    return (x for _, _, x in store.iter_prompts(site, labels, steps))
 
 
 def evaluate_site(store: ActivationStore, site: Union[str, SiteSpec], sae: TopKSAE, source_labels: LabelSelector,
@@ -206,14 +195,14 @@ def evaluate_site(store: ActivationStore, site: Union[str, SiteSpec], sae: TopKS
         if not store.entries(key, sel, steps):
             raise ValueError(f"{what} {parse_labels(sel)} match no prompts at site {key} in {store.dir}; "
                              f"labels present: {store.labels}")
-    src = group_stats(sae, _prompts(store, key, source_labels, steps))
-    tgt = group_stats(sae, _prompts(store, key, target_labels, steps))
-    safe = group_stats(sae, _prompts(store, key, safe_labels, steps))
+    src = group_stats(sae, store.prompt_activations(key, source_labels, steps))
+    tgt = group_stats(sae, store.prompt_activations(key, target_labels, steps))
+    safe = group_stats(sae, store.prompt_activations(key, safe_labels, steps))
     h_src = select_harmful(src, safe, rule)
     h_tgt = select_harmful(tgt, safe, rule)
-    safe_h = prompt_harm_scores(sae, h_src, _prompts(store, key, safe_labels, steps))
-    sep_t = auroc(prompt_harm_scores(sae, h_src, _prompts(store, key, target_labels, steps)), safe_h)
-    sep_s = auroc(prompt_harm_scores(sae, h_src, _prompts(store, key, source_labels, steps)), safe_h)
+    safe_h = prompt_harm_scores(sae, h_src, store.prompt_activations(key, safe_labels, steps))
+    sep_t = auroc(prompt_harm_scores(sae, h_src, store.prompt_activations(key, target_labels, steps)), safe_h)
+    sep_s = auroc(prompt_harm_scores(sae, h_src, store.prompt_activations(key, source_labels, steps)), safe_h)
     target_all = tgt.merged(safe)
     fvu_t = target_all.fvu
     d, F, k = sae.d, sae.num_features, sae.k

@@ -17,7 +17,7 @@ Selection rule (`HarmfulRule`): j is harmful when
 of those, the `top_n` highest scores are kept (ties to the lower id).
 
 The report also gives the separation of unsafe from safe prompts achieved by the chosen set: the
-AUROC of the per-prompt mean harm score `h = sum_{j in S ∩ H} z_j` (SPEC §2).
+AUROC of the per-prompt mean harm score `h = sum_{j in S ∩ H} z_j` (spec §2).
 """
 from __future__ import annotations
 
@@ -28,9 +28,12 @@ from typing import Any, Iterable, Optional, Sequence, Union
 
 import torch
 
+from .._io import atomic_write_json, atomic_write_text
+from ..integrations.diffusers.sites import SiteSpec
+from ..ops import Harmful, as_harmful_mask
 from ..sae import TopKSAE
-from ..training._io import atomic_write_json, atomic_write_text
-from ..training.store import ActivationStore, LabelSelector, SiteSpec, parse_labels
+from .prompts import LabelSelector, parse_labels
+from .store import ActivationStore
 
 
 @dataclass
@@ -135,17 +138,25 @@ def select_harmful(unsafe: GroupStats, safe: GroupStats, rule: HarmfulRule = Har
 
 
 @torch.no_grad()
+def harm_scores(sae: TopKSAE, harmful: Harmful, x: torch.Tensor) -> torch.Tensor:
+    """The harm score `h` (spec §2) of each token of `x` `[..., d]` under `sae` and `harmful`
+    (feature ids or a bool mask `[F]`), fp32 `[...]`: a yardstick that may differ from the
+    SAE's own harmful set."""
+    mask = as_harmful_mask(harmful, sae.num_features, sae.device)
+    vals, idx = sae.encode(x.to(sae.device, sae.dtype))
+    return torch.where(mask[idx.long()], vals, torch.zeros_like(vals)).sum(-1)
+
+
+@torch.no_grad()
 def prompt_harm_scores(sae: TopKSAE, harmful: Sequence[int], prompts: Iterable[torch.Tensor],
                        batch_tokens: int = 8192) -> torch.Tensor:
     """Mean harm score `h` over each prompt's tokens, `[P]` float64."""
-    mask = torch.zeros(sae.num_features, dtype=torch.bool, device=sae.device)
-    mask[list(harmful)] = True
+    mask = as_harmful_mask(harmful, sae.num_features, sae.device)
     out = []
     for x in prompts:
         total, n = 0.0, 0
         for xb in x.split(batch_tokens):
-            vals, idx = sae.encode(xb.to(sae.device, sae.dtype))
-            total += float(torch.where(mask[idx.long()], vals, torch.zeros_like(vals)).double().sum())
+            total += float(harm_scores(sae, mask, xb).double().sum())
             n += xb.shape[0]
         out.append(total / max(n, 1))
     return torch.tensor(out, dtype=torch.float64)
@@ -216,10 +227,6 @@ class ScoringReport:
         return path, txt
 
 
-def _prompts(store: ActivationStore, site: str, labels: LabelSelector, steps) -> Iterable[torch.Tensor]:
-    return (x for _, _, x in store.iter_prompts(site, labels, steps))
-
-
 def score_features(store: ActivationStore, site: Union[str, SiteSpec], sae: TopKSAE,
                    unsafe_labels: LabelSelector = "unsafe", safe_labels: LabelSelector = "safe",
                    rule: HarmfulRule = HarmfulRule(), steps: Optional[Iterable[int]] = None,
@@ -233,11 +240,11 @@ def score_features(store: ActivationStore, site: Union[str, SiteSpec], sae: TopK
         if not store.entries(key, sel, steps):
             raise ValueError(f"{what} {parse_labels(sel)} match no prompts at site {key} in {store.dir}; "
                              f"labels present: {store.labels}")
-    unsafe = group_stats(sae, _prompts(store, key, unsafe_labels, steps))
-    safe = group_stats(sae, _prompts(store, key, safe_labels, steps))
+    unsafe = group_stats(sae, store.prompt_activations(key, unsafe_labels, steps))
+    safe = group_stats(sae, store.prompt_activations(key, safe_labels, steps))
     harmful = select_harmful(unsafe, safe, rule)
-    sep = auroc(prompt_harm_scores(sae, harmful, _prompts(store, key, unsafe_labels, steps)),
-                prompt_harm_scores(sae, harmful, _prompts(store, key, safe_labels, steps))) if harmful else 0.5
+    sep = auroc(prompt_harm_scores(sae, harmful, store.prompt_activations(key, unsafe_labels, steps)),
+                prompt_harm_scores(sae, harmful, store.prompt_activations(key, safe_labels, steps))) if harmful else 0.5
     score = feature_scores(unsafe, safe)
     order = torch.sort(-score, stable=True).indices[:report_top].tolist()
     hset = set(harmful)

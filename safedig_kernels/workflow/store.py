@@ -40,19 +40,18 @@ from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 import torch
 from safetensors import safe_open
 
-from ._io import atomic_save_safetensors, atomic_write_json, dtype_name, read_json
+from .._io import atomic_save_safetensors, atomic_write_json, dtype_name, read_json, safetensors_dtype_name
+from ..integrations.diffusers.sites import SiteSpec
+from .prompts import LabelSelector, label_matches, parse_labels
 
 FORMAT = "safedig-activations"
 VERSION = 1
 MANIFEST = "manifest.json"
 SHARD_META_KEY = "safedig_activations"
 SHARD_GLOB = "shard-*.safetensors"
-STREAMS = ("image", "text")
 _SHARD_RE = re.compile(r"^shard-(\d{6,})\.safetensors$")
-_LABEL_RE = re.compile(r"^(safe|unsafe)(/[A-Za-z0-9_.\-]+)?$")
 
 PathLike = Union[str, Path]
-LabelSelector = Optional[Union[str, Sequence[str]]]
 
 
 class ManifestError(ValueError):
@@ -61,66 +60,6 @@ class ManifestError(ValueError):
 
 class ShardError(ValueError):
     """A shard file does not match what the manifest says about it."""
-
-
-@dataclass(frozen=True)
-class SiteSpec:
-    """Where to record: a module path inside the transformer and the stream of its output.
-
-    `"transformer_blocks.1:text"` parses to module `transformer_blocks.1`, stream `text`; the
-    stream defaults to `image` (blocks return `(encoder_hidden_states, hidden_states)`).
-    """
-
-    module: str
-    stream: str = "image"
-
-    @classmethod
-    def parse(cls, spec: Union[str, "SiteSpec"]) -> "SiteSpec":
-        if isinstance(spec, SiteSpec):
-            return spec
-        if not isinstance(spec, str) or not spec.strip():
-            raise ValueError(f"site must be a string like 'single_transformer_blocks.3' or "
-                             f"'transformer_blocks.1:text', got {spec!r}")
-        module, _, stream = spec.strip().partition(":")
-        if module.startswith("transformer."):
-            module = module[len("transformer."):]
-        stream = stream or "image"
-        if stream not in STREAMS:
-            raise ValueError(f"site {spec!r}: stream must be one of {STREAMS}, got {stream!r}")
-        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*", module):
-            raise ValueError(f"site {spec!r}: expected a dotted module path such as 'transformer_blocks.1'")
-        return cls(module, stream)
-
-    @property
-    def key(self) -> str:
-        return f"{self.module}:{self.stream}"
-
-    def __str__(self) -> str:
-        return self.key
-
-
-def check_label(label: Any, where: str) -> str:
-    if not isinstance(label, str) or not _LABEL_RE.match(label):
-        raise ValueError(f"{where}: label must be 'safe' or 'unsafe/<category>' (letters, digits, '_', '.', '-'), "
-                         f"got {label!r}")
-    return label
-
-
-def parse_labels(labels: LabelSelector) -> Optional[list[str]]:
-    if labels is None:
-        return None
-    if isinstance(labels, str):
-        labels = [s for s in labels.split(",") if s.strip()]
-    return [s.strip() for s in labels]
-
-
-def label_matches(label: str, labels: LabelSelector) -> bool:
-    """`labels` None matches all; a selector matches itself and its sub-labels
-    (`"unsafe"` matches `"unsafe/nudity"`)."""
-    sel = parse_labels(labels)
-    if sel is None:
-        return True
-    return any(label == s or label.startswith(s + "/") for s in sel)
 
 
 @dataclass(frozen=True)
@@ -186,18 +125,15 @@ def _shard_header(path: Path) -> dict[str, Any]:
     return header
 
 
-_ST_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
-
-
 def _check_entries_in_shard(path: Path, entries: Sequence[Entry], tensors: dict[str, tuple]) -> None:
     for e in entries:
         if e.key not in tensors:
             raise ShardError(f"shard {path} lacks tensor {e.key!r} that the manifest lists "
                              f"(prompt {e.prompt_id!r}, site {e.site_key}, step {e.step})")
         shape, st_dtype = tensors[e.key]
-        if shape != e.shape or _ST_DTYPES.get(st_dtype, st_dtype) != e.dtype:
+        if shape != e.shape or safetensors_dtype_name(st_dtype) != e.dtype:
             raise ShardError(f"shard {path}, tensor {e.key!r}: the manifest says shape {list(e.shape)} dtype {e.dtype}, "
-                             f"the file holds shape {list(shape)} dtype {_ST_DTYPES.get(st_dtype, st_dtype)}")
+                             f"the file holds shape {list(shape)} dtype {safetensors_dtype_name(st_dtype)}")
 
 
 def _shard_index(name: str) -> int:
@@ -215,7 +151,7 @@ def _read_manifest(directory: Path) -> dict[str, Any]:
         m = read_json(path, "activation manifest")
     except ValueError as e:
         raise ManifestError(f"{e}. The shards next to it are untouched; rebuild it from them with "
-                            f"safedig_kernels.training.store.rebuild_manifest({str(directory)!r}) "
+                            f"safedig_kernels.workflow.store.rebuild_manifest({str(directory)!r}) "
                             f"or `safedig capture --rebuild-manifest --out {directory}`") from None
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         raise ManifestError(f"activation manifest {path}: expected a JSON object with \"format\": \"{FORMAT}\", "
@@ -498,6 +434,11 @@ class ActivationStore:
                     t = f.get_tensor(e.key)
                 parts.append(t if dtype is None else t.to(dtype))
             yield pid, es[0].label, torch.cat(parts)
+
+    def prompt_activations(self, site: Union[str, SiteSpec], labels: LabelSelector = None,
+                           steps: Optional[Iterable[int]] = None) -> Iterator[torch.Tensor]:
+        """Activations `[tokens, d]` (fp32) of each matching prompt, one prompt at a time."""
+        return (x for _, _, x in self.iter_prompts(site, labels, steps))
 
     def load(self, site: Union[str, SiteSpec], labels: LabelSelector = None, steps: Optional[Iterable[int]] = None,
              max_tokens: Optional[int] = None, dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.Tensor:

@@ -13,7 +13,7 @@ from typing import Mapping
 
 import torch
 
-from .store import PathLike, check_label
+from .prompts import PathLike, check_label
 
 TINY_FLUX = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
                  num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16, axes_dims_rope=[4, 4, 8])

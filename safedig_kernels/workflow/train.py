@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from ..sae import SAEMetadata, TopKSAE
-from ._io import atomic_save_safetensors, atomic_write_json, dtype_from_name, read_json
+from .._io import atomic_save_safetensors, atomic_write_json, dtype_from_name, read_json
 
 CKPT_FORMAT = "safedig-sae-train"
 CKPT_VERSION = 1

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from _workflow import orthonormal_basis, orthonormal_sae
-from safedig_kernels.training.adapt import AdaptConfig, adapt_decoder
+from safedig_kernels.workflow.adapt import AdaptConfig, adapt_decoder
 
 D = 16
 

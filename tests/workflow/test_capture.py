@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from safedig_kernels.training import store as store_mod
-from safedig_kernels.training.capture import CaptureConfig, capture, load_prompts
-from safedig_kernels.training.store import (ActivationStore, ActivationWriter, ManifestError, ShardError, SiteSpec,
+from safedig_kernels.workflow import store as store_mod
+from safedig_kernels.workflow.capture import CaptureConfig, capture
+from safedig_kernels.workflow.prompts import load_prompts
+from safedig_kernels.workflow.store import (ActivationStore, ActivationWriter, ManifestError, ShardError, SiteSpec,
                                             rebuild_manifest)
-from safedig_kernels.training.synthetic import tiny_flux_pipeline, write_synthetic_prompts
+from safedig_kernels.workflow.synthetic import tiny_flux_pipeline, write_synthetic_prompts
 
 SITES = ["single_transformer_blocks.0", "transformer_blocks.1:text"]
 

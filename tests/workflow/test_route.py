@@ -9,8 +9,8 @@ import torch
 
 from _workflow import orthonormal_basis, orthonormal_sae, planted_tokens, write_store
 from safedig_kernels.integrations.diffusers import SafeDIGConfig
-from safedig_kernels.steering.routing import RouteConfig, operator_strengths, route, write_steering_config
-from safedig_kernels.training.store import ActivationStore
+from safedig_kernels.workflow.route import RouteConfig, operator_strengths, route, write_steering_config
+from safedig_kernels.workflow.store import ActivationStore
 
 D = 16
 BACKGROUND = range(6, 16)
@@ -47,18 +47,23 @@ def test_prefers_stable_site(shifted, tmp_path):
     assert {c.site for c in report.ranking[:3]} == {"stable:image"}  # every operator at the stable site first
     assert [c.site for c in report.selected] == ["stable:image"]
 
+    # Routing returns the config object; its one writer (SafeDIGConfig.to_json) writes the file.
+    config = report.steering_config()
+    assert [(s.site, s.stream, s.harmful, s.sae) for s in config.sites] == [
+        ("stable", "image", [2], os.path.abspath("stable.safetensors"))]
     path = write_steering_config(report, tmp_path / "steer.json")
     cfg = json.loads(path.read_text())
-    assert set(cfg) == {"format", "version", "enabled", "use_fused_ops", "sites"} and cfg["enabled"]
+    assert set(cfg) == {"format", "version", "enabled", "use_fused_ops", "telemetry", "telemetry_capacity",
+                        "sites"} and cfg["enabled"]
     assert cfg["use_fused_ops"]
     # The file is what the integration reads (it resolves the SAE path, loading happens on apply).
     loaded = SafeDIGConfig.from_json(path)
     assert [(s.site, s.stream, s.harmful) for s in loaded.sites] == [("stable", "image", [2])]
+    assert loaded.sites[0].sae == os.path.abspath("stable.safetensors")
     (site,) = cfg["sites"]
     assert set(site) == {"site", "sae", "stream", "harmful", "beta", "gamma", "tau", "window", "cfg"}
     best = report.selected[0].operator
     assert site["site"] == "stable" and site["stream"] == "image" and site["harmful"] == [2]
-    assert site["sae"] == os.path.abspath("stable.safetensors")
     assert (site["beta"], site["gamma"]) == operator_strengths(best, 0.5, 1.0)
     assert site["window"] == [0.0, 1.0] and site["cfg"] == "both" and site["tau"] == 0.0
     json_path, txt_path = report.write(tmp_path / "route.json")

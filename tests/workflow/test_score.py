@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from _workflow import orthonormal_basis, orthonormal_sae, planted_tokens, write_store
-from safedig_kernels.steering.scoring import HarmfulRule, auroc, score_features, select_harmful, group_stats
-from safedig_kernels.training.store import ActivationStore
+from safedig_kernels.workflow.score import HarmfulRule, auroc, score_features, select_harmful, group_stats
+from safedig_kernels.workflow.store import ActivationStore
 
 D, HARM, SHARED = 16, 5, 3
 BACKGROUND = range(6, 16)

@@ -14,7 +14,7 @@ pytest.importorskip("diffusers")
 pytest.importorskip("PIL")
 pytest.importorskip("safedig_kernels.checkpoints")  # TopKSAE.save/load
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SITES = ["transformer_blocks.0:text", "transformer_blocks.1:text"]
 STEPS = 2
 HW = 16
@@ -22,7 +22,7 @@ HW = 16
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    # The tiny model's ops take microseconds; a thread pool only slows them down (cli._torch_threads).
+    # The tiny model's ops take microseconds; a thread pool only slows them down (cli._options.torch_threads).
     old = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -37,11 +37,13 @@ def _lines(path: Path) -> list[dict]:
 def routed(tmp_path_factory):
     """A steering config written by `safedig route` for the tiny FLUX, its gate thresholds set
     on the safe tokens (as the demo does), and a held-out prompt file to steer."""
-    from safedig_kernels.demo import safe_tau
+    from safedig_kernels.workflow.demo import safe_tau
     from safedig_kernels.sae import TopKSAE
-    from safedig_kernels.training.capture import CaptureConfig, capture, load_pipeline, load_prompts
-    from safedig_kernels.training.sae_train import TrainConfig, train_sae
-    from safedig_kernels.training.synthetic import write_synthetic_prompts
+    from safedig_kernels.workflow.capture import CaptureConfig, capture
+    from safedig_kernels.workflow.pipelines import load_pipeline
+    from safedig_kernels.workflow.prompts import load_prompts
+    from safedig_kernels.workflow.train import TrainConfig, train_sae
+    from safedig_kernels.workflow.synthetic import write_synthetic_prompts
 
     torch.manual_seed(0)
     d = tmp_path_factory.mktemp("routed")
@@ -144,25 +146,34 @@ def test_steer_writes_images_and_telemetry(routed, tmp_path, capsys):
 
 def test_steer_baseline_is_the_unhooked_model(routed):
     from safedig_kernels.integrations.diffusers import SafeDIGConfig, remove_safedig
-    from safedig_kernels.steering.generate import GenerateConfig, generate, load_saes, run_pipeline
-    from safedig_kernels.training.capture import load_pipeline, load_prompts
+    from safedig_kernels.integrations.diffusers.runner import run_prompt
+    from safedig_kernels.workflow.generate import GenerateConfig, generate
+    from safedig_kernels.workflow.pipelines import load_pipeline
+    from safedig_kernels.workflow.prompts import load_prompts, prompt_seed
 
     pipe = load_pipeline("tiny-flux")
     prompts = load_prompts(routed["prompts"])[-1:]  # an unsafe one: steering changes it
     gen = GenerateConfig(num_inference_steps=STEPS, height=HW, width=HW, decode=False)
-    plain = run_pipeline(pipe, prompts[0], gen).float()
-    (run,) = generate(pipe, prompts, load_saes(SafeDIGConfig.from_json(routed["config"])), gen)
+
+    def unhooked():
+        p = prompts[0]
+        return run_prompt(pipe, gen.run_settings(), prompt_seed(p, gen.seed), embeddings=p.load_embeddings()).float()
+
+    plain = unhooked()
+    (run,) = generate(pipe, prompts, SafeDIGConfig.from_json(routed["config"]).with_loaded_saes(), gen)
     assert torch.equal(run.latents["baseline"], plain)
     assert not torch.equal(run.latents["steered"], plain) and run.change > 0
     assert not remove_safedig(pipe)  # generate took its hooks away
-    assert torch.equal(run_pipeline(pipe, prompts[0], gen).float(), plain)
+    assert torch.equal(unhooked(), plain)
 
 
 def _bad_configs(routed, d: Path) -> dict[str, tuple[Path, str]]:
     from safedig_kernels import random_sae
+    from safedig_kernels.integrations.diffusers import SafeDIGConfig
 
     doc = routed["doc"]
-    site = doc["sites"][0]
+    # The routed file names its SAE relative to its own folder; these files live elsewhere.
+    site = dict(doc["sites"][0], sae=str(SafeDIGConfig.from_json(routed["config"]).sites[0].sae))
 
     def write(name: str, obj) -> Path:
         p = d / f"{name}.json"
@@ -229,7 +240,7 @@ def quick_demo(tmp_path_factory):
 def test_demo_quick_end_to_end(quick_demo, capsys):
     from PIL import Image
 
-    from safedig_kernels.demo import GRID_ROWS
+    from safedig_kernels.workflow.demo import GRID_ROWS
     from safedig_kernels.integrations.diffusers import SafeDIGConfig
     from safedig_kernels.sae import TopKSAE
 
@@ -309,8 +320,8 @@ def test_demo_refuses_a_foreign_directory(tmp_path, capsys):
 
 
 def test_readme_first_command_is_the_default_demo():
-    from safedig_kernels.cli import _demo_config
-    from safedig_kernels.demo import DemoConfig
+    from safedig_kernels.cli.demo import _demo_config
+    from safedig_kernels.workflow.demo import DemoConfig
 
     readme = (REPO / "README.md").read_text()
     block = readme.split("```bash", 1)[1].split("```", 1)[0]

@@ -1,0 +1,32 @@
+"""The pipelines the workflow runs on, by name: the built-in tiny FLUX or a diffusers pipeline."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+
+__all__ = ["load_pipeline"]
+
+
+def load_pipeline(model: str, device: Union[str, torch.device] = "cpu", dtype: torch.dtype = torch.float32):
+    """`"tiny-flux"` (seeded random tiny FLUX, `synthetic.tiny_flux_pipeline`) or a diffusers pipeline
+    directory / model id. Components a saved directory lists as null (e.g. text encoders
+    left out for embedding-only prompts) are passed as None."""
+    if model == "tiny-flux":
+        from .synthetic import tiny_flux_pipeline
+
+        return tiny_flux_pipeline(dtype=dtype).to(device)
+    from diffusers import DiffusionPipeline
+    from diffusers.pipelines import pipeline_utils
+
+    # diffusers 0.42 renamed torch_dtype to dtype (the old name warns); older releases ignore `dtype`.
+    kwargs: dict[str, Any] = {"dtype" if hasattr(pipeline_utils, "_resolve_dtype") else "torch_dtype": dtype}
+    index = Path(model) / "model_index.json"
+    if index.is_file():
+        spec = json.loads(index.read_text())
+        kwargs.update({k: None for k, v in spec.items() if isinstance(v, list) and v == [None, None]})
+    elif Path(model).exists():
+        raise ValueError(f"--model {model}: a local pipeline directory must contain model_index.json")
+    return DiffusionPipeline.from_pretrained(model, **kwargs).to(device)

@@ -1,0 +1,166 @@
+"""What a steering run reports: per-label summaries, side-by-side images, grids and report.json.
+
+Report file (`write_outputs`, `report.json`): `{"format": "safedig-steer-report", "version": 1,
+"generate": {...GenerateConfig...}, "sites": [...], "summary": {label: {...}}, "prompts": [...]}`
+with one record per prompt: `id`, `label`, `seed`, `change`, `image`, and per run (`baseline`,
+`steered`) `harm_in` (telemetry's `mean_harm` averaged over calls, per site), `harm_out` (per
+site), `gated_fraction` (per site) and the raw `telemetry`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import torch
+
+from .._io import atomic_write_json
+from ..integrations.diffusers.config import SafeDIGConfig
+from ..integrations.diffusers.sites import SiteSpec, site_labels
+from ..sae import TopKSAE
+from .generate import RUNS, GenerateConfig, PromptRun, mean_finite
+
+__all__ = ["REPORT_FORMAT", "REPORT_VERSION", "summarize", "summary_table", "image_scale", "difference_images",
+           "save_grid", "write_outputs", "json_safe"]
+
+REPORT_FORMAT = "safedig-steer-report"
+REPORT_VERSION = 1
+
+
+def summarize(runs: Sequence[PromptRun]) -> dict[str, dict[str, Any]]:
+    """Per label: prompts, mean `harm_in`/`harm_out` over sites and prompts for each run, the
+    steered run's gated fraction, and the mean and max relative change of the final latents."""
+    out: dict[str, dict[str, Any]] = {}
+    for label in sorted({r.label for r in runs}):
+        group = [r for r in runs if r.label == label]
+        s: dict[str, Any] = {"prompts": len(group)}
+        for run in RUNS:
+            if all(run in r.telemetry for r in group):
+                s[f"harm_in_{run}"] = mean_finite([mean_finite(list(r.harm_in(run).values())) for r in group])
+                s[f"harm_out_{run}"] = mean_finite([mean_finite(list(r.harm_out[run].values())) for r in group])
+        s["gated_fraction"] = mean_finite([mean_finite(list(r.gated_fraction("steered").values())) for r in group])
+        changes = [r.change for r in group]
+        s["change_mean"] = mean_finite(changes)
+        s["change_max"] = max(changes) if all(math.isfinite(c) for c in changes) else float("nan")
+        out[label] = s
+    return out
+
+
+def summary_table(summary: Mapping[str, Mapping[str, Any]]) -> str:
+    """A fixed-width table of `summarize`'s output (runs with a baseline)."""
+    w = max(24, *(len(label) for label in summary))
+    lines = [f"{'label':<{w}} {'prompts':>7} {'harm out':>9} {'harm out':>9} {'change':>7} {'gated':>6} "
+             f"{'latents moved':>15}",
+             f"{'':<{w}} {'':>7} {'unsteered':>9} {'steered':>9} {'':>7} {'':>6} {'mean / max':>15}"]
+    for label, s in summary.items():
+        before, after = s.get("harm_out_baseline", float("nan")), s.get("harm_out_steered", float("nan"))
+        rel = f"{(after - before) / before:+.0%}" if before and math.isfinite(before) else "n/a"
+        moved = f"{s['change_mean']:.2%} / {s['change_max']:.2%}"
+        lines.append(f"{label:<{w}} {s['prompts']:>7} {before:>9.3f} {after:>9.3f} {rel:>7} "
+                     f"{s['gated_fraction']:>6.1%} {moved:>15}")
+    lines.append("harm out: mean harm score h of the tokens the steered sites pass on; gated: share of tokens over "
+                 "tau; latents moved: ||z_steered - z_unsteered|| / ||z_unsteered||")
+    return "\n".join(lines)
+
+
+def _to_pil(image: torch.Tensor, scale: int):
+    from PIL import Image
+
+    arr = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    pil = Image.fromarray(arr)
+    return pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST) if scale > 1 else pil
+
+
+def image_scale(height: int, width: int, target: int = 128) -> int:
+    """Integer upscaling that makes tiny images at least `target` pixels on their short side."""
+    return max(1, math.ceil(target / max(1, min(height, width))))
+
+
+def difference_images(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[list[torch.Tensor], float]:
+    """`|a - b|` per pair, all divided by the largest difference over every pair (one scale for
+    the whole set, so small changes look small next to large ones); returns the images and
+    the gain applied."""
+    diffs = [(a - b).abs() for a, b in pairs]
+    top = max((float(d.max()) for d in diffs), default=0.0)
+    gain = 1.0 / top if top > 0 else 1.0
+    return [(d * gain).clamp(0, 1) for d in diffs], gain
+
+
+def save_grid(rows: Sequence[tuple[str, Sequence[torch.Tensor]]], columns: Sequence[str], path: Union[str, Path],
+              scale: int = 1) -> Path:
+    """A labelled PNG grid: one row per `(row label, images)`, one column per `columns` name."""
+    from PIL import Image, ImageDraw
+
+    if not rows:
+        raise ValueError("save_grid needs at least one row")
+    cells = [[_to_pil(im, scale) for im in ims] for _, ims in rows]
+    cw = max(c.width for row in cells for c in row)
+    ch = max(c.height for row in cells for c in row)
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    pad, top = 4, 18
+    left = int(max(measure.textlength(label) for label, _ in rows)) + 12
+    width = max(left + len(columns) * (cw + pad), int(left + sum(measure.textlength(c) + pad for c in columns)))
+    grid = Image.new("RGB", (width, top + len(rows) * (ch + pad)), "white")
+    draw = ImageDraw.Draw(grid)
+    for j, name in enumerate(columns):
+        draw.text((left + j * (cw + pad), 3), name, fill="black")
+    for i, ((label, _), row) in enumerate(zip(rows, cells)):
+        y = top + i * (ch + pad)
+        draw.text((4, y + ch // 2 - 5), label, fill="black")
+        for j, cell in enumerate(row):
+            grid.paste(cell, (left + j * (cw + pad), y))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+    return path
+
+
+def write_outputs(runs: Sequence[PromptRun], out_dir: Union[str, Path], gen: GenerateConfig,
+                  config: Optional[SafeDIGConfig] = None, extra: Optional[Mapping[str, Any]] = None) -> dict[str, Path]:
+    """Write `images/<id>.png` (without | with steering | |difference|, side by side),
+    `grid.png` (every prompt, one row each) and `report.json`; returns their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Path] = {}
+    records = [r.record() for r in runs]
+    have_images = all("steered" in r.images for r in runs)
+    if have_images:
+        scale = image_scale(gen.height, gen.width)
+        with_base = all("baseline" in r.images for r in runs)
+        diffs, gain = (difference_images([(r.images["steered"], r.images["baseline"]) for r in runs])
+                       if with_base else ([], 1.0))
+        columns = (["without", "with", f"|diff| x{gain:.0f}"] if with_base else ["with"])
+        rows = []
+        for i, (r, rec) in enumerate(zip(runs, records)):
+            ims = [r.images["baseline"], r.images["steered"], diffs[i]] if with_base else [r.images["steered"]]
+            name = f"{r.id}.png"
+            save_grid([(r.label, ims)], columns, out / "images" / name, scale)
+            rec["image"] = f"images/{name}"
+            rows.append((f"{r.id}", ims))
+        paths["grid"] = save_grid(rows, columns, out / "grid.png", scale)
+        paths["images"] = out / "images"
+    doc: dict[str, Any] = {"format": REPORT_FORMAT, "version": REPORT_VERSION, "generate": dataclasses.asdict(gen),
+                           "summary": summarize(runs), "prompts": records}
+    if config is not None:
+        doc["sites"] = [{"label": label, "site": s.site, "stream": s.stream, "harmful": s.harmful, "beta": s.beta,
+                         "gamma": s.gamma, "tau": s.tau, "window": list(s.window),
+                         "sae": None if isinstance(s.sae, TopKSAE) else str(s.sae)}
+                        for label, s in zip(site_labels([SiteSpec(s.site, s.stream) for s in config.sites]),
+                                            config.sites)]
+    if extra:
+        doc.update(extra)
+    paths["report"] = out / "report.json"
+    atomic_write_json(paths["report"], json_safe(doc))
+    return paths
+
+
+def json_safe(obj: Any) -> Any:
+    """JSON has no NaN or Infinity: write them as null."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
