@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from safedig_kernels.cli import main
-from safedig_kernels.training.synthetic import tiny_flux_pipeline, write_synthetic_prompts
+from safedig_kernels.workflow.synthetic import tiny_flux_pipeline, write_synthetic_prompts
 
 try:
     import safedig_kernels.checkpoints  # noqa: F401
@@ -26,7 +26,7 @@ needs_checkpoints = pytest.mark.skipif(
 
 HELP = {"capture": "resumable", "train": "DDP", "score": "harmful", "route": "operator", "adapt": "bit-identical",
         "steer": "Fails closed", "demo": "before/after"}
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("command, phrase", sorted(HELP.items()))
@@ -119,7 +119,8 @@ def test_end_to_end_workflow(tmp_path, capsys):
     assert main(cmd) == 0
     steer = json.loads((tmp_path / "steer.json").read_text())
     assert steer["enabled"] is True and {s["site"] for s in steer["sites"]} == set(SITES)
-    assert all(Path(s["sae"]).is_file() and s["stream"] == "image" for s in steer["sites"])
+    # SAE paths are relative to the config's folder (SafeDIGConfig.to_json)
+    assert all((tmp_path / s["sae"]).is_file() and s["stream"] == "image" for s in steer["sites"])
     assert len(json.loads((tmp_path / "route.json").read_text())["ranking"]) == 6
 
     adapted = tmp_path / "sae0-violence.safetensors"

@@ -1,0 +1,6 @@
+"""`python -m safedig_kernels.cli`, as torchrun runs `safedig train`."""
+import sys
+
+from . import main
+
+sys.exit(main())
