@@ -2,7 +2,7 @@
 
 FLUX.1-dev (batch 1, 4096 image + 512 text tokens) and SD3.5 Large (CFG batch 2, 4096 image +
 333 text tokens) at their real architectures with random bf16 weights, as in
-../shared/anchors/eager_baseline*.py. Steering: 4 sites, SAE width 4 d, k = 32, 64 harmful
+benchmarks/anchors/eager_baseline*.py. Steering: 4 sites, SAE width 4 d, k = 32, 64 harmful
 features, tau = -1 so every token is gated (the worst case for the fused decode), telemetry on.
 `--tiny` runs the same code on tiny models with 2 sites each, in fp32 on the CPU.
 

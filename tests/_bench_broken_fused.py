@@ -1,4 +1,4 @@
-"""pytest plugin used by tests/test_bench.py: makes the fused steer provider 2 % wrong, to see
+"""pytest plugin used by tests/bench/test_bench.py: makes the fused steer provider 2 % wrong, to see
 the pytest-benchmark front end refuse the row."""
 from safedig_kernels.bench import providers
 

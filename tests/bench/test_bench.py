@@ -27,8 +27,8 @@ from safedig_kernels.bench.runner import build_cases
 from safedig_kernels.bench.shapes import MODELS, OPS, Shape, entries, model_shape
 from safedig_kernels.bench.timing import percentile
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = Path(__file__).parent / "data"
+ROOT = Path(__file__).resolve().parents[2]
+DATA = Path(__file__).resolve().parents[1] / "data"
 FIXTURE_A, FIXTURE_B = DATA / "bench_cpu_a.json", DATA / "bench_cpu_b.json"
 
 
@@ -104,7 +104,7 @@ def test_pytest_benchmark_suite_writes_json_the_report_reads(tmp_path):
 def test_pytest_benchmark_suite_refuses_a_wrong_row(tmp_path):
     out = tmp_path / "pb.json"
     env = _clean_env()
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), env["PYTHONPATH"]])
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env["PYTHONPATH"]])
     p = subprocess.run([sys.executable, "-m", "pytest", "benchmarks/test_bench_ops.py", "-q", "-p", "no:cacheprovider",
                         "-p", "_bench_broken_fused", "-k", "N16 and steer and (fused or eager_reference)",
                         "--safedig-no-compile", "--benchmark-json", str(out)],
