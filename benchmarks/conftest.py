@@ -40,7 +40,8 @@ def _settings(config) -> tuple[torch.device, str, torch.dtype]:
     device = torch.device(dev)
     set_name = config.getoption("--safedig-set") or ("full" if device.type == "cuda" else "cpu")
     if set_name in GPU_SETS and device.type != "cuda":
-        raise pytest.UsageError(f"--safedig-set {set_name} holds real model sizes and needs CUDA; use --safedig-set cpu")
+        raise pytest.UsageError(f"--safedig-set {set_name} holds real model sizes and needs CUDA; "
+                                "use --safedig-set cpu")
     name = config.getoption("--safedig-dtype")
     dtype = DTYPES[name] if name else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     return device, set_name, dtype

@@ -1,11 +1,11 @@
 """One command for a lent GPU: GPU tests, device ceilings, a small tuning sweep, and the kernel
-benchmark over the SPEC §5 shapes, ending with one table of the SPEC §6 ratios.
+benchmark over the spec §5 shapes, ending with one table of the spec §6 ratios.
 
     python benchmarks/gpu_check.py --out DIR            # on a CUDA machine, a few minutes
     python benchmarks/gpu_check.py --smoke --out DIR    # CPU: tiny shapes, checks the script
 
 Timings: CUDA events around single calls, median of `--reps` after warm-up (warm L2, as the
-SPEC §5 anchors), every provider of a shape in the same process. Only measured numbers are
+spec §5 anchors), every provider of a shape in the same process. Only measured numbers are
 written: `DIR/gpu_check.json` and `DIR/gpu_check.md`.
 """
 from __future__ import annotations
@@ -32,14 +32,14 @@ from safedig_kernels.bench.device_reports import kernel_check_markdown  # noqa: 
 from safedig_kernels.bench.providers import steer_anchor  # noqa: E402
 from safedig_kernels.bench.timing import single_call_times_ms  # noqa: E402
 
-SHAPES = [  # (name, N, d, F, k): SPEC §5
+SHAPES = [  # (name, N, d, F, k): spec §5
     ("flux-4x", 4608, 3072, 12288, 32),
     ("flux-16x", 4608, 3072, 49152, 64),
     ("flux-4x-b2", 9216, 3072, 12288, 32),
     ("sd35l-4x", 4250, 2432, 9728, 32),
     ("latency-n16", 16, 3072, 12288, 32),
 ]
-TARGET_SHAPES = ("flux-4x", "flux-16x")  # SPEC §6 ratios; compiled baselines only here (compile time)
+TARGET_SHAPES = ("flux-4x", "flux-16x")  # spec §6 ratios; compiled baselines only here (compile time)
 SMOKE_SHAPES = [("smoke", 64, 32, 256, 8), ("smoke-n16", 16, 32, 256, 8)]
 
 
@@ -151,7 +151,7 @@ def ceilings(dev: str, bench) -> dict:
     A = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
     B = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
     mm_ms = bench(lambda: A @ B)["median_ms"]
-    del src, dst, A, B
+    src = dst = A = B = None
     return {"copy_TBps": 2 * n / copy_ms / 1e9, "bf16_mm_TFLOPs": 2 * 8192 ** 3 / mm_ms / 1e9}
 
 
@@ -188,7 +188,8 @@ def summarize_junit(path: Path) -> dict:
         return {"summary": "no junit XML written (pytest did not finish)"}
     suite = ET.parse(path).getroot()
     suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
-    failed = [c.get("name") for c in suite.iter("testcase") if c.find("failure") is not None or c.find("error") is not None]
+    failed = [c.get("name") for c in suite.iter("testcase")
+              if c.find("failure") is not None or c.find("error") is not None]
     skipped = sum(1 for c in suite.iter("testcase") if c.find("skipped") is not None)
     total = int(suite.get("tests", 0))
     summary = (f"{total} tests: {total - len(failed) - skipped} passed, {len(failed)} failed, {skipped} skipped "
@@ -198,7 +199,8 @@ def summarize_junit(path: Path) -> dict:
 
 def make_sae(N, d, Fdim, k, dev, dtype, harmful_frac=0.05, seed=0):
     g = torch.Generator().manual_seed(seed)
-    sae = sk.random_sae(d, Fdim, k, harmful=torch.randperm(Fdim, generator=g)[: max(1, int(harmful_frac * Fdim))].tolist(),
+    sae = sk.random_sae(d, Fdim, k,
+                        harmful=torch.randperm(Fdim, generator=g)[: max(1, int(harmful_frac * Fdim))].tolist(),
                         seed=seed, dtype=dtype, device=dev)
     x = torch.randn(N, d, generator=g).to(dev, dtype)
     return sae, x
@@ -222,15 +224,16 @@ def tuning_sweep(dev, bench, shape, dtype) -> dict:
     settings += [(dtype, algo, chunk, warps, 1) for algo in ("split", "row")
                  for chunk, warps in ((512, 1), (1024, 1), (1024, 2), (2048, 2))]
     # "row" with its chunk loads software-pipelined (the next chunks in flight while one is reduced)
-    settings += [(dtype, "row", chunk, warps, stages) for chunk, warps, stages in ((1024, 4, 2), (1024, 4, 3), (2048, 4, 2),
-                                                                                 (1024, 2, 3), (512, 1, 3))]
+    settings += [(dtype, "row", chunk, warps, stages)
+                 for chunk, warps, stages in ((1024, 4, 2), (1024, 4, 3), (2048, 4, 2), (1024, 2, 3), (512, 1, 3))]
     settings += [(torch.float32, "split", 2048, 4, 1), (torch.float32, "row", 2048, 4, 1)]
     pres = {}
     for pre_dtype, algo, chunk, warps, stages in settings:
         if pre_dtype not in pres:
             try:
                 pres[pre_dtype] = _encoder_gemm(x, sae.W_enc, bias, pre_dtype)
-                res["gemm"].append({"pre_dtype": str(pre_dtype), **bench(lambda: _encoder_gemm(x, sae.W_enc, bias, pre_dtype))})
+                res["gemm"].append({"pre_dtype": str(pre_dtype),
+                                    **bench(lambda: _encoder_gemm(x, sae.W_enc, bias, pre_dtype))})
             except Exception as e:
                 res["gemm"].append({"pre_dtype": str(pre_dtype), "error": repr(e)[:200]})
                 pres[pre_dtype] = None
@@ -368,7 +371,8 @@ def bench_shape(dev, bench, shape, dtype, compiled: bool) -> dict:
     record("eager_reference", lambda: reference.steer(x, W_enc, b_enc, W_dec, b_dec, harm, b, g, t, k, upcast=False))
     record("eager_anchor", lambda: steer_anchor(x, W_enc, b_enc, W_dec, b_dec, harm, b, g, k))
     if compiled:
-        ref_c = torch.compile(lambda xx: reference.steer(xx, W_enc, b_enc, W_dec, b_dec, harm, b, g, t, k, upcast=False))
+        ref_c = torch.compile(lambda xx: reference.steer(xx, W_enc, b_enc, W_dec, b_dec, harm, b, g, t, k,
+                                                         upcast=False))
         anchor_c = torch.compile(lambda xx: steer_anchor(xx, W_enc, b_enc, W_dec, b_dec, harm, b, g, k))
         record("compiled_reference", lambda: ref_c(x))
         record("compiled_anchor", lambda: anchor_c(x))
@@ -380,13 +384,15 @@ def bench_shape(dev, bench, shape, dtype, compiled: bool) -> dict:
     y_f, _ = sae.steer(x)
     y_r, _ = reference.steer(x, W_enc, b_enc, W_dec, b_dec, harm, b, g, t, k)
     row["max_abs_diff_vs_fp32_reference"] = (y_f.float() - y_r.float()).abs().max().item()
-    del sae, x
+    sae = x = None
     if dev == "cuda":
         torch.cuda.empty_cache()
     return row
 
 
 def main(argv=None) -> int:
+    from safedig_kernels.ops._launch import LaunchConfig
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="out/gpu_check")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on whatever device is there")
@@ -423,14 +429,15 @@ def main(argv=None) -> int:
         (out / "gpu_check.md").write_text(md)
         return md
 
-    # The SPEC shapes at default settings first: the table that matters most must not wait on
+    # The spec §5 shapes at default settings first: the table that matters most must not wait on
     # the sweep's many compilations.
     for shape in shapes:
         try:
             compiled = not a.no_compiled and (a.smoke or shape[0] in a.compiled_shapes.split(","))
             rows.append(bench_shape(dev, bench, shape, dtype, compiled=compiled))
         except Exception as e:
-            rows.append({"shape": shape[0], "N": shape[1], "d": shape[2], "F": shape[3], "k": shape[4], "error": repr(e)[:300]})
+            rows.append({"shape": shape[0], "N": shape[1], "d": shape[2], "F": shape[3], "k": shape[4],
+                         "error": repr(e)[:300]})
             log("shape failed", rows[-1])
         save()
     if not a.skip_sweep and dev == "cuda":

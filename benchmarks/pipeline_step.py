@@ -81,7 +81,7 @@ def _flux_case(tiny: bool, device: str, dtype: torch.dtype) -> ModelCase:
                     img_ids=img_ids.to(device, dtype), txt_ids=torch.zeros(n_txt, 3, device=device, dtype=dtype),
                     guidance=torch.tensor([3.5], device=device, dtype=dtype), return_dict=False)
 
-    # Single-stream blocks, both streams: the whole joint sequence (SPEC §5's N = 4608 shape).
+    # Single-stream blocks, both streams: the whole joint sequence (spec §5's N = 4608 shape).
     return ModelCase("FLUX.1-dev", build, inputs, [(f"single_transformer_blocks.{i}", "both") for i in sites],
                      f"1 x ({n_img} + {n_txt})")
 

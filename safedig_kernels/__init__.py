@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from . import _moved, checkpoints, ops, reference
+from . import _imports, checkpoints, ops, reference
 from .checkpoints import FORMAT_VERSION, SAEMetadata, SAEWeights
 from .ops import Harmful, Strength
 from .sae import TopKSAE, load_sae, random_sae, save_sae
@@ -59,4 +59,4 @@ def _keep_checkpoint_loaders_importable() -> None:
 
 
 _keep_checkpoint_loaders_importable()
-_moved.install()
+_imports.install()

@@ -20,7 +20,8 @@ from safetensors.torch import save_file
 
 PathLike = Union[str, "os.PathLike[str]"]
 
-__all__ = ["atomic_write", "atomic_write_text", "atomic_write_json", "atomic_save_safetensors", "read_json",
+__all__ = ["atomic_write", "atomic_write_text", "atomic_write_json", "write_json_and_table", "atomic_save_safetensors",
+           "read_json",
            "DTYPES", "dtype_from_name", "dtype_name", "safetensors_dtype_name"]
 
 
@@ -72,6 +73,17 @@ def atomic_write_text(path: PathLike, text: str) -> None:
 
 def atomic_write_json(path: PathLike, obj: Any, indent: Optional[int] = 1) -> None:
     atomic_write_text(path, json.dumps(obj, indent=indent) + "\n")
+
+
+def write_json_and_table(path: PathLike, doc: Any, table: str) -> tuple[Path, Path]:
+    """A report as `path` (JSON) and the same name with `.txt` (its table), both atomic; the
+    folder is made if needed. Returns both paths."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, doc)
+    txt = path.with_suffix(".txt")
+    atomic_write_text(txt, table + "\n")
+    return path, txt
 
 
 def atomic_save_safetensors(path: PathLike, tensors: Mapping[str, torch.Tensor],

@@ -26,16 +26,23 @@ from safedig_kernels.ops._launch import LaunchConfig, decode_config, select_conf
 from safedig_kernels.ops.sparse_decode import _sparse_decode_kernel  # noqa: E402
 from safedig_kernels.ops.steer import _steer_fwd_kernel, _steer_row_kernel  # noqa: E402
 from safedig_kernels.ops.topk_encode import (  # noqa: E402
-    _group_max_kernel, _split_bound_kernel, _split_candidates_kernel, _split_rank_kernel, _topk_select_kernel)
+    _group_max_kernel,
+    _split_bound_kernel,
+    _split_candidates_kernel,
+    _split_rank_kernel,
+    _topk_select_kernel,
+)
 
 TY = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 
 SELECT = [(12288, 32, torch.bfloat16, None, None), (49152, 64, torch.bfloat16, None, None),
-          (9728, 32, torch.float32, None, None), (131072, 256, torch.bfloat16, None, None), (100, 7, torch.float32, None, None),
+          (9728, 32, torch.float32, None, None), (131072, 256, torch.bfloat16, None, None),
+          (100, 7, torch.float32, None, None),
           (12288, 32, torch.bfloat16, 2048, 4),
           # the 1- and 2-warp settings gpu_check sweeps
-          (12288, 32, torch.bfloat16, 512, 1), (12288, 32, torch.bfloat16, 1024, 1), (12288, 32, torch.bfloat16, 1024, 2),
+          (12288, 32, torch.bfloat16, 512, 1), (12288, 32, torch.bfloat16, 1024, 1),
+          (12288, 32, torch.bfloat16, 1024, 2),
           (12288, 32, torch.bfloat16, 2048, 2),
           # "row" with pipelined chunk loads (sixth field: load_stages; the split kernels have no such loop)
           (12288, 32, torch.bfloat16, 1024, 4, 3), (12288, 32, torch.bfloat16, 512, 1, 3)]
@@ -47,7 +54,8 @@ ONE_LAUNCH = [(3072, 12288, 32, torch.bfloat16), (3072, 49152, 64, torch.bfloat1
 
 def compile_sm90(fn, signature: dict, constexprs: dict, num_warps: int):
     sig = dict(signature, **{k: "constexpr" for k in constexprs})
-    return triton.compile(ASTSource(fn, sig, constexprs), target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    return triton.compile(ASTSource(fn, sig, constexprs), target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": num_warps})
 
 
 def resources(kernel) -> dict:
@@ -67,18 +75,22 @@ def resources(kernel) -> dict:
 def main() -> None:
     for F, k, pre_dtype, chunk, warps, *stages in SELECT:
         cfg = select_config(F, k, LaunchConfig(chunk=chunk, select_warps=warps, select_stages=(stages or [None])[0]))
-        const = {n: cfg[n] for n in ("CHUNK", "NUM_CHUNKS", "GROUPS", "CAND", "RANK_BLOCK", "EXACT_ONLY", "LOAD_STAGES")}
+        const = {n: cfg[n]
+                 for n in ("CHUNK", "NUM_CHUNKS", "GROUPS", "CAND", "RANK_BLOCK", "EXACT_ONLY", "LOAD_STAGES")}
         sig = {"vals_ptr": "*fp32", "idx_ptr": "*i32", "cand_val_ptr": "*fp32", "cand_idx_ptr": "*i32",
-               "count_ptr": "*i32", "pre_ptr": "*" + TY[pre_dtype], "bias_ptr": "*fp32", "stride_pre": "i32", "F": "i32"}
+               "count_ptr": "*i32", "pre_ptr": "*" + TY[pre_dtype], "bias_ptr": "*fp32", "stride_pre": "i32",
+               "F": "i32"}
         const = dict(K=k, HAS_BIAS=pre_dtype != torch.float32, **const)
         res = resources(compile_sm90(_topk_select_kernel, sig, const, cfg["num_warps"]))
         print(json.dumps({"kernel": "select", "F": F, "k": k, "pre": str(pre_dtype), "chunk": cfg["CHUNK"],
-                          "num_warps": cfg["num_warps"], "load_stages": cfg["LOAD_STAGES"], "exact_only": cfg["EXACT_ONLY"],
+                          "num_warps": cfg["num_warps"], "load_stages": cfg["LOAD_STAGES"],
+                          "exact_only": cfg["EXACT_ONLY"],
                           **res}), flush=True)
         if stages:
             continue
         # the split algorithm's three kernels at the same settings
-        common = dict(CHUNK=cfg["CHUNK"], NUM_CHUNKS=cfg["NUM_CHUNKS"], GROUPS=cfg["GROUPS"], HAS_BIAS=const["HAS_BIAS"])
+        common = dict(CHUNK=cfg["CHUNK"], NUM_CHUNKS=cfg["NUM_CHUNKS"], GROUPS=cfg["GROUPS"],
+                      HAS_BIAS=const["HAS_BIAS"])
         pre_sig = {"pre_ptr": "*" + TY[pre_dtype], "bias_ptr": "*fp32", "stride_pre": "i32", "F": "i32"}
         split = [
             ("split_group_max", _group_max_kernel, {"gmax_ptr": "*fp32", "count_ptr": "*i32", **pre_sig}, common),
@@ -89,8 +101,8 @@ def main() -> None:
              {"cand_val_ptr": "*fp32", "cand_idx_ptr": "*i32", "count_ptr": "*i32", "lower_ptr": "*fp32", **pre_sig},
              dict(CHUNK=cfg["CHUNK"], GROUPS=cfg["GROUPS"], CAND=cfg["CAND"], HAS_BIAS=const["HAS_BIAS"])),
             ("split_rank", _split_rank_kernel,
-             {"vals_ptr": "*fp32", "idx_ptr": "*i32", "cand_val_ptr": "*fp32", "cand_idx_ptr": "*i32", "count_ptr": "*i32",
-              "lower_ptr": "*fp32", **pre_sig},
+             {"vals_ptr": "*fp32", "idx_ptr": "*i32", "cand_val_ptr": "*fp32", "cand_idx_ptr": "*i32",
+              "count_ptr": "*i32", "lower_ptr": "*fp32", **pre_sig},
              dict(K=k, CHUNK=cfg["CHUNK"], NUM_CHUNKS=cfg["NUM_CHUNKS"], CAND=cfg["CAND"], RANK_BLOCK=cfg["RANK_BLOCK"],
                   EXACT_ONLY=cfg["EXACT_ONLY"], HAS_BIAS=const["HAS_BIAS"])),
         ]
@@ -123,7 +135,8 @@ def main() -> None:
                "harmful_ptr": "*u8", "W_dec_ptr": t, "b_dec_ptr": t, "beta_ptr": "*fp32", "gamma_ptr": "*fp32",
                "tau_ptr": "*fp32", "stride_pre": "i32", "stride_xb": "i64", "stride_xt": "i64", "stride_xd": "i64",
                "stride_wf": "i64", "T": "i32", "F": "i32", "d": "i32"}
-        const = {n: scfg[n] for n in ("CHUNK", "NUM_CHUNKS", "GROUPS", "CAND", "RANK_BLOCK", "EXACT_ONLY", "LOAD_STAGES")}
+        const = {n: scfg[n]
+                 for n in ("CHUNK", "NUM_CHUNKS", "GROUPS", "CAND", "RANK_BLOCK", "EXACT_ONLY", "LOAD_STAGES")}
         const.update(K=k, HAS_BIAS=dtype != torch.float32, K_BLOCK=dcfg["K_BLOCK"], BLOCK_D=dcfg["BLOCK_D"],
                      NUM_D_BLOCKS=-(-d // dcfg["BLOCK_D"]))
         res = resources(compile_sm90(_steer_row_kernel, sig, const, scfg["num_warps"]))

@@ -24,9 +24,16 @@ from safetensors.torch import save_file
 import safedig_kernels as sk
 from safedig_kernels import checkpoints as ckpt
 from safedig_kernels import reference
-from safedig_kernels.checkpoints import (HEADER_KEY, CheckpointDtypeError, CheckpointError,
-                                         detect_format, load_sae, load_saelens, load_sparsify,
-                                         save_sae)
+from safedig_kernels.checkpoints import (
+    HEADER_KEY,
+    CheckpointDtypeError,
+    CheckpointError,
+    detect_format,
+    load_sae,
+    load_saelens,
+    load_sparsify,
+    save_sae,
+)
 from safedig_kernels.sae import FORMAT_VERSION, SAEMetadata, TopKSAE
 
 D, F, K, N = 24, 96, 6, 40
@@ -77,7 +84,7 @@ def _gen(seed: int) -> torch.Generator:
 
 
 def _steer_from_codes(x, acts, decode, harmful, beta, gamma, tau):
-    """SPEC §2 from a library's dense codes `acts` [N, F] and its `decode`."""
+    """spec §2 from a library's dense codes `acts` [N, F] and its `decode`."""
     h = (acts * harmful).sum(-1)
     x_safe = decode(acts * ~harmful)
     r = decode(acts * harmful) - decode(torch.zeros_like(acts))
@@ -258,7 +265,10 @@ def _poke(key: str, index: tuple, value: float) -> Callable:
     return mutate
 
 
-_NO_CHANGE = (lambda t: t)
+def _NO_CHANGE(t):
+    return t
+
+
 # (id, tensor mutation, header-doc mutation, key named in the error, exception type)
 _BAD_OWN = [
     ("missing-W_dec", lambda t: _drop(t, "W_dec"), None, "W_dec", CheckpointError),

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _oracle import assert_codes_within_tolerance
 
 from safedig_kernels import reference
 from safedig_kernels.ops.topk_encode import encoder_bias
+from safedig_kernels.testing import assert_codes_within_tolerance
 
 
 def _case():

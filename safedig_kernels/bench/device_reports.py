@@ -3,7 +3,7 @@ the `benchmarks/RESULTS.md` generator, so a recorded run renders the same table 
 is shown:
 
 - `benchmarks/gpu_check.py` ("kernel check"): GPU tests, the launch-setting sweep and the kernel
-  timings per SPEC §5 shape, CUDA events around single calls;
+  timings per spec §5 shape, CUDA events around single calls;
 - `benchmarks/pipeline_step.py` ("pipeline step"): ms per denoising step of the real FLUX.1-dev
   and SD3.5 Large architectures with and without steering.
 """
@@ -35,7 +35,7 @@ def _fmt(v: Optional[float], spec: str = ".3f") -> str:
 
 def kernel_check_table(rows: list[dict]) -> str:
     """Per shape: GEMM alone, fused steer (best of default and swept settings), the baselines,
-    and the SPEC §6 ratios; n/m where a provider was not measured."""
+    and the spec §6 ratios; n/m where a provider was not measured."""
     head = ("| shape (N, d, F, k) | cuBLAS GEMM | fused steer (default) | fused steer (swept) | fused / GEMM "
             "| gated Repel 10% | eager ref | compiled ref | eager anchor | compiled anchor "
             "| compiled anchor / fused | CUDA graph |")
@@ -48,10 +48,11 @@ def kernel_check_table(rows: list[dict]) -> str:
         fused = min(v for v in (default, swept) if v is not None) if (default or swept) else None
         gemm, ca = _ms(r, "gemm"), _ms(r, "compiled_anchor")
         lines.append(
-            f"| {r['shape']} ({r['N']}, {r['d']}, {r['F']}, {r['k']}) | {_fmt(gemm)} | {_fmt(default)} | {_fmt(swept)} | "
-            f"{_fmt(fused / gemm if fused and gemm else None, '.2f')} | {_fmt(_ms(r, 'fused_steer_repel_gated10'))} | "
-            f"{_fmt(_ms(r, 'eager_reference'))} | {_fmt(_ms(r, 'compiled_reference'))} | {_fmt(_ms(r, 'eager_anchor'))} | "
-            f"{_fmt(ca)} | {_fmt(ca / fused if ca and fused else None, '.2f')} | {_fmt(_ms(r, 'fused_steer_cudagraph'))} |")
+            f"| {r['shape']} ({r['N']}, {r['d']}, {r['F']}, {r['k']}) | {_fmt(gemm)} | {_fmt(default)} | "
+            f"{_fmt(swept)} | {_fmt(fused / gemm if fused and gemm else None, '.2f')} | "
+            f"{_fmt(_ms(r, 'fused_steer_repel_gated10'))} | {_fmt(_ms(r, 'eager_reference'))} | "
+            f"{_fmt(_ms(r, 'compiled_reference'))} | {_fmt(_ms(r, 'eager_anchor'))} | {_fmt(ca)} | "
+            f"{_fmt(ca / fused if ca and fused else None, '.2f')} | {_fmt(_ms(r, 'fused_steer_cudagraph'))} |")
     return "\n".join(lines)
 
 
@@ -123,7 +124,8 @@ def kernel_check_markdown(doc: dict, level: int = 2) -> str:
              "", kernel_check_table(doc["rows"]), ""]
     algos = _algo_lines(doc["rows"])
     if algos:
-        lines += ["Fused steer by selection algorithm, default launch settings (ms):", ""] + [f"- {s}" for s in algos] + [""]
+        lines += (["Fused steer by selection algorithm, default launch settings (ms):", ""]
+                  + [f"- {s}" for s in algos] + [""])
     breakdown = _breakdown_lines(doc["rows"])
     if breakdown:
         lines += ["Where the default fused steer's time goes (profiler kernel records over 10 back-to-back "

@@ -9,7 +9,7 @@ timed call):
 | `fused_cudagraph` | `safedig::steer` captured once in a CUDA graph and replayed (CUDA, N <= 64) |
 | `eager_reference` | `safedig_kernels.reference.*(..., upcast=False)`: the spec, in the input dtype |
 | `compiled_reference` | the same under `torch.compile` (inductor, static shapes) |
-| `eager_anchor` | SPEC §5's plain eager formulation: `torch.topk` + `embedding_bag`, input dtype |
+| `eager_anchor` | spec §5's plain eager formulation: `torch.topk` + `embedding_bag`, input dtype |
 | `compiled_anchor` | the same under `torch.compile` |
 | `torch_mm` | `x @ W_enc` alone (op `encoder_gemm`): the GEMM the fused ops are held to |
 """
@@ -92,7 +92,7 @@ def input_settings(seed: int) -> dict:
 
 
 def oracle_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp32 for bf16/fp16 inputs (the simplified SPEC §3 oracle), fp64 for fp32 inputs."""
+    """fp32 for bf16/fp16 inputs (the simplified spec §3 oracle), fp64 for fp32 inputs."""
     return torch.float64 if dtype == torch.float32 else torch.float32
 
 
@@ -154,7 +154,7 @@ class Prepared:
 
     def lowp(self, op: str) -> dict[str, torch.Tensor]:
         """The reference computed in the input dtype, as plain eager PyTorch would: its error
-        against the oracle is the yardstick of every provider's tolerance (SPEC §3)."""
+        against the oracle is the yardstick of every provider's tolerance (spec §3)."""
         key = "lowp:" + op
         if key not in self._cache:
             self._cache[key] = as_outputs(op, BUILDERS[(op, LOWP_PROVIDER.get(op, "eager_reference"))](self)())
@@ -174,7 +174,7 @@ def as_outputs(op: str, result) -> dict[str, torch.Tensor]:
 # -- baselines -----------------------------------------------------------------------------
 
 def steer_anchor(x, W_enc, b_enc, W_dec, b_dec, harmful, beta, gamma, k: int) -> torch.Tensor:
-    """SPEC §5's plain eager steering, `x` `[N, d]` -> y `[N, d]`, all in x's dtype: one GEMM,
+    """spec §5's plain eager steering, `x` `[N, d]` -> y `[N, d]`, all in x's dtype: one GEMM,
     `torch.topk` (ties in any order), two `embedding_bag` decodes. No gate: the benchmarks
     steer every token, where the gate is a no-op. The fastest obvious eager formulation."""
     pre = (x - b_dec) @ W_enc + b_enc

@@ -5,7 +5,7 @@ Per row: median, p20 and p80 over rounds; TFLOP/s = useful FLOPs / median; floor
 max(GEMM FLOPs / the run's measured GEMM peak, bytes / the run's measured copy bandwidth);
 % of floor = floor / median (100 % = at the floor); speedups = the fastest eager (or
 torch.compile'd) baseline's median at the same shape / this row's median; ÷ GEMM = median /
-the `x @ W_enc` median at the same shape (SPEC §6).
+the `x @ W_enc` median at the same shape (spec §6).
 """
 from __future__ import annotations
 
@@ -83,7 +83,8 @@ def _data_ms(bench: dict) -> list[float]:
 def _floor_ms(info: dict, ceilings: dict) -> float:
     peak = ceilings["gemm_TFLOPs"].get(info["dtype"])
     if peak is None:
-        raise ReportError(f"no GEMM ceiling for dtype {info['dtype']} in this run (have {sorted(ceilings['gemm_TFLOPs'])})")
+        raise ReportError(f"no GEMM ceiling for dtype {info['dtype']} in this run "
+                          f"(have {sorted(ceilings['gemm_TFLOPs'])})")
     compute_s = info["gemm_flops"] / (peak * 1e12)
     memory_s = info["bytes"] / (ceilings["copy_GBps"] * 1e9)
     return max(compute_s, memory_s) * 1e3
@@ -210,7 +211,7 @@ def op_table(rows: list[Row]) -> list[str]:
 
 @dataclass(frozen=True)
 class Target:
-    """A SPEC §6 row (bf16, one GPU, a ratio within one run)."""
+    """A spec §6 row (bf16, one GPU, a ratio within one run)."""
 
     what: str
     shape: Shape
@@ -221,8 +222,9 @@ class Target:
 
 
 TARGETS = (
-    Target("fused steer ÷ encoder GEMM", model_shape("flux1-dev", 1024, 4, 32), "vs_gemm", 1.4, 1.1, True),
-    Target("fused steer ÷ encoder GEMM", model_shape("flux1-dev", 1024, 16, 64), "vs_gemm", 1.4, 1.1, True),
+    # spec §6: must 1.4 / goal 1.25 at 4x, must 1.25 / goal 1.1 at 16x
+    Target("fused steer ÷ encoder GEMM", model_shape("flux1-dev", 1024, 4, 32), "vs_gemm", 1.4, 1.25, True),
+    Target("fused steer ÷ encoder GEMM", model_shape("flux1-dev", 1024, 16, 64), "vs_gemm", 1.25, 1.1, True),
     Target("fastest torch.compile'd baseline ÷ fused steer", model_shape("flux1-dev", 1024, 4, 32),
            "speedup_vs_compiled", 4, 5, False),
     Target("fastest torch.compile'd baseline ÷ fused steer", model_shape("flux1-dev", 1024, 16, 64),
@@ -233,8 +235,8 @@ TARGETS = (
 
 def target_lines(res: Results) -> list[str]:
     if res.is_cpu:
-        return ["SPEC §6 targets apply to bf16 on a GPU; they are not evaluated for CPU numbers."]
-    out = ["| SPEC §6 target | shape | measured | must | goal | status |", "|---|---|---:|---:|---:|---|"]
+        return ["spec §6 targets apply to bf16 on a GPU; they are not evaluated for CPU numbers."]
+    out = ["| spec §6 target | shape | measured | must | goal | status |", "|---|---|---:|---:|---:|---|"]
     for t in TARGETS:
         row = next((r for r in res.rows if r.op == "steer" and r.provider == "fused" and r.dtype == "bfloat16"
                     and r.shape == t.shape.id), None)
@@ -253,7 +255,7 @@ def target_lines(res: Results) -> list[str]:
 
 def to_markdown(res: Results, level: int = 2) -> str:
     h = "#" * level
-    lines = [f"{h} {title(res)}", ""] + header_lines(res) + ["", f"{h}# SPEC §6 targets", ""] + target_lines(res)
+    lines = [f"{h} {title(res)}", ""] + header_lines(res) + ["", f"{h}# spec §6 targets", ""] + target_lines(res)
     for op in (*OPS, GEMM_OP):
         rows = [r for r in res.rows if r.op == op]
         if rows:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import gc
-import json
 import os
 import platform
 import signal
@@ -21,10 +20,10 @@ from typing import Callable, Iterable, Optional
 
 import torch
 
+from .._io import atomic_write_json, dtype_from_name, dtype_name
 from .check import Refused, check_outputs
 from .providers import BUILDERS, KINDS, Prepared, as_outputs, flops_bytes, gemm_flops, input_settings, providers_for
 from .shapes import GEMM_OP, OPS, Shape, entries
-from .._io import atomic_write_json, dtype_from_name, dtype_name
 from .timing import POLICIES, Plan, Policy, environment, measure, measure_ceilings, percentile, plan
 
 TIMER_NAME = "safedig_kernels.bench.timing.synced_timer"
@@ -176,7 +175,8 @@ def new_document(session: BenchSession) -> dict:
     return {
         "machine_info": {"machine": platform.machine(), "system": platform.system(),
                          "python_version": platform.python_version(), "safedig": session.machine_info()},
-        "commit_info": {"id": git.removesuffix("+dirty") if git else None, "dirty": bool(git and git.endswith("+dirty"))},
+        "commit_info": {"id": git.removesuffix("+dirty") if git else None,
+                        "dirty": bool(git and git.endswith("+dirty"))},
         "benchmarks": [],
         "datetime": _dt.datetime.now(_dt.timezone.utc).isoformat(),
         "version": f"safedig_kernels.bench {__version__}",

@@ -3,15 +3,15 @@
 Token counts come from each transformer's diffusers config and its pipeline's defaults (VAE
 downsampling, patch size, text length, classifier-free-guidance batch), so a row's `N` is the
 number of tokens a steering site really sees, not a round number. SAE widths are 4x-32x the
-site width, k from 32 to 128 (SPEC §4, issue 6).
+site width, k from 32 to 128 (spec §4, issue 6).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 OPS = ("steer", "topk_encode", "sparse_decode")
-GEMM_OP = "encoder_gemm"  # cuBLAS x @ W_enc alone: the SPEC §6 floor each fused op is compared to
-LATENCY_N = 16  # SPEC §5-6 latency shape: a handful of tokens, launch overhead dominates
+GEMM_OP = "encoder_gemm"  # cuBLAS x @ W_enc alone: the spec §6 floor each fused op is compared to
+LATENCY_N = 16  # spec §5-6 latency shape: a handful of tokens, launch overhead dominates
 
 
 @dataclass(frozen=True)
@@ -51,12 +51,12 @@ class ModelConfig:
 MODELS: dict[str, ModelConfig] = {m.key: m for m in (
     # FluxTransformer2DModel: 24 heads x 128; patch_size 1 on latents the pipeline packs 2x2;
     # T5 max_sequence_length 512; guidance-distilled, so batch 1. Single-stream blocks see
-    # image and text tokens concatenated (SPEC §4).
+    # image and text tokens concatenated (spec §4).
     ModelConfig("flux1-dev", "black-forest-labs/FLUX.1-dev", 24, 128, 19 + 38, 2, 8, 512, 1,
                 "single_transformer_blocks.* (image + text stream)", True),
     # SD3Transformer2DModel, SD3.5 Large: 38 heads x 64 = caption_projection_dim 2432, 38 joint
     # blocks, patch_size 2; text 77 CLIP + 256 T5 tokens; CFG batch 2. Steering edits the
-    # image stream, output[1] of a joint block (SPEC §4).
+    # image stream, output[1] of a joint block (spec §4).
     ModelConfig("sd35-large", "stabilityai/stable-diffusion-3.5-large", 38, 64, 38, 2, 8, 77 + 256, 2,
                 "transformer_blocks.* output[1] (image stream)", False),
     # SD3.5 Medium: 24 heads x 64 = caption_projection_dim 1536, 24 joint blocks (MMDiT-X).
@@ -117,7 +117,7 @@ BOTH = ("reference", "anchor")
 
 
 def _quick() -> list[Entry]:
-    # The SPEC §6 shapes first, so a run cut short still has the target ratios.
+    # The spec §6 shapes first, so a run cut short still has the target ratios.
     return [
         Entry(model_shape("flux1-dev", 1024, 4, 32), OPS, BOTH, ("steer",)),
         Entry(model_shape("flux1-dev", 1024, 16, 64), ("steer",), ("anchor",)),

@@ -3,7 +3,7 @@
 A round runs the provider `iterations` times back to back between two synchronised clock
 reads and records the mean per call; rows report the median and the 20th/80th percentiles
 across rounds. Back-to-back calls amortise the ~10 µs synchronisation that a per-call clock
-would add, which matters at N = 16; L2 stays warm as in the SPEC §5 anchors. pytest-benchmark's
+would add, which matters at N = 16; L2 stays warm as in the spec §5 anchors. pytest-benchmark's
 `pedantic(rounds, iterations)` with `synced_timer` measures exactly the same thing.
 """
 from __future__ import annotations
@@ -145,7 +145,7 @@ def measure_ceilings(device: torch.device, dtypes: list[torch.dtype]) -> dict:
     src = torch.empty(n_bytes, dtype=torch.uint8, device=device).random_()
     dst = torch.empty_like(src)
     copy_s = _best_median(lambda: dst.copy_(src))
-    del src, dst
+    src = dst = None
     size = 8192 if cuda else 1024
     gemm: dict[str, float] = {}
     for dt in dtypes:
@@ -158,7 +158,7 @@ def measure_ceilings(device: torch.device, dtypes: list[torch.dtype]) -> dict:
         a = torch.randn(size, size, device=device, dtype=dt_m)
         b = torch.randn(size, size, device=device, dtype=dt_m)
         gemm[dtype_name(dt)] = 2 * size ** 3 / _best_median(lambda: torch.mm(a, b)) / 1e12
-        del a, b
+        a = b = None
     if cuda:
         torch.cuda.empty_cache()
     return {"copy_GBps": 2 * n_bytes / copy_s / 1e9, "gemm_TFLOPs": gemm,

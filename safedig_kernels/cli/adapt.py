@@ -4,8 +4,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ._options import (FORMATTER, add_activations, add_denoise_steps, add_device, add_no_progress, select_device,
-                       write_json)
+from ._options import (
+    FORMATTER,
+    add_activations,
+    add_denoise_steps,
+    add_device,
+    add_no_progress,
+    select_device,
+    write_json,
+)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -4,8 +4,16 @@ from __future__ import annotations
 
 import argparse
 
-from ._options import (FORMATTER, add_activations, add_denoise_steps, add_rule_options, harmful_rule, site_sae,
-                       str_list, window)
+from ._options import (
+    FORMATTER,
+    add_activations,
+    add_denoise_steps,
+    add_rule_options,
+    harmful_rule,
+    site_sae,
+    str_list,
+    window,
+)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -7,8 +7,15 @@ import contextlib
 from pathlib import Path
 from typing import Iterator
 
-from ._options import (FORMATTER, add_no_progress, add_pipeline_options, add_threads, image_size, select_device,
-                       torch_threads)
+from ._options import (
+    FORMATTER,
+    add_no_progress,
+    add_pipeline_options,
+    add_threads,
+    image_size,
+    select_device,
+    torch_threads,
+)
 
 
 @contextlib.contextmanager

@@ -5,8 +5,15 @@ import argparse
 import os
 from pathlib import Path
 
-from ._options import (FORMATTER, add_activations, add_denoise_steps, add_device, add_no_progress, select_device,
-                       write_json)
+from ._options import (
+    FORMATTER,
+    add_activations,
+    add_denoise_steps,
+    add_device,
+    add_no_progress,
+    select_device,
+    write_json,
+)
 
 
 def run(args: argparse.Namespace) -> int:

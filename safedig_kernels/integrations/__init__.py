@@ -3,18 +3,7 @@ are re-exported here (`from safedig_kernels.integrations import apply_safedig`).
 imported on first use; the hooks import diffusers."""
 from __future__ import annotations
 
-from typing import Any
+from .._imports import lazy_exports
 
 __all__ = ["SiteConfig", "SafeDIGConfig", "SafeDIGHandle", "apply_safedig", "remove_safedig", "check_config"]
-
-
-def __getattr__(name: str) -> Any:
-    if name in __all__:
-        from . import diffusers
-
-        return getattr(diffusers, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, {name: "diffusers" for name in __all__})

@@ -1,4 +1,4 @@
-"""`safedig::steer`: SPEC §2 in one call: encode, harm score, gate, Blend/Repel.
+"""`safedig::steer`: spec §2 in one call: encode, harm score, gate, Blend/Repel.
 
 On CUDA: `topk_encode`'s GEMM and selection produce the codes, then `_steer_fwd_kernel`
 does the rest in one pass over the decoder rows. Each program owns one token and one block of
@@ -156,7 +156,8 @@ def _steer_in_one_launch(y, h, x3, W_enc, W_dec, b_dec, harmful, beta, gamma, ta
     idx = torch.empty(N, k, device=x2.device, dtype=torch.int32)
     W_dec = W_dec if W_dec.stride(1) == 1 else W_dec.contiguous()
     _steer_row_kernel[(N,)](
-        y, h, vals, idx, scratch.vals, scratch.idx, scratch.count, pre, bias_on_load if bias_on_load is not None else pre,
+        y, h, vals, idx, scratch.vals, scratch.idx, scratch.count, pre,
+        bias_on_load if bias_on_load is not None else pre,
         x3, harmful.view(torch.uint8), W_dec, b_dec.contiguous(), beta, gamma, tau,
         pre.stride(0), x3.stride(0), x3.stride(1), x3.stride(2), W_dec.stride(0), T, F, d,
         K=k, CHUNK=scfg["CHUNK"], NUM_CHUNKS=scfg["NUM_CHUNKS"], GROUPS=scfg["GROUPS"], CAND=scfg["CAND"],

@@ -1,6 +1,6 @@
 """`safedig::topk_encode`: encoder GEMM plus exact top-k selection.
 
-Design (SPEC §6, option b): cuBLAS computes the pre-activations once into a buffer (fp32 with
+Design (spec §6, option b): cuBLAS computes the pre-activations once into a buffer (fp32 with
 the folded encoder bias added in its epilogue where torch can ask for that, else in the input
 dtype with the fp32 bias added on load); `_topk_select_kernel` reads each row and selects its
 top k, one program per token:
@@ -12,7 +12,7 @@ top k, one program per token:
    each taking a slot from a per-row atomic counter: no block-wide scan or reduction per chunk;
 3. each candidate's rank under (value descending, index ascending) is counted against all the
    others; candidates of rank < k are written to their rank's slot, so the result comes out
-   sorted with the exact tie order of SPEC §2, whatever order the atomics gave the scratch row.
+   sorted with the exact tie order of spec §2, whatever order the atomics gave the scratch row.
 
 When the candidates overflow the scratch row (heavy ties) or k > 64, an exact fallback finds
 the k-th largest key by bisection and keeps exactly k candidates, lower indices first among
@@ -226,7 +226,8 @@ def _topk_select_kernel(
     memory, the next chunks in flight while one is reduced): a sweep knob for a program that
     otherwise waits out each chunk's load latency in turn. 1: plain loops."""
     _select_row(tl.program_id(0).to(tl.int64), vals_ptr, idx_ptr, cand_val_ptr, cand_idx_ptr, count_ptr, pre_ptr,
-                bias_ptr, stride_pre, F, K, CHUNK, NUM_CHUNKS, GROUPS, CAND, RANK_BLOCK, EXACT_ONLY, HAS_BIAS, LOAD_STAGES)
+                bias_ptr, stride_pre, F, K, CHUNK, NUM_CHUNKS, GROUPS, CAND, RANK_BLOCK, EXACT_ONLY, HAS_BIAS,
+                LOAD_STAGES)
 
 
 @triton.jit
@@ -243,7 +244,8 @@ def _group_max_kernel(
     c = tl.program_id(1)
     if c == 0:
         tl.store(count_ptr + row, 0)
-    v, offs, valid, bad = _load_tile(pre_ptr + row * stride_pre, bias_ptr, c * CHUNK, F, GROUPS, CHUNK // GROUPS, HAS_BIAS)
+    v, offs, valid, bad = _load_tile(pre_ptr + row * stride_pre, bias_ptr, c * CHUNK, F, GROUPS, CHUNK // GROUPS,
+                                     HAS_BIAS)
     g = tl.max(tl.where(valid, v, float("-inf")), axis=1)
     g = tl.where(tl.max(bad.to(tl.int32), axis=1) > 0, float("nan"), g)
     tl.store(gmax_ptr + (row * NUM_CHUNKS + c) * GROUPS + tl.arange(0, GROUPS), g)
@@ -283,7 +285,8 @@ def _split_candidates_kernel(
     c = tl.program_id(1)
     lower = tl.load(lower_ptr + row)
     if lower == lower:  # NaN: non-finite row, nothing to select
-        v, offs, valid, _ = _load_tile(pre_ptr + row * stride_pre, bias_ptr, c * CHUNK, F, GROUPS, CHUNK // GROUPS, HAS_BIAS)
+        v, offs, valid, _ = _load_tile(pre_ptr + row * stride_pre, bias_ptr, c * CHUNK, F, GROUPS, CHUNK // GROUPS,
+                                       HAS_BIAS)
         is_cand = valid & (v >= lower)
         counter = count_ptr + row + tl.zeros([GROUPS, CHUNK // GROUPS], dtype=tl.int32)
         slot = tl.atomic_add(counter, 1, mask=is_cand, sem="relaxed")

@@ -14,7 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["select_topk", "encoder_preactivations", "topk_encode", "sparse_decode", "steer", "steer_from_codes"]
+__all__ = ["select_topk", "encoder_preactivations", "topk_encode", "sparse_decode", "steer", "steer_from_codes",
+           "gather_sum"]
 
 
 def _compute_dtype(x: torch.Tensor, upcast: bool) -> torch.dtype:
@@ -75,8 +76,9 @@ def topk_encode(x, W_enc, b_enc, b_dec, k: int, upcast: bool = True) -> tuple[to
     return vals.to(out_dtype), idx.to(torch.int32)
 
 
-def _bag_sum(idx: torch.Tensor, weights: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """sum_j weights[n, j] * table[idx[n, j]] for 2-D idx/weights, without an [N, k, d] gather."""
+def gather_sum(idx: torch.Tensor, weights: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """`sum_j weights[n, j] * table[idx[n, j]]` `[N, d]` for 2-D `idx`/`weights` `[N, k]`, without
+    an `[N, k, d]` gather; differentiable in `weights` and `table` (SAE training uses it)."""
     if idx.shape[0] == 0:
         return table.new_zeros(0, table.shape[1])
     return F.embedding_bag(idx.long(), table, per_sample_weights=weights.to(table.dtype), mode="sum")
@@ -87,13 +89,13 @@ def sparse_decode(vals, idx, W_dec, b_dec, upcast: bool = True) -> torch.Tensor:
     cd = _compute_dtype(W_dec, upcast)
     lead = vals.shape[:-1]
     k = vals.shape[-1]
-    out = b_dec.to(cd) + _bag_sum(idx.reshape(-1, k), vals.reshape(-1, k), W_dec.to(cd))
+    out = b_dec.to(cd) + gather_sum(idx.reshape(-1, k), vals.reshape(-1, k), W_dec.to(cd))
     return out.reshape(*lead, W_dec.shape[1]).to(W_dec.dtype)
 
 
 def steer_from_codes(x, vals, idx, W_dec, b_dec, harmful, beta, gamma, tau, upcast: bool = True
                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """SPEC §2 steps 2-4 given a token's codes: `x` `[N, d]`, `vals`/`idx` `[N, k]` (NaN values
+    """spec §2 steps 2-4 given a token's codes: `x` `[N, d]`, `vals`/`idx` `[N, k]` (NaN values
     mark a non-finite token). Returns (y `[N, d]` in x's dtype, h `[N]`). Tests use it to score
     a kernel's own choice among near-tied features exactly."""
     cd = _compute_dtype(x, upcast)
@@ -108,8 +110,8 @@ def steer_from_codes(x, vals, idx, W_dec, b_dec, harmful, beta, gamma, tau, upca
     Wd = W_dec.to(cd)
     xc = x.to(cd)
     b, g = beta.to(cd), gamma.to(cd)
-    x_hat_safe = b_dec.to(cd) + _bag_sum(idx, safe_vals, Wd)
-    r = _bag_sum(idx, harm_vals, Wd)
+    x_hat_safe = b_dec.to(cd) + gather_sum(idx, safe_vals, Wd)
+    r = gather_sum(idx, harm_vals, Wd)
     steered = (xc + (b * (x_hat_safe - xc) - g * r)).to(x.dtype)
     # Select rather than add a zero update: keeps beta = gamma = 0 and ungated tokens bitwise
     # (x + 0.0 would turn -0.0 into +0.0), and keeps NaN tokens out of the arithmetic.
@@ -119,7 +121,7 @@ def steer_from_codes(x, vals, idx, W_dec, b_dec, harmful, beta, gamma, tau, upca
 
 def steer(x, W_enc, b_enc, W_dec, b_dec, harmful, beta, gamma, tau, k: int,
           upcast: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Blend/Repel steering, SPEC §2, per token of `x` `[N, d]` or `[B, T, d]`.
+    """Blend/Repel steering, spec §2, per token of `x` `[N, d]` or `[B, T, d]`.
 
     `harmful` is a bool mask `[F]`; `beta`, `gamma`, `tau` are 0-d tensors on x's device.
     Returns `y` (x's shape and dtype) and the harm score `h` (float32, x's shape without d;

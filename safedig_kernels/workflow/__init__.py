@@ -15,33 +15,23 @@ the reverse. Names are imported on first use, so `import safedig_kernels.workflo
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from .._imports import lazy_exports
 
+# The configs and results of every step; each step's function lives in its module
+# (`workflow.capture.capture`, `workflow.route.route`, ...), whose name it shares.
 _EXPORTS = {
     "PromptRecord": "prompts", "load_prompts": "prompts",
     "ActivationStore": "store", "ActivationWriter": "store", "ManifestError": "store", "ShardError": "store",
-    "rebuild_manifest": "store",
-    "CaptureConfig": "capture", "capture": "capture",
+    "rebuild_manifest": "store", "SiteSpec": "store",
+    "CaptureConfig": "capture",
     "TrainConfig": "train", "TrainResult": "train", "evaluate_sae": "train", "train_sae": "train",
     "HarmfulRule": "score", "ScoringReport": "score", "score_features": "score", "select_harmful": "score",
-    "OPERATORS": "route", "RouteConfig": "route", "RoutingReport": "route", "route": "route",
-    "write_steering_config": "route",
+    "OPERATORS": "route", "RouteConfig": "route", "RoutingReport": "route", "write_steering_config": "route",
     "AdaptConfig": "adapt", "AdaptResult": "adapt", "adapt_decoder": "adapt",
-    "GenerateConfig": "generate", "generate": "generate", "time_steps": "generate",
+    "GenerateConfig": "generate", "time_steps": "generate",
     "write_outputs": "report",
     "DemoConfig": "demo", "run_demo": "demo",
     "load_pipeline": "pipelines",
-    "SiteSpec": "store",
 }
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

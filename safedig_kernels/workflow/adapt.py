@@ -5,11 +5,12 @@ dictionary, so the harmful feature ids found on the source keep their meaning. O
 `b_dec` are trained, on batches that mix target activations with a `replay` share of source
 activations, minimising
 
-    sum_i ||x_i - x_hat_i||^2 / v(domain_i) / batch  +  prox_coef * (||W_dec - W_dec0||^2 + ||b_dec - b_dec0||^2) / ||W_dec0||^2
+    sum_i ||x_i - x_hat_i||^2 / v(domain_i) / batch
+        +  prox_coef * (||W_dec - W_dec0||^2 + ||b_dec - b_dec0||^2) / ||W_dec0||^2
 
 where `v` is the per-token variance of each domain (so both count as fractions of variance) and
 the last term keeps the decoder near the source one. `b_dec` also centres the encoder's input
-(SPEC §2: `pre = (x - b_dec) W_enc + b_enc`), so adapting it moves the pre-activations by
+(spec §2: `pre = (x - b_dec) W_enc + b_enc`), so adapting it moves the pre-activations by
 `-Δb_dec W_enc`; the proximity term keeps that small, and `train_b_dec=False` keeps the
 encoding function exactly the source's.
 """
@@ -21,8 +22,9 @@ from typing import Any, Optional, Union
 
 import torch
 
+from ..reference import gather_sum
 from ..sae import TopKSAE
-from .train import _Batches, _decode, evaluate_sae
+from .train import BatchOrder, evaluate_sae
 
 
 @dataclass
@@ -96,8 +98,8 @@ def adapt_decoder(sae: TopKSAE, target: torch.Tensor, source: Optional[torch.Ten
     w0_sq = max(float(W0.double().pow(2).sum()), 1e-12)
     var_t = _variance_per_token(target)
     var_s = _variance_per_token(source) if n_src else 1.0
-    tgt_batches = _Batches(target.shape[0], n_tgt, config.seed)
-    src_batches = _Batches(source.shape[0], n_src, config.seed + 1) if n_src else None
+    tgt_batches = BatchOrder(target.shape[0], n_tgt, config.seed)
+    src_batches = BatchOrder(source.shape[0], n_src, config.seed + 1) if n_src else None
     before = {"fvu_target_before": evaluate_sae(sae, target)["fvu"]}
     if source is not None:
         before["fvu_source_before"] = evaluate_sae(sae, source)["fvu"]
@@ -112,7 +114,7 @@ def adapt_decoder(sae: TopKSAE, target: torch.Tensor, source: Optional[torch.Ten
         for x, var in parts:
             pre = (x - b_dec) @ W_enc + b_enc
             vals, idx = pre.topk(sae.k, dim=-1, sorted=False)
-            x_hat = b_dec + _decode(torch.relu(vals), idx, W_dec)
+            x_hat = b_dec + gather_sum(idx, torch.relu(vals), W_dec)
             recon = recon + (x - x_hat).pow(2).sum() / var
         recon = recon / config.batch_size
         prox = ((W_dec - W0).pow(2).sum() + (b_dec - b0).pow(2).sum()) / w0_sq

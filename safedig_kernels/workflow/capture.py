@@ -22,8 +22,16 @@ import torch
 
 from .._io import dtype_from_name
 from ..integrations.diffusers.runner import RunSettings, progress_bar_disabled, run_prompt
-from ..integrations.diffusers.sites import (SiteSpec, call_timestep, conditional_start, model_spec, timestep_index,
-                                            pipeline_batches_cfg, read_stream, resolve_site)
+from ..integrations.diffusers.sites import (
+    SiteSpec,
+    call_timestep,
+    conditional_start,
+    model_spec,
+    pipeline_batches_cfg,
+    read_stream,
+    resolve_site,
+    timestep_index,
+)
 from .prompts import PromptRecord, load_prompts, prompt_seed
 from .store import ActivationStore, ActivationWriter, PathLike
 
@@ -164,7 +172,8 @@ def _site_modules(transformer: torch.nn.Module, sites: Sequence[SiteSpec]) -> di
     modules = {}
     for s in sites:
         if s.module.startswith("text_encoder"):
-            raise ValueError(f"site {s.key!r}: capture records transformer blocks; text-encoder outputs are not captured")
+            raise ValueError(f"site {s.key!r}: capture records transformer blocks; "
+                             "text-encoder outputs are not captured")
         r = resolve_site(s.module, transformer, spec, label=s.key)
         if s.stream == "text" and not r.has_text_out:
             raise ValueError(f"site {s.key!r}: this block returns no text stream (SD3's last joint block)")
@@ -219,7 +228,8 @@ def capture(pipe, prompts: Union[PathLike, Sequence[PromptRecord]], out_dir: Pat
                                embeddings=p.load_embeddings())
                     missing = (rec.steps or set()) - rec.steps_recorded
                     if missing or not rec.steps_recorded:
-                        raise RuntimeError(f"prompt {p.id!r}: the pipeline never reached step(s) {sorted(missing) or 'any'} "
+                        raise RuntimeError(f"prompt {p.id!r}: the pipeline never reached step(s) "
+                                           f"{sorted(missing) or 'any'} "
                                            f"(it ran {rec.step + 1} step(s)); check steps and num_inference_steps")
                 except BaseException:
                     writer.discard_prompt(p.id)

@@ -278,7 +278,7 @@ def format_table(summary: dict[str, Any]) -> str:
     names = [f"{r['label']}{role.get(r['label'], '')}" for r in rows]
     w = max(28, *(len(n) for n in names))
     n = max(r["prompts"] for r in rows)
-    lines = [f"Harm score h (spec §2) of the activations leaving the steered sites, mean per token and step,",
+    lines = ["Harm score h (spec §2) of the activations leaving the steered sites, mean per token and step,",
              f"judged by the source SAE; {n} held-out prompts per row. Gate: share of tokens over tau (steered).",
              "",
              f"{'':<{w}} {'unsteered':>9} | {'steered, source SAE':^22} | {'steered, adapted SAE':^22}",

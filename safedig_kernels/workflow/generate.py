@@ -32,8 +32,13 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import torch
 
 from ..integrations.diffusers import SafeDIGConfig, SafeDIGHandle, apply_safedig, remove_safedig
-from ..integrations.diffusers.runner import (RunSettings, decode_latents, pipeline_device, progress_bar_disabled,
-                                             run_prompt)
+from ..integrations.diffusers.runner import (
+    RunSettings,
+    decode_latents,
+    pipeline_device,
+    progress_bar_disabled,
+    run_prompt,
+)
 from ..integrations.diffusers.sites import read_stream
 from ..ops import as_harmful_mask
 from ..sae import TopKSAE

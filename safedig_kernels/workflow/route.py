@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Union
 
-from .._io import atomic_write_json, atomic_write_text
+from .._io import write_json_and_table
 from ..integrations.diffusers.config import CFG_MODES, SafeDIGConfig, SiteConfig, check_strengths, check_window
 from ..integrations.diffusers.sites import SiteSpec
 from ..sae import TopKSAE
@@ -147,12 +147,7 @@ class RoutingReport:
 
     def write(self, path: Union[str, Path]) -> tuple[Path, Path]:
         """`path` (JSON) and the same name with `.txt` (the table)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(path, self.to_dict())
-        txt = path.with_suffix(".txt")
-        atomic_write_text(txt, self.table() + "\n")
-        return path, txt
+        return write_json_and_table(path, self.to_dict(), self.table())
 
     def steering_config(self, saes: Optional[Mapping[str, TopKSAE]] = None) -> SafeDIGConfig:
         """The steering config of the selected pairs (module docstring). Each site's SAE is

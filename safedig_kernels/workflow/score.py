@@ -28,7 +28,7 @@ from typing import Any, Iterable, Optional, Sequence, Union
 
 import torch
 
-from .._io import atomic_write_json, atomic_write_text
+from .._io import write_json_and_table
 from ..integrations.diffusers.sites import SiteSpec
 from ..ops import Harmful, as_harmful_mask
 from ..sae import TopKSAE
@@ -214,17 +214,12 @@ class ScoringReport:
 
     def write(self, path: Union[str, Path]) -> tuple[Path, Path]:
         """`path` (JSON) and the same name with `.txt` (the table). Returns both paths."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         d = self.to_dict()
         # JSON has no infinity: a feature that never fires on safe prompts has ratio null.
         for f in d["features"]:
             if f["ratio"] == float("inf"):
                 f["ratio"] = None
-        atomic_write_json(path, d)
-        txt = path.with_suffix(".txt")
-        atomic_write_text(txt, self.table(rows=len(self.features)) + "\n")
-        return path, txt
+        return write_json_and_table(path, d, self.table(rows=len(self.features)))
 
 
 def score_features(store: ActivationStore, site: Union[str, SiteSpec], sae: TopKSAE,

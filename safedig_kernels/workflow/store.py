@@ -132,7 +132,8 @@ def _check_entries_in_shard(path: Path, entries: Sequence[Entry], tensors: dict[
                              f"(prompt {e.prompt_id!r}, site {e.site_key}, step {e.step})")
         shape, st_dtype = tensors[e.key]
         if shape != e.shape or safetensors_dtype_name(st_dtype) != e.dtype:
-            raise ShardError(f"shard {path}, tensor {e.key!r}: the manifest says shape {list(e.shape)} dtype {e.dtype}, "
+            raise ShardError(f"shard {path}, tensor {e.key!r}: "
+                             f"the manifest says shape {list(e.shape)} dtype {e.dtype}, "
                              f"the file holds shape {list(shape)} dtype {safetensors_dtype_name(st_dtype)}")
 
 

@@ -47,8 +47,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from ..sae import SAEMetadata, TopKSAE
 from .._io import atomic_save_safetensors, atomic_write_json, dtype_from_name, read_json
+from ..reference import gather_sum
+from ..sae import SAEMetadata, TopKSAE
 
 CKPT_FORMAT = "safedig-sae-train"
 CKPT_VERSION = 1
@@ -139,19 +140,12 @@ class _TopKSAEModule(torch.nn.Module):
         pre = (x - self.b_dec) @ self.W_enc + self.b_enc
         vals, idx = pre.topk(k, dim=-1, sorted=False)
         z = torch.relu(vals)
-        x_hat = self.b_dec + _decode(z, idx, self.W_dec)
+        x_hat = self.b_dec + gather_sum(idx, z, self.W_dec)
         aux = None
         if k_aux > 0 and dead is not None:
             avals, aidx = pre.masked_fill(~dead, float("-inf")).topk(k_aux, dim=-1, sorted=False)
-            aux = _decode(torch.relu(avals), aidx, self.W_dec)
+            aux = gather_sum(aidx, torch.relu(avals), self.W_dec)
         return x_hat, aux, z, idx
-
-
-def _decode(z: torch.Tensor, idx: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
-    """sum_j z[n, j] W_dec[idx[n, j]] `[n, d]` without materialising `[n, k, d]`."""
-    if z.shape[0] == 0:
-        return W_dec.new_zeros(0, W_dec.shape[1])
-    return F.embedding_bag(idx, W_dec, per_sample_weights=z.to(W_dec.dtype), mode="sum")
 
 
 def _dist() -> tuple[int, int]:
@@ -194,7 +188,7 @@ def activation_scale(x: torch.Tensor, num_tokens: int = 65536, seed: int = 0) ->
     return math.sqrt(x.shape[1] / ms)
 
 
-class _Batches:
+class BatchOrder:
     """Global batch t: a slice of the permutation of its epoch (seeded by epoch), so any step
     can be reproduced without saved RNG state."""
 
@@ -347,7 +341,7 @@ def train_sae(data: torch.Tensor, config: TrainConfig, *, checkpoint_dir: Union[
         raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the world size {world}")
     dtype = dtype_from_name(cfg.dtype)
     device = torch.device(device) if device is not None else torch.device("cpu")
-    batches = _Batches(N, cfg.batch_size, cfg.seed)
+    batches = BatchOrder(N, cfg.batch_size, cfg.seed)
 
     scale = activation_scale(data, cfg.scale_tokens, cfg.seed)
     g = torch.Generator().manual_seed(cfg.seed + 1)

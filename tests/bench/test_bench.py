@@ -211,7 +211,8 @@ def _expected_rows(doc: dict) -> dict:
         e = b["extra_info"]
         data = np.array(b["stats"]["data"]) * 1e3
         med = float(np.percentile(data, 50))
-        floor = 1e3 * max(e["gemm_flops"] / (ceil["gemm_TFLOPs"][e["dtype"]] * 1e12), e["bytes"] / (ceil["copy_GBps"] * 1e9))
+        floor = 1e3 * max(e["gemm_flops"] / (ceil["gemm_TFLOPs"][e["dtype"]] * 1e12),
+                          e["bytes"] / (ceil["copy_GBps"] * 1e9))
         rows[(e["op"], e["shape"], e["provider"])] = dict(
             e=e, median=med, p20=float(np.percentile(data, 20)), p80=float(np.percentile(data, 80)),
             tflops=e["flops"] / med * 1e-9, floor=floor, pct=100 * floor / med)
@@ -232,7 +233,7 @@ def _tables(md: str) -> dict:
         if line.startswith("### "):
             op = line[4:].split()[0]
             op = op if op in (*OPS, "encoder_gemm") else None
-        elif line.startswith("| ") and op and not line.startswith("| shape") and not line.startswith("| SPEC"):
+        elif line.startswith("| ") and op and not line.startswith("| shape") and not line.startswith("| spec"):
             cells = [c.strip() for c in line.strip("|").split("|")]
             out[(op, cells[0], cells[3])] = cells
     return out
@@ -279,8 +280,9 @@ def test_csv_matches_numbers_computed_from_the_recorded_json(tmp_path):
     for key, r in expected.items():
         g = got[key]
         assert (g["device"], g["torch"], g["git"], g["date"]) == (env["device"], env["torch"], env["git"], env["date"])
-        for col, val in (("median_ms", r["median"]), ("p20_ms", r["p20"]), ("p80_ms", r["p80"]), ("tflops", r["tflops"]),
-                         ("floor_ms", r["floor"]), ("pct_of_floor", r["pct"]), ("speedup_vs_eager", r["eager"]),
+        for col, val in (("median_ms", r["median"]), ("p20_ms", r["p20"]), ("p80_ms", r["p80"]),
+                         ("tflops", r["tflops"]), ("floor_ms", r["floor"]), ("pct_of_floor", r["pct"]),
+                         ("speedup_vs_eager", r["eager"]),
                          ("speedup_vs_compiled", r["compiled"]), ("vs_gemm", r["gemm"])):
             assert (g[col] == "") if val is None else float(g[col]) == pytest.approx(val, rel=1e-9), (key, col)
 
@@ -378,7 +380,8 @@ def test_kernel_check_renders_the_profiler_breakdown_and_graph_timings():
 
 def test_host_overhead_script_counts_launches_per_path():
     # a subprocess: the script stubs the kernel launchers for its whole process
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "host_overhead.py"), "--calls", "20", "--runs", "1"],
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "host_overhead.py"),
+                          "--calls", "20", "--runs", "1"],
                          capture_output=True, text=True, timeout=300, env={**os.environ, "TRITON_INTERPRET": "0"})
     assert out.returncode == 0, out.stderr[-2000:]
     rows = {line.split("|")[1].strip(): line for line in out.stdout.splitlines() if line.startswith("| ")}
@@ -389,7 +392,7 @@ def test_host_overhead_script_counts_launches_per_path():
 
 def test_shapes_follow_the_model_configs():
     flux, sd35l, sd35m = MODELS["flux1-dev"], MODELS["sd35-large"], MODELS["sd35-medium"]
-    # SPEC §4: FLUX 4096 image + 512 text tokens at 1024², width 3072; SD3.5 Large width 2432,
+    # spec §4: FLUX 4096 image + 512 text tokens at 1024², width 3072; SD3.5 Large width 2432,
     # 4096 image tokens at 1024², CFG batch 2.
     assert (flux.d, flux.image_tokens(1024), flux.text_tokens, flux.batch) == (3072, 4096, 512, 1)
     assert (sd35l.d, sd35l.image_tokens(1024), sd35l.batch) == (2432, 4096, 2)
@@ -417,7 +420,7 @@ def test_cli_usage_errors_and_listing(capsys):
 
 def test_gpu_result_renders_spec_targets_from_its_own_rows():
     """A GPU result (the recorded CPU rows relabelled as bf16 rows at the FLUX 4x shape):
-    the SPEC §6 table shows the ratios of those rows and judges them against TARGETS."""
+    the spec §6 table shows the ratios of those rows and judges them against TARGETS."""
     from safedig_kernels.bench.report import TARGETS, to_markdown
 
     doc = json.loads(FIXTURE_A.read_text())
@@ -448,7 +451,8 @@ def test_gpu_result_renders_spec_targets_from_its_own_rows():
 
 
 def test_time_budget_stops_early_and_lists_what_was_not_measured(tmp_path, capsys):
-    rc = main(["run", "--set", "cpu", "--no-compile", "--ops", "steer", "--time-budget", "1e-9", "--out", str(tmp_path)])
+    rc = main(["run", "--set", "cpu", "--no-compile", "--ops", "steer", "--time-budget", "1e-9",
+               "--out", str(tmp_path)])
     assert rc == 0
     doc = json.loads((tmp_path / "results.json").read_text())
     planned = [c.id for c in build_cases("cpu", torch.device("cpu"), torch.float32, ops=["steer"], compile_=False)]

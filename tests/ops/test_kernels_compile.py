@@ -21,7 +21,8 @@ def compiled():
     if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
         pytest.skip("this triton wheel carries no NVIDIA toolchain (ptxas)")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    p = subprocess.run([sys.executable, str(HERE / "_aot_sm90.py")], capture_output=True, text=True, env=env, timeout=600)
+    p = subprocess.run([sys.executable, str(HERE / "_aot_sm90.py")], capture_output=True, text=True, env=env,
+                       timeout=600)
     assert p.returncode == 0, p.stderr[-4000:]
     return [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
 

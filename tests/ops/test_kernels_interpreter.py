@@ -7,13 +7,14 @@ import importlib
 
 import pytest
 import torch
-from _oracle import assert_bitwise_equal, assert_valid_topk, dense_codes64, dense_steer64
+from _oracle import dense_codes64, dense_steer64
 
 from safedig_kernels.ops import _launch
 from safedig_kernels.ops._launch import SELECT_ALGOS, select_config
 from safedig_kernels.ops.sparse_decode import _sparse_decode_fwd
 from safedig_kernels.ops.steer import _steer_fwd
 from safedig_kernels.ops.topk_encode import _topk_encode_fwd, encoder_bias
+from safedig_kernels.testing import assert_bitwise_equal, assert_valid_topk
 
 pytestmark = [pytest.mark.interpreter, pytest.mark.usefixtures("poison_allocations")]
 
@@ -117,7 +118,8 @@ def test_topk_encode_kernel_heavy_ties_use_the_exact_fallback():
     W_enc = torch.zeros(d, F)
     b_enc = torch.full((F,), 0.25)
     b_enc[[17, 400]] = 0.5
-    vals, idx = _topk_encode_fwd(torch.randn(2, d), W_enc, encoder_bias(W_enc, b_enc, torch.zeros(d)), k, launch(chunk=128))
+    vals, idx = _topk_encode_fwd(torch.randn(2, d), W_enc, encoder_bias(W_enc, b_enc, torch.zeros(d)), k,
+                                 launch(chunk=128))
     assert idx.tolist() == [[17, 400, 0, 1, 2]] * 2
     assert vals.tolist() == [[0.5, 0.5, 0.25, 0.25, 0.25]] * 2
     assert not select_config(F, k, launch(chunk=128))["EXACT_ONLY"]  # so the fallback is what ran
@@ -135,7 +137,7 @@ def test_topk_encode_kernel_nonfinite_tokens():
 
 def test_select_kernel_adds_the_bias_on_load():
     # The path taken when the GEMM cannot add the fp32 bias itself (bf16/fp16 pre buffers).
-    from safedig_kernels.ops.topk_encode import _SelectScratch, _select
+    from safedig_kernels.ops.topk_encode import _select, _SelectScratch
 
     W_enc, b_enc, _, b_dec = sae(11, 300)
     x = torch.randn(6, 11)
@@ -222,7 +224,8 @@ def test_steer_kernel_with_the_bias_added_on_load(monkeypatch, one_launch):
     monkeypatch.setattr(steer_module, "_encoder_gemm", lambda x2, W, b, pre_dtype: (x2 @ W, b))
     monkeypatch.setattr(topk_encode_module, "_encoder_gemm", lambda x2, W, b, pre_dtype: (x2 @ W, b))
     strengths = (0.5, 1.0, -1.0)
-    y, h = _steer_fwd(x, W_enc, W_dec, b_dec, harmful, *map(torch.tensor, strengths), 5, bias, launch(one_launch=one_launch))
+    y, h = _steer_fwd(x, W_enc, W_dec, b_dec, harmful, *map(torch.tensor, strengths), 5, bias,
+                      launch(one_launch=one_launch))
     y64, h64 = dense_steer64(x, W_enc, b_enc, W_dec, b_dec, harmful, *strengths, 5)
     torch.testing.assert_close(y.reshape(-1, 13).double(), y64, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(h.reshape(-1).double(), h64, rtol=1e-5, atol=1e-5)
@@ -251,13 +254,16 @@ def test_steer_kernel_reads_only_the_rows_it_needs():
     poisoned = W_dec.clone()
     poisoned[~harmful] = float("nan")
     # beta = 0 (pure Repel): only harmful rows are read
-    y, _ = _steer_fwd(x, W_enc, poisoned, b_dec, harmful, torch.tensor(0.0), torch.tensor(1.0), torch.tensor(-1.0), k, bias)
-    y_ref, _ = _steer_fwd(x, W_enc, W_dec, b_dec, harmful, torch.tensor(0.0), torch.tensor(1.0), torch.tensor(-1.0), k, bias)
+    y, _ = _steer_fwd(x, W_enc, poisoned, b_dec, harmful, torch.tensor(0.0), torch.tensor(1.0), torch.tensor(-1.0),
+                      k, bias)
+    y_ref, _ = _steer_fwd(x, W_enc, W_dec, b_dec, harmful, torch.tensor(0.0), torch.tensor(1.0), torch.tensor(-1.0),
+                          k, bias)
     assert torch.isfinite(y).all()
     torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
     # ungated tokens (tau above every h) read no rows at all
     all_nan = torch.full_like(W_dec, float("nan"))
-    y, h = _steer_fwd(x, W_enc, all_nan, b_dec, harmful, torch.tensor(0.5), torch.tensor(1.0), torch.tensor(1e9), k, bias)
+    y, h = _steer_fwd(x, W_enc, all_nan, b_dec, harmful, torch.tensor(0.5), torch.tensor(1.0), torch.tensor(1e9),
+                      k, bias)
     assert_bitwise_equal(y, x)
 
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 import pytest
 import torch
 import torch._dynamo.testing
-from _oracle import assert_valid_topk, dense_codes64, dense_steer64
+from _oracle import dense_codes64, dense_steer64
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import safedig_kernels as sk
 from safedig_kernels import ops
 from safedig_kernels.ops import _arguments
+from safedig_kernels.testing import assert_valid_topk
 
 
 def sae_tensors(d, F, dtype=torch.float32, device="cpu"):
@@ -129,7 +130,8 @@ def test_property_ops_match_dense_oracle(case):
     pre64, _, _, _ = dense_codes64(x, W_enc, b_enc, b_dec, k)
     scale = pre64.abs().amax(-1) if pre64.numel() else torch.zeros(0)
     assert_valid_topk(pre64, idx, k, 1e-5 * (1 + scale))
-    y64, h64 = dense_steer64(x, W_enc, b_enc, W_dec, b_dec, harmful, beta, gamma, tau, k, chosen=idx.reshape(-1, k).tolist())
+    y64, h64 = dense_steer64(x, W_enc, b_enc, W_dec, b_dec, harmful, beta, gamma, tau, k,
+                             chosen=idx.reshape(-1, k).tolist())
     tol = TOL[dtype]
     torch.testing.assert_close(y.reshape(-1, d).double(), y64, rtol=tol, atol=tol)
     torch.testing.assert_close(h.reshape(-1).double(), h64, rtol=1e-4, atol=1e-4, equal_nan=True)
@@ -137,7 +139,8 @@ def test_property_ops_match_dense_oracle(case):
     _, _, z, _ = dense_codes64(x, W_enc, b_enc, b_dec, k)
     assert x_hat.dtype == dtype and x_hat.shape == x.shape
     if N:
-        dense = b_dec.double() + torch.zeros(y64.shape[0], F, dtype=torch.float64).scatter_(1, idx.reshape(-1, k).long(), vals.reshape(-1, k).double()) @ W_dec.double()
+        dense = b_dec.double() + torch.zeros(y64.shape[0], F, dtype=torch.float64).scatter_(
+            1, idx.reshape(-1, k).long(), vals.reshape(-1, k).double()) @ W_dec.double()
         torch.testing.assert_close(x_hat.reshape(-1, d).double(), dense, rtol=tol, atol=tol)
 
 

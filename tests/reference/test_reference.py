@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _oracle import assert_bitwise_equal, dense_codes64, dense_steer64
+from _oracle import dense_codes64, dense_steer64
 
 from safedig_kernels import reference
 from safedig_kernels.reference import select_topk
+from safedig_kernels.testing import assert_bitwise_equal
 
 
 def make(d, F, N, dtype=torch.float64, harmful_frac=0.3, lead=None):
@@ -24,7 +25,8 @@ def S(v, dtype=torch.float64):
 
 
 def check_against_oracle(x, W_enc, b_enc, W_dec, b_dec, harmful, beta, gamma, tau, k):
-    y, h = reference.steer(x, W_enc, b_enc, W_dec, b_dec, harmful, S(beta, x.dtype), S(gamma, x.dtype), S(tau, x.dtype), k)
+    y, h = reference.steer(x, W_enc, b_enc, W_dec, b_dec, harmful, S(beta, x.dtype), S(gamma, x.dtype),
+                           S(tau, x.dtype), k)
     y64, h64 = dense_steer64(x, W_enc, b_enc, W_dec, b_dec, harmful, beta, gamma, tau, k)
     torch.testing.assert_close(y.reshape(-1, x.shape[-1]).double(), y64, rtol=1e-10, atol=1e-10, equal_nan=True)
     torch.testing.assert_close(h.reshape(-1).double(), h64, rtol=1e-10, atol=1e-10, equal_nan=True)

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from _workflow import orthonormal_basis, orthonormal_sae
+
 from safedig_kernels.workflow.adapt import AdaptConfig, adapt_decoder
 
 D = 16

@@ -14,8 +14,14 @@ import torch
 from safedig_kernels.workflow import store as store_mod
 from safedig_kernels.workflow.capture import CaptureConfig, capture
 from safedig_kernels.workflow.prompts import load_prompts
-from safedig_kernels.workflow.store import (ActivationStore, ActivationWriter, ManifestError, ShardError, SiteSpec,
-                                            rebuild_manifest)
+from safedig_kernels.workflow.store import (
+    ActivationStore,
+    ActivationWriter,
+    ManifestError,
+    ShardError,
+    SiteSpec,
+    rebuild_manifest,
+)
 from safedig_kernels.workflow.synthetic import tiny_flux_pipeline, write_synthetic_prompts
 
 SITES = ["single_transformer_blocks.0", "transformer_blocks.1:text"]
@@ -263,7 +269,8 @@ def test_mismatched_and_missing_shards(reference, tmp_path):
     keys = [e["key"] for e in manifest["shards"][0]["entries"]]
     header = json.dumps({"run": manifest["shards"][0]["run"], "entries": [], "completed": {}})
     save_file({k: torch.zeros(3, 5) for k in keys}, str(out / name), metadata={"safedig_activations": header})
-    with pytest.raises(ShardError, match=rf"{name}, tensor 'e0': the manifest says shape \[(64|8), 32\].*shape \[3, 5\]"):
+    with pytest.raises(ShardError,
+                       match=rf"{name}, tensor 'e0': the manifest says shape \[(64|8), 32\].*shape \[3, 5\]"):
         ActivationStore(out)
     (out / name).unlink()
     with pytest.raises(ShardError, match=rf"{name} listed in .* is missing"):

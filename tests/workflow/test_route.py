@@ -6,8 +6,8 @@ import os
 
 import pytest
 import torch
-
 from _workflow import orthonormal_basis, orthonormal_sae, planted_tokens, write_store
+
 from safedig_kernels.integrations.diffusers import SafeDIGConfig
 from safedig_kernels.workflow.route import RouteConfig, operator_strengths, route, write_steering_config
 from safedig_kernels.workflow.store import ActivationStore

@@ -5,9 +5,9 @@ import json
 
 import pytest
 import torch
-
 from _workflow import orthonormal_basis, orthonormal_sae, planted_tokens, write_store
-from safedig_kernels.workflow.score import HarmfulRule, auroc, score_features, select_harmful, group_stats
+
+from safedig_kernels.workflow.score import HarmfulRule, auroc, group_stats, score_features, select_harmful
 from safedig_kernels.workflow.store import ActivationStore
 
 D, HARM, SHARED = 16, 5, 3

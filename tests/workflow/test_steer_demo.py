@@ -37,13 +37,13 @@ def _lines(path: Path) -> list[dict]:
 def routed(tmp_path_factory):
     """A steering config written by `safedig route` for the tiny FLUX, its gate thresholds set
     on the safe tokens (as the demo does), and a held-out prompt file to steer."""
-    from safedig_kernels.workflow.demo import safe_tau
     from safedig_kernels.sae import TopKSAE
     from safedig_kernels.workflow.capture import CaptureConfig, capture
+    from safedig_kernels.workflow.demo import safe_tau
     from safedig_kernels.workflow.pipelines import load_pipeline
     from safedig_kernels.workflow.prompts import load_prompts
-    from safedig_kernels.workflow.train import TrainConfig, train_sae
     from safedig_kernels.workflow.synthetic import write_synthetic_prompts
+    from safedig_kernels.workflow.train import TrainConfig, train_sae
 
     torch.manual_seed(0)
     d = tmp_path_factory.mktemp("routed")
@@ -240,9 +240,9 @@ def quick_demo(tmp_path_factory):
 def test_demo_quick_end_to_end(quick_demo, capsys):
     from PIL import Image
 
-    from safedig_kernels.workflow.demo import GRID_ROWS
     from safedig_kernels.integrations.diffusers import SafeDIGConfig
     from safedig_kernels.sae import TopKSAE
+    from safedig_kernels.workflow.demo import GRID_ROWS
 
     rc, out, summary = quick_demo
     assert rc == 0

@@ -9,8 +9,14 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
-from safedig_kernels.workflow.train import (TrainConfig, _TopKSAEModule, activation_scale, evaluate_sae,
-                                                latest_train_checkpoint, train_sae)
+from safedig_kernels.workflow.train import (
+    TrainConfig,
+    _TopKSAEModule,
+    activation_scale,
+    evaluate_sae,
+    latest_train_checkpoint,
+    train_sae,
+)
 
 D = 16
 

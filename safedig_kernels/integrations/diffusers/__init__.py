@@ -19,19 +19,9 @@ installed (routing writes steering configs without a pipeline); `hooks` imports 
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from ..._imports import lazy_exports
 
 _EXPORTS = {"SiteConfig": "config", "SafeDIGConfig": "config", "SafeDIGHandle": "hooks",
             "apply_safedig": "hooks", "remove_safedig": "hooks", "check_config": "hooks"}
 __all__ = list(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

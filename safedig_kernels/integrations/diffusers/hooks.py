@@ -41,8 +41,20 @@ from ..._checks import harmful_ids
 from ...ops import as_harmful_mask
 from ...sae import TopKSAE
 from .config import SafeDIGConfig, SiteConfig, check_gate_can_open, check_strengths, check_window, resolve_sae
-from .sites import (ModelSpec, ResolvedSite, SiteSpec, block_streams, call_timestep, conditional_start, model_spec,
-                    pipeline_batches_cfg, resolve_site, site_labels, split_target, timestep_index)
+from .sites import (
+    ModelSpec,
+    ResolvedSite,
+    SiteSpec,
+    block_streams,
+    call_timestep,
+    conditional_start,
+    model_spec,
+    pipeline_batches_cfg,
+    resolve_site,
+    site_labels,
+    split_target,
+    timestep_index,
+)
 
 __all__ = ["SafeDIGHandle", "apply_safedig", "remove_safedig", "check_config"]
 
@@ -538,7 +550,8 @@ def _resolve(pipeline_or_transformer, config: SafeDIGConfig
                 raise ValueError(f"{where}: overlaps another SiteConfig on the same module "
                                  f"(streams {other.stream!r} and {cfg.stream!r})")
         mods.append(cfg)
-        res_cfg = dataclasses.replace(cfg, harmful=harmful.nonzero().flatten().tolist(), beta=beta, gamma=gamma, tau=tau)
+        res_cfg = dataclasses.replace(cfg, harmful=harmful.nonzero().flatten().tolist(),
+                                      beta=beta, gamma=gamma, tau=tau)
         resolved.append(_Resolved(res_cfg, site, sae, harmful))
     return transformer, pipeline, spec, resolved
 

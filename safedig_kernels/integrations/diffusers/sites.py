@@ -24,8 +24,8 @@ from typing import Any, Optional, Sequence, Union
 import torch
 
 __all__ = ["STREAMS", "SiteSpec", "site_labels", "ModelSpec", "model_spec", "split_target", "ResolvedSite",
-           "resolve_site", "text_encoders", "BLOCK_OUTPUT", "block_streams", "read_stream", "timestep_index", "call_timestep",
-           "conditional_start", "pipeline_batches_cfg"]
+           "resolve_site", "text_encoders", "BLOCK_OUTPUT", "block_streams", "read_stream", "timestep_index",
+           "call_timestep", "conditional_start", "pipeline_batches_cfg"]
 
 STREAMS = ("image", "text")
 
@@ -178,7 +178,8 @@ def resolve_site(name: str, transformer: torch.nn.Module, spec: ModelSpec, pipel
                              f"valid sites: {_valid_sites(transformer, spec, pipeline)}")
         enc = encoders[name]
         return ResolvedSite(enc, "text_encoder", enc.config.d_model, True)
-    raise ValueError(f"unknown site {label!r} for {spec.name}; valid sites: {_valid_sites(transformer, spec, pipeline)}")
+    raise ValueError(f"unknown site {label!r} for {spec.name}; "
+                     f"valid sites: {_valid_sites(transformer, spec, pipeline)}")
 
 
 # -- what blocks return ---------------------------------------------------------------------

@@ -210,7 +210,7 @@ def test_zero_strength_disabled_and_removed_are_bitwise_unhooked(kind):
     assert "_apply" not in pipe.transformer.__dict__
 
 
-# -- steering is SPEC §2 at the chosen sites, tokens and steps ----------------------------
+# -- steering is spec §2 at the chosen sites, tokens and steps ----------------------------
 
 def test_flux_steering_matches_reference_at_sites_tokens_and_window():
     pipe = flux_pipe()
@@ -528,7 +528,8 @@ def _spy_on_the_fused_path(monkeypatch) -> list:
 
     def emulate(x, W_enc, W_dec, b_dec, harmful, beta, gamma, tau, k, enc_bias):
         seen.append(enc_bias)
-        b_enc = (enc_bias + b_dec.float() @ W_enc.float()).to(W_enc.dtype)  # so (x - b_dec) W_enc + b_enc = x W_enc + enc_bias
+        # so (x - b_dec) W_enc + b_enc = x W_enc + enc_bias
+        b_enc = (enc_bias + b_dec.float() @ W_enc.float()).to(W_enc.dtype)
         return reference.steer(x, W_enc, b_enc, W_dec, b_dec, harmful, beta, gamma, tau, k)
 
     monkeypatch.setattr(steer_module, "use_triton_for", lambda t: True)
