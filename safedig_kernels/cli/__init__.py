@@ -45,7 +45,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.fn(args)
+    except ModuleNotFoundError as e:
+        if e.name not in _WORKFLOW_MODULES:
+            raise
+        # The kernel library installs light; the workflow's pipeline libraries are an extra.
+        print(f"safedig {args.command}: error: this command needs {e.name!r}, which comes with the workflow "
+              f"extra: pip install 'safedig-kernels[workflow]'", file=sys.stderr)
+        return 2
     except (ValueError, OSError) as e:
         # Bad input is reported as one line naming what was wrong, not a traceback.
         print(f"safedig {args.command}: error: {e}", file=sys.stderr)
         return 2
+
+
+# Top-level modules the [workflow] extra installs (pyproject.toml).
+_WORKFLOW_MODULES = ("diffusers", "transformers", "PIL", "tqdm")
