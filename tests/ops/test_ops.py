@@ -233,6 +233,43 @@ def test_steer_bad_arguments(arg, mutate, exc, name):
         ops.steer(**a)
 
 
+@pytest.mark.parametrize("call", ["ops.steer", "TopKSAE.steer", "torch.ops.safedig.steer"])
+def test_each_call_checks_its_arguments_once(monkeypatch, call):
+    # The op checks its contract (eager body and fake kernel share the check); the wrappers only
+    # convert Python values, and the reference the op falls back to trusts its arguments.
+    import importlib
+
+    from safedig_kernels import _checks
+
+    steer_module = importlib.import_module("safedig_kernels.ops.steer")
+    calls = []
+    real = _checks.check_steer
+    monkeypatch.setattr(steer_module, "check_steer", lambda *a, **k: calls.append(1) or real(*a, **k))
+    sae = sk.random_sae(8, 20, 3, harmful=[1, 2])
+    x = torch.randn(4, 8)
+    if call == "ops.steer":
+        ops.steer(x, sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, [1, 2], 0.5, 1.0, -1.0, 3)
+    elif call == "TopKSAE.steer":
+        sae.steer(x, beta=0.5, gamma=1.0, tau=-1.0)
+    else:
+        torch.ops.safedig.steer(x, sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, sae.harmful_mask, sae.beta,
+                                sae.gamma, sae.tau, 3)
+    assert len(calls) == 1
+
+
+def test_raw_op_rejects_bad_arguments_by_name():
+    # No wrapper in front: the op's own check names the argument (eager and under the fake kernel).
+    sae = sk.random_sae(8, 20, 3)
+    args = [torch.randn(4, 8), sae.W_enc, sae.b_enc, sae.W_dec[:, :5], sae.b_dec, sae.harmful_mask, sae.beta,
+            sae.gamma, sae.tau, 3]
+    with pytest.raises(ValueError, match="W_dec"):
+        torch.ops.safedig.steer(*args)
+    with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+        fake = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+        with pytest.raises(ValueError, match="W_dec"):
+            torch.ops.safedig.steer(*fake)
+
+
 def test_steer_k_over_256_rejected():
     a = _good(F=300)
     a["k"] = 257
