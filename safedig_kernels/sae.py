@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 import torch
 
 from . import checkpoints, ops, reference
-from ._checks import check_sae_tensors, check_steer, check_steer_types
+from ._checks import check_sae_tensors, check_steer, check_tensor
 from .checkpoints import FORMAT_VERSION, SAEMetadata, SAEWeights
 from .ops import Harmful, Strength, as_harmful_mask, encoder_bias, harmful_for_call, strength_for_call
 
@@ -130,11 +130,11 @@ class TopKSAE(torch.nn.Module):
         g = self.gamma if gamma is None else strength_for_call(gamma, "gamma", dev)
         t = self.tau if tau is None else strength_for_call(tau, "tau", dev)
         tensors = (self.W_enc, self.b_enc, self.W_dec, self.b_dec)
-        if fused:
-            return ops.steer(x, *tensors, mask, b, g, t, self.k,
-                             enc_bias=enc_bias if enc_bias is not None else self._bias_for(x))
+        check_tensor(x, "x")  # the rest are this SAE's own tensors, or made so above
+        if fused:  # the op checks its contract itself
+            enc_bias = enc_bias if enc_bias is not None else self._bias_for(x)
+            return torch.ops.safedig.steer(x, *tensors, mask, b, g, t, self.k, enc_bias)
         if not torch.compiler.is_compiling():  # traced, the reference's own shape errors apply
-            check_steer_types(x, *tensors, self.k)
             check_steer(x, *tensors, mask, b, g, t, self.k, allow_float64=True)
         return reference.steer(x, *tensors, mask, b, g, t, self.k)
 
