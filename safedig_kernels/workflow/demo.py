@@ -17,7 +17,7 @@ On the default (`--model tiny-flux`) everything is made in code, seeded, and run
    1 - tau_quantile of safe tokens are steered;
 6. **adapt** each selected SAE's decoder to the target with the encoder frozen (`adapt_decoder`);
 7. **steer** the held-out prompts with the routed config (source SAEs) and the adapted one
-   (`steering.generate`), each against the unsteered run from the same noise, and time a
+   (`generate`), each against the unsteered run from the same noise, and time a
    denoising step with and without steering.
 
 Every number in the table comes from this run. The harm score is spec §2's `h` of the tokens

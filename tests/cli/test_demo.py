@@ -54,7 +54,7 @@ def test_demo_quick_end_to_end(quick_demo, capsys):
     assert t["calls_timed"] == summary["config"]["timing_repeats"] * summary["config"]["num_inference_steps"]
 
     with Image.open(out / "grid.png") as grid:
-        scale = -(-128 // summary["config"]["height"])  # steering.generate.image_scale
+        scale = -(-128 // summary["config"]["height"])  # workflow.report.image_scale
         assert grid.height >= 3 * GRID_ROWS * summary["config"]["height"] * scale
         assert grid.width >= 4 * summary["config"]["width"] * scale  # unsteered | source | adapted | diff
     assert Path(summary["files"]["grid"]) == out / "grid.png"
