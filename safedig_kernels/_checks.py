@@ -256,11 +256,43 @@ def check_sae_tensors(W_enc, b_enc, W_dec, b_dec, k) -> None:
 
 # -- Python values on their way into tensors ----------------------------------------------
 
+# The one rule for strengths and thresholds, at every entrance (per-call arguments, setters,
+# configs, checkpoint metadata): finite as the float32 buffer holds them (1e39 is finite in
+# Python but inf in float32, and an inf tau steers nothing), beta in [0, 1] (spec §2's Blend
+# strength), gamma and tau any finite value (tau < 0 steers every token).
+BETA_RANGE = (0.0, 1.0)
+STRENGTH_NAMES = ("beta", "gamma", "tau")
+
+
 def finite_number(value: Any, name: str) -> float:
-    """A strength or threshold given as a Python number."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    """A Python number (not a bool) as a float; no range check."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a float or a 0-d tensor, got {type(value).__name__}")
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:
+        raise ValueError(f"{name} must be a finite float, got {value!r}") from None
+
+
+def strength(value: Any, name: str, label: Optional[str] = None) -> float:
+    """`value` checked as strength `name` ("beta", "gamma" or "tau") by the one rule above;
+    errors call it `label` (default `name`)."""
+    label = label or name
+    v = finite_number(value, label)
+    as_float32 = float(torch.tensor(v, dtype=torch.float32))
+    if not math.isfinite(as_float32):
+        raise ValueError(f"{label} must be finite (as float32, the dtype it is held in), got {value!r}")
+    if name == "beta" and not BETA_RANGE[0] <= v <= BETA_RANGE[1]:
+        raise ValueError(f"{label} must lie in [0, 1] (Blend strength, spec §2), got {v}")
+    return v
+
+
+def strength_tensor(t: torch.Tensor, name: str) -> None:
+    """A strength given as a tensor, checked by the same rule where that needs no device sync:
+    a 0-d CPU float tensor's value. A CUDA tensor's value is the caller's to keep in range
+    (reading it would stall the stream); its shape, dtype and device are the op's to check."""
+    if t.device.type == "cpu" and t.dim() == 0 and t.dtype.is_floating_point and not torch.compiler.is_compiling():
+        strength(t.item(), name)
 
 
 def harmful_ids(ids: Any, F: Optional[int] = None, name: str = "harmful") -> list[int]:
@@ -270,8 +302,9 @@ def harmful_ids(ids: Any, F: Optional[int] = None, name: str = "harmful") -> lis
     if hasattr(ids, "__array__") and not isinstance(ids, torch.Tensor):  # numpy arrays
         ids = torch.as_tensor(ids)
     if isinstance(ids, torch.Tensor):
-        if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
-            raise TypeError(f"{name} ids must be integers, got a tensor of dtype {ids.dtype}")
+        if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype in (torch.bool, torch.uint8):
+            raise TypeError(f"{name} ids must be an integer tensor (not bool or uint8, which read as masks), "
+                            f"got dtype {ids.dtype}")
         if ids.dim() != 1:
             raise ValueError(f"{name} ids must be a 1-D sequence of feature ids, got shape {_shape(ids)}")
         ids = ids.tolist()
@@ -291,11 +324,6 @@ def harmful_ids(ids: Any, F: Optional[int] = None, name: str = "harmful") -> lis
     return out
 
 
-def finite_or_none(value: Any, name: str) -> Optional[float]:
-    """`None`, or a finite Python number (config fields)."""
-    if value is None:
-        return None
-    v = finite_number(value, name)
-    if not math.isfinite(v):
-        raise ValueError(f"{name} must be finite, got {v}")
-    return v
+def strength_or_none(value: Any, name: str, label: Optional[str] = None) -> Optional[float]:
+    """`None` (a config's "use the SAE's default"), or a strength checked by the one rule."""
+    return None if value is None else strength(value, name, label)

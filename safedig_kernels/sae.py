@@ -4,6 +4,16 @@ Weights are buffers, so `.to(device, dtype)` moves them like any module; strengt
 harmful mask are device tensors changed in place, so a compiled graph that reads them never
 recompiles when they change. Files are read and written through the format layer
 (`checkpoints`), which returns `SAEWeights`; `TopKSAE.load` builds the module from them.
+
+Fail closed: weights must be finite when the SAE is built or loaded into (a NaN weight turns
+every code NaN, and the op then returns the activations unsteered); strengths follow the one
+rule of `_checks.strength` and stay float32 whatever dtype the weights are moved to.
+
+Threads: `set_strengths` writes the three strengths as one buffer with one copy, and
+`set_harmful` the mask with one copy, so a steering call sees each update whole. On CUDA the
+copy and the kernels that read the buffers are ordered on the current stream: update on the
+stream you steer on (or synchronize). On the CPU each call reads the strengths once, at its
+start.
 """
 from __future__ import annotations
 
@@ -13,7 +23,7 @@ from typing import Optional, Sequence
 import torch
 
 from . import checkpoints, ops, reference
-from ._checks import check_sae_tensors, check_steer, check_tensor
+from ._checks import STRENGTH_NAMES, check_sae_tensors, check_steer, check_tensor, strength
 from .checkpoints import FORMAT_VERSION, SAEMetadata, SAEWeights
 from .ops import Harmful, Strength, as_harmful_mask, encoder_bias, harmful_for_call, strength_for_call
 
@@ -49,11 +59,49 @@ class TopKSAE(torch.nn.Module):
         self.register_buffer("W_dec", W_dec.detach().clone())
         self.register_buffer("b_dec", b_dec.detach().clone())
         self.register_buffer("harmful_mask", as_harmful_mask(metadata.harmful_features, F, W_enc.device))
-        self.register_buffer("beta", torch.tensor(float(metadata.beta), device=W_enc.device))
-        self.register_buffer("gamma", torch.tensor(float(metadata.gamma), device=W_enc.device))
-        self.register_buffer("tau", torch.tensor(float(metadata.tau), device=W_enc.device))
+        values = [strength(getattr(metadata, n), n, f"metadata.{n}") for n in STRENGTH_NAMES]
+        # beta, gamma, tau in one float32 buffer: one copy updates them together (threads)
+        self.register_buffer("strengths", torch.tensor(values, dtype=torch.float32, device=W_enc.device))
         self._enc_bias_key: Optional[tuple] = None
         self._enc_bias: Optional[torch.Tensor] = None
+        self.check_finite()
+
+    def check_finite(self) -> None:
+        """Refuse non-finite weights (a device sync: call it when weights arrive, not per step).
+        A NaN weight makes every code NaN, and the op returns such tokens unsteered."""
+        for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+            bad = ~torch.isfinite(getattr(self, name))
+            if bool(bad.any()):
+                first = tuple(int(i) for i in bad.nonzero()[0])
+                raise ValueError(f"TopKSAE.{name} holds {int(bad.sum())} non-finite value(s) (NaN or Inf), first at "
+                                 f"index {first}; a non-finite weight would leave every token unsteered")
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        self.check_finite()
+        return result
+
+    def _apply(self, fn, recurse=True):
+        # `.to(torch.float16)` would cast the strengths too (tau = 1e5 becomes inf, 0.1 becomes
+        # 0.10009765625): they stay float32, moved to wherever the weights went.
+        before = self.strengths
+        out = super()._apply(fn, recurse)
+        if self.strengths.dtype != torch.float32:
+            self.strengths = before.to(device=self.strengths.device, dtype=torch.float32)
+        return out
+
+    # beta, gamma, tau: 0-d views of the strengths buffer (change them with set_strengths)
+    @property
+    def beta(self) -> torch.Tensor:
+        return self.strengths[0]
+
+    @property
+    def gamma(self) -> torch.Tensor:
+        return self.strengths[1]
+
+    @property
+    def tau(self) -> torch.Tensor:
+        return self.strengths[2]
 
     @classmethod
     def from_weights(cls, weights: SAEWeights) -> "TopKSAE":
@@ -89,11 +137,16 @@ class TopKSAE(torch.nn.Module):
 
     def set_strengths(self, beta: Optional[float] = None, gamma: Optional[float] = None,
                       tau: Optional[float] = None) -> None:
-        """Change default strengths in place; compiled graphs reading them do not recompile."""
-        for name, value in (("beta", beta), ("gamma", gamma), ("tau", tau)):
-            if value is not None:
-                getattr(self, name).fill_(float(value))
-                setattr(self.metadata, name, float(value))
+        """Change default strengths in place; compiled graphs reading them do not recompile.
+        All are checked before any changes, and the three are written with one copy."""
+        given = dict(zip(STRENGTH_NAMES, (beta, gamma, tau)))
+        new = {n: strength(v, n) for n, v in given.items() if v is not None}
+        if not new:
+            return
+        row = [new.get(n, float(getattr(self.metadata, n))) for n in STRENGTH_NAMES]
+        self.strengths.copy_(torch.tensor(row, dtype=torch.float32))
+        for n, v in new.items():
+            setattr(self.metadata, n, v)
 
     def enc_bias(self) -> torch.Tensor:
         """Cached `b_enc - b_dec @ W_enc` (fp32 `[F]`), recomputed when a weight changes."""
@@ -126,9 +179,13 @@ class TopKSAE(torch.nn.Module):
         baseline benchmarks compare against)."""
         dev = self.device
         mask = self.harmful_mask if harmful is None else harmful_for_call(harmful, self.num_features, dev)
-        b = self.beta if beta is None else strength_for_call(beta, "beta", dev)
-        g = self.gamma if gamma is None else strength_for_call(gamma, "gamma", dev)
-        t = self.tau if tau is None else strength_for_call(tau, "tau", dev)
+        own = self.strengths
+        if own.device.type == "cpu" and not torch.compiler.is_compiling():
+            own = own.clone()  # one read of all three: a concurrent set_strengths is seen whole or not at all
+        own_b, own_g, own_t = own.unbind()
+        b = own_b if beta is None else strength_for_call(beta, "beta", dev)
+        g = own_g if gamma is None else strength_for_call(gamma, "gamma", dev)
+        t = own_t if tau is None else strength_for_call(tau, "tau", dev)
         tensors = (self.W_enc, self.b_enc, self.W_dec, self.b_dec)
         check_tensor(x, "x")  # the rest are this SAE's own tensors, or made so above
         if fused:  # the op checks its contract itself

@@ -12,7 +12,7 @@ from typing import Sequence, Union
 
 import torch
 
-from .._checks import check_harmful_mask, finite_number, harmful_ids
+from .._checks import check_harmful_mask, harmful_ids, strength, strength_tensor
 
 Strength = Union[float, int, torch.Tensor]
 Harmful = Union[torch.Tensor, Sequence[int]]
@@ -21,18 +21,33 @@ __all__ = ["Strength", "Harmful", "as_strength", "as_harmful_mask", "strength_fo
 
 
 def as_strength(value: Strength, name: str, device: torch.device) -> torch.Tensor:
-    """A 0-d float32 tensor on `device` for a Python number; a tensor is passed on as it is
-    (the op checks it)."""
+    """A 0-d float32 tensor on `device` for a Python number, checked by the one rule for
+    strengths (`_checks.strength`: finite in float32, beta in [0, 1]); a tensor is passed on as
+    it is, its value checked where that needs no sync (`_checks.strength_tensor`)."""
     if isinstance(value, torch.Tensor):
+        strength_tensor(value, name)
         return value
-    return torch.tensor(finite_number(value, name), dtype=torch.float32, device=device)
+    return torch.tensor(strength(value, name), dtype=torch.float32, device=device)
 
 
 def as_harmful_mask(harmful: Harmful, F: int, device: torch.device) -> torch.Tensor:
-    """A bool mask `[F]` on `device` from a bool mask or from feature ids in [0, F)."""
-    if isinstance(harmful, torch.Tensor) and harmful.dtype == torch.bool:
-        check_harmful_mask(harmful, F, device)
-        return harmful
+    """A bool mask `[F]` on `device` from a bool mask (a tensor, a numpy array or a sequence of
+    F Python bools) or from integer feature ids in [0, F). A uint8 tensor is refused: torch
+    has used it for masks, so it could mean either."""
+    if hasattr(harmful, "__array__") and not isinstance(harmful, torch.Tensor):  # numpy
+        harmful = torch.as_tensor(harmful)
+    if isinstance(harmful, torch.Tensor):
+        if harmful.dtype == torch.bool:
+            check_harmful_mask(harmful, F, device)
+            return harmful
+        if harmful.dtype == torch.uint8:
+            raise TypeError(f"harmful: a uint8 tensor could be a mask or feature ids; pass a torch.bool mask of "
+                            f"shape [F] = [{F}] or int64 ids")
+    elif isinstance(harmful, (list, tuple)) and harmful and all(isinstance(j, bool) for j in harmful):
+        if len(harmful) != F:
+            raise ValueError(f"harmful: a sequence of bools is a mask and must have F = {F} entries, "
+                             f"got {len(harmful)}")
+        return torch.tensor(harmful, dtype=torch.bool, device=device)
     mask = torch.zeros(F, dtype=torch.bool)
     mask[harmful_ids(harmful, F)] = True
     return mask.to(device)
@@ -54,7 +69,9 @@ def _call_constant(key, make) -> torch.Tensor:
 def strength_for_call(value: Strength, name: str, device: torch.device) -> torch.Tensor:
     """`as_strength` for an argument of one call: a Python number's tensor is cached (read-only)."""
     if isinstance(value, (int, float)) and not isinstance(value, bool) and not torch.compiler.is_compiling():
-        return _call_constant(("strength", float(value).hex(), device), lambda: as_strength(value, name, device))
+        # keyed by name (beta has a range of its own) and exact value (-0.0 is not 0.0); checked on a miss
+        exact = value if isinstance(value, int) else value.hex()
+        return _call_constant(("strength", name, exact, device), lambda: as_strength(value, name, device))
     return as_strength(value, name, device)  # tensors pass through; bad values get its error
 
 
@@ -63,10 +80,10 @@ def harmful_for_call(harmful: Harmful, F: int, device: torch.device) -> torch.Te
     it), the mask of an id sequence is cached (read-only)."""
     if isinstance(harmful, torch.Tensor) and harmful.dtype == torch.bool:
         return harmful
-    if isinstance(harmful, torch.Tensor) or torch.compiler.is_compiling():
-        return as_harmful_mask(harmful, F, device)
+    if not isinstance(harmful, (list, tuple)) or torch.compiler.is_compiling():
+        return as_harmful_mask(harmful, F, device)  # the cache is for the id lists calls repeat
     try:
-        key = ("harmful", F, device, tuple(harmful))
+        key = ("harmful", F, device, tuple((type(j), j) for j in harmful))  # [1.0] is not [1]
         hash(key)
     except TypeError:  # not a sequence of hashable ids: let as_harmful_mask say what is wrong
         return as_harmful_mask(harmful, F, device)

@@ -1,0 +1,240 @@
+"""The bad-input catalogue: one case per class of bad input a careless or hostile user tried,
+each refused where the value enters, with the exception type and a message naming the argument.
+
+Classes (the fail-closed issue): strengths, harmful sets, SAE weights in memory, the SAE's site,
+handles, threads. Files, checkpoints, stores and CLI outputs are pinned next to their readers
+(tests/test_io.py, tests/test_checkpoints.py, tests/workflow, tests/cli); the classes that were
+already handled keep their own tests (tests/ops/test_ops.py `BAD_STEER`, the integration's
+`test_fail_closed`), and a few of them are repeated here so the catalogue reads whole.
+"""
+from __future__ import annotations
+
+import math
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+import safedig_kernels as sk
+from safedig_kernels import ops
+
+D, F, K = 8, 20, 3
+
+
+def _sae(**meta) -> sk.TopKSAE:
+    s = sk.random_sae(D, F, K, harmful=[1, 2], seed=0)
+    for name, value in meta.items():
+        setattr(s.metadata, name, value)
+    return s
+
+
+def _x() -> torch.Tensor:
+    return torch.randn(4, D)
+
+
+def _steer(**kw):
+    return lambda: _sae().steer(_x(), **{"tau": -1.0, **kw})
+
+
+def _op(**kw):
+    s = _sae()
+    args = dict(harmful=[1, 2], beta=0.5, gamma=1.0, tau=-1.0)
+    args.update(kw)
+    return lambda: ops.steer(_x(), s.W_enc, s.b_enc, s.W_dec, s.b_dec, k=K, **args)
+
+
+def _set_strengths(**kw):
+    return lambda: _sae().set_strengths(**kw)
+
+
+def _with_weight(name: str, value: float):
+    def make():
+        s = _sae()
+        w = {n: getattr(s, n).clone() for n in ("W_enc", "b_enc", "W_dec", "b_dec")}
+        w[name].view(-1)[3] = value
+        return sk.TopKSAE(w["W_enc"], w["b_enc"], w["W_dec"], w["b_dec"], k=K)
+    return make
+
+
+def _load_state(name: str):
+    def make():
+        s = _sae()
+        state = s.state_dict()
+        state[name] = state[name].clone()
+        state[name].view(-1)[0] = float("nan")
+        s.load_state_dict(state)
+    return make
+
+
+CASES = [
+    # 1. strengths: finite as float32, beta in [0, 1], at every entrance
+    ("strength/steer-beta-nan", _steer(beta=float("nan")), ValueError, "beta"),
+    ("strength/steer-tau-nan", _steer(tau=float("nan")), ValueError, "tau"),
+    ("strength/steer-tau-1e39", _steer(tau=1e39), ValueError, "tau must be finite"),
+    ("strength/steer-gamma-inf", _steer(gamma=float("inf")), ValueError, "gamma"),
+    ("strength/steer-beta-5", _steer(beta=5.0), ValueError, r"beta must lie in \[0, 1\]"),
+    ("strength/steer-beta-negative", _steer(beta=-1.0), ValueError, r"beta must lie in \[0, 1\]"),
+    ("strength/steer-huge-int", _steer(gamma=10 ** 400), ValueError, "gamma"),
+    ("strength/steer-string", _steer(gamma="1"), TypeError, "gamma"),
+    ("strength/steer-cpu-tensor-nan", _steer(tau=torch.tensor(float("nan"))), ValueError, "tau"),
+    ("strength/op-beta-2", _op(beta=2.0), ValueError, "beta"),
+    ("strength/op-tau-1e39", _op(tau=1e39), ValueError, "tau"),
+    ("strength/set_strengths-tau-nan", _set_strengths(tau=float("nan")), ValueError, "tau"),
+    ("strength/set_strengths-beta-1.5", _set_strengths(beta=1.5), ValueError, "beta"),
+    ("strength/metadata-tau-inf", lambda: sk.TopKSAE(*_weights(), k=K, metadata=_meta(tau=float("inf"))),
+     ValueError, "metadata.tau"),
+    ("strength/metadata-beta-3", lambda: sk.TopKSAE(*_weights(), k=K, metadata=_meta(beta=3.0)),
+     ValueError, "metadata.beta"),
+    # 2. harmful sets: integer ids or a bool mask, read as what they are
+    ("harmful/float-ids", _steer(harmful=[1.9, 3.99]), TypeError, "harmful"),
+    ("harmful/uint8-mask", _steer(harmful=torch.ones(F, dtype=torch.uint8)), TypeError, "harmful"),
+    ("harmful/bool-list-wrong-length", _steer(harmful=[True] * (F - 1)), ValueError, "harmful"),
+    ("harmful/string", _steer(harmful="1,2"), TypeError, "harmful"),
+    ("harmful/set", _steer(harmful={1, 2}), TypeError, "harmful"),
+    ("harmful/overflowing-int", _steer(harmful=[2 ** 70]), ValueError, "harmful"),
+    ("harmful/out-of-range", _steer(harmful=[F]), ValueError, r"\[0, 20\)"),
+    ("harmful/negative", _steer(harmful=[-1]), ValueError, "harmful"),
+    ("harmful/float-tensor", _steer(harmful=torch.tensor([1.0, 2.0])), TypeError, "harmful"),
+    ("harmful/set_harmful-float", lambda: _sae().set_harmful([0.5]), TypeError, "harmful"),
+    # 3. SAE weights in memory: refused when built or loaded into
+    ("weights/nan-W_enc", _with_weight("W_enc", float("nan")), ValueError, "W_enc"),
+    ("weights/inf-b_dec", _with_weight("b_dec", float("inf")), ValueError, "b_dec"),
+    ("weights/load_state_dict-nan-W_dec", _load_state("W_dec"), ValueError, "W_dec"),
+    # already handled before the issue, repeated for a whole catalogue
+    ("handled/k-too-large", lambda: sk.TopKSAE(*_weights(), k=F + 1), ValueError, "k must satisfy"),
+    ("handled/x-wrong-width", lambda: _sae().steer(torch.randn(4, D + 1)), ValueError, "W_enc"),
+    ("handled/x-not-a-tensor", lambda: _sae().steer([[0.0] * D]), TypeError, "x"),
+    ("handled/x-wrong-dtype", lambda: _sae().steer(_x().half()), TypeError, "W_enc"),
+]
+
+
+def _weights():
+    s = sk.random_sae(D, F, K, seed=0)
+    return s.W_enc, s.b_enc, s.W_dec, s.b_dec
+
+
+def _meta(**kw) -> sk.SAEMetadata:
+    return sk.SAEMetadata(harmful_features=[1], **kw)
+
+
+@pytest.mark.parametrize("make,exc,match", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_is_refused_by_name(make, exc, match):
+    with pytest.raises(exc, match=match):
+        make()
+
+
+# -- what the refusals must leave behind ---------------------------------------------------
+
+def test_set_strengths_is_all_or_nothing():
+    s = _sae()
+    s.set_strengths(beta=0.25, gamma=0.5, tau=0.125)
+    before = s.strengths.clone()
+    for bad in (dict(beta=0.75, tau=float("nan")), dict(gamma=2.0, beta=1.5), dict(beta=0.5, tau=1e39)):
+        with pytest.raises(ValueError):
+            s.set_strengths(**bad)
+        assert torch.equal(s.strengths, before) and (s.metadata.beta, s.metadata.tau) == (0.25, 0.125)
+
+
+def test_strengths_stay_float32_whatever_the_weights_dtype():
+    s = _sae()
+    s.set_strengths(beta=0.1, tau=1e5)
+    half = s.to(torch.float16)
+    assert half.W_enc.dtype == torch.float16 and half.strengths.dtype == torch.float32
+    assert float(half.tau) == 1e5 and float(half.beta) == float(torch.tensor(0.1, dtype=torch.float32))
+    assert math.isfinite(float(half.tau)) and float(half.beta) != 0.10009765625  # what fp16 would have stored
+    y, h = half.steer(_x().half(), gamma=1.0, tau=-1.0)
+    assert y.dtype == torch.float16 and torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("mask", [[True] * F, np.ones(F, dtype=bool), torch.ones(F, dtype=torch.bool)],
+                         ids=["bool-list", "numpy-bool", "torch-bool"])
+def test_a_mask_is_read_as_the_mask_it_is(mask):
+    s = _sae()
+    s.set_harmful(mask)
+    assert s.harmful_mask.all() and s.metadata.harmful_features == list(range(F))
+    x = _x()
+    assert torch.equal(s.steer(x, beta=0.5, gamma=1.0, tau=-1.0, harmful=mask)[1],
+                       s.steer(x, beta=0.5, gamma=1.0, tau=-1.0, harmful=list(range(F)))[1])
+
+
+def test_numpy_integer_ids_are_ids():
+    s = _sae()
+    s.set_harmful(np.array([3, 5], dtype=np.int64))
+    assert s.metadata.harmful_features == [3, 5]
+
+
+# -- threads -------------------------------------------------------------------------------
+
+def test_strength_updates_are_atomic_for_steering_threads():
+    """4 threads steer while a fifth flips the strengths between two states: every output
+    equals the output of one state, never a mix (the old buffers gave 2616 mixed of 4000)."""
+    s = _sae()
+    x = torch.randn(6, D)
+    states = [dict(beta=0.2, gamma=0.5, tau=-1.0), dict(beta=0.9, gamma=2.0, tau=-0.5)]
+    expected = []
+    for st in states:
+        s.set_strengths(**st)
+        expected.append(s.steer(x)[0])
+    assert not torch.equal(expected[0], expected[1])
+    stop = threading.Event()
+    outputs: list[torch.Tensor] = []
+    lock = threading.Lock()
+
+    def writer():
+        i = 0
+        while not stop.is_set():
+            s.set_strengths(**states[i % 2])
+            i += 1
+
+    def reader():
+        got = [s.steer(x)[0] for _ in range(250)]
+        with lock:
+            outputs.extend(got)
+
+    w = threading.Thread(target=writer)
+    readers = [threading.Thread(target=reader) for _ in range(4)]
+    w.start()
+    for r in readers:
+        r.start()
+    for r in readers:
+        r.join()
+    stop.set()
+    w.join()
+    assert len(outputs) == 1000
+    mixed = sum(not (torch.equal(y, expected[0]) or torch.equal(y, expected[1])) for y in outputs)
+    assert mixed == 0
+    assert any(torch.equal(y, expected[0]) for y in outputs) or any(torch.equal(y, expected[1]) for y in outputs)
+
+
+def test_harmful_set_updates_are_atomic_for_steering_threads():
+    s = _sae()
+    s.set_strengths(beta=0.5, gamma=1.0, tau=-1.0)
+    x = torch.randn(6, D)
+    sets = [list(range(0, F, 2)), list(range(1, F, 2))]
+    expected = []
+    for ids in sets:
+        s.set_harmful(ids)
+        expected.append(s.steer(x)[0])
+    stop = threading.Event()
+    outputs: list[torch.Tensor] = []
+
+    def writer():
+        i = 0
+        while not stop.is_set():
+            s.set_harmful(sets[i % 2])
+            i += 1
+
+    def reader():
+        outputs.extend(s.steer(x)[0] for _ in range(200))
+
+    threads = [threading.Thread(target=reader) for _ in range(4)]
+    w = threading.Thread(target=writer)
+    w.start()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    stop.set()
+    w.join()
+    assert sum(not any(torch.equal(y, e) for e in expected) for y in outputs) == 0
