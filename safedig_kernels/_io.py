@@ -6,12 +6,19 @@ or the new one, never part of one; once the call returns, a crash loses nothing.
 gets the permission bits of the file it replaces, or those a plain `open()` would give it. An
 interrupted write removes its temporary file; a killed process may leave one behind, named
 `.<name>.<pid>.<random>.tmp`, which no reader of this package ever opens.
+
+Every reader of a user-given file goes through `regular_file` before opening it (a FIFO would
+block the open forever, a device reads as empty or endless) and parses JSON with `loads_json`,
+which refuses nesting deeper than `MAX_JSON_DEPTH` instead of overflowing the stack.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
+import stat
+import sys
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Union
 
@@ -21,7 +28,7 @@ from safetensors.torch import save_file
 PathLike = Union[str, "os.PathLike[str]"]
 
 __all__ = ["atomic_write", "atomic_write_text", "atomic_write_json", "write_json_and_table", "atomic_save_safetensors",
-           "read_json",
+           "read_json", "regular_file", "loads_json", "json_too_deep", "MAX_JSON_DEPTH",
            "DTYPES", "dtype_from_name", "dtype_name", "safetensors_dtype_name"]
 
 
@@ -95,15 +102,96 @@ def atomic_save_safetensors(path: PathLike, tensors: Mapping[str, torch.Tensor],
 
 def read_json(path: PathLike, what: str) -> Any:
     """Parse JSON at `path`; errors name the file, what it was meant to be and where it broke."""
-    path = Path(path)
+    path = regular_file(path, what)
     try:
         text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{what} {path} does not exist") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{what} {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     try:
-        return json.loads(text)
+        return loads_json(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"{what} {path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+
+
+# -- checks every reader of a user-given file makes ---------------------------------------------
+
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def regular_file(path: PathLike, what: str, error: Optional[Callable[[Path, str], Exception]] = None) -> Path:
+    """`path` as a Path, once it names an existing regular file (symlinks followed).
+
+    Checked before anything opens the file: opening a FIFO blocks until another process writes
+    to it (a hang), a device reads as empty or endless, a directory cannot be read at all.
+    Missing: FileNotFoundError "`what` `path` does not exist". Anything but a regular file:
+    ValueError "`what` `path` is not a regular file (it is a FIFO ...)", or the exception
+    `error(path, "`what` is not a regular file (...)")` of a loader with its own error type."""
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} {path} does not exist") from None
+    except NotADirectoryError:  # a component of the path is a file
+        raise FileNotFoundError(f"{what} {path} does not exist (a parent of it is not a directory)") from None
+    if stat.S_ISREG(mode):
+        return path
+    kind = next((name for test, name in _KINDS if test(mode)), f"file type {stat.S_IFMT(mode):#o}")
+    if error is not None:
+        raise error(path, f"{what} is not a regular file (it is {kind})")
+    raise ValueError(f"{what} {path} is not a regular file (it is {kind})")
+
+
+# Deeper JSON than any file of this package needs. json.loads itself overflows the stack near
+# sys.getrecursionlimit() levels, and values a few hundred levels deep still break the
+# dataclass copies, reprs and dumps that follow a load.
+MAX_JSON_DEPTH = 100
+_TOO_DEEP = f"nested too deeply (more than {MAX_JSON_DEPTH} levels of arrays and objects)"
+
+
+def loads_json(text: str) -> Any:
+    """`json.loads`, raising `json.JSONDecodeError` (with a position) for what it would parse
+    or fail on otherwise: nesting deeper than `MAX_JSON_DEPTH` (RecursionError near 1000 levels)
+    and integers longer than Python converts (a plain ValueError, from Python 3.11)."""
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError:
+        raise
+    except RecursionError:
+        obj = None  # too deep: located below
+    except ValueError as e:
+        limit = getattr(sys, "get_int_max_str_digits", lambda: 0)()
+        m = re.search(r"\d{%d,}" % (limit + 1), text) if limit else None
+        raise json.JSONDecodeError(f"an integer too long to read ({e})", text, m.start() if m else 0) from None
+    else:
+        if not json_too_deep(obj):
+            return obj
+    raise json.JSONDecodeError(_TOO_DEEP, text, _deep_position(text)) from None
+
+
+def json_too_deep(obj: Any, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether lists and dicts in `obj` nest more than `limit` levels (iterative, so any depth)."""
+    level = [obj]
+    for _ in range(limit):
+        level = [v for o in level for v in (o.values() if isinstance(o, dict) else o if isinstance(o, list) else ())
+                 if isinstance(v, (dict, list))]
+        if not level:
+            return False
+    return True
+
+
+def _deep_position(text: str) -> int:
+    """Where the text first opens an array or object deeper than `MAX_JSON_DEPTH` (0 if nowhere)."""
+    depth = 0
+    for m in re.finditer(r'"(?:[^"\\]|\\.)*"|[\[\]{}]', text):
+        c = m.group()
+        if c in "[{":
+            depth += 1
+            if depth > MAX_JSON_DEPTH:
+                return m.start()
+        elif c in "]}":
+            depth -= 1
+    return 0
 
 
 # -- dtype names --------------------------------------------------------------------------------

@@ -30,7 +30,10 @@ compute spec §2 unchanged:
 Rejected with `CheckpointError`: non-TopK architectures, per-token normalisation
 (`constant_norm_rescale`, `layer_norm`), `hook_z` reshaping, SAELens >= 7, sparsify
 `skip_connection`, `transcode`, `activation: groupmax`, `signed`. Nothing is ever unpickled.
-Every check runs before anything is returned, so a failed load leaves nothing behind.
+Every check runs before anything is returned, so a failed load leaves nothing behind. Every file
+is checked to be a regular file before it is opened (`_io.regular_file`: a FIFO would hang the
+open), JSON nested deeper than `_io.MAX_JSON_DEPTH` is refused, and numbers beyond the 64-bit
+integer or the float range are a `CheckpointError` naming the key.
 """
 from __future__ import annotations
 
@@ -48,7 +51,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ._io import atomic_write, dtype_from_name
+from ._checks import STRENGTH_NAMES, strength
+from ._io import MAX_JSON_DEPTH, atomic_write, dtype_from_name, json_too_deep, loads_json, regular_file
 from ._library import MAX_FEATURES, MAX_K
 
 __all__ = ["FORMAT_VERSION", "SAEMetadata", "SAEWeights", "CheckpointError", "CheckpointDtypeError", "HEADER_KEY",
@@ -156,9 +160,24 @@ def _as_scale(scale: Optional[float]) -> Optional[float]:
         return None
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"activation_scale must be a float, got {type(scale).__name__}")
-    if not (math.isfinite(scale) and scale > 0):
-        raise ValueError(f"activation_scale must be a positive finite number, got {scale}")
+    if not (_finite(scale) and scale > 0):
+        raise ValueError(f"activation_scale must be a positive finite number, got {_show(scale)}")
     return float(scale)
+
+
+def _finite(x: Union[int, float]) -> bool:
+    """math.isfinite without its OverflowError for ints beyond the float range."""
+    try:
+        return math.isfinite(x)
+    except OverflowError:
+        return False
+
+
+def _show(x: Any) -> str:
+    """repr, shortened for integers too long to be worth printing."""
+    if isinstance(x, int) and not isinstance(x, bool) and abs(x) >= 10 ** 20:
+        return f"an integer of {len(str(abs(x)))} digits"
+    return repr(x)
 
 
 # -- reading ---------------------------------------------------------------------------------
@@ -167,12 +186,16 @@ def _unreadable(path: Path, e: BaseException) -> CheckpointError:
                                        f"{type(e).__name__}: {e}")
 
 
+def _regular_file(path: Path, what: str) -> Path:
+    """`_io.regular_file`, refusing a FIFO, device or directory with a CheckpointError."""
+    return regular_file(path, what, error=lambda p, problem: CheckpointError(p, None, problem))
+
+
 def _read_header(path: Path) -> tuple[dict[str, str], list[str]]:
     """The header metadata and tensor names of a safetensors file, without reading the data.
     Opening validates the whole header against the file size, so truncated files and corrupted
     headers or offsets fail here."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    _regular_file(path, "checkpoint file")
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             return dict(f.metadata() or {}), list(f.keys())
@@ -191,7 +214,7 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 def _parse_json(text: str, path: Path, key: Optional[str]) -> dict[str, Any]:
     try:
-        obj = json.loads(text)
+        obj = loads_json(text)  # also refuses JSON nested too deeply and overlong integers
     except json.JSONDecodeError as e:
         raise CheckpointError(path, key, f"malformed JSON: {e}") from e
     if not isinstance(obj, dict):
@@ -199,9 +222,8 @@ def _parse_json(text: str, path: Path, key: Optional[str]) -> dict[str, Any]:
     return obj
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    _regular_file(path, what)
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
@@ -214,7 +236,8 @@ _MISSING = object()
 
 def _get(cfg: dict[str, Any], key: str, types: tuple, path: Path, default: Any = _MISSING,
          what: str = "") -> Any:
-    """cfg[key] checked against `types` (bool is never accepted as an int)."""
+    """cfg[key] checked against `types` (bool is never accepted as an int). An integer must fit
+    64 bits, or, where a float is accepted, the float range: nothing downstream overflows."""
     if key not in cfg or cfg[key] is None and default is not _MISSING:
         if default is _MISSING:
             raise CheckpointError(path, key, f"missing{' (' + what + ')' if what else ''}")
@@ -223,7 +246,12 @@ def _get(cfg: dict[str, Any], key: str, types: tuple, path: Path, default: Any =
     is_bool = isinstance(value, bool)
     if not isinstance(value, types) or (is_bool and bool not in types):
         names = " or ".join(t.__name__ for t in types)
-        raise CheckpointError(path, key, f"expected {names}, found {value!r} ({type(value).__name__})")
+        raise CheckpointError(path, key, f"expected {names}, found {_show(value)} ({type(value).__name__})")
+    if isinstance(value, int) and not is_bool:
+        if float in types and not _finite(value):
+            raise CheckpointError(path, key, f"must be finite, found {_show(value)} (beyond the float range)")
+        if float not in types and not -2 ** 63 <= value < 2 ** 63:
+            raise CheckpointError(path, key, f"expected a 64-bit integer, found {_show(value)}")
     return value
 
 
@@ -258,7 +286,7 @@ def _check_k(path: Path, key: str, k: Any, F: int) -> int:
     if isinstance(k, bool) or not isinstance(k, int):
         raise CheckpointError(path, key, f"k must be an integer, found {k!r} ({type(k).__name__})")
     if not 1 <= k <= F:
-        raise CheckpointError(path, key, f"k must satisfy 1 <= k <= F = {F}, found k = {k}")
+        raise CheckpointError(path, key, f"k must satisfy 1 <= k <= F = {F}, found k = {_show(k)}")
     if k > MAX_K:
         raise CheckpointError(path, key, f"k = {k} exceeds this package's limit of {MAX_K}")
     return k
@@ -307,17 +335,21 @@ def _header_json(weights: SAEWeights) -> str:
         raise ValueError(f"cannot save: metadata.harmful_features must be a list of feature ids in [0, {F}), "
                          f"got {ids!r}")
     for name in ("beta", "gamma", "tau"):
-        if not math.isfinite(getattr(meta, name)):
-            raise ValueError(f"cannot save: {name} = {getattr(meta, name)} is not finite")
+        if not _finite(getattr(meta, name)):
+            raise ValueError(f"cannot save: {name} = {_show(getattr(meta, name))} is not finite")
+    if not (_finite(meta.activation_scale) and meta.activation_scale > 0):
+        raise ValueError(f"cannot save: metadata.activation_scale must be positive and finite, "
+                         f"got {_show(meta.activation_scale)}")
     scale = float(meta.activation_scale)
-    if not (math.isfinite(scale) and scale > 0):
-        raise ValueError(f"cannot save: metadata.activation_scale must be positive and finite, got {scale}")
     for name in ("model", "site", "source"):
         if not isinstance(getattr(meta, name), str):
             found = type(getattr(meta, name)).__name__
             raise TypeError(f"cannot save: metadata.{name} must be a str, got {found}")
     if not isinstance(meta.extra, dict):
         raise TypeError(f"cannot save: metadata.extra must be a dict, got {type(meta.extra).__name__}")
+    if json_too_deep(meta.extra, MAX_JSON_DEPTH - 1):  # the header is one level more
+        raise ValueError(f"cannot save: metadata.extra is nested too deeply (more than {MAX_JSON_DEPTH - 1} "
+                         f"levels of lists and dicts), which the reader refuses")
     doc = {"format_version": FORMAT_VERSION, "k": int(weights.k), "model": meta.model, "site": meta.site,
            "harmful_features": list(ids), "beta": float(meta.beta), "gamma": float(meta.gamma),
            "tau": float(meta.tau), "activation_scale": scale, "source": meta.source, "extra": meta.extra}
@@ -370,10 +402,10 @@ def read_safedig(path: PathLike, device: Optional[DeviceLike] = None,
     if version is _MISSING:
         raise CheckpointError(path, "format_version", "missing from the metadata")
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise CheckpointError(path, "format_version", f"unknown format version {version!r} "
+        raise CheckpointError(path, "format_version", f"unknown format version {_show(version)} "
                                                       f"(this package reads 1..{FORMAT_VERSION})")
     if version > FORMAT_VERSION:
-        raise CheckpointError(path, "format_version", f"format version {version} is newer than this "
+        raise CheckpointError(path, "format_version", f"format version {_show(version)} is newer than this "
                               f"package reads ({FORMAT_VERSION}); upgrade safedig_kernels")
     missing = sorted(set(_META_FIELDS) - set(doc))
     if missing:
@@ -385,10 +417,15 @@ def read_safedig(path: PathLike, device: Optional[DeviceLike] = None,
     for key, types in _META_FIELDS.items():
         _get(doc, key, types, path)
     for key in ("beta", "gamma", "tau", "activation_scale"):
-        if not math.isfinite(doc[key]):
+        if not _finite(doc[key]):
             raise CheckpointError(path, key, f"must be finite, found {doc[key]}")
     if doc["activation_scale"] <= 0:
         raise CheckpointError(path, "activation_scale", f"must be positive, found {doc['activation_scale']}")
+    for key in STRENGTH_NAMES:  # the one rule for strengths (finite as float32, beta in [0, 1])
+        try:
+            strength(doc[key], key)
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(path, key, str(e)) from None
 
     _check_keys(path, names, _TENSOR_NAMES)
     tensors = _read_tensors(path)
@@ -408,7 +445,7 @@ def read_safedig(path: PathLike, device: Optional[DeviceLike] = None,
     for i in harmful:
         if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < F:
             raise CheckpointError(path, "harmful_features", f"feature ids must be integers in "
-                                                            f"[0, F) = [0, {F}), found {i!r}")
+                                                            f"[0, F) = [0, {F}), found {_show(i)}")
     metadata = SAEMetadata(format_version=version, model=doc["model"], site=doc["site"],
                            harmful_features=list(harmful), beta=float(doc["beta"]),
                            gamma=float(doc["gamma"]), tau=float(doc["tau"]),
@@ -517,7 +554,7 @@ def read_saelens(path: PathLike, device: Optional[DeviceLike] = None, dtype: Opt
     device_ = _as_device(device)
     scale_arg = _as_scale(activation_scale)
     cfg_path = root / CFG_FILENAME
-    cfg = _read_json(cfg_path)
+    cfg = _read_json(cfg_path, "SAELens config")
     version = _saelens_version(cfg, cfg_path)
     if version is not None and version[0] > SAELENS_MAX_MAJOR:
         raise CheckpointError(cfg_path, version[2], f"SAELens {version[0]}.{version[1]} is newer than "
@@ -575,12 +612,12 @@ def read_saelens(path: PathLike, device: Optional[DeviceLike] = None, dtype: Opt
     if norm == "expected_average_only_in":
         if scale_arg is not None:
             scale = scale_arg
-        elif (root / SAELENS_SCALER).is_file():
+        elif (root / SAELENS_SCALER).exists():  # not is_file(): a FIFO there is an error, not absent
             scaler_path = root / SAELENS_SCALER
-            scaler = _read_json(scaler_path)
+            scaler = _read_json(scaler_path, "SAELens activation scaler")
             s = _get(scaler, "scaling_factor", (int, float), scaler_path,
                      what="the factor the SAE's inputs were multiplied by in training")
-            if not (math.isfinite(s) and s > 0):
+            if not (_finite(s) and s > 0):
                 raise CheckpointError(scaler_path, "scaling_factor", f"must be positive and finite, found {s}")
             scale = float(s)
         else:
@@ -659,7 +696,7 @@ def read_sparsify(path: PathLike, device: Optional[DeviceLike] = None, dtype: Op
     device_ = _as_device(device)
     scale = _as_scale(activation_scale) or 1.0
     cfg_path = root / CFG_FILENAME
-    cfg = _read_json(cfg_path)
+    cfg = _read_json(cfg_path, "sparsify config")
     d_in = _get(cfg, "d_in", (int,), cfg_path)
     activation = _get(cfg, "activation", (str,), cfg_path, default="topk")
     if activation != "topk":
@@ -703,10 +740,12 @@ def detect_format(path: PathLike) -> str:
     p = _as_path(path)
     if not p.exists():
         raise FileNotFoundError(f"{p}: no such file or directory")
-    if p.is_file():
+    if not p.is_dir():
+        _regular_file(p, "checkpoint file")
         return "safedig"
-    has_cfg = (p / CFG_FILENAME).is_file()
-    saelens, sparsify = (p / SAELENS_WEIGHTS).is_file(), (p / SPARSIFY_WEIGHTS).is_file()
+    # exists(), not is_file(): a FIFO or directory in their place is the reader's error, not absent
+    has_cfg = (p / CFG_FILENAME).exists()
+    saelens, sparsify = (p / SAELENS_WEIGHTS).exists(), (p / SPARSIFY_WEIGHTS).exists()
     if saelens and sparsify:
         raise CheckpointError(p, None, f"holds both {SAELENS_WEIGHTS} (SAELens) and {SPARSIFY_WEIGHTS} "
                                        f"(sparsify); call load_saelens or load_sparsify (safedig_kernels.sae)")

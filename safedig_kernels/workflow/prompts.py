@@ -16,6 +16,10 @@ Prompt file (JSON Lines, one object per line, blank lines ignored)::
 
 Labels are `safe` or `unsafe/<category>`; a label selector (`"unsafe"`, or a comma-separated
 list) matches itself and its sub-labels.
+
+Every error names the prompt file and line. The prompt file and each embeddings file must be
+regular files (`_io.regular_file`: a FIFO would hang the read), and a line nested deeper than
+`_io.MAX_JSON_DEPTH` is refused.
 """
 from __future__ import annotations
 
@@ -28,12 +32,15 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from safetensors import safe_open
 
+from .._io import loads_json, regular_file
+
 __all__ = ["PromptRecord", "load_prompts", "prompt_seed", "EMBEDDING_KEYS", "LabelSelector", "check_label",
            "parse_labels", "label_matches"]
 
 EMBEDDING_KEYS = ("prompt_embeds", "pooled_prompt_embeds", "negative_prompt_embeds", "negative_pooled_prompt_embeds")
 _POOLED = ("pooled_prompt_embeds", "negative_pooled_prompt_embeds")
 _LABEL_RE = re.compile(r"^(safe|unsafe)(/[A-Za-z0-9_.\-]+)?$")
+_SEEDS = (-2 ** 63, 2 ** 64)  # what torch.Generator.manual_seed accepts
 
 PathLike = Union[str, Path]
 LabelSelector = Optional[Union[str, Sequence[str]]]
@@ -92,17 +99,20 @@ class PromptRecord:
 
 def load_prompts(path: PathLike) -> list[PromptRecord]:
     """Parse and check a prompt file; errors name the file and line."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"prompt file {path} does not exist")
+    path = regular_file(path, "prompt file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        lineno = e.object[:e.start].count(b"\n") + 1
+        raise ValueError(f"prompt file {path}, line {lineno}: not UTF-8 text ({e.reason})") from None
     records: list[PromptRecord] = []
     seen: dict[str, int] = {}
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         where = f"prompt file {path}, line {lineno}"
         try:
-            obj = json.loads(line)
+            obj = loads_json(line)  # also refuses lines nested too deeply
         except json.JSONDecodeError as e:
             raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
         if not isinstance(obj, dict):
@@ -121,19 +131,29 @@ def load_prompts(path: PathLike) -> list[PromptRecord]:
         prompt = obj.get("prompt")
         if emb is None and not isinstance(prompt, str):
             raise ValueError(f"{where}: needs 'embeddings' (a safetensors file) or 'prompt' (text)")
+        prefix = obj.get("embeddings_prefix")
+        for key, value in (("embeddings", emb), ("prompt", prompt), ("embeddings_prefix", prefix)):
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"{where}: {key!r} must be a string, got {type(value).__name__}")
         seed = obj.get("seed")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise ValueError(f"{where}: 'seed' must be an int, got {seed!r}")
+        if seed is not None and not _SEEDS[0] <= seed < _SEEDS[1]:
+            raise ValueError(f"{where}: 'seed' must lie in [-2**63, 2**64) (torch's seed range), "
+                             f"got an integer of {len(str(abs(seed)))} digits")
         rec = PromptRecord(id=pid, label=label, index=len(records), prompt=prompt, seed=seed,
-                           embeddings_prefix=str(obj.get("embeddings_prefix", "")))
+                           embeddings_prefix=prefix or "")
         if emb is not None:
-            rec.embeddings = (path.parent / str(emb)).resolve()
-            if not rec.embeddings.is_file():
-                raise FileNotFoundError(f"{where}: embeddings file {rec.embeddings} does not exist")
-            with safe_open(str(rec.embeddings), "pt") as f:
-                if rec.embeddings_prefix + "prompt_embeds" not in set(f.keys()):
-                    raise ValueError(f"{where}: {rec.embeddings} has no tensor "
-                                     f"{rec.embeddings_prefix + 'prompt_embeds'!r}")
+            rec.embeddings = regular_file(path.parent / emb, f"{where}: embeddings file").resolve()
+            try:
+                with safe_open(str(rec.embeddings), "pt") as f:
+                    keys = set(f.keys())
+            except Exception as e:  # safetensors raises its own error types for truncated/garbled files
+                raise ValueError(f"{where}: embeddings file {rec.embeddings} is not a readable safetensors "
+                                 f"file ({type(e).__name__}: {e})") from None
+            if rec.embeddings_prefix + "prompt_embeds" not in keys:
+                raise ValueError(f"{where}: {rec.embeddings} has no tensor "
+                                 f"{rec.embeddings_prefix + 'prompt_embeds'!r}")
         records.append(rec)
     if not records:
         raise ValueError(f"prompt file {path} holds no prompts; expected one JSON object per line such as "
