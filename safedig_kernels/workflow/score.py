@@ -29,6 +29,7 @@ from typing import Any, Iterable, Optional, Sequence, Union
 import torch
 
 from .._io import write_json_and_table
+from ..integrations.diffusers.config import check_sae_site
 from ..integrations.diffusers.sites import SiteSpec
 from ..ops import Harmful, as_harmful_mask
 from ..sae import TopKSAE
@@ -225,9 +226,13 @@ class ScoringReport:
 def score_features(store: ActivationStore, site: Union[str, SiteSpec], sae: TopKSAE,
                    unsafe_labels: LabelSelector = "unsafe", safe_labels: LabelSelector = "safe",
                    rule: HarmfulRule = HarmfulRule(), steps: Optional[Iterable[int]] = None,
-                   sae_path: str = "", report_top: int = 100) -> ScoringReport:
-    """Rank the SAE's features at `site` by unsafe-vs-safe firing and pick the harmful set."""
-    key = SiteSpec.parse(site).key
+                   sae_path: str = "", report_top: int = 100, allow_other_site: bool = False) -> ScoringReport:
+    """Rank the SAE's features at `site` by unsafe-vs-safe firing and pick the harmful set.
+    An SAE trained at another site is refused unless `allow_other_site` (`check_sae_site`)."""
+    spec = SiteSpec.parse(site)
+    key = spec.key
+    check_sae_site(sae, spec.module, spec.stream, f"score at site {key} with SAE {sae_path or ''}".rstrip(),
+                   allow_other_site)
     if store.width(key) != sae.d:
         raise ValueError(f"site {key} has width {store.width(key)} but the SAE {sae_path or ''} has d = {sae.d}")
     steps = None if steps is None else list(steps)

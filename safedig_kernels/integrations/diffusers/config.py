@@ -9,7 +9,8 @@ file's folder; `null` means "the SAE's own default":
      "enabled": true, "use_fused_ops": true, "telemetry": true, "telemetry_capacity": 1024,
      "sites": [{"site": "single_transformer_blocks.9", "sae": "saes/sb9.safetensors",
                 "stream": "image", "harmful": [12, 40] | null, "beta": 0.5 | null,
-                "gamma": 1.0 | null, "tau": 0.0 | null, "window": [0.0, 0.4], "cfg": "both"}]}
+                "gamma": 1.0 | null, "tau": 0.0 | null, "window": [0.0, 0.4], "cfg": "both",
+                "allow_other_site": false}]}
 """
 from __future__ import annotations
 
@@ -20,12 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Optional, Sequence, Union
 
-from ..._checks import finite_or_none, harmful_ids
+from ..._checks import STRENGTH_NAMES, harmful_ids, strength_or_none
 from ..._io import atomic_write_json, read_json
 from ...sae import TopKSAE
 
 __all__ = ["SiteConfig", "SafeDIGConfig", "STEER_STREAMS", "CFG_MODES", "JSON_FORMAT", "JSON_VERSION",
-           "resolve_sae", "check_strengths", "check_window", "check_gate_can_open"]
+           "resolve_sae", "check_sae_site", "check_strengths", "check_window", "check_gate_can_open"]
 
 JSON_FORMAT = "safedig-diffusers"
 JSON_VERSION = 1
@@ -59,6 +60,8 @@ class SiteConfig:
             reports `p` per step. Must be `(0, 1)` for text-encoder sites (once per prompt).
         cfg: `"both"` steers every row of a CFG batch; `"cond"` only its conditional half
             (SD3 pipelines; needs the pipeline passed to `apply_safedig`).
+        allow_other_site: use an SAE whose metadata names another site or stream than this
+            one (refused otherwise: an SAE steers the activations it was trained on).
     """
 
     site: str
@@ -70,6 +73,7 @@ class SiteConfig:
     tau: Optional[float] = None
     window: tuple[float, float] = (0.0, 1.0)
     cfg: str = "both"
+    allow_other_site: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.site, str) or not self.site:
@@ -85,6 +89,8 @@ class SiteConfig:
             self.harmful = harmful_ids(self.harmful, None, f"{where}.harmful")
         check_strengths(where, self.beta, self.gamma, self.tau)
         self.window = check_window(self.window, f"{where}.window")
+        if not isinstance(self.allow_other_site, bool):
+            raise TypeError(f"{where}.allow_other_site must be a bool, got {self.allow_other_site!r}")
 
     @property
     def where(self) -> str:
@@ -193,7 +199,10 @@ class SafeDIGConfig:
             d["sae"] = os.path.normpath(os.path.join(folder, d["sae"]))
             if "window" in d:
                 d["window"] = check_window(d["window"], f"{where} sites[{i}].window")
-            sites.append(SiteConfig(**d))
+            try:
+                sites.append(SiteConfig(**d))
+            except (TypeError, ValueError) as e:  # name the file, not only the site
+                raise type(e)(f"{where} sites[{i}]: {e}") from None
         kw = {k: doc[k] for k in ("enabled", "use_fused_ops", "telemetry", "telemetry_capacity") if k in doc}
         return cls(sites=sites, **kw)
 
@@ -215,11 +224,28 @@ def resolve_sae(sae: Union[TopKSAE, PathLike], where: str) -> TopKSAE:
         raise ValueError(f"{where}.sae: {path!r} is not a valid SAE checkpoint: {e}") from e
 
 
+def check_sae_site(sae: TopKSAE, site: str, stream: str, where: str, allow: bool = False) -> None:
+    """Refuse an SAE whose metadata names another site or stream than (`site`, `stream`): its
+    features describe other activations, so steering with it would quietly do nothing useful.
+    Checked for this project's SAEs that record a site (training writes `metadata.site` and
+    `metadata.extra["stream"]`); other formats name hooks of their own and are not compared.
+    `allow` (`SiteConfig.allow_other_site`, `--allow-other-site`) skips the check."""
+    meta = sae.metadata
+    if allow or meta.source != "safedig" or not meta.site:
+        return
+    trained_module = meta.site.removeprefix("transformer.")
+    trained_stream = (meta.extra or {}).get("stream")
+    if trained_module != site or (trained_stream is not None and trained_stream != stream):
+        trained = f"{trained_module}:{trained_stream}" if trained_stream else trained_module
+        raise ValueError(f"{where}: the SAE was trained at site {trained!r} but is used at {site}:{stream}; use "
+                         f"the SAE trained for this site, or allow_other_site=True (--allow-other-site) if this "
+                         f"is intended")
+
+
 def check_strengths(where: str, beta, gamma, tau) -> None:
-    for name, v in (("beta", beta), ("gamma", gamma), ("tau", tau)):
-        finite_or_none(v, f"{where}.{name}")
-    if beta is not None and not 0.0 <= beta <= 1.0:
-        raise ValueError(f"{where}.beta must lie in [0, 1] (Blend strength, spec §2), got {beta}")
+    """The one rule for strengths (`_checks.strength`); None means "the SAE's default"."""
+    for name, v in zip(STRENGTH_NAMES, (beta, gamma, tau)):
+        strength_or_none(v, name, f"{where}.{name}")
 
 
 def check_gate_can_open(where: str, n_harmful: int, tau: float) -> None:

@@ -40,7 +40,15 @@ from diffusers.hooks import HookRegistry, ModelHook
 from ..._checks import harmful_ids
 from ...ops import as_harmful_mask
 from ...sae import TopKSAE
-from .config import SafeDIGConfig, SiteConfig, check_gate_can_open, check_strengths, check_window, resolve_sae
+from .config import (
+    SafeDIGConfig,
+    SiteConfig,
+    check_gate_can_open,
+    check_sae_site,
+    check_strengths,
+    check_window,
+    resolve_sae,
+)
 from .sites import (
     ModelSpec,
     ResolvedSite,
@@ -118,7 +126,12 @@ class _Clock:
 
 
 class _SiteState:
-    """One SiteConfig at run time: its SAE and the device tensors the handle changes in place."""
+    """One SiteConfig at run time: its SAE and the device tensors the handle changes in place.
+
+    Strengths, threshold, window and switch live in one float32 buffer, `values` =
+    [beta, gamma, tau, window start, window end, switch], written with one copy (`write`): a
+    steering call on another thread sees a `set_site` whole or not at all (on CUDA, when both
+    use one stream; on the CPU each call reads `values` once, at its start)."""
 
     def __init__(self, label: str, cfg: SiteConfig, site: ResolvedSite, sae: TopKSAE, clock: _Clock,
                  harmful: torch.Tensor, fused: bool, capacity: Optional[int]) -> None:
@@ -132,24 +145,40 @@ class _SiteState:
         dev = sae.device
         f32 = dict(dtype=torch.float32, device=dev)
         self.harmful = _static(harmful)
-        self.beta = _static(torch.tensor(cfg.beta, **f32))
-        self.gamma = _static(torch.tensor(cfg.gamma, **f32))
-        self.tau = _static(torch.tensor(cfg.tau, **f32))
-        self.lo = _static(torch.tensor(cfg.window[0], **f32))
-        self.hi = _static(torch.tensor(cfg.window[1], **f32))
-        self.switch = _static(torch.tensor(1.0, **f32))
+        self.switch_on = True
+        self.values = _static(torch.tensor(self._row(), **f32))
         self.telemetry = None if capacity is None else _static(torch.zeros(capacity, len(_TELEMETRY_COLUMNS), **f32))
         self.enc_bias: Optional[torch.Tensor] = None  # fp32 [F]: b_enc - b_dec @ W_enc, see refresh_bias
         self._enc_bias_src: Optional[torch.Tensor] = None
 
     # host side -------------------------------------------------------------------------
+    def _row(self) -> list[float]:
+        c = self.cfg
+        return [c.beta, c.gamma, c.tau, c.window[0], c.window[1], 1.0 if self.switch_on else 0.0]
+
+    def write(self) -> None:
+        """Copy `cfg` (checked) and the switch into `values`, all in one copy."""
+        self.values.copy_(torch.tensor(self._row(), dtype=torch.float32))
+
+    @property
+    def beta(self) -> torch.Tensor:
+        return self.values[0]
+
+    @property
+    def gamma(self) -> torch.Tensor:
+        return self.values[1]
+
+    @property
+    def tau(self) -> torch.Tensor:
+        return self.values[2]
+
     def place(self, device: torch.device, dtype: torch.dtype, moved: dict) -> None:
         key = (id(self.sae), device, dtype)
         if key not in moved:
             moved[key] = _sae_on(self.sae, device, dtype)
         self.sae = _static_sae(moved[key])
         self._enc_bias_src = None  # rebuilt on the new device by the next refresh_bias
-        for name in ("harmful", "beta", "gamma", "tau", "lo", "hi", "switch", "telemetry"):
+        for name in ("harmful", "values", "telemetry"):
             t = getattr(self, name)
             if t is not None and t.device != device:
                 setattr(self, name, _static(t.to(device)))
@@ -179,33 +208,36 @@ class _SiteState:
             raise RuntimeError(f"SafeDIG site {self.label!r}: activations are {x.dtype} on {x.device} but the SAE "
                                f"is {sae.dtype} on {sae.device}; move the pipeline with .to() so the SAEs follow")
         clock = self.clock
-        s = self.switch
+        values = self.values
+        if values.device.type == "cpu" and not torch.compiler.is_compiling():
+            values = values.clone()  # one read of every setting (see the class docstring)
+        beta, gamma, tau, lo, hi, s = values.unbind()
         if clock.uses_progress:
             p = clock.progress
             if p is None:
                 raise RuntimeError(f"SafeDIG site {self.label!r} ran outside a forward of its transformer, "
                                    f"so there is no timestep to place it in the window")
-            in_window = (p >= self.lo) & ((p < self.hi) | (self.hi >= 1.0))
+            in_window = (p >= lo) & ((p < hi) | (hi >= 1.0))
             s = s * in_window.to(torch.float32)
         else:
             p = torch.full((), float("nan"), dtype=torch.float32, device=x.device)
-        beta, gamma = self.beta * s, self.gamma * s
+        beta, gamma = beta * s, gamma * s
 
         half = conditional_start(x.shape[0], self.cfg.cfg == "cond" and clock.cfg_halves, self.label)
         xs = x[half:] if half else x
         # bias_fresh: the clock checked the SAE weights eagerly at the start of this call;
         # otherwise (None) the SAE uses its own cache.
         enc_bias = self.enc_bias if self.fused and clock.bias_fresh else None
-        y, h = sae.steer(xs, beta=beta, gamma=gamma, tau=self.tau, harmful=self.harmful, enc_bias=enc_bias,
+        y, h = sae.steer(xs, beta=beta, gamma=gamma, tau=tau, harmful=self.harmful, enc_bias=enc_bias,
                          fused=self.fused)
         if self.telemetry is not None:
-            self._record(h, p, s * ((beta != 0) | (gamma != 0)).to(torch.float32))
+            self._record(h, p, tau, s * ((beta != 0) | (gamma != 0)).to(torch.float32))
         return torch.cat([x[:half], y], dim=0) if half else y
 
-    def _record(self, h: torch.Tensor, p: torch.Tensor, active: torch.Tensor) -> None:
+    def _record(self, h: torch.Tensor, p: torch.Tensor, tau: torch.Tensor, active: torch.Tensor) -> None:
         finite = torch.isfinite(h)
         mean_h = torch.where(finite, h, 0.0).sum() / finite.sum().clamp_min(1)
-        gated = (h > self.tau).to(torch.float32).mean()  # NaN h (non-finite token) is never gated
+        gated = (h > tau).to(torch.float32).mean()  # NaN h (non-finite token) is never gated
         row = torch.stack([torch.ones_like(p), p.to(torch.float32), active, gated, mean_h])
         idx = self.clock.counter.clamp(max=self.telemetry.shape[0] - 1).view(1)
         self.telemetry.index_copy_(0, idx, row.view(1, -1))
@@ -215,7 +247,9 @@ class _SiteState:
 
 class _ClockHook(ModelHook):
     """On the transformer: schedule progress from `timestep` before the blocks run; advance the
-    telemetry row after."""
+    telemetry row after. The call itself runs in `new_forward`, which clears the progress even
+    when the transformer raises: a block called later, outside a forward of its transformer,
+    then refuses to steer rather than steer with a stale timestep."""
 
     def __init__(self, clock: _Clock, spec: ModelSpec, timestep_index: int) -> None:
         super().__init__()
@@ -239,10 +273,15 @@ class _ClockHook(ModelHook):
             self.clock.bias_fresh = True
         return args, kwargs
 
+    def new_forward(self, module, *args, **kwargs):
+        try:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        finally:
+            self.clock.progress = None
+            self.clock.bias_fresh = False
+
     def post_forward(self, module, output):
         self.clock.counter.add_(1)
-        self.clock.progress = None
-        self.clock.bias_fresh = False
         return output
 
 
@@ -303,6 +342,7 @@ class SafeDIGHandle:
         self._clocks: dict[int, _Clock] = {}
         self._follow: list[torch.nn.Module] = []
         self._encode_prompt_wrapped = False
+        self._removed = False
 
     # settings ---------------------------------------------------------------------------
     @property
@@ -313,14 +353,21 @@ class SafeDIGHandle:
     def enabled(self) -> bool:
         return self._enabled
 
+    def _live(self) -> None:
+        if self._removed:
+            raise RuntimeError("this SafeDIG handle was removed (remove_safedig); its settings no longer reach any "
+                               "model: apply_safedig again and use the new handle")
+
     def enable(self) -> None:
         """Turn steering on at every site (site-level switches still apply). No recompile."""
+        self._live()
         self._enabled = True
         self._sync_switches()
 
     def disable(self) -> None:
         """Outputs become bitwise those of the unhooked model; the steering compute still runs
         (the switch is a device tensor). `remove_safedig` removes the cost too."""
+        self._live()
         self._enabled = False
         self._sync_switches()
 
@@ -333,6 +380,7 @@ class SafeDIGHandle:
         `stream` selects among two SiteConfigs on one block; it cannot change a site's stream.
         `harmful` takes feature ids or a bool mask `[F]`.
         """
+        self._live()
         st = self._state(site, stream)
         where = f"set_site({site!r})"
         check_strengths(where, beta, gamma, tau)
@@ -351,21 +399,21 @@ class SafeDIGHandle:
             mask = as_harmful_mask(harmful, st.sae.num_features, st.harmful.device)
         n_harmful = int(mask.sum()) if mask is not None else len(st.cfg.harmful)
         check_gate_can_open(where, n_harmful, st.cfg.tau if tau is None else tau)
-        # All checks passed: apply.
+        # All checks passed: apply, each buffer with one copy.
+        cfg = dataclasses.replace(st.cfg)
         for name, v in (("beta", beta), ("gamma", gamma), ("tau", tau)):
             if v is not None:
-                getattr(st, name).fill_(float(v))
-                setattr(st.cfg, name, float(v))
+                setattr(cfg, name, float(v))
         if window is not None:
-            st.lo.fill_(window[0])
-            st.hi.fill_(window[1])
-            st.cfg.window = window
+            cfg.window = window
         if mask is not None:
             st.harmful.copy_(mask)
-            st.cfg.harmful = mask.nonzero().flatten().tolist()
+            cfg.harmful = mask.nonzero().flatten().tolist()
         if enabled is not None:
             st.site_on = enabled
-            self._sync_switches()
+        st.cfg = cfg
+        st.switch_on = self._enabled and st.site_on
+        st.write()
 
     def config(self) -> SafeDIGConfig:
         """The settings in use now (SAEs as given to `apply_safedig`)."""
@@ -380,6 +428,7 @@ class SafeDIGHandle:
         per denoiser call, i.e. per step, or two per step for FLUX true CFG; text-encoder sites:
         per prompt encoding): `step`, `progress` (1 - sigma; NaN for text encoders), `active`,
         `gated_fraction` (tokens with h > tau), `mean_harm` (mean finite h). Syncs the device."""
+        self._live()
         out: dict[str, list[dict[str, Any]]] = {}
         for label, st in self._states.items():
             if st.telemetry is None:
@@ -401,6 +450,7 @@ class SafeDIGHandle:
         return out
 
     def reset_telemetry(self) -> None:
+        self._live()
         for clock in self._clocks.values():
             clock.counter.zero_()
         for st in self._states.values():
@@ -423,6 +473,7 @@ class SafeDIGHandle:
         if self._encode_prompt_wrapped and getattr(self._pipeline.__dict__.get("encode_prompt"), "_safedig", False):
             del self._pipeline.__dict__["encode_prompt"]
         self._encode_prompt_wrapped = False
+        self._removed = True
         if self._transformer.__dict__.get(_HANDLE_ATTR) is self:
             delattr(self._transformer, _HANDLE_ATTR)
 
@@ -441,7 +492,8 @@ class SafeDIGHandle:
 
     def _sync_switches(self) -> None:
         for st in self._states.values():
-            st.switch.fill_(1.0 if (self._enabled and st.site_on) else 0.0)
+            st.switch_on = self._enabled and st.site_on
+            st.write()
 
     def _place(self, module: torch.nn.Module) -> None:
         """After `module` moved: move its clock and the state of its sites with it."""
@@ -536,6 +588,9 @@ def _resolve(pipeline_or_transformer, config: SafeDIGConfig
         sae = resolve_sae(cfg.sae, where)
         if sae.d != site.width:
             raise ValueError(f"{where}.sae: SAE width d = {sae.d} but the site's activations have width {site.width}")
+        if site.kind == "block":
+            check_sae_site(sae, cfg.site, cfg.stream, where, cfg.allow_other_site)
+        sae.check_finite()  # weights changed in memory since the SAE was built are checked here too
         harmful = (sae.harmful_mask.detach().cpu().clone() if cfg.harmful is None
                    else as_harmful_mask(harmful_ids(cfg.harmful, sae.num_features, f"{where}.harmful"),
                                         sae.num_features, torch.device("cpu")))
