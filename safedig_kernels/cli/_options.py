@@ -1,11 +1,13 @@
 """What the `safedig` commands share: argument types, the options several of them define, device
-and thread selection, and the JSON metrics writer."""
+and thread selection, the check that outputs never destroy inputs, and the JSON metrics writer."""
 from __future__ import annotations
 
 import argparse
 import contextlib
+import fnmatch
+import os
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterable, Iterator, Optional, Union
 
 from .._io import atomic_write_json
 
@@ -111,7 +113,11 @@ def select_device(name: Optional[str]):
     import torch
 
     if name:
-        return torch.device(name)
+        try:
+            return torch.device(name)
+        except (RuntimeError, TypeError) as e:  # torch reports a bad device string as a RuntimeError
+            raise ValueError(f"--device must be a torch device such as cpu, cuda or cuda:1, got {name!r} ({e})") \
+                from None
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -145,3 +151,151 @@ def write_json(path: Optional[str], obj: Any) -> None:
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(path, obj)
+
+
+# -- outputs never destroy inputs -------------------------------------------------------------
+
+PathArg = Union[str, "os.PathLike[str]", None]
+Named = Iterable[tuple[str, PathArg]]
+
+
+def _resolved(path: PathArg) -> Path:
+    return Path(os.path.realpath(os.path.expanduser(os.fspath(path))))
+
+
+def _same_path(a: PathArg, b: PathArg) -> bool:
+    """The same file or folder: `os.path.samefile` when both exist (hard and symbolic links
+    count), else equal resolved paths."""
+    pa, pb = Path(os.fspath(a)).expanduser(), Path(os.fspath(b)).expanduser()
+    if pa.exists() and pb.exists():
+        try:
+            return os.path.samefile(pa, pb)
+        except OSError:
+            pass
+    return _resolved(pa) == _resolved(pb)
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    """`path` (resolved) is `folder` (resolved) or below it."""
+    return path == folder or folder in path.parents
+
+
+def _is_activation_store(folder: Path) -> bool:
+    """`folder` holds a capture: a `manifest.json` that `safedig capture` wrote (its head names
+    the store format), or one next to capture shard files (a damaged manifest still counts)."""
+    from ..workflow.store import FORMAT, MANIFEST, SHARD_GLOB
+
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        return False
+    try:
+        with open(manifest, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        head = b""
+    return FORMAT.encode() in head or any(folder.glob(SHARD_GLOB))
+
+
+def _store_holding(path: Path) -> Optional[Path]:
+    """The activation store `path` (resolved) is, or lies inside, if any."""
+    for folder in (path, *path.parents):
+        if folder.is_dir() and _is_activation_store(folder):
+            return folder
+    return None
+
+
+def check_paths(inputs: Named = (), outputs: Named = (), folders: Named = (),
+                store: Optional[tuple[str, PathArg]] = None) -> None:
+    """Refuse, before a command does any work, outputs that would destroy an input or land in a
+    capture. Raises ValueError naming both options and the path; nothing has been written then.
+
+    `inputs`: (option, path) of every file or folder the command reads (`None` paths are skipped).
+    `outputs`: (option, path) of every file it writes, derived ones included (a report's `.txt`
+    table: pass `("--report's table", path.with_suffix(".txt"))`).
+    `folders`: (option, folder) of output folders it fills with files of its own naming (steer's
+    `images/`, train's `--checkpoint-dir`): no input may lie inside one.
+    `store`: (option, folder) of the activation store the command writes (capture's `--out`): it
+    may already be one (a resume), but it must not lie inside another, and no input may be the
+    folder itself or one of the files a capture writes there (manifest, shards).
+
+    Refused: an output that is the same file as an input (`os.path.samefile` when both exist,
+    else equal resolved paths) or as another output; an output or output folder that is, or lies
+    inside, a folder holding an activation store (a `manifest.json` written by capture), the
+    `--activations` store the command reads included.
+    """
+    ins = [(o, p) for o, p in inputs if p is not None and os.fspath(p) != ""]
+    outs = [(o, p) for o, p in outputs if p is not None and os.fspath(p) != ""]
+    dirs = [(o, p) for o, p in folders if p is not None and os.fspath(p) != ""]
+    for out_opt, out in outs + dirs:
+        for in_opt, inp in ins:
+            if _same_path(out, inp):
+                raise ValueError(f"{out_opt} {out} is the same path as {in_opt} {inp}: writing {out_opt} would "
+                                 f"destroy that input; choose another {out_opt} path (nothing was written)")
+    for i, (opt_a, a) in enumerate(outs + dirs):
+        for opt_b, b in (outs + dirs)[i + 1:]:
+            if _same_path(a, b):
+                raise ValueError(f"{opt_a} {a} and {opt_b} {b} are the same path: one output would overwrite the "
+                                 f"other; choose different paths (nothing was written)")
+    for out_opt, out in outs + dirs:
+        held = _store_holding(_resolved(out))
+        if held is not None:
+            read_as = [f"{o} {p}" for o, p in ins if _same_path(p, held)]
+            which = f" ({', '.join(read_as)})" if read_as else ""
+            raise ValueError(f"{out_opt} {out} lies inside the activation store {held}{which}, a capture "
+                             f"directory (it holds manifest.json): outputs must not be written into one; choose a "
+                             f"path outside it (nothing was written)")
+    for dir_opt, folder in dirs:
+        root = _resolved(folder)
+        for in_opt, inp in ins:
+            if _inside(_resolved(inp), root):
+                raise ValueError(f"{in_opt} {inp} lies inside {dir_opt} {folder}, whose files this command writes "
+                                 f"and replaces: move the input or choose another {dir_opt} (nothing was written)")
+    if store is not None and store[1] is not None:
+        st_opt, st = store
+        root = _resolved(st)
+        for parent in root.parents:
+            if parent.is_dir() and _is_activation_store(parent):
+                raise ValueError(f"{st_opt} {st} lies inside the activation store {parent}: a capture must not be "
+                                 f"written into another one; choose a folder outside it (nothing was written)")
+        from ..workflow.store import MANIFEST, SHARD_GLOB
+
+        for in_opt, inp in ins:
+            r = _resolved(inp)
+            if r == root or (r.parent == root and (r.name.startswith(MANIFEST) or fnmatch.fnmatch(r.name, SHARD_GLOB))):
+                raise ValueError(f"{in_opt} {inp} is {'' if r == root else 'a file of '}{st_opt} {st}, the "
+                                 f"activation store this command writes; keep inputs apart from the capture's own "
+                                 f"files (nothing was written)")
+
+
+def check_writable(option: str, path: PathArg, folder: bool = False) -> None:
+    """`path` (a file, or with `folder` a folder) can be written: a file path is not a folder, and
+    the folder it goes in (or `path` itself with `folder`) exists and is writable, or can be
+    created (its nearest existing ancestor is a writable folder). ValueError names `option`."""
+    if path is None or os.fspath(path) == "":
+        return
+    p = Path(os.fspath(path)).expanduser()
+    if folder:
+        if p.exists() and not p.is_dir():
+            raise ValueError(f"{option} {path} exists and is not a folder")
+        target = p
+    else:
+        if p.is_dir():
+            raise ValueError(f"{option} {path} is a folder; expected a file path")
+        target = p.parent
+    existing = target
+    while not existing.exists():
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{option} {path}: {existing} is not a folder, so {target} cannot be created")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = "the folder" if existing == target else "its nearest existing folder"
+        raise ValueError(f"{option} {path}: {what} {existing} is not writable")
+
+
+def report_outputs(option: str, path: PathArg) -> list[tuple[str, PathArg]]:
+    """A report's two files (`write_json_and_table`): the JSON at `path`, the table next to it as `.txt`."""
+    if path is None:
+        return []
+    return [(option, path), (f"{option}'s table", Path(os.fspath(path)).with_suffix(".txt"))]

@@ -10,6 +10,7 @@ from ._options import (
     add_denoise_steps,
     add_device,
     add_no_progress,
+    check_paths,
     select_device,
     write_json,
 )
@@ -20,6 +21,8 @@ def run(args: argparse.Namespace) -> int:
     from ..workflow.adapt import AdaptConfig, adapt_decoder
     from ..workflow.store import ActivationStore
 
+    check_paths(inputs=[("--activations", args.activations), ("--sae", args.sae)],
+                outputs=[("--out", args.out), ("--metrics", args.metrics)])
     store = ActivationStore(args.activations)
     if args.replay > 0 and not args.source:
         raise ValueError("--replay > 0 needs --source labels to replay (or pass --replay 0)")

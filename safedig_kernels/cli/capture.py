@@ -2,8 +2,18 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from ._options import FORMATTER, add_no_progress, add_pipeline_options, image_size, int_list, select_device, str_list
+from ._options import (
+    FORMATTER,
+    add_no_progress,
+    add_pipeline_options,
+    check_paths,
+    image_size,
+    int_list,
+    select_device,
+    str_list,
+)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -19,6 +29,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.prompts or not args.sites:
         raise ValueError("capture needs --prompts and --sites (or --rebuild-manifest)")
+    # --out is the store itself (it may be one already: a resume), never inside another one.
+    check_paths(inputs=[("--prompts", args.prompts)] + ([("--model", args.model)] if Path(args.model).exists() else []),
+                store=("--out", args.out))
     height, width = image_size(args)
     config = CaptureConfig(sites=args.sites, steps=args.steps, num_inference_steps=args.num_inference_steps,
                            height=height, width=width, guidance_scale=args.guidance_scale, dtype=args.dtype,

@@ -9,7 +9,9 @@ from ._options import (
     add_activations,
     add_denoise_steps,
     add_rule_options,
+    check_paths,
     harmful_rule,
+    report_outputs,
     site_sae,
     str_list,
     window,
@@ -21,6 +23,8 @@ def run(args: argparse.Namespace) -> int:
     from ..workflow.route import RouteConfig, route, write_steering_config
     from ..workflow.store import ActivationStore
 
+    check_paths(inputs=[("--activations", args.activations)] + [(f"--sae ({site})", path) for site, path in args.sae],
+                outputs=report_outputs("--report", args.report) + [("--config", args.config)])
     store = ActivationStore(args.activations)
     saes = {}
     for site, path in args.sae:

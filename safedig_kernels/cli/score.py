@@ -3,7 +3,15 @@ from __future__ import annotations
 
 import argparse
 
-from ._options import FORMATTER, add_activations, add_denoise_steps, add_rule_options, harmful_rule
+from ._options import (
+    FORMATTER,
+    add_activations,
+    add_denoise_steps,
+    add_rule_options,
+    check_paths,
+    harmful_rule,
+    report_outputs,
+)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -11,6 +19,9 @@ def run(args: argparse.Namespace) -> int:
     from ..workflow.score import score_features
     from ..workflow.store import ActivationStore
 
+    # No output may overwrite an input (the SAE above all) or land inside the capture.
+    check_paths(inputs=[("--activations", args.activations), ("--sae", args.sae)],
+                outputs=report_outputs("--report", args.report) + [("--out-sae", args.out_sae)])
     store = ActivationStore(args.activations)
     sae = TopKSAE.load(args.sae)
     report = score_features(store, args.site, sae, unsafe_labels=args.unsafe, safe_labels=args.safe,

@@ -12,6 +12,7 @@ from ._options import (
     add_no_progress,
     add_pipeline_options,
     add_threads,
+    check_paths,
     image_size,
     select_device,
     torch_threads,
@@ -32,6 +33,7 @@ def _config_errors(path: str) -> Iterator[None]:
 def run(args: argparse.Namespace) -> int:
     from .._io import dtype_from_name
     from ..integrations.diffusers import SafeDIGConfig, check_config
+    from ..sae import TopKSAE
     from ..workflow.generate import GenerateConfig, generate, time_steps
     from ..workflow.pipelines import load_pipeline
     from ..workflow.prompts import label_matches, load_prompts
@@ -40,6 +42,13 @@ def run(args: argparse.Namespace) -> int:
     # Every cheap input is checked before the model loads and before anything is written.
     with _config_errors(args.config):
         config = SafeDIGConfig.from_json(args.config)
+    out = Path(args.out)
+    sae_paths = [(f"--config's site {s.site} SAE", s.sae) for s in config.sites if not isinstance(s.sae, TopKSAE)]
+    check_paths(inputs=[("--config", args.config), ("--prompts", args.prompts)] + sae_paths
+                + ([("--model", args.model)] if Path(args.model).exists() else []),
+                outputs=[("--out", out / "report.json"), ("--out", out / "grid.png")],
+                folders=[("--out", out / "images")])
+    with _config_errors(args.config):
         loaded = config.with_loaded_saes()
     prompts = load_prompts(args.prompts)
     if args.labels:
@@ -84,7 +93,8 @@ Generate every prompt of a prompt file with SafeDIG steering from a steering con
 that `safedig route` writes, read by SafeDIGConfig.from_json), next to the same prompt without
 steering from the same noise, and write into --out:
 
-  images/<id>.png   without | with steering | |difference|, side by side
+  images/<id>.png   without | with steering | |difference|, side by side (an id that is not a
+                    safe file name gets images/prompt-<index>-<hash>.png; report.json says which)
   grid.png          every prompt, one row each
   report.json       per prompt: harm telemetry per site and step (SafeDIGHandle.telemetry():
                     harm score h of the tokens entering a site, share over the gate tau), the
@@ -95,8 +105,9 @@ steering from the same noise, and write into --out:
 The steered run switches steering on whatever the config's "enabled" says. Prints a table per
 label: harm score before and after, share of tokens steered, relative change of the latents.
 
-Fails closed: a bad config, a missing SAE file, an unknown site or an SAE whose width is not
-the site's stops with a one-line error (exit code 2) before anything is generated or written.""",
+Fails closed: a bad config, a missing SAE file, an unknown site, an SAE whose width is not
+the site's, or an --out that would overwrite an input or lie inside an activation store stops
+with a one-line error (exit code 2) before anything is generated or written.""",
         epilog="example: safedig steer --model tiny-flux --config steer.json --prompts prompts.jsonl --out steered/")
     p.add_argument("--config", required=True,
                    help="steering config JSON (from `safedig route` or SafeDIGConfig.to_json)")

@@ -11,9 +11,49 @@ from ._options import (
     add_denoise_steps,
     add_device,
     add_no_progress,
+    check_paths,
+    check_writable,
     select_device,
     write_json,
 )
+
+# TrainConfig field -> the option that sets it, so a bad value is reported under its option's name.
+OPTION_NAMES = {"num_features": "--features", "expansion": "--expansion", "k": "--k", "steps": "--steps",
+                "batch_size": "--batch-size", "lr": "--lr", "aux_k": "--aux-k", "aux_coef": "--aux-coef",
+                "dead_after_tokens": "--dead-after-tokens", "seed": "--seed", "dtype": "--dtype",
+                "log_every": "--log-every", "checkpoint_every": "--checkpoint-every"}
+
+
+def check_arguments(args: argparse.Namespace):
+    """Every check that needs no data, run before the store is opened or training starts:
+    the training settings (`TrainConfig.check`), --site, --max-tokens, the batch split over the
+    processes, and the outputs (writable, never an input, never inside a capture). Returns the
+    TrainConfig."""
+    from ..workflow.store import SiteSpec
+    from ..workflow.train import TrainConfig
+
+    config = TrainConfig(num_features=args.features, expansion=args.expansion, k=args.k, steps=args.steps,
+                         batch_size=args.batch_size, lr=args.lr, aux_k=args.aux_k, aux_coef=args.aux_coef,
+                         dead_after_tokens=args.dead_after_tokens, seed=args.seed, dtype=args.dtype,
+                         log_every=args.log_every, checkpoint_every=args.checkpoint_every)
+    config.check(OPTION_NAMES)
+    SiteSpec.parse(args.site)
+    if args.max_tokens is not None:
+        if args.max_tokens < 1:
+            raise ValueError(f"--max-tokens must be >= 1, got {args.max_tokens}")
+        if args.batch_size > args.max_tokens:
+            raise ValueError(f"--batch-size {args.batch_size} exceeds --max-tokens {args.max_tokens}: a batch cannot "
+                             f"hold more tokens than training uses")
+    world = os.environ.get("WORLD_SIZE", "1")
+    if world.isdigit() and int(world) > 1 and args.batch_size % int(world):
+        raise ValueError(f"--batch-size {args.batch_size} must be divisible by the number of processes {world}")
+    check_writable("--out", args.out)
+    check_writable("--metrics", args.metrics)
+    check_writable("--checkpoint-dir", args.checkpoint_dir, folder=True)
+    check_paths(inputs=[("--activations", args.activations)],
+                outputs=[("--out", args.out), ("--metrics", args.metrics)],
+                folders=[("--checkpoint-dir", args.checkpoint_dir)])
+    return config
 
 
 def run(args: argparse.Namespace) -> int:
@@ -22,8 +62,10 @@ def run(args: argparse.Namespace) -> int:
 
     from ..sae import SAEMetadata
     from ..workflow.store import ActivationStore, SiteSpec
-    from ..workflow.train import TrainConfig, evaluate_sae, train_sae
+    from ..workflow.train import evaluate_sae, train_sae
 
+    # Bad arguments fail here, in well under a second, not after loading data and training.
+    config = check_arguments(args)
     device = select_device(args.device)
     started = False
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
@@ -39,10 +81,6 @@ def run(args: argparse.Namespace) -> int:
         site = SiteSpec.parse(args.site)
         x = store.load(site, labels=args.labels, steps=args.denoise_steps, max_tokens=args.max_tokens,
                        seed=args.seed)
-        config = TrainConfig(num_features=args.features, expansion=args.expansion, k=args.k, steps=args.steps,
-                             batch_size=args.batch_size, lr=args.lr, aux_k=args.aux_k, aux_coef=args.aux_coef,
-                             dead_after_tokens=args.dead_after_tokens, seed=args.seed, dtype=args.dtype,
-                             log_every=args.log_every, checkpoint_every=args.checkpoint_every)
         meta = SAEMetadata(model=str(store.config.get("model", "")), site=site.module,
                            extra={"stream": site.stream, "activations": str(args.activations),
                                   "labels": args.labels})

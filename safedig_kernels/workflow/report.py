@@ -5,11 +5,19 @@ Report file (`write_outputs`, `report.json`): `{"format": "safedig-steer-report"
 with one record per prompt: `id`, `label`, `seed`, `change`, `image`, and per run (`baseline`,
 `steered`) `harm_in` (telemetry's `mean_harm` averaged over calls, per site), `harm_out` (per
 site), `gated_fraction` (per site) and the raw `telemetry`.
+
+`image` is the picture's path relative to the output directory, `images/<name>.png`. A prompt id
+becomes `<name>` only when it is a safe file name (`image_file_names`): 1-128 characters of
+`[A-Za-z0-9._-]`, not starting with a dot. Any other id (`../x`, `/abs`, `a/b`, `.hidden`, spaces,
+...) gets `prompt-<index>-<first 8 hex of sha1(id)>`, a name no safe id is given, so every image
+lands directly in `images/` and no two prompts share a file, even on a case-insensitive disk.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
+import re
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
@@ -22,7 +30,7 @@ from ..sae import TopKSAE
 from .generate import RUNS, GenerateConfig, PromptRun, mean_finite
 
 __all__ = ["REPORT_FORMAT", "REPORT_VERSION", "summarize", "summary_table", "image_scale", "difference_images",
-           "save_grid", "write_outputs", "json_safe"]
+           "save_grid", "write_outputs", "json_safe", "image_file_names"]
 
 REPORT_FORMAT = "safedig-steer-report"
 REPORT_VERSION = 1
@@ -116,10 +124,33 @@ def save_grid(rows: Sequence[tuple[str, Sequence[torch.Tensor]]], columns: Seque
     return path
 
 
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
+_DERIVED_NAME = re.compile(r"prompt-\d+-[0-9a-f]{8}", re.IGNORECASE)
+
+
+def image_file_names(ids: Sequence[str]) -> list[str]:
+    """The file name (without `.png`) of each prompt's image, in order: the id itself when it is a
+    safe file name (module docstring), else `prompt-<index>-<8 hex of sha1(id)>`. Safe ids that
+    look like a derived name, or that equal an earlier one up to case, are derived too, so the
+    names are distinct (case-insensitively) and none leaves the folder it is written to."""
+    names: list[str] = []
+    taken: set[str] = set()
+    for i, pid in enumerate(ids):
+        pid = str(pid)
+        safe = (_SAFE_NAME.fullmatch(pid) is not None and _DERIVED_NAME.fullmatch(pid) is None
+                and pid.lower() not in taken)
+        name = pid if safe else f"prompt-{i}-{hashlib.sha1(pid.encode('utf-8', 'surrogatepass')).hexdigest()[:8]}"
+        taken.add(name.lower())
+        names.append(name)
+    return names
+
+
 def write_outputs(runs: Sequence[PromptRun], out_dir: Union[str, Path], gen: GenerateConfig,
                   config: Optional[SafeDIGConfig] = None, extra: Optional[Mapping[str, Any]] = None) -> dict[str, Path]:
-    """Write `images/<id>.png` (without | with steering | |difference|, side by side),
-    `grid.png` (every prompt, one row each) and `report.json`; returns their paths."""
+    """Write `images/<name>.png` (without | with steering | |difference|, side by side; `<name>`
+    is the prompt id when that is a safe file name, see `image_file_names`), `grid.png` (every
+    prompt, one row each) and `report.json`; returns their paths. Nothing is written outside
+    `out_dir`."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
@@ -132,9 +163,10 @@ def write_outputs(runs: Sequence[PromptRun], out_dir: Union[str, Path], gen: Gen
                        if with_base else ([], 1.0))
         columns = (["without", "with", f"|diff| x{gain:.0f}"] if with_base else ["with"])
         rows = []
+        names = image_file_names([r.id for r in runs])
         for i, (r, rec) in enumerate(zip(runs, records)):
             ims = [r.images["baseline"], r.images["steered"], diffs[i]] if with_base else [r.images["steered"]]
-            name = f"{r.id}.png"
+            name = f"{names[i]}.png"
             save_grid([(r.label, ims)], columns, out / "images" / name, scale)
             rec["image"] = f"images/{name}"
             rows.append((f"{r.id}", ims))

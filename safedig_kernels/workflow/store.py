@@ -15,7 +15,15 @@ Layout of a capture directory::
                  "entries": [{"key": "e0", "site": "single_transformer_blocks.3", "stream": "image",
                               "step": 0, "timestep": 1000.0, "call": 0, "prompt_id": "p0",
                               "label": "safe", "shape": [64, 3072], "dtype": "bfloat16",
-                              "tokens_total": 4096}]}]}
+                              "tokens_total": 4096, "crc32": 2882339208}]}]}
+
+`crc32` is `zlib.crc32` of the tensor's bytes as the shard stores them (row-major, little-endian,
+in `dtype`), an unsigned 32-bit int. The writer records it in the entry, in the shard header and
+in the manifest alike, and every read of the tensor (`iter_entries`, `iter_prompts`, `load`, ...)
+recomputes it and raises `ShardError` naming the shard, tensor key, prompt and site when the
+bytes differ: a damaged shard never loads as silently wrong (e.g. non-finite) activations. Entries
+of stores written before checksums existed have no `crc32` key; they stay readable, unverified.
+Opening a store also checks that the manifest and the shard header record the same checksum.
 
 A prompt counts once all its entries are on disk: its id goes into `completed` together with
 the id of the run (one writer session) that captured it, in the same atomic step as its last
@@ -78,6 +86,7 @@ class Entry:
     shape: tuple[int, ...]
     dtype: str
     tokens_total: int
+    crc32: Optional[int] = None  # zlib.crc32 of the stored bytes; None in stores written before checksums
 
     @property
     def site_key(self) -> str:
@@ -87,24 +96,50 @@ class Entry:
         d = dataclasses.asdict(self)
         del d["shard"]
         d["shape"] = list(self.shape)
+        if self.crc32 is None:  # an entry of an older store keeps the record it had
+            del d["crc32"]
         return d
 
 
 _ENTRY_FIELDS = {f.name for f in dataclasses.fields(Entry)} - {"shard"}
+_ENTRY_FIELDS_V0 = _ENTRY_FIELDS - {"crc32"}  # stores written before checksums
 
 
 def _entry_from_record(rec: Any, shard: str, where: str) -> Entry:
-    if not isinstance(rec, dict) or set(rec) != _ENTRY_FIELDS:
+    if not isinstance(rec, dict) or set(rec) not in (_ENTRY_FIELDS, _ENTRY_FIELDS_V0):
         got = sorted(rec) if isinstance(rec, dict) else type(rec).__name__
-        raise ManifestError(f"{where}: an entry of {shard} must have the keys {sorted(_ENTRY_FIELDS)}, got {got}")
+        raise ManifestError(f"{where}: an entry of {shard} must have the keys {sorted(_ENTRY_FIELDS)} "
+                            f"('crc32' may be absent in stores written before checksums), got {got}")
+    crc = rec.get("crc32")
+    if crc is not None and (isinstance(crc, bool) or not isinstance(crc, int) or not 0 <= crc < 1 << 32):
+        raise ManifestError(f"{where}: entry {rec.get('key')!r} of {shard}: 'crc32' must be an unsigned 32-bit "
+                            f"int, got {crc!r}")
     try:
         return Entry(shard=shard, key=str(rec["key"]), site=str(rec["site"]), stream=str(rec["stream"]),
                      step=int(rec["step"]), timestep=None if rec["timestep"] is None else float(rec["timestep"]),
                      call=int(rec["call"]), prompt_id=str(rec["prompt_id"]), label=str(rec["label"]),
                      shape=tuple(int(s) for s in rec["shape"]), dtype=str(rec["dtype"]),
-                     tokens_total=int(rec["tokens_total"]))
+                     tokens_total=int(rec["tokens_total"]), crc32=crc)
     except (TypeError, ValueError) as e:
         raise ManifestError(f"{where}: malformed entry {rec!r} of {shard}: {e}") from None
+
+
+def tensor_crc32(t: torch.Tensor) -> int:
+    """`zlib.crc32` of a CPU tensor's bytes as safetensors stores them (row-major, native byte
+    order, which is little-endian on every platform torch ships for)."""
+    return zlib.crc32(t.detach().contiguous().view(-1).view(torch.uint8).numpy())
+
+
+def _verified(path: Path, e: Entry, t: torch.Tensor) -> torch.Tensor:
+    """`t`, read from `path` for entry `e`, after checking it against the entry's checksum."""
+    if e.crc32 is not None:
+        got = tensor_crc32(t)
+        if got != e.crc32:
+            raise ShardError(f"shard {path}, tensor {e.key!r} (prompt {e.prompt_id!r}, site {e.site_key}, step "
+                             f"{e.step}): checksum mismatch, recorded crc32 {e.crc32:#010x}, the data read has "
+                             f"{got:#010x}; the shard's bytes changed after capture wrote them (disk or copy "
+                             f"damage); re-capture into a new directory or restore the shard from a copy")
+    return t
 
 
 def _shard_header(path: Path) -> dict[str, Any]:
@@ -125,7 +160,12 @@ def _shard_header(path: Path) -> dict[str, Any]:
     return header
 
 
-def _check_entries_in_shard(path: Path, entries: Sequence[Entry], tensors: dict[str, tuple]) -> None:
+def _check_entries_in_shard(path: Path, entries: Sequence[Entry], tensors: dict[str, tuple],
+                            header_entries: Optional[Sequence[Any]] = None) -> None:
+    header_crc = {}
+    for r in header_entries or ():
+        if isinstance(r, dict) and r.get("crc32") is not None:
+            header_crc[r.get("key")] = r["crc32"]
     for e in entries:
         if e.key not in tensors:
             raise ShardError(f"shard {path} lacks tensor {e.key!r} that the manifest lists "
@@ -135,6 +175,12 @@ def _check_entries_in_shard(path: Path, entries: Sequence[Entry], tensors: dict[
             raise ShardError(f"shard {path}, tensor {e.key!r}: "
                              f"the manifest says shape {list(e.shape)} dtype {e.dtype}, "
                              f"the file holds shape {list(shape)} dtype {safetensors_dtype_name(st_dtype)}")
+        if e.crc32 is not None and e.key in header_crc and header_crc[e.key] != e.crc32:
+            h = header_crc[e.key]
+            h = f"{h:#010x}" if isinstance(h, int) else repr(h)
+            raise ShardError(f"shard {path}, tensor {e.key!r} (prompt {e.prompt_id!r}, site {e.site_key}, step "
+                             f"{e.step}): the manifest records crc32 {e.crc32:#010x}, the shard header {h}: "
+                             f"the file was replaced or the manifest edited")
 
 
 def _shard_index(name: str) -> int:
@@ -266,7 +312,8 @@ class ActivationWriter:
         rec = {"key": "", "site": site.module, "stream": site.stream, "step": int(step),
                "timestep": None if timestep is None else float(timestep), "call": int(call),
                "prompt_id": prompt_id, "label": label, "shape": list(t.shape), "dtype": dtype_name(t.dtype),
-               "tokens_total": int(tokens_total if tokens_total is not None else t.shape[0])}
+               "tokens_total": int(tokens_total if tokens_total is not None else t.shape[0]),
+               "crc32": tensor_crc32(t)}
         self._buffer.append((rec, t))
         self._buffer_bytes += t.numel() * t.element_size()
         if self._buffer_bytes >= self.shard_bytes:
@@ -361,7 +408,7 @@ class ActivationStore:
                 if header.get("run") != s["run"]:
                     raise ShardError(f"shard {path} was written by run {header.get('run')!r}, the manifest "
                                      f"says run {s['run']!r}: the file was replaced")
-                _check_entries_in_shard(path, visible, header["_tensors"])
+                _check_entries_in_shard(path, visible, header["_tensors"], header.get("entries"))
             entries.extend(visible)
         seen: dict[tuple, Entry] = {}
         widths: dict[str, int] = {}
@@ -411,14 +458,16 @@ class ActivationStore:
     def iter_entries(self, site: Union[str, SiteSpec, None] = None, labels: LabelSelector = None,
                      steps: Optional[Iterable[int]] = None,
                      dtype: Optional[torch.dtype] = None) -> Iterator[tuple[Entry, torch.Tensor]]:
-        """(entry, activations `[tokens, d]`) in shard order, one shard open at a time."""
+        """(entry, activations `[tokens, d]`) in shard order, one shard open at a time; each tensor
+        is checked against its checksum (`ShardError` when the shard's bytes changed)."""
         by_shard: dict[str, list[Entry]] = defaultdict(list)
         for e in self.entries(site, labels, steps):
             by_shard[e.shard].append(e)
         for shard, es in by_shard.items():
-            with safe_open(str(self.dir / shard), "pt") as f:
+            path = self.dir / shard
+            with safe_open(str(path), "pt") as f:
                 for e in es:
-                    t = f.get_tensor(e.key)
+                    t = _verified(path, e, f.get_tensor(e.key))
                     yield e, (t if dtype is None else t.to(dtype))
 
     def iter_prompts(self, site: Union[str, SiteSpec], labels: LabelSelector = None,
@@ -431,8 +480,9 @@ class ActivationStore:
         for pid, es in by_prompt.items():
             parts = []
             for e in sorted(es, key=lambda e: (e.step, e.call)):
-                with safe_open(str(self.dir / e.shard), "pt") as f:
-                    t = f.get_tensor(e.key)
+                path = self.dir / e.shard
+                with safe_open(str(path), "pt") as f:
+                    t = _verified(path, e, f.get_tensor(e.key))
                 parts.append(t if dtype is None else t.to(dtype))
             yield pid, es[0].label, torch.cat(parts)
 

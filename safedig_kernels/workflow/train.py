@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from .._io import atomic_save_safetensors, atomic_write_json, dtype_from_name, read_json
+from .._library import MAX_K
 from ..reference import gather_sum
 from ..sae import SAEMetadata, TopKSAE
 
@@ -83,34 +84,64 @@ class TrainConfig:
     checkpoint_every: int = 0
     keep_checkpoints: int = 2
 
+    def check(self, names: Optional[dict[str, str]] = None) -> "TrainConfig":
+        """Check every setting that does not depend on the data width `d`; returns `self`.
+
+        Cheap, so a caller (the CLI) runs it before loading any data; `resolved(d)` runs it too.
+        `names` maps field names to what the errors call them (e.g. `{"num_features":
+        "--features"}`); fields not in it are named as they are.
+        """
+        def name(f: str) -> str:
+            return (names or {}).get(f, f)
+
+        def is_int(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        if self.num_features is not None and (not is_int(self.num_features) or self.num_features < 1):
+            raise ValueError(f"{name('num_features')} must be a positive int, got {self.num_features!r}")
+        if self.num_features is None and (not is_int(self.expansion) or self.expansion < 1):
+            raise ValueError(f"{name('expansion')} must be a positive int, got {self.expansion!r}")
+        if not is_int(self.k) or not 1 <= self.k <= MAX_K:
+            raise ValueError(f"{name('k')} must be an int in [1, {MAX_K}], got {self.k!r}")
+        if self.num_features is not None and self.k > self.num_features:
+            raise ValueError(f"{name('k')} must be an int in [1, {name('num_features')} = {self.num_features}], "
+                             f"got {self.k!r}")
+        for f in ("steps", "batch_size", "scale_tokens", "dead_after_tokens"):
+            v = getattr(self, f)
+            if not is_int(v) or v < 1:
+                raise ValueError(f"{name(f)} must be a positive int, got {v!r}")
+        if not is_int(self.seed):
+            raise ValueError(f"{name('seed')} must be an int, got {self.seed!r}")
+        for f in ("aux_k", "log_every", "checkpoint_every", "keep_checkpoints"):
+            v = getattr(self, f)
+            if f == "aux_k" and v is None:
+                continue
+            if not is_int(v) or v < 0:
+                raise ValueError(f"{name(f)} must be a non-negative int, got {v!r}")
+        if self.lr is not None and not (_is_real(self.lr) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"{name('lr')} must be a finite number > 0, got {self.lr!r}")
+        if not (_is_real(self.aux_coef) and math.isfinite(self.aux_coef) and self.aux_coef >= 0):
+            raise ValueError(f"{name('aux_coef')} must be a finite number >= 0, got {self.aux_coef!r}")
+        dtype_from_name(self.dtype, name("dtype"))
+        return self
+
     def resolved(self, d: int) -> "TrainConfig":
+        """The settings for data of width `d`, defaults filled in (all checked)."""
+        self.check()
         c = dataclasses.replace(self)
         if c.num_features is None:
-            if not isinstance(c.expansion, int) or c.expansion < 1:
-                raise ValueError(f"expansion must be a positive int, got {c.expansion!r}")
             c.num_features = c.expansion * d
-        if not isinstance(c.num_features, int) or c.num_features < 1:
-            raise ValueError(f"num_features must be a positive int, got {c.num_features!r}")
-        if not isinstance(c.k, int) or not 1 <= c.k <= c.num_features:
+        if not 1 <= c.k <= c.num_features:
             raise ValueError(f"k must be an int in [1, num_features = {c.num_features}], got {c.k!r}")
         if c.lr is None:
             c.lr = 2e-4 / math.sqrt(c.num_features / 2 ** 14)
         if c.aux_k is None:
             c.aux_k = max(1, min(d // 2, c.num_features))
-        for name in ("steps", "batch_size", "scale_tokens"):
-            v = getattr(c, name)
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
-        if not isinstance(c.dead_after_tokens, int) or c.dead_after_tokens < 1:
-            raise ValueError(f"dead_after_tokens must be a positive int, got {c.dead_after_tokens!r}")
-        for name in ("aux_k", "log_every", "checkpoint_every", "keep_checkpoints"):
-            v = getattr(c, name)
-            if not isinstance(v, int) or v < 0:
-                raise ValueError(f"{name} must be a non-negative int, got {v!r}")
-        if not (c.lr > 0 and c.aux_coef >= 0):
-            raise ValueError(f"lr must be > 0 and aux_coef >= 0, got lr={c.lr}, aux_coef={c.aux_coef}")
-        dtype_from_name(c.dtype, "dtype")
         return c
+
+
+def _is_real(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 @dataclass

