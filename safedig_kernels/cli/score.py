@@ -25,7 +25,8 @@ def run(args: argparse.Namespace) -> int:
     store = ActivationStore(args.activations)
     sae = TopKSAE.load(args.sae)
     report = score_features(store, args.site, sae, unsafe_labels=args.unsafe, safe_labels=args.safe,
-                            rule=harmful_rule(args), steps=args.denoise_steps, sae_path=args.sae)
+                            rule=harmful_rule(args), steps=args.denoise_steps, sae_path=args.sae,
+                            allow_other_site=args.allow_other_site)
     json_path, txt_path = report.write(args.report)
     print(report.table(rows=args.rows))
     print(f"report: {json_path} and {txt_path}")
@@ -58,6 +59,8 @@ with the harmful set stored in it.""",
     add_denoise_steps(p)
     p.add_argument("--report", required=True, help="JSON report path (the table goes next to it as .txt)")
     p.add_argument("--out-sae", default=None, help="also save the SAE with the harmful set stored in it")
+    p.add_argument("--allow-other-site", action="store_true",
+                   help="score with an SAE whose metadata names another site or stream (refused otherwise)")
     p.add_argument("--rows", type=int, default=20, help="table rows to print (default 20)")
     add_rule_options(p)
     p.set_defaults(fn=run)

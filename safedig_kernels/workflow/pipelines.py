@@ -1,11 +1,12 @@
 """The pipelines the workflow runs on, by name: the built-in tiny FLUX or a diffusers pipeline."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Union
 
 import torch
+
+from .._io import read_json
 
 __all__ = ["load_pipeline"]
 
@@ -25,7 +26,7 @@ def load_pipeline(model: str, device: Union[str, torch.device] = "cpu", dtype: t
     kwargs: dict[str, Any] = {"dtype" if hasattr(pipeline_utils, "_resolve_dtype") else "torch_dtype": dtype}
     index = Path(model) / "model_index.json"
     if index.is_file():
-        spec = json.loads(index.read_text())
+        spec = read_json(index, "pipeline index")
         kwargs.update({k: None for k, v in spec.items() if isinstance(v, list) and v == [None, None]})
     elif Path(model).exists():
         raise ValueError(f"--model {model}: a local pipeline directory must contain model_index.json")

@@ -48,7 +48,7 @@ from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 import torch
 from safetensors import safe_open
 
-from .._io import atomic_save_safetensors, atomic_write_json, dtype_name, read_json, safetensors_dtype_name
+from .._io import atomic_save_safetensors, atomic_write_json, dtype_name, loads_json, read_json, safetensors_dtype_name
 from ..integrations.diffusers.sites import SiteSpec
 from .prompts import LabelSelector, label_matches, parse_labels
 
@@ -153,7 +153,7 @@ def _shard_header(path: Path) -> dict[str, Any]:
     if SHARD_META_KEY not in meta:
         raise ShardError(f"shard {path} has no '{SHARD_META_KEY}' metadata: not written by safedig capture")
     try:
-        header = json.loads(meta[SHARD_META_KEY])
+        header = loads_json(meta[SHARD_META_KEY])
     except json.JSONDecodeError as e:
         raise ShardError(f"shard {path}: its '{SHARD_META_KEY}' metadata is not valid JSON ({e.msg})") from None
     header["_tensors"] = tensors

@@ -160,3 +160,38 @@ def test_bench_subcommand_hands_its_arguments_to_the_suite(capsys):
     assert cli.main(["bench", "run", "--set", "cpu", "--list"]) == 0
     listed = capsys.readouterr().out.split()
     assert "steer-cpu-small-4x-k32-N64-float32-fused" in listed
+
+
+def test_score_and_steer_refuse_an_sae_trained_at_another_site(tmp_path, capsys):
+    from _workflow import orthonormal_basis, orthonormal_sae, planted_tokens, write_store
+
+    from safedig_kernels import random_sae
+    from safedig_kernels.integrations.diffusers import SafeDIGConfig, SiteConfig
+
+    Q, g = orthonormal_basis(16, seed=0), torch.Generator().manual_seed(0)
+    prompts = {f"u{i}": ("unsafe/nudity", {"b.0": planted_tokens(Q, 16, g, range(4, 16), {0: (0.9, 3.0)})})
+               for i in range(3)}
+    prompts.update({f"s{i}": ("safe", {"b.0": planted_tokens(Q, 16, g, range(4, 16))}) for i in range(3)})
+    acts = write_store(tmp_path / "acts", prompts)
+    sae = orthonormal_sae(Q, k=3)
+    sae.metadata.site, sae.metadata.extra = "b.1", {"stream": "image"}
+    sae.save(tmp_path / "b1.safetensors")
+    score = ["score", "--activations", str(acts), "--site", "b.0", "--sae", str(tmp_path / "b1.safetensors"),
+             "--report", str(tmp_path / "score.json")]
+    assert main(score) == 2
+    err = capsys.readouterr().err
+    assert "trained at site 'b.1:image' but is used at b.0:image" in err and err.count("\n") == 1
+    assert main(score + ["--allow-other-site"]) == 0
+
+    other = random_sae(32, 64, 4, harmful=[1, 2], seed=0)
+    other.metadata.site, other.metadata.extra = "transformer_blocks.1", {"stream": "image"}
+    other.save(tmp_path / "tb1.safetensors")
+    SafeDIGConfig([SiteConfig("transformer_blocks.0", str(tmp_path / "tb1.safetensors"), beta=0.5, tau=-1.0)]
+                  ).to_json(tmp_path / "steer.json")
+    prompt_file = write_synthetic_prompts(tmp_path / "p", {"safe": 1}, seed=0)
+    steer = ["steer", "--config", str(tmp_path / "steer.json"), "--prompts", str(prompt_file), "--out",
+             str(tmp_path / "out"), "--num-inference-steps", "1", "--height", "16", "--width", "16", "--no-progress"]
+    assert main(steer) == 2
+    err = capsys.readouterr().err
+    assert "trained at site 'transformer_blocks.1:image' but is used at transformer_blocks.0:image" in err
+    assert not (tmp_path / "out").exists()
