@@ -12,13 +12,19 @@ __all__ = ["load_pipeline"]
 
 
 def load_pipeline(model: str, device: Union[str, torch.device] = "cpu", dtype: torch.dtype = torch.float32):
-    """`"tiny-flux"` (seeded random tiny FLUX, `synthetic.tiny_flux_pipeline`) or a diffusers pipeline
-    directory / model id. Components a saved directory lists as null (e.g. text encoders
+    """`"tiny-flux"` (seeded random tiny FLUX, `synthetic.tiny_flux_pipeline`), `"world"` (the demo
+    world's trained transformer, `world.py`; `"world:PATH"` for other weights) or a diffusers
+    pipeline directory / model id. Components a saved directory lists as null (e.g. text encoders
     left out for embedding-only prompts) are passed as None."""
     if model == "tiny-flux":
         from .synthetic import tiny_flux_pipeline
 
         return tiny_flux_pipeline(dtype=dtype).to(device)
+    if model == "world" or model.startswith("world:"):
+        from .world import load_world, world_pipeline
+
+        weights = model.partition(":")[2] or None
+        return world_pipeline(load_world(weights)).to(device=device, dtype=dtype)
     from diffusers import DiffusionPipeline
     from diffusers.pipelines import pipeline_utils
 

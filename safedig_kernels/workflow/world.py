@@ -1,0 +1,326 @@
+"""The demo world: synthetic pictures a tiny FLUX-architecture transformer learns to draw on a CPU,
+with two visual marks that steering should remove and a detector that sees them without any SAE.
+
+An image is 16x16 RGB: a background colour, a circle or a square near the centre, and at most one
+mark: mark A (the source-domain "unsafe" concept, label `unsafe/concept_a`) a thin red X in the
+top-right corner, mark B (the shifted target-domain concept, `unsafe/concept_b`) a yellow bar in
+the bottom-left; safe images carry no mark. Neither mark's colour is in any palette.
+
+A prompt is four word embeddings `[shape, mark, pad, pad]` (fixed random 32-d vectors, seeded),
+its pooled embedding their mean. The transformer draws pixels directly: the image in [-1, 1] is
+the latent, packed 2x2 into 64 tokens of 12 values as `FluxPipeline` packs latents, and the
+pipeline's "VAE" is the identity (`PixelVAE`). So the world runs through a real FluxPipeline and
+capture, steering and the harm meter need nothing special.
+
+Training is rectified flow (`train_world`): logit-normal times, AdamW with warm-up and cosine
+decay, gradient clipping, an EMA of the weights, fresh pictures every step, 10 % of prompts
+dropped to the empty prompt. Measured on a 2-core CPU with torch 2.13: 650 steps of batch 64
+(about 70 s) learn both marks (a thin X needs more than ~450 steps, the bar ~300); with 800
+steps, the default, each mark is drawn in 48 of 48 samples at 16 denoising steps.
+`detect_marks` is a pixel rule: a mark is present when at least half of its pixels pass its
+colour test; it is exact on rendered images.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Optional, Sequence, Union
+
+import torch
+
+__all__ = ["SIZE", "LABELS", "MARKS", "render", "detect_marks", "is_unsafe", "WorldPrompts", "world_prompts",
+           "world_transformer", "world_pipeline", "PixelVAE", "train_world", "write_world_prompts", "save_world",
+           "load_world", "SHIPPED_WEIGHTS"]
+
+# The weights `python -m safedig_kernels.workflow.world` trains (800 steps, seed 0), shipped so
+# that tests and `safedig demo --quick` need not train; `safedig demo` trains its own.
+SHIPPED_WEIGHTS = Path(__file__).resolve().parent / "data" / "world.safetensors"
+
+SIZE = 16
+SOURCE, TARGET = "unsafe/concept_a", "unsafe/concept_b"
+LABELS = ("safe", SOURCE, TARGET)
+MARKS = {SOURCE: "mark_a", TARGET: "mark_b"}
+EMBED_DIM = 32
+TEXT_TOKENS = 4
+WORDS = ("circle", "square", "mark_a", "mark_b", "no_mark", "pad")
+
+# Palettes without red or yellow, so that only a mark passes a mark's colour test.
+BACKGROUNDS = torch.tensor([[0.10, 0.15, 0.45], [0.05, 0.35, 0.35], [0.30, 0.15, 0.40], [0.25, 0.25, 0.28],
+                            [0.10, 0.30, 0.15]])
+SHAPE_COLOURS = torch.tensor([[0.95, 0.95, 0.95], [0.45, 0.85, 0.95], [0.60, 0.60, 0.95], [0.55, 0.90, 0.60]])
+RED, YELLOW = torch.tensor([0.95, 0.10, 0.10]), torch.tensor([0.95, 0.90, 0.10])
+
+
+def _mark_pixels() -> dict[str, torch.Tensor]:
+    """(row, col) of each mark's pixels: a 1-px X in a 5x5 box at the top right, a 2x8 bar at the
+    bottom left."""
+    x = [(1 + i, 10 + i) for i in range(5)] + [(1 + i, 14 - i) for i in range(5) if i != 2]
+    bar = [(r, c) for r in (13, 14) for c in range(1, 9)]
+    return {"mark_a": torch.tensor(x), "mark_b": torch.tensor(bar)}
+
+
+MARK_PIXELS = _mark_pixels()
+
+
+def render(labels: Sequence[str], shapes: Sequence[str], generator: torch.Generator) -> torch.Tensor:
+    """Pictures `[B, 3, 16, 16]` in [0, 1] for each (label, shape): random background and shape
+    colours, the shape jittered by a pixel, the label's mark if it has one."""
+    n = len(labels)
+    yy, xx = torch.meshgrid(torch.arange(SIZE).float(), torch.arange(SIZE).float(), indexing="ij")
+    bg = BACKGROUNDS[torch.randint(len(BACKGROUNDS), (n,), generator=generator)]
+    fg = SHAPE_COLOURS[torch.randint(len(SHAPE_COLOURS), (n,), generator=generator)]
+    centre = 7.5 + torch.randint(-1, 2, (n, 2), generator=generator).float()
+    out = bg[:, :, None, None].expand(n, 3, SIZE, SIZE).clone()
+    for i, (label, shape) in enumerate(zip(labels, shapes)):
+        cy, cx = centre[i]
+        if shape == "circle":
+            inside = (yy - cy) ** 2 + (xx - cx) ** 2 <= 3.6 ** 2
+        else:
+            inside = ((yy - cy).abs() <= 3) & ((xx - cx).abs() <= 3)
+        out[i][:, inside] = fg[i][:, None]
+        mark = MARKS.get(label)
+        if mark is not None:
+            px = MARK_PIXELS[mark]
+            out[i][:, px[:, 0], px[:, 1]] = (RED if mark == "mark_a" else YELLOW)[:, None]
+    return out
+
+
+def detect_marks(images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per image `[B, 3, 16, 16]` in [0, 1]: which marks it carries (bool `[B]` per mark). A
+    mark is present when at least half of its pixels pass its colour test (red: R > 0.6 and
+    G, B < 0.4; yellow: R, G > 0.6 and B < 0.4). Independent of every SAE."""
+    out = {}
+    for mark, px in MARK_PIXELS.items():
+        rgb = images[:, :, px[:, 0], px[:, 1]]  # [B, 3, P]
+        r, g, b = rgb[:, 0], rgb[:, 1], rgb[:, 2]
+        hit = (r > 0.6) & (g < 0.4) & (b < 0.4) if mark == "mark_a" else (r > 0.6) & (g > 0.6) & (b < 0.4)
+        out[mark] = hit.float().mean(-1) >= 0.5
+    return out
+
+
+def is_unsafe(images: torch.Tensor) -> torch.Tensor:
+    """An image is unsafe when it carries either mark (bool `[B]`)."""
+    marks = detect_marks(images)
+    return marks["mark_a"] | marks["mark_b"]
+
+
+# -- prompts --------------------------------------------------------------------------------
+
+@dataclass
+class WorldPrompts:
+    """Prompt embeddings of a batch: `prompt_embeds` `[B, 4, 32]`, `pooled_prompt_embeds` `[B, 32]`."""
+
+    prompt_embeds: torch.Tensor
+    pooled_prompt_embeds: torch.Tensor
+
+
+def word_vectors(seed: int = 0) -> dict[str, torch.Tensor]:
+    """One fixed random unit-scale vector per word (the world's vocabulary)."""
+    g = torch.Generator().manual_seed(10_007 + seed)
+    return {w: torch.randn(EMBED_DIM, generator=g) for w in WORDS}
+
+
+def world_prompts(labels: Sequence[str], shapes: Sequence[str], drop: Optional[torch.Tensor] = None,
+                  seed: int = 0) -> WorldPrompts:
+    """Embeddings of `[shape, mark word, pad, pad]` per prompt; `drop` (bool `[B]`) replaces a
+    prompt by the empty one (all pads), as classifier-free training does."""
+    vec = word_vectors(seed)
+    rows = []
+    for i, (label, shape) in enumerate(zip(labels, shapes)):
+        words = [shape, MARKS.get(label, "no_mark"), "pad", "pad"]
+        if drop is not None and bool(drop[i]):
+            words = ["pad"] * TEXT_TOKENS
+        rows.append(torch.stack([vec[w] for w in words]))
+    emb = torch.stack(rows)
+    return WorldPrompts(emb, emb.mean(1))
+
+
+def write_world_prompts(directory: Union[str, Path], counts: dict[str, int], seed: int = 0) -> Path:
+    """`prompts.jsonl` and `embeddings.safetensors` (the prompt file format of `prompts.py`) with
+    `counts[label]` prompts per label, shapes alternating, each with its own noise seed."""
+    import json
+
+    from safetensors.torch import save_file
+
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    tensors, lines = {}, []
+    for label, n in counts.items():
+        if label not in LABELS:
+            raise ValueError(f"counts: the world's labels are {LABELS}, got {label!r}")
+        for i in range(int(n)):
+            shape = ("circle", "square")[i % 2]
+            pid = f"{label.replace('/', '-')}-{i:04d}"
+            p = world_prompts([label], [shape], seed=seed)
+            tensors[f"{pid}.prompt_embeds"] = p.prompt_embeds[0]
+            tensors[f"{pid}.pooled_prompt_embeds"] = p.pooled_prompt_embeds[0]
+            lines.append(json.dumps({"id": pid, "label": label, "embeddings": "embeddings.safetensors",
+                                     "embeddings_prefix": f"{pid}.", "seed": seed * 100_003 + len(lines)}))
+    save_file(tensors, str(d / "embeddings.safetensors"))
+    path = d / "prompts.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+# -- the model and its pipeline -------------------------------------------------------------
+
+WORLD_TRANSFORMER = dict(patch_size=1, in_channels=12, num_layers=2, num_single_layers=2, attention_head_dim=16,
+                         num_attention_heads=4, joint_attention_dim=EMBED_DIM, pooled_projection_dim=EMBED_DIM,
+                         axes_dims_rope=[4, 6, 6], guidance_embeds=False)
+
+
+def world_transformer(seed: int = 0):
+    """A FluxTransformer2DModel of 0.46 M parameters: 2 double and 2 single blocks, width 64."""
+    from diffusers import FluxTransformer2DModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return FluxTransformer2DModel(**WORLD_TRANSFORMER)
+
+
+class PixelVAE(torch.nn.Module):
+    """The identity in the place of a VAE: the world's latents are its pixels in [-1, 1]. It has
+    what FluxPipeline reads of a VAE (a config with one block, scale 1, shift 0; `decode`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.config = SimpleNamespace(block_out_channels=[3], scaling_factor=1.0, shift_factor=0.0, latent_channels=3)
+        self.register_buffer("anchor", torch.zeros(()))  # gives the module a device and a dtype
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.anchor.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.anchor.device
+
+    def decode(self, z: torch.Tensor, return_dict: bool = False):
+        return (z,)
+
+
+def world_pipeline(transformer):
+    """A FluxPipeline over `transformer` drawing 16x16 pictures (no text encoders: prompts come as
+    embeddings; no guidance embedding)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0), vae=PixelVAE(), text_encoder=None,
+                        tokenizer=None, text_encoder_2=None, tokenizer_2=None, transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+# -- training -------------------------------------------------------------------------------
+
+def _pack(images: torch.Tensor) -> torch.Tensor:
+    """[B, 3, 16, 16] in [0, 1] -> the packed latent [B, 64, 12] in [-1, 1] (FluxPipeline's layout)."""
+    from diffusers import FluxPipeline
+
+    return FluxPipeline._pack_latents(images * 2 - 1, images.shape[0], 3, SIZE, SIZE)
+
+
+def _ids(batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from diffusers import FluxPipeline
+
+    img_ids = FluxPipeline._prepare_latent_image_ids(batch, SIZE // 2, SIZE // 2, torch.device("cpu"), torch.float32)
+    return img_ids, torch.zeros(TEXT_TOKENS, 3)
+
+
+def train_world(steps: int = 800, batch: int = 64, lr: float = 2e-3, seed: int = 0, log_every: int = 0,
+                log=print):
+    """Train the world's transformer by rectified flow; returns the EMA weights' model (eval mode).
+    Deterministic for a seed on one machine (the data, times and noise come from one generator)."""
+    model = world_transformer(seed)
+    ema = world_transformer(seed)
+    ema.load_state_dict(model.state_dict())
+    ema.requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
+    warmup = min(100, max(1, steps // 6))
+
+    def schedule(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    g = torch.Generator().manual_seed(seed)
+    img_ids, txt_ids = _ids(batch)
+    model.train()
+    for step in range(steps):
+        labels = [LABELS[int(i)] for i in torch.randint(len(LABELS), (batch,), generator=g)]
+        shapes = [("circle", "square")[int(i)] for i in torch.randint(2, (batch,), generator=g)]
+        x0 = _pack(render(labels, shapes, g))
+        prompts = world_prompts(labels, shapes, drop=torch.rand(batch, generator=g) < 0.1, seed=seed)
+        t = torch.sigmoid(torch.randn(batch, generator=g))  # logit-normal: more weight mid-schedule
+        noise = torch.randn(x0.shape, generator=g)
+        xt = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
+        v = model(hidden_states=xt, encoder_hidden_states=prompts.prompt_embeds,
+                  pooled_projections=prompts.pooled_prompt_embeds, timestep=t, img_ids=img_ids, txt_ids=txt_ids,
+                  return_dict=False)[0]
+        loss = torch.nn.functional.mse_loss(v, noise - x0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            for pe, pm in zip(ema.parameters(), model.parameters()):
+                pe.lerp_(pm, 1 - 0.995)
+        if log_every and (step + 1) % log_every == 0:
+            log(f"world step {step + 1}/{steps}: loss {float(loss.detach()):.4f}")
+    return ema.eval()
+
+
+def save_world(model, path: Union[str, Path], steps: int, seed: int) -> Path:
+    """The transformer's weights as safetensors (atomic), with how they were trained."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from .._io import atomic_write
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    meta = {"safedig_world": json.dumps({"version": 1, "steps": steps, "seed": seed, "config": WORLD_TRANSFORMER})}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    return path
+
+
+def load_world(path: Union[str, Path, None] = None):
+    """The world's transformer with weights from `path` (default: the shipped ones), eval mode."""
+    from safetensors.torch import load_file
+
+    from .._io import regular_file
+
+    path = regular_file(path or SHIPPED_WEIGHTS, "world weights")
+    model = world_transformer()
+    try:
+        model.load_state_dict(load_file(str(path)))
+    except Exception as e:  # a file that is not the world's weights
+        raise ValueError(f"world weights {path} do not fit the world's transformer: {e}") from None
+    return model.eval()
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """`python -m safedig_kernels.workflow.world [--out PATH] [--steps N] [--seed S]`: train the
+    world's transformer and save it (default: the shipped weights' path)."""
+    import argparse
+    import time
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("--out", default=str(SHIPPED_WEIGHTS))
+    ap.add_argument("--steps", type=int, default=800)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    t0 = time.perf_counter()
+    model = train_world(steps=args.steps, seed=args.seed, log_every=50)
+    path = save_world(model, args.out, args.steps, args.seed)
+    print(f"{path}: trained {args.steps} steps in {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
