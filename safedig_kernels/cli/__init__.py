@@ -7,7 +7,8 @@
     safedig adapt    adapt an SAE's decoder to a target domain with the encoder frozen
     safedig steer    generate with and without steering from a steering config; images and harm telemetry
     safedig bench    benchmark the ops against the eager and compiled references: JSON, CSV, tables, plots
-    safedig demo     the whole workflow on a built-in tiny FLUX, end to end, on a CPU in well under two minutes
+    safedig eval     unsafe rate judged by a detector, unsteered and steered; PSNR/SSIM of the safe images
+    safedig demo     the whole workflow on the demo world, end to end and judged, on a CPU in about 3 minutes
 
 Run `safedig <command> --help` for each.
 """
@@ -17,14 +18,14 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from . import adapt, capture, demo, route, score, steer, train
+from . import adapt, capture, demo, eval, route, score, steer, train
 from ._options import FORMATTER
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="safedig", description=__doc__, formatter_class=FORMATTER)
     sub = parser.add_subparsers(dest="command", required=True)
-    for command in (capture, train, score, route, adapt, steer):
+    for command in (capture, train, score, route, adapt, steer, eval):
         command.add_parser(sub)
     # Listed for `safedig --help`; main() hands `safedig bench ...` to the suite's own parser.
     sub.add_parser("bench", add_help=False,

@@ -13,7 +13,8 @@ from .._io import atomic_write_json
 
 FORMATTER = argparse.RawDescriptionHelpFormatter
 
-MODEL_HELP = "'tiny-flux' (built-in seeded random FLUX, CPU) or a diffusers pipeline directory / model id"
+MODEL_HELP = ("'world' (the demo world's trained tiny FLUX; 'world:PATH' for other weights), 'tiny-flux' (built-in "
+              "seeded random FLUX) or a diffusers pipeline directory / model id")
 
 
 def int_list(text: str) -> list[int]:
@@ -67,28 +68,50 @@ def add_threads(p: argparse.ArgumentParser) -> None:
                    help="torch CPU threads (default: 1 for tiny-flux on a CPU, else torch's default)")
 
 
-def add_model_options(p: argparse.ArgumentParser, model_help: str = MODEL_HELP) -> None:
+def add_model_options(p: argparse.ArgumentParser, model_help: str = MODEL_HELP,
+                      default: Optional[str] = "tiny-flux") -> None:
     """--model, --device, --model-dtype: which pipeline to load, where and in which dtype."""
-    p.add_argument("--model", default="tiny-flux", help=model_help)
+    p.add_argument("--model", default=default, help=model_help)
     add_device(p)
     p.add_argument("--model-dtype", default="float32", help="pipeline dtype: float32, bfloat16, float16")
 
 
-def add_pipeline_options(p: argparse.ArgumentParser) -> None:
-    """The model options, then how each image is generated: --num-inference-steps, --height,
-    --width, --guidance-scale, --seed (resolve the image size with `image_size`)."""
-    add_model_options(p)
-    p.add_argument("--num-inference-steps", type=int, default=4, help="denoising steps per image (default 4)")
-    p.add_argument("--height", type=int, default=None, help="image height (default 32 for tiny-flux, else 1024)")
-    p.add_argument("--width", type=int, default=None, help="image width (default 32 for tiny-flux, else 1024)")
+def add_pipeline_options(p: argparse.ArgumentParser, model: str = "tiny-flux") -> None:
+    """The model options (`model` the default --model), then how each image is generated:
+    --num-inference-steps, --height, --width, --guidance-scale, --seed (resolve them with
+    `image_size` and `denoise_steps`)."""
+    add_model_options(p, default=model, model_help=f"{MODEL_HELP} (default {model})")
+    p.add_argument("--num-inference-steps", type=int, default=None,
+                   help="denoising steps per image (default 16 for world, else 4)")
+    p.add_argument("--height", type=int, default=None,
+                   help="image height (default 16 for world, 32 for tiny-flux, else 1024)")
+    p.add_argument("--width", type=int, default=None,
+                   help="image width (default 16 for world, 32 for tiny-flux, else 1024)")
     p.add_argument("--guidance-scale", type=float, default=3.5, help="guidance scale passed to the pipeline")
     p.add_argument("--seed", type=int, default=0, help="noise seed base: prompt i uses seed + i unless it sets one")
 
 
+def is_world(model: str) -> bool:
+    """Whether --model names the demo world (`world` or `world:PATH`)."""
+    return model == "world" or model.startswith("world:")
+
+
+def model_inputs(model: str) -> list[tuple[str, str]]:
+    """The files --model reads, for `check_paths`: a pipeline directory or world weights."""
+    path = model.partition(":")[2] if is_world(model) else model
+    return [("--model", path)] if path and Path(path).exists() else []
+
+
 def image_size(args: argparse.Namespace) -> tuple[int, int]:
-    """(height, width) from `add_pipeline_options`' arguments, with the defaults its help states."""
-    default = 32 if args.model == "tiny-flux" else 1024
+    """(height, width) from `add_pipeline_options`' arguments, with the defaults its help states
+    (the world's transformer draws only the 16x16 pictures it learned)."""
+    default = 16 if is_world(args.model) else 32 if args.model == "tiny-flux" else 1024
     return args.height or default, args.width or default
+
+
+def denoise_steps(args: argparse.Namespace) -> int:
+    """--num-inference-steps, with the default its help states."""
+    return args.num_inference_steps or (16 if is_world(args.model) else 4)
 
 
 def add_rule_options(p: argparse.ArgumentParser) -> None:

@@ -2,15 +2,16 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from ._options import (
     FORMATTER,
     add_no_progress,
     add_pipeline_options,
     check_paths,
+    denoise_steps,
     image_size,
     int_list,
+    model_inputs,
     select_device,
     str_list,
 )
@@ -30,10 +31,10 @@ def run(args: argparse.Namespace) -> int:
     if not args.prompts or not args.sites:
         raise ValueError("capture needs --prompts and --sites (or --rebuild-manifest)")
     # --out is the store itself (it may be one already: a resume), never inside another one.
-    check_paths(inputs=[("--prompts", args.prompts)] + ([("--model", args.model)] if Path(args.model).exists() else []),
+    check_paths(inputs=[("--prompts", args.prompts)] + model_inputs(args.model),
                 store=("--out", args.out))
     height, width = image_size(args)
-    config = CaptureConfig(sites=args.sites, steps=args.steps, num_inference_steps=args.num_inference_steps,
+    config = CaptureConfig(sites=args.sites, steps=args.steps, num_inference_steps=denoise_steps(args),
                            height=height, width=width, guidance_scale=args.guidance_scale, dtype=args.dtype,
                            max_tokens=args.max_tokens, token_stride=args.token_stride, cfg=args.cfg, seed=args.seed,
                            shard_bytes=int(args.shard_mb * (1 << 20)), model=args.model)

@@ -13,7 +13,9 @@ from ._options import (
     add_pipeline_options,
     add_threads,
     check_paths,
+    denoise_steps,
     image_size,
+    model_inputs,
     select_device,
     torch_threads,
 )
@@ -45,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     sae_paths = [(f"--config's site {s.site} SAE", s.sae) for s in config.sites if not isinstance(s.sae, TopKSAE)]
     check_paths(inputs=[("--config", args.config), ("--prompts", args.prompts)] + sae_paths
-                + ([("--model", args.model)] if Path(args.model).exists() else []),
+                + model_inputs(args.model),
                 outputs=[("--out", out / "report.json"), ("--out", out / "grid.png")],
                 folders=[("--out", out / "images")])
     with _config_errors(args.config):
@@ -60,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--limit must be >= 1, got {args.limit}")
         prompts = prompts[: args.limit]
     height, width = image_size(args)
-    gen = GenerateConfig(num_inference_steps=args.num_inference_steps, height=height, width=width,
+    gen = GenerateConfig(num_inference_steps=denoise_steps(args), height=height, width=width,
                          guidance_scale=args.guidance_scale, seed=args.seed, baseline=not args.no_baseline,
                          decode=not args.no_images)
     model_dtype = dtype_from_name(args.model_dtype, "--model-dtype")

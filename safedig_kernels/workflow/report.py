@@ -80,6 +80,14 @@ def _to_pil(image: torch.Tensor, scale: int):
     return pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST) if scale > 1 else pil
 
 
+def save_png(image: torch.Tensor, path: Union[str, Path]) -> Path:
+    """One image `[3, H, W]` in [0, 1] as an 8-bit PNG, at its own size (folders made)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _to_pil(image, 1).save(path)
+    return path
+
+
 def image_scale(height: int, width: int, target: int = 128) -> int:
     """Integer upscaling that makes tiny images at least `target` pixels on their short side."""
     return max(1, math.ceil(target / max(1, min(height, width))))
