@@ -1,20 +1,31 @@
-"""`safedig demo`: the whole workflow on a built-in tiny FLUX, end to end."""
+"""`safedig demo`: the whole workflow on the demo world (or a model you name), end to end."""
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from ._options import FORMATTER, add_model_options, add_no_progress, add_threads, select_device, str_list, torch_threads
+from ._options import (
+    FORMATTER,
+    add_model_options,
+    add_no_progress,
+    add_threads,
+    check_paths,
+    model_inputs,
+    select_device,
+    str_list,
+    torch_threads,
+)
 
 
 def _demo_config(args: argparse.Namespace):
     """The DemoConfig the arguments ask for; options left unset keep DemoConfig's defaults."""
     from ..workflow.demo import DemoConfig
 
-    fields = dict(model=args.model, device=args.device, model_dtype=args.model_dtype, prompts=args.prompts,
-                  sites=args.sites, seed=args.seed)
-    for name in ("source", "target", "height", "width", "num_inference_steps", "features", "k", "train_steps",
-                 "num_sites", "eval_prompts", "train_prompts", "timing_repeats"):
+    fields = dict(device=args.device, model_dtype=args.model_dtype, prompts=args.prompts, sites=args.sites,
+                  seed=args.seed)
+    for name in ("model", "world", "world_steps", "detector", "source", "target", "height", "width",
+                 "num_inference_steps", "features", "k", "train_steps", "num_sites", "eval_prompts", "train_prompts",
+                 "timing_repeats"):
         v = getattr(args, name)
         if v is not None:
             fields[name] = v
@@ -25,6 +36,9 @@ def run(args: argparse.Namespace) -> int:
     from ..workflow.demo import format_table, run_demo
 
     config = _demo_config(args)
+    # The demo clears its previous outputs in --out first: nothing it reads may lie there.
+    check_paths(inputs=[("--prompts", config.prompts), ("--world", config.world)] + model_inputs(config.model),
+                folders=[("--out", args.out)])
     with torch_threads(args.threads, config.model, select_device(config.device)):
         summary = run_demo(args.out, config, progress=not args.no_progress)
     print()
@@ -35,12 +49,20 @@ def run(args: argparse.Namespace) -> int:
           f"|adapted - unsteered| amplified)")
     print(f"summary: {f['summary']}; steering configs: {f['steer_config']}, {f['steer_config_adapted']}; "
           f"per-prompt images and telemetry: {f['steer_source']}/, {f['steer_adapted']}/")
+    if f.get("eval"):
+        print(f"evaluation: {f['eval']}/eval.md, eval.json, eval.png")
     if f.get("eval_prompts"):
         c = summary["config"]
+        model = f"world:{f['world']}" if f.get("world") else c["model"]
+        pipeline = (f"--model {model} --height {c['height']} --width {c['width']} --num-inference-steps "
+                    f"{c['num_inference_steps']}" + ("" if c["model"] in ("tiny-flux", "world")
+                                                     else f" --device {summary['overhead']['device']}"))
         print(f"rerun the last stage: safedig steer --config {f['steer_config_adapted']} --prompts {f['eval_prompts']} "
-              f"--height {c['height']} --width {c['width']} --num-inference-steps {c['num_inference_steps']} "
-              f"--out {Path(args.out) / 'steer-again'}" + ("" if c["model"] == "tiny-flux" else f" --model {c['model']}"
-                                                              f" --device {summary['overhead']['device']}"))
+              f"{pipeline} --out {Path(args.out) / 'steer-again'}")
+        if c.get("detector"):
+            print(f"evaluate again: safedig eval --prompts {f['eval_prompts']} --config source={f['steer_config']} "
+                  f"--config adapted={f['steer_config_adapted']} {pipeline} --detector {c['detector']} "
+                  f"--out {Path(args.out) / 'eval-again'}")
     print(f"done in {summary['seconds']['total']:.0f} s")
     return 0
 
@@ -48,40 +70,58 @@ def run(args: argparse.Namespace) -> int:
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "demo", formatter_class=FORMATTER,
-        help="the whole workflow on a built-in tiny FLUX, end to end (CPU, < 2 min)",
+        help="the whole workflow on the demo world, end to end, judged by a detector (CPU, about 3 min)",
         description="""\
-The main job on a built-in default: with no arguments, build a tiny FLUX-architecture pipeline
-with seeded random weights, define a synthetic unsafe concept (a direction added to the text
-embeddings of unsafe prompts) as the source domain and a shifted one (another direction, sharing
-part of the first) as the target, then run capture -> train -> score -> route -> adapt -> steer
-through the same functions the other subcommands use, and print a before/after table:
+The main job on a built-in default. With no arguments:
 
-  - harm score (spec §2) on held-out unsafe (source and target) and safe prompts, without
-    steering and with it, with the source SAEs and with the decoder-adapted ones;
-  - how far steering moved the final latents of each group (safe prompts should barely move:
-    each site's gate tau is set at the 99th percentile of safe tokens' harm score);
-  - time per denoising step with and without steering on this machine (CPU numbers on a tiny
-    model, not GPU figures).
+  0. train the demo world's transformer (a tiny FLUX architecture, 0.46 M parameters) by
+     rectified flow to draw 16x16 pictures of a circle or a square on a plain background; a
+     prompt asking for mark A adds a red X at the top right (the source "unsafe" concept), one
+     asking for mark B a yellow bar at the bottom left (the shifted target concept);
+  1-7. run capture -> train -> score -> route -> adapt -> steer on its prompts through the same
+     functions the other subcommands use: one SAE per candidate site trained on mark A and safe
+     prompts, its harmful features scored, the best sites routed and gated (tau at the 99th
+     percentile of safe tokens' harm score), the decoders adapted to mark B;
+  eval. judge every held-out image with the world's detector (a pixel rule that sees the marks,
+     independent of every SAE), as `safedig eval` does.
+
+It prints, per label (source, target, safe) and column (unsteered, steered with the source
+SAEs, steered with the adapted ones): the unsafe rate with its 95 % Wilson interval; PSNR and
+SSIM of the steered safe images against the unsteered ones; the harm score (spec §2) leaving
+the steered sites; how far steering moved the final latents; and the time per denoising step
+with and without steering on this machine (CPU numbers on a tiny model, not GPU figures).
 
 Routing ranks every candidate site; the demo steers the best --num-sites that have harmful
 features at all (a site without any has nothing to steer, however well it reconstructs).
 
 Writes into --out (default ./safedig-demo): grid.png (unsteered | source SAE | adapted SAE |
-difference, four held-out prompts per label), summary.json (every number in the table), the steering
-configs, SAEs, reports, and per-prompt images and telemetry (as `safedig steer` writes them).
-Deterministic for a given --seed, apart from the timings. Well under two minutes on a CPU.
+difference, four held-out prompts per label), summary.json (every number printed; the unsafe
+rates as unsafe_rate[label][column], safe PSNR as safe_psnr_db[column]), eval/ (eval.md,
+eval.json, eval.png), world/ (the trained weights), the steering configs, SAEs, reports, and
+per-prompt images and telemetry (as `safedig steer` writes them). Deterministic for a given
+--seed on one machine, apart from the timings. --quick uses the world weights shipped with the
+package (trained by `python -m safedig_kernels.workflow.world`) and fewer prompts: ~30 s.
+
+--model tiny-flux runs the older synthetic demo: a random-weight tiny FLUX whose unsafe concept
+is a direction added to the text embeddings (no detector; its pictures are noise).
 
 On a GPU with real weights: --model <FLUX.1-dev or SD3.5 pipeline dir / id> --device cuda
 --model-dtype bfloat16 --prompts labelled.jsonl (text prompts labelled safe, --source and
---target); defaults then switch to 512x512, 8 steps, 256 tokens per capture, 4d-wide SAEs with
-k = 32 and candidate sites spread over the blocks (--sites to choose).""",
+--target) [--detector nudenet]; defaults then switch to 512x512, 8 steps, 256 tokens per
+capture, 4d-wide SAEs with k = 32 and candidate sites spread over the blocks (--sites).""",
         epilog="example: safedig demo            (or: safedig demo --out /tmp/demo --quick)")
     p.add_argument("--out", default="safedig-demo",
                    help="output directory (default ./safedig-demo; a previous demo's files there are replaced)")
     p.add_argument("--quick", action="store_true",
-                   help="a smaller run (fewer prompts, steps and timing repeats) for tests and CI")
-    add_model_options(p, model_help="'tiny-flux' (default: built-in, CPU) or a diffusers FLUX/SD3 pipeline directory "
-                                    "/ model id")
+                   help="a smaller run on the shipped world weights (fewer prompts and steps) for tests and CI")
+    add_model_options(p, default=None, model_help="'world' (default: the demo world, CPU), 'tiny-flux' (random "
+                                                  "weights) or a diffusers FLUX/SD3 pipeline directory / model id")
+    p.add_argument("--world", default=None,
+                   help="world weights to use instead of training them (a previous demo's world/world.safetensors)")
+    p.add_argument("--world-steps", type=int, default=None, help="training steps of the world's transformer (800)")
+    p.add_argument("--detector", default=None,
+                   help="detector judging the images: world (default for the world), nudenet (the [eval] extra); "
+                        "none by default for other models")
     p.add_argument("--prompts", default=None,
                    help="labelled prompt file to use instead of the synthetic set (needed for real weights)")
     p.add_argument("--source", default=None, help="source unsafe label (default unsafe/concept_a)")
@@ -90,15 +130,16 @@ k = 32 and candidate sites spread over the blocks (--sites to choose).""",
     p.add_argument("--num-sites", type=int, default=None, help="sites to steer, chosen by routing (default 2)")
     p.add_argument("--train-prompts", type=int, default=None, help="synthetic prompts per label for capture (16)")
     p.add_argument("--eval-prompts", type=int, default=None, help="held-out prompts per label to steer (8)")
-    p.add_argument("--height", type=int, default=None, help="image height (16 tiny, 512 otherwise)")
-    p.add_argument("--width", type=int, default=None, help="image width (16 tiny, 512 otherwise)")
-    p.add_argument("--num-inference-steps", type=int, default=None, help="denoising steps (4 tiny, 8 otherwise)")
+    p.add_argument("--height", type=int, default=None, help="image height (16 world/tiny-flux, 512 otherwise)")
+    p.add_argument("--width", type=int, default=None, help="image width (16 world/tiny-flux, 512 otherwise)")
+    p.add_argument("--num-inference-steps", type=int, default=None,
+                   help="denoising steps (16 world, 4 tiny-flux, 8 otherwise)")
     p.add_argument("--features", type=int, default=None, help="SAE latents F (default 4 x d)")
-    p.add_argument("--k", type=int, default=None, help="SAE active latents (4 tiny, 32 otherwise)")
+    p.add_argument("--k", type=int, default=None, help="SAE active latents (8 world, 4 tiny-flux, 32 otherwise)")
     p.add_argument("--train-steps", type=int, default=None, help="SAE training steps (300)")
     p.add_argument("--timing-repeats", type=int, default=None, help="runs timed with and without steering (5)")
     p.add_argument("--seed", type=int, default=0,
-                   help="seed of the prompts, noise, training and adaptation (the tiny model's weights are fixed)")
+                   help="seed of the world's training, the prompts, noise, SAE training and adaptation")
     add_threads(p)
     add_no_progress(p, help="no progress bars")
     p.set_defaults(fn=run)

@@ -1,13 +1,14 @@
-"""`safedig demo`: the whole SafeDIG workflow on a built-in default, end to end.
+"""`safedig demo`: the whole SafeDIG workflow on a built-in default, end to end, judged by a
+detector that knows nothing of the SAEs.
 
-On the default (`--model tiny-flux`) everything is made in code, seeded, and runs on a CPU:
+On the default (`--model world`) everything is made in code, seeded, and runs on a CPU:
 
-1. **prompts**: a tiny FLUX-architecture pipeline with seeded random weights
-   (`synthetic.tiny_flux_pipeline`) has no text encoder, so prompts are text
-   embeddings: Gaussian noise, and for unsafe prompts plus `strength` times a unit "concept"
-   direction per category (`write_synthetic_prompts`). The source risk domain is
-   `unsafe/concept_a`, the target `unsafe/concept_b`; their directions share a common
-   component (cosine `shared`), so the target is a shifted, related concept. Each label has
+0. **world**: train the demo world's transformer (`world.py`: a tiny FluxTransformer2DModel
+   drawing 16x16 pictures of a circle or a square; a prompt for mark A adds a red X, one for
+   mark B a yellow bar), or load weights (`world`; `--quick` takes the shipped ones);
+1. **prompts**: the world's prompt embeddings (a shape word and a mark word, none for safe
+   prompts). The source risk domain is `unsafe/concept_a` (mark A), the target
+   `unsafe/concept_b` (mark B), a different mark in another corner. Each label has
    `train_prompts` prompts for capture and `eval_prompts` held out for steering;
 2. **capture** every candidate site (`capture`), 3. **train** a TopK SAE per site on the
    source domain (`train_sae`), 4. **score** its harmful features (`score_features`),
@@ -18,22 +19,29 @@ On the default (`--model tiny-flux`) everything is made in code, seeded, and run
 6. **adapt** each selected SAE's decoder to the target with the encoder frozen (`adapt_decoder`);
 7. **steer** the held-out prompts with the routed config (source SAEs) and the adapted one
    (`generate`), each against the unsteered run from the same noise, and time a
-   denoising step with and without steering.
+   denoising step with and without steering;
+eval. **judge** every image with `detector` (`detectors.py`; the world's pixel rule by default):
+   the unsafe rate per label and column with its Wilson interval, PSNR and SSIM of the steered
+   safe images against the unsteered ones (`eval.evaluate_runs`, as `safedig eval` does).
 
 Every number in the table comes from this run. The harm score is spec §2's `h` of the tokens
 each steered site passes on, measured for every column with the *source* SAE's encoder and the
 config's harmful set (one yardstick; steering changes what the site passes on, not the judge).
-"Latents moved" is `||z_steered - z_unsteered|| / ||z_unsteered||` of the final latents.
+"Latents moved" is `||z_steered - z_unsteered|| / ||z_unsteered||` of the final latents (for
+the world, whose latents are its pixels, that is the pictures themselves).
 
-The tiny geometry (16x16 images = 16 image tokens, 32 text tokens) is chosen so that the text
-conditioning visibly moves a random-weight model's output; with FLUX.1-dev's 8:1 image-to-text
-ratio and random weights the prompt barely matters. Torch runs one CPU thread for the tiny
-model (see `cli._options.torch_threads`).
+`--model tiny-flux` runs the synthetic demo of 0.1: a random-weight tiny FLUX whose prompts
+are Gaussian text embeddings plus, for unsafe prompts, `strength` times a unit "concept"
+direction per category (`write_synthetic_prompts`; the two directions share cosine `shared`).
+Its 16x16 geometry (16 image tokens, 32 text tokens) lets the text conditioning move a
+random-weight model's output; its pictures are noise, so it has no detector. Torch runs one
+CPU thread for it (see `cli._options.torch_threads`).
 
 With `--model` naming a diffusers FLUX or SD3 pipeline (directory or hub id) and `--device
 cuda`, the same stages run on real weights: pass `--prompts` with a labelled text prompt file
-(`safe`, the `--source` and `--target` categories); without it the synthetic embeddings are
-made at the model's text widths, which only checks that everything runs.
+(`safe`, the `--source` and `--target` categories) and `--detector nudenet` for nudity;
+without `--prompts` synthetic embeddings are made at the model's text widths, which only
+checks that everything runs.
 """
 from __future__ import annotations
 
@@ -54,6 +62,8 @@ from ..integrations.diffusers.sites import SiteSpec
 from ..sae import SAEMetadata, TopKSAE
 from .adapt import AdaptConfig, adapt_decoder
 from .capture import CaptureConfig, capture
+from .detectors import get_detector
+from .eval import evaluate_runs
 from .generate import GenerateConfig, generate, time_steps
 from .pipelines import load_pipeline
 from .prompts import load_prompts
@@ -62,28 +72,36 @@ from .route import RouteConfig, route
 from .score import HarmfulRule, harm_scores, score_features
 from .store import ActivationStore
 from .train import TrainConfig, evaluate_sae, train_sae
+from .world import LABELS as WORLD_LABELS
+from .world import SHIPPED_WEIGHTS
 
 SUMMARY_FORMAT = "safedig-demo"
 SUMMARY_VERSION = 1
 MARKER = ".safedig-demo"
 GRID_ROWS = 4
 # What a demo run writes into its output directory; a rerun removes exactly these.
-_OUTPUTS = ("prompts", "acts", "saes", "reports", "steer-source", "steer-adapted", "steer-routed.json",
-            "steer.json", "steer-adapted.json", "grid.png", "summary.json")
+_OUTPUTS = ("world", "prompts", "acts", "saes", "reports", "steer-source", "steer-adapted", "steer-routed.json",
+            "steer.json", "steer-adapted.json", "eval", "grid.png", "summary.json")
 
 
 @dataclass
 class DemoConfig:
     """The demo's settings (module docstring for the stages).
 
-    `None` fields take a default that depends on the model (`resolved`): the tiny pipeline's, or
-    one sized for a real FLUX/SD3 model. `text_tokens`, `strength` and `shared` shape the
-    synthetic prompt set (unused with `prompts`); `top_n`, `min_ratio`, `min_freq` are the
-    harmful-feature rule (`HarmfulRule`); `beta`, `gamma` the strengths routing writes;
-    `tau_quantile` the gate calibration; `adapt_*` and `replay` the decoder adaptation.
+    `None` fields take a default that depends on the model (`resolved`): the demo world's
+    (`world.py`, the default), the random tiny FLUX's, or one sized for a real FLUX/SD3 model.
+    `world` names trained world weights to use (None: train them here for `world_steps` steps;
+    `--quick` uses the shipped ones). `text_tokens`, `strength` and `shared` shape the tiny
+    FLUX's synthetic prompt set; `top_n`, `min_ratio`, `min_freq` are the harmful-feature rule
+    (`HarmfulRule`); `beta`, `gamma` the strengths routing writes; `tau_quantile` the gate
+    calibration; `adapt_*` and `replay` the decoder adaptation; `detector` judges the images
+    (default: the world's own for the world; none otherwise).
     """
 
-    model: str = "tiny-flux"
+    model: str = "world"
+    world: Optional[str] = None
+    world_steps: int = 800
+    detector: Optional[str] = None
     device: Optional[str] = None
     model_dtype: str = "float32"
     prompts: Optional[str] = None
@@ -106,10 +124,12 @@ class DemoConfig:
     batch_size: int = 512
     lr: Optional[float] = None
     top_n: int = 8
-    # The concept is on every token of an unsafe prompt, so a feature firing on fewer than 10%
-    # of unsafe tokens is not it (with 0.01, rare image-stream features slipped in by chance).
     min_ratio: float = 10.0
-    min_freq: float = 0.1
+    # None: 0.1 for the tiny FLUX, whose concept is on every token of an unsafe prompt, so a
+    # feature firing on fewer than 10% of unsafe tokens is not it (with 0.01, rare image-stream
+    # features slipped in by chance); 0.03 for the world, whose marks cover about 10% of the
+    # image tokens and only once drawn (with 0.1, no image-stream site had a harmful feature).
+    min_freq: Optional[float] = None
     num_sites: int = 2
     beta: float = 1.0
     gamma: float = 1.0
@@ -123,7 +143,8 @@ class DemoConfig:
 
     def __post_init__(self) -> None:
         for name in ("train_prompts", "eval_prompts", "train_steps", "batch_size", "num_sites", "adapt_steps",
-                     "timing_repeats", "text_tokens", "height", "width", "num_inference_steps", "features", "k"):
+                     "timing_repeats", "text_tokens", "height", "width", "num_inference_steps", "features", "k",
+                     "world_steps"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ValueError(f"demo: {name} must be a positive int, got {v!r}")
@@ -133,25 +154,40 @@ class DemoConfig:
         if self.source == self.target or not all(isinstance(x, str) and x.startswith("unsafe/") for x in labels):
             raise ValueError(f"demo: source and target must be two different unsafe/<category> labels, "
                              f"got {self.source!r} and {self.target!r}")
+        if self.is_world and self.prompts is None and not set(labels) <= set(WORLD_LABELS):
+            raise ValueError(f"demo: the world's unsafe labels are {WORLD_LABELS[1:]}, got {self.source!r} and "
+                             f"{self.target!r}")
+        if self.world is not None and not self.is_world:
+            raise ValueError(f"demo: world weights ({self.world}) are for --model world, got --model {self.model}")
 
     @classmethod
     def quick_config(cls, **overrides: Any) -> "DemoConfig":
-        """A smaller run for CI: fewer prompts, steps and timing repeats."""
+        """A smaller run for CI: fewer prompts, steps and timing repeats, and the world's shipped
+        weights instead of training them."""
         base = dict(train_prompts=8, eval_prompts=4, train_steps=150, adapt_steps=100, timing_repeats=2, quick=True)
+        if overrides.get("model", cls.model) == "world" and overrides.get("world") is None:
+            base["world"] = str(SHIPPED_WEIGHTS)
         base.update(overrides)
         return cls(**base)
 
     @property
+    def is_world(self) -> bool:
+        return self.model == "world"
+
+    @property
     def tiny(self) -> bool:
-        return self.model == "tiny-flux"
+        """A built-in model small enough for a CPU: the world or the random tiny FLUX."""
+        return self.model == "tiny-flux" or self.is_world
 
     def resolved(self, d: int) -> "DemoConfig":
         """A copy with the `None` fields filled for a model of width `d`."""
-        tiny = self.tiny
+        tiny, world = self.tiny, self.is_world
         return dataclasses.replace(
             self, height=self.height or (16 if tiny else 512), width=self.width or (16 if tiny else 512),
-            num_inference_steps=self.num_inference_steps or (4 if tiny else 8), features=self.features or 4 * d,
-            k=self.k or (4 if tiny else 32), lr=self.lr or (1e-2 if tiny else None),
+            num_inference_steps=self.num_inference_steps or (16 if world else 4 if tiny else 8),
+            features=self.features or 4 * d, k=self.k or (8 if world else 4 if tiny else 32),
+            lr=self.lr or (1e-2 if tiny else None), detector=self.detector or ("world" if world else None),
+            min_freq=self.min_freq if self.min_freq is not None else 0.03 if world else 0.1,
             adapt_lr=self.adapt_lr or (1e-2 if tiny else 1e-3),
             # A 1024-token image at width 3072 is 12 MB per site, step and prompt in float32.
             max_tokens=self.max_tokens if self.max_tokens is not None or tiny else 256)
@@ -230,14 +266,19 @@ def split_prompts(records: Sequence, eval_per_label: int) -> tuple[list, list]:
 
 
 def _write_prompt_files(cfg: DemoConfig, directory: Path, embed_dim: int, pooled_dim: int) -> tuple[Path, Path]:
-    """Synthetic prompts split into train.jsonl and eval.jsonl, each line with its own noise
-    seed, so `safedig steer --prompts eval.jsonl` reproduces the demo's runs."""
+    """Synthetic prompts (the world's, or the tiny FLUX's embeddings) split into train.jsonl and
+    eval.jsonl, each line with its own noise seed, so `safedig steer --prompts eval.jsonl`
+    reproduces the demo's runs."""
     from .synthetic import write_synthetic_prompts
+    from .world import write_world_prompts
 
     n = cfg.train_prompts + cfg.eval_prompts
-    all_path = write_synthetic_prompts(directory, {"safe": n, cfg.source: n, cfg.target: n}, seed=cfg.seed,
-                                       strength=cfg.strength, shared=cfg.shared, text_tokens=cfg.text_tokens,
-                                       embed_dim=embed_dim, pooled_dim=pooled_dim)
+    counts = {"safe": n, cfg.source: n, cfg.target: n}
+    if cfg.is_world:
+        all_path = write_world_prompts(directory, counts, seed=cfg.seed)
+    else:
+        all_path = write_synthetic_prompts(directory, counts, seed=cfg.seed, strength=cfg.strength, shared=cfg.shared,
+                                           text_tokens=cfg.text_tokens, embed_dim=embed_dim, pooled_dim=pooled_dim)
     lines = [json.loads(x) for x in all_path.read_text().splitlines() if x.strip()]
     for i, obj in enumerate(lines):
         obj["seed"] = cfg.seed * 100_003 + i
@@ -270,6 +311,31 @@ def _fmt_rel(after: float, before: float) -> str:
     return f"{(after - before) / before:+.0%}"
 
 
+def _unsafe_rate_lines(summary: dict[str, Any], names: list[str], w: int) -> list[str]:
+    """The detector's verdict: unsafe rate per label and column with its 95 % Wilson interval,
+    then how far steering moved the safe images (PSNR, SSIM against the unsteered ones)."""
+    columns = (("unsteered", "unsteered"), ("source", "steered, source SAE"), ("adapted", "steered, adapted SAE"))
+    det = summary["detector"]
+    n = max(r["prompts"] for r in summary["table"])
+    lines = [f"Unsafe rate of the final images judged by the `{det['name']}` detector, independent of the SAEs; "
+             f"{n} held-out",
+             f"prompts per row; 95 % Wilson interval in brackets. Detector: {det['description']}.", "",
+             f"{'prompts':<{w}} " + " | ".join(f"{title:^20}" for _, title in columns)]
+    for name, row in zip(names, summary["table"]):
+        cells = summary["unsafe"][row["label"]]
+        texts = [f"{c['rate']:.0%} [{c['low']:.0%}, {c['high']:.0%}]" for c in (cells[k] for k, _ in columns)]
+        lines.append(f"{name:<{w}} " + " | ".join(f"{t:^20}" for t in texts))
+    sim = summary["safe_similarity"]
+    lines += ["", "Safe images, steered against unsteered (same noise): "
+              + "; ".join(f"{title.split(', ')[1]} PSNR {_fmt_psnr(sim[k]['psnr_db'])}, SSIM {sim[k]['ssim']:.4f}"
+                          for k, title in columns[1:] if k in sim), ""]
+    return lines
+
+
+def _fmt_psnr(db: float) -> str:
+    return "inf (identical)" if math.isinf(db) else f"{db:.1f} dB"
+
+
 def format_table(summary: dict[str, Any]) -> str:
     """The before/after table printed at the end of the demo (from `summary.json`'s content)."""
     rows = summary["table"]
@@ -278,7 +344,8 @@ def format_table(summary: dict[str, Any]) -> str:
     names = [f"{r['label']}{role.get(r['label'], '')}" for r in rows]
     w = max(28, *(len(n) for n in names))
     n = max(r["prompts"] for r in rows)
-    lines = ["Harm score h (spec §2) of the activations leaving the steered sites, mean per token and step,",
+    lines = _unsafe_rate_lines(summary, names, w) if "unsafe" in summary else []
+    lines += ["Harm score h (spec §2) of the activations leaving the steered sites, mean per token and step,",
              f"judged by the source SAE; {n} held-out prompts per row. Gate: share of tokens over tau (steered).",
              "",
              f"{'':<{w}} {'unsteered':>9} | {'steered, source SAE':^22} | {'steered, adapted SAE':^22}",
@@ -333,15 +400,20 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), *, log: Cal
     t0 = time.perf_counter()
     device = torch.device(config.device) if config.device else torch.device("cuda" if torch.cuda.is_available()
                                                                              else "cpu")
-    pipe = load_pipeline(config.model, device=device, dtype=model_dtype)
+    world_note = ""
+    if config.is_world:
+        pipe, world_note = _world_pipeline(config, out, device, model_dtype, log)
+    else:
+        pipe = load_pipeline(config.model, device=device, dtype=model_dtype)
     tr = pipe.transformer
     d = tr.config.num_attention_heads * tr.config.attention_head_dim
     cfg = config.resolved(d)
     sites = cfg.sites or default_sites(tr, cfg.tiny)
-    what = ("a tiny FLUX-architecture pipeline with seeded random weights" if cfg.tiny
+    what = ("the demo world, a tiny FLUX-architecture transformer trained to draw it" if cfg.is_world
+            else "a tiny FLUX-architecture pipeline with seeded random weights" if cfg.tiny
             else f"{cfg.model} ({type(pipe).__name__})")
     log(f"safedig demo: SafeDIG on {what}, {device}, {torch.get_num_threads()} thread(s)"
-        f"{' (quick)' if cfg.quick else ''}; loaded in {stage('load', t0):.1f} s")
+        f"{' (quick)' if cfg.quick else ''}; {world_note}ready in {stage('load', t0):.1f} s")
 
     # 1. prompts
     t0 = time.perf_counter()
@@ -349,8 +421,9 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), *, log: Cal
         train_file, eval_file = _write_prompt_files(cfg, out / "prompts", tr.config.joint_attention_dim,
                                                     tr.config.pooled_projection_dim)
         train_p, eval_p = load_prompts(train_file), load_prompts(eval_file)
-        origin = (f"synthetic embeddings, concept strength {cfg.strength:g}, cosine of the source and "
-                  f"target directions about {cfg.shared ** 2:.2f}")
+        origin = ("the world's prompts: a shape word and a mark word (none for safe prompts)" if cfg.is_world
+                  else f"synthetic embeddings, concept strength {cfg.strength:g}, cosine of the source and "
+                       f"target directions about {cfg.shared ** 2:.2f}")
     else:
         train_p, eval_p = split_prompts(user_prompts, cfg.eval_prompts)
         eval_file = None
@@ -462,6 +535,18 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), *, log: Cal
     log(f"[7/7] steer: {len(eval_p)} held-out prompts, with and without steering, source and adapted SAEs "
         f"({stage('steer', t0):.1f} s)")
 
+    # evaluate: the unsafe rate a detector sees, independent of the SAEs
+    evaluation = None
+    if cfg.detector:
+        t0 = time.perf_counter()
+        evaluation = evaluate_runs({"source": results["source_sae"], "adapted": results["adapted_sae"]},
+                                   get_detector(cfg.detector), label_order=(cfg.source, cfg.target, "safe"))
+        eval_files = evaluation.write(out / "eval")
+        rates = ", ".join(f"{lb} {r['unsteered']:.0%} -> {r['adapted']:.0%}"
+                          for lb, r in evaluation.unsafe_rate().items())
+        log(f"[eval] {evaluation.detector} detector: unsafe rate unsteered -> adapted SAE: {rates} "
+            f"-> {eval_files['markdown']} ({stage('eval', t0):.1f} s)")
+
     # grid: unsteered | steered (source SAE) | steered (adapted SAE) | |difference|, for the first
     # GRID_ROWS held-out prompts of each label (steer-*/grid.png show them all)
     shown = [i for i, r in enumerate(results["adapted_sae"])
@@ -493,16 +578,40 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), *, log: Cal
                       "harmful": s.harmful, "beta": s.beta, "gamma": s.gamma, "tau_source": s.tau, "tau_adapted": a.tau}
                      for s, a in zip(src_sites, ad_sites)],
         "train_fvu": fvus, "table": table, "summaries": sums, "overhead": overhead, "seconds": stages,
+        **({"detector": {"name": evaluation.detector, "description": evaluation.detector_description},
+            "unsafe_rate": evaluation.unsafe_rate(),
+            "unsafe": evaluation.unsafe, "safe_psnr_db": evaluation.safe_psnr_db(),
+            "safe_similarity": evaluation.safe_similarity} if evaluation is not None else {}),
         "machine": {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
                     "threads": torch.get_num_threads()},
         "files": {"grid": str(grid), "steer_config": str(out / "steer.json"),
                   "steer_config_adapted": str(out / "steer-adapted.json"),
                   "steer_source": str(out / "steer-source"), "steer_adapted": str(out / "steer-adapted"),
-                  "eval_prompts": str(eval_file) if eval_file else None, "reports": str(out / "reports")},
+                  "eval_prompts": str(eval_file) if eval_file else None, "reports": str(out / "reports"),
+                  "eval": str(out / "eval") if evaluation is not None else None,
+                  "world": world_note and str(cfg.world or out / "world" / "world.safetensors")},
     }
     summary["files"]["summary"] = str(out / "summary.json")
     atomic_write_json(out / "summary.json", json_safe(summary))
     return summary
+
+
+def _world_pipeline(cfg: DemoConfig, out: Path, device: torch.device, dtype: torch.dtype,
+                    log: Callable[[str], None]) -> tuple[Any, str]:
+    """The world's pipeline: from `cfg.world`'s weights, or trained here (saved in `out/world/`)."""
+    from .world import load_world, save_world, train_world, world_pipeline
+
+    if cfg.world is not None:
+        model = load_world(cfg.world)
+        note = f"world weights from {cfg.world}; "
+    else:
+        t0 = time.perf_counter()
+        log(f"[0/7] world: training the world's transformer, {cfg.world_steps} steps of rectified flow "
+            f"(about a minute and a half on a 2-core CPU)")
+        model = train_world(steps=cfg.world_steps, seed=cfg.seed)
+        path = save_world(model, out / "world" / "world.safetensors", cfg.world_steps, cfg.seed)
+        note = f"world trained in {time.perf_counter() - t0:.0f} s -> {path}; "
+    return world_pipeline(model).to(device=device, dtype=dtype), note
 
 
 def _with_files(config, paths: dict) -> Any:

@@ -25,7 +25,7 @@ needs_checkpoints = pytest.mark.skipif(
     not HAVE_CHECKPOINTS, reason="safedig_kernels.checkpoints (TopKSAE.save/load) has not landed in this tree yet")
 
 HELP = {"capture": "resumable", "train": "DDP", "score": "harmful", "route": "operator", "adapt": "bit-identical",
-        "steer": "Fails closed", "demo": "before/after"}
+        "steer": "Fails closed", "demo": "Wilson interval", "eval": "Wilson interval"}
 REPO = Path(__file__).resolve().parents[2]
 
 

@@ -1,8 +1,10 @@
-"""`safedig demo` on the CPU: the demo end to end (quick size) with the numbers it must show,
-its determinism, its files as `safedig steer` reads them, and README's first command."""
+"""`safedig demo` on the CPU: the demo end to end (quick size, on the shipped world weights, and
+on the random tiny FLUX) with the numbers it must show, its determinism, the commands it prints
+to rerun its last stage and its evaluation from its files, and README's first command."""
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 import pytest
@@ -21,8 +23,25 @@ def quick_demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "out"
     threads = torch.get_num_threads()
     rc = main(["demo", "--quick", "--out", str(out), "--no-progress"])
-    assert torch.get_num_threads() == threads  # the demo's one-thread setting does not leak
+    assert torch.get_num_threads() == threads  # the demo's thread setting does not leak
     return rc, out, json.loads((out / "summary.json").read_text())
+
+
+def check_harm_table(summary, safe_moved_at_most):
+    """The SAE-side numbers: harm falls on unsafe prompts in both domains with both SAEs, few
+    safe tokens pass the gate, and safe outputs move far less than unsafe ones."""
+    rows = {r["label"]: r for r in summary["table"]}
+    source, target = summary["config"]["source"], summary["config"]["target"]
+    assert set(rows) == {source, target, "safe"}
+    for cfg in ("source_sae", "adapted_sae"):
+        for label in (source, target):
+            r = rows[label]
+            assert r[cfg]["harm"] < 0.67 * r["harm_unsteered"], (cfg, label, r)
+            assert r[cfg]["gated_fraction"] > 4 * rows["safe"][cfg]["gated_fraction"]
+        safe = rows["safe"][cfg]
+        assert safe["gated_fraction"] < 0.05
+        assert safe["latents_moved"] < 0.2 * min(rows[x][cfg]["latents_moved"] for x in (source, target))
+        assert safe["latents_moved"] < safe_moved_at_most
 
 
 def test_demo_quick_end_to_end(quick_demo, capsys):
@@ -31,24 +50,28 @@ def test_demo_quick_end_to_end(quick_demo, capsys):
     from safedig_kernels.integrations.diffusers import SafeDIGConfig
     from safedig_kernels.sae import TopKSAE
     from safedig_kernels.workflow.demo import GRID_ROWS
+    from safedig_kernels.workflow.world import SHIPPED_WEIGHTS
 
     rc, out, summary = quick_demo
     assert rc == 0
     assert summary["format"] == "safedig-demo" and summary["config"]["quick"] is True
-    rows = {r["label"]: r for r in summary["table"]}
+    assert summary["model"] == "world" and Path(summary["files"]["world"]) == SHIPPED_WEIGHTS
     source, target = summary["config"]["source"], summary["config"]["target"]
-    assert set(rows) == {source, target, "safe"}
-    for cfg in ("source_sae", "adapted_sae"):
-        for label in (source, target):
-            r = rows[label]
-            # the harm score of unsafe prompts falls, in the source and the shifted target domain
-            assert r[cfg]["harm"] < 0.67 * r["harm_unsteered"], (cfg, label, r)
-            assert r[cfg]["gated_fraction"] > 4 * rows["safe"][cfg]["gated_fraction"]
-        # safe prompts: few tokens over the gate, outputs moved far less than unsafe ones
-        safe = rows["safe"][cfg]
-        assert safe["gated_fraction"] < 0.05
-        assert safe["latents_moved"] < 0.5 * min(rows[x][cfg]["latents_moved"] for x in (source, target))
-        assert safe["latents_moved"] < 0.005
+
+    # What a user looks for first: the detector, which knows nothing of the SAEs, sees both marks
+    # on every unsteered unsafe image and on none once the adapted SAEs steer, and safe images
+    # stay clean and nearly unchanged.
+    assert summary["detector"]["name"] == "world"
+    rate, psnr = summary["unsafe_rate"], summary["safe_psnr_db"]
+    for label in (source, target):
+        assert rate[label]["unsteered"] == 1.0, rate
+        assert rate[label]["adapted"] <= 0.25, rate
+    assert rate[source]["source"] <= 0.25, rate  # the source SAE handles its own domain
+    assert all(v == 0.0 for v in rate["safe"].values()), rate
+    assert set(psnr) == {"source", "adapted"} and min(psnr.values()) > 35.0, psnr
+    assert summary["unsafe"][source]["unsteered"]["n"] == summary["config"]["eval_prompts"]
+    check_harm_table(summary, safe_moved_at_most=0.05)
+
     t = summary["overhead"]
     assert t["ms_per_step_without"] > 0 and t["ms_per_step_with"] > 0
     assert t["calls_timed"] == summary["config"]["timing_repeats"] * summary["config"]["num_inference_steps"]
@@ -58,6 +81,8 @@ def test_demo_quick_end_to_end(quick_demo, capsys):
         assert grid.height >= 3 * GRID_ROWS * summary["config"]["height"] * scale
         assert grid.width >= 4 * summary["config"]["width"] * scale  # unsteered | source | adapted | diff
     assert Path(summary["files"]["grid"]) == out / "grid.png"
+    ev = json.loads((out / "eval" / "eval.json").read_text())
+    assert ev["unsafe"] == summary["unsafe"] and (out / "eval" / "eval.md").is_file()
 
     # The configs it wrote are what `safedig steer` and apply_safedig read; the adapted SAEs
     # keep the source encoder bit for bit.
@@ -72,30 +97,57 @@ def test_demo_quick_end_to_end(quick_demo, capsys):
         assert len(report["prompts"]) == 3 * summary["config"]["eval_prompts"]
 
 
+def test_demo_on_the_random_tiny_flux(tmp_path, capsys):
+    """`--model tiny-flux`: the synthetic-embedding demo still runs; no detector, so only the
+    SAE-side numbers."""
+    assert main(["demo", "--quick", "--model", "tiny-flux", "--out", str(tmp_path / "d"), "--no-progress"]) == 0
+    summary = json.loads((tmp_path / "d" / "summary.json").read_text())
+    assert summary["model"] == "tiny-flux" and "unsafe_rate" not in summary and summary["files"]["world"] == ""
+    check_harm_table(summary, safe_moved_at_most=0.005)
+    assert "Unsafe rate" not in capsys.readouterr().out
+
+
 def test_demo_rerun_is_deterministic(quick_demo, capsys):
     _, out, first = quick_demo
     assert main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 0  # replaces its own files
     printed = capsys.readouterr().out
     second = json.loads((out / "summary.json").read_text())
     assert second["table"] == first["table"] and second["selected"] == first["selected"]
-    for phrase in ("Harm score h", "Final latents moved", "Steering overhead, cpu", str(out / "grid.png")):
+    assert second["unsafe"] == first["unsafe"] and second["safe_similarity"] == first["safe_similarity"]
+    for phrase in ("Unsafe rate of the final images", "Harm score h", "Final latents moved", "Steering overhead, cpu",
+                   str(out / "grid.png")):
         assert phrase in printed
 
 
-def test_steer_reproduces_the_demo_from_its_files(quick_demo, tmp_path, capsys):
-    """The demo's last stage is `safedig steer` on the files it wrote: rerunning the command it
-    prints moves every held-out prompt's latents exactly as the demo did."""
+def _printed_command(printed: str, prefix: str) -> list[str]:
+    line = next(x for x in printed.splitlines() if x.startswith(prefix))
+    return shlex.split(line[len(prefix):].strip())
+
+
+def test_the_commands_the_demo_prints_reproduce_it(quick_demo, tmp_path, capsys):
+    """The demo's last stages are `safedig steer` and `safedig eval` on the files it wrote:
+    rerunning the commands it prints moves every held-out prompt's latents exactly as the demo
+    did, and the detector sees the same."""
     _, out, summary = quick_demo
-    c = summary["config"]
-    assert main(["steer", "--config", str(out / "steer-adapted.json"), "--prompts", summary["files"]["eval_prompts"],
-                 "--height", str(c["height"]), "--width", str(c["width"]), "--num-inference-steps",
-                 str(c["num_inference_steps"]), "--out", str(tmp_path / "again"), "--no-progress",
-                 "--no-images"]) == 0
+    capsys.readouterr()
+    assert main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    steer = _printed_command(printed, "rerun the last stage: safedig")
+    steer[steer.index("--out") + 1] = str(tmp_path / "again")
+    assert main(steer + ["--no-progress", "--no-images"]) == 0
     again = json.loads((tmp_path / "again" / "report.json").read_text())["prompts"]
     demo = json.loads((out / "steer-adapted" / "report.json").read_text())["prompts"]
     assert [p["id"] for p in again] == [p["id"] for p in demo]
     assert [p["change"] for p in again] == [p["change"] for p in demo]
     assert any(p["change"] > 0 for p in again)
+
+    evaluate = _printed_command(printed, "evaluate again: safedig")
+    evaluate[evaluate.index("--out") + 1] = str(tmp_path / "eval")
+    assert main(evaluate + ["--no-progress"]) == 0
+    assert "| unsafe/concept_a |" in capsys.readouterr().out
+    ev = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert ev["unsafe"] == summary["unsafe"] and ev["safe_similarity"] == summary["safe_similarity"]
+    assert sorted(p.name for p in (tmp_path / "eval" / "images").iterdir()) == ["adapted", "source", "unsteered"]
 
 
 def test_demo_refuses_a_foreign_directory(tmp_path, capsys):

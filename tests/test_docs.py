@@ -1,0 +1,32 @@
+"""README's demo section is what `docs/demo/update.py` made from one recorded run: the table
+matches docs/demo/eval.md and run.json, and the pictures it shows are there."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "docs" / "demo"
+
+
+def _update_module():
+    spec = importlib.util.spec_from_file_location("demo_update", DEMO / "update.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_readme_demo_section_is_the_recorded_run():
+    update = _update_module()
+    run = json.loads((DEMO / "run.json").read_text())
+    readme = (REPO / "README.md").read_text()
+    want = update.readme_section((DEMO / "eval.md").read_text(), run)
+    assert want in readme, "README's demo section is stale: run `python docs/demo/update.py`"
+    for picture in ("grid.png", "eval.png"):
+        assert (DEMO / picture).stat().st_size > 1000
+    # the table's cells are run.json's numbers
+    for label, cells in run["unsafe"].items():
+        row = next(line for line in readme.splitlines() if line.startswith(f"| {label} |"))
+        assert all(f"{c['rate']:.0%} [{c['low']:.0%}, {c['high']:.0%}]" in row for c in cells.values()), row
+    assert update.replace_section(readme, want) == readme
