@@ -76,8 +76,11 @@ SITES = ["single_transformer_blocks.1", "transformer_blocks.1"]
 
 
 # torchrun --standalone and gloo bind local ports; on a busy machine that can race
+# Retried once. The last one is gloo aborting a rank while the process group is torn down after
+# training (seen once in several full-suite runs on a 2-core machine, never in 20 runs of the command alone);
+# the retry must still give the single-process weights.
 _TRANSIENT_DIST_ERRORS = ("EADDRINUSE", "Address already in use", "DistNetworkError", "RendezvousConnectionError",
-                          "RendezvousTimeoutError")
+                          "RendezvousTimeoutError", "terminate called without an active exception")
 
 
 @needs_checkpoints
