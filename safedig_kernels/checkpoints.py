@@ -8,11 +8,17 @@ builds the module from them. It imports nothing of the SAE container.
 
 - a file: this project's format (`read_safedig`), one `.safetensors` file holding `W_enc [d, F]`,
   `b_enc [F]`, `W_dec [F, d]`, `b_dec [d]` and, under the key `"safedig_sae"` of the header
-  metadata, a JSON object with `format_version`, `k` and every `SAEMetadata` field;
+  metadata, a JSON object with `format_version`, `k` and every `SAEMetadata` field; or a
+  directory holding that file as `safedig_sae.safetensors` (`write_pretrained`, a Hub repo's layout);
 - a directory with `cfg.json` + `sae_weights.safetensors`: SAELens 3.x to 6.x, TopK SAEs only
   (`read_saelens`);
 - a directory with `cfg.json` + `sae.safetensors`: one hookpoint of EleutherAI sparsify (and its
   predecessor `sae`), TopK only (`read_sparsify`).
+
+`read_pretrained` reads any of them from a local path or a Hugging Face Hub repo (huggingface_hub
+is imported only then). `saelens_to_weights` / `sparsify_to_weights` take the libraries' SAE
+objects in memory (duck-typed; neither library is imported) through the same checks and folds as
+the file readers, which share one function per library with them.
 
 Every foreign option that changes the function is folded into the four tensors so the ops
 compute spec §2 unchanged:
@@ -40,11 +46,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from types import SimpleNamespace
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import safetensors
 import torch
@@ -56,9 +64,12 @@ from ._io import MAX_JSON_DEPTH, atomic_write, dtype_from_name, json_too_deep, l
 from ._library import MAX_FEATURES, MAX_K
 
 __all__ = ["FORMAT_VERSION", "SAEMetadata", "SAEWeights", "CheckpointError", "CheckpointDtypeError", "HEADER_KEY",
-           "read_sae", "read_safedig", "read_saelens", "read_sparsify", "write_safedig", "detect_format"]
+           "read_sae", "read_safedig", "read_saelens", "read_sparsify", "write_safedig", "detect_format",
+           "saelens_to_weights", "sparsify_to_weights", "read_pretrained", "write_pretrained", "PRETRAINED_WEIGHTS",
+           "STREAMS", "HUB_SCHEME", "is_hub_uri", "parse_hub_uri", "hub_uri"]
 
 PathLike = Union[str, "os.PathLike[str]"]
+Where = Union[str, Path]  # what a CheckpointError names: a file, or an argument ("sae.cfg") for objects
 DTypeLike = Union[torch.dtype, str]
 DeviceLike = Union[torch.device, str]
 
@@ -234,7 +245,7 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
 _MISSING = object()
 
 
-def _get(cfg: dict[str, Any], key: str, types: tuple, path: Path, default: Any = _MISSING,
+def _get(cfg: dict[str, Any], key: str, types: tuple, path: Where, default: Any = _MISSING,
          what: str = "") -> Any:
     """cfg[key] checked against `types` (bool is never accepted as an int). An integer must fit
     64 bits, or, where a float is accepted, the float range: nothing downstream overflows."""
@@ -255,7 +266,7 @@ def _get(cfg: dict[str, Any], key: str, types: tuple, path: Path, default: Any =
     return value
 
 
-def _check_tensor(path: Path, key: str, t: torch.Tensor, shape: tuple[int, ...], why: str) -> None:
+def _check_tensor(path: Where, key: str, t: torch.Tensor, shape: tuple[int, ...], why: str) -> None:
     if t.dtype not in _FLOAT_DTYPES:
         raise CheckpointDtypeError(path, key, f"expected a floating tensor (bfloat16, float16, "
                                               f"float32 or float64), found {t.dtype}")
@@ -263,7 +274,7 @@ def _check_tensor(path: Path, key: str, t: torch.Tensor, shape: tuple[int, ...],
         raise CheckpointError(path, key, f"expected shape {tuple(shape)} ({why}), found {tuple(t.shape)}")
 
 
-def _check_finite(path: Path, key: str, t: torch.Tensor, context: str = "") -> None:
+def _check_finite(path: Where, key: str, t: torch.Tensor, context: str = "") -> None:
     bad = ~torch.isfinite(t)
     if bool(bad.any()):
         n = int(bad.sum())
@@ -272,7 +283,7 @@ def _check_finite(path: Path, key: str, t: torch.Tensor, context: str = "") -> N
                                          f"first at index {first}")
 
 
-def _check_dims(path: Path, d_key: str, d: int, F_key: str, F: int) -> None:
+def _check_dims(path: Where, d_key: str, d: int, F_key: str, F: int) -> None:
     if d < 1:
         raise CheckpointError(path, d_key, f"the width d must be >= 1, found {d}")
     if F < 1:
@@ -282,7 +293,7 @@ def _check_dims(path: Path, d_key: str, d: int, F_key: str, F: int) -> None:
                                            f"of {MAX_FEATURES}")
 
 
-def _check_k(path: Path, key: str, k: Any, F: int) -> int:
+def _check_k(path: Where, key: str, k: Any, F: int) -> int:
     if isinstance(k, bool) or not isinstance(k, int):
         raise CheckpointError(path, key, f"k must be an integer, found {k!r} ({type(k).__name__})")
     if not 1 <= k <= F:
@@ -292,11 +303,12 @@ def _check_k(path: Path, key: str, k: Any, F: int) -> int:
     return k
 
 
-def _check_keys(path: Path, names: list[str], required: tuple[str, ...],
-                optional: tuple[str, ...] = (), hints: Optional[dict[str, str]] = None) -> None:
+def _check_keys(path: Where, names: list[str], required: tuple[str, ...],
+                optional: tuple[str, ...] = (), hints: Optional[dict[str, str]] = None,
+                holder: str = "the file") -> None:
     missing = [k for k in required if k not in names]
     if missing:
-        raise CheckpointError(path, missing[0], f"missing tensor; the file holds {sorted(names)}, "
+        raise CheckpointError(path, missing[0], f"missing tensor; {holder} holds {sorted(names)}, "
                                                 f"this format needs {list(required)}")
     extra = sorted(set(names) - set(required) - set(optional))
     if extra:
@@ -305,7 +317,7 @@ def _check_keys(path: Path, names: list[str], required: tuple[str, ...],
                                               f"{list(required) + list(optional)}")
 
 
-def _finish(path: Path, weights: dict[str, torch.Tensor], k: int, metadata: SAEMetadata,
+def _finish(path: Where, weights: dict[str, torch.Tensor], k: int, metadata: SAEMetadata,
             device: torch.device, dtype: torch.dtype) -> SAEWeights:
     """Convert the validated `[d, F]`/`[F]`/`[F, d]`/`[d]` tensors.
 
@@ -460,7 +472,7 @@ def _compute_dtype(*dtypes: Optional[torch.dtype]) -> torch.dtype:
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
-def _fold(path: Path, W_enc: torch.Tensor, b_enc: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor,
+def _fold(path: Where, W_enc: torch.Tensor, b_enc: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor,
           target: torch.dtype, *, apply_b_dec_to_input: bool = True, rescale_by_decoder_norm: bool = False,
           decoder_scale: Optional[torch.Tensor] = None, activation_scale: float = 1.0,
           weights_key: str = "W_dec") -> dict[str, torch.Tensor]:
@@ -509,7 +521,7 @@ def _as_dir(path: Any) -> Path:
     return p
 
 
-def _same_dtype(path: Path, tensors: dict[str, torch.Tensor], ref: str) -> torch.dtype:
+def _same_dtype(path: Where, tensors: dict[str, torch.Tensor], ref: str) -> torch.dtype:
     """The dtype every tensor shares with tensors[ref]; names the first one that differs."""
     dtype = tensors[ref].dtype
     for key, t in tensors.items():
@@ -519,11 +531,105 @@ def _same_dtype(path: Path, tensors: dict[str, torch.Tensor], ref: str) -> torch
     return dtype
 
 
+# -- external SAEs: where they are used, and library objects in memory ------------------------
+STREAMS = ("image", "text", "both")
+
+
+def _check_site_args(site: Optional[str], stream: Optional[str]) -> None:
+    if site is not None and (not isinstance(site, str) or not site):
+        raise TypeError(f"site must be a non-empty str naming a diffusers module (e.g. 'transformer_blocks.12'), "
+                        f"got {site!r}")
+    if stream is not None and stream not in STREAMS:
+        raise ValueError(f"stream must be one of {STREAMS}, got {stream!r}")
+
+
+def _site_fields(site: Optional[str], stream: Optional[str], default_site: str) -> tuple[str, dict[str, Any]]:
+    """(metadata.site, metadata.extra entries) of an external SAE. Given `site` or `stream`,
+    they are recorded as this project's training records its own (`metadata.site`,
+    `extra["stream"]`, the stream defaulting to "image", a block's hidden_states output), and
+    the integration then refuses the SAE at another site; the site defaults to the library's
+    own name for it (SAELens' hook_name, sparsify's directory name). Neither given: only that
+    name, which is not checked."""
+    if site is None and stream is None:
+        return default_site, {}
+    used: dict[str, Any] = {"stream": stream or "image"}
+    if site is not None and default_site and site != default_site:
+        used["source_site"] = default_site  # the library's own name, kept for provenance
+    return site or default_site, used
+
+
+def _plain(value: Any, where: str, depth: int = 0) -> Any:
+    """`value` as JSON (a config object's fields go into metadata.extra, which is saved as
+    JSON): nested configs become dicts, tuples lists, dtypes and other objects their str."""
+    if depth > MAX_JSON_DEPTH - 2:  # the header and extra add two levels
+        raise CheckpointError(where, None, f"nested more than {MAX_JSON_DEPTH - 2} levels deep")
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, numbers.Integral):  # numpy and other integer scalars
+        return int(value)
+    if isinstance(value, numbers.Real):
+        value = float(value)
+        return value if _finite(value) else str(value)  # JSON has no NaN/Inf
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v, where, depth + 1) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v, where, depth + 1) for v in value]
+    if callable(getattr(value, "to_dict", None)) and not isinstance(value, type):
+        return _plain(value.to_dict(), where, depth + 1)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _plain({f.name: getattr(value, f.name) for f in dataclasses.fields(value)}, where, depth + 1)
+    if isinstance(value, SimpleNamespace):
+        return _plain(vars(value), where, depth + 1)
+    return str(value)
+
+
+def _object_cfg(cfg: Any, where: str) -> dict[str, Any]:
+    """A library's config object as the dict its save writes to cfg.json: its `to_dict()`
+    (SAELens and sparsify configs have one), else a mapping's, dataclass's or object's fields."""
+    if isinstance(cfg, Mapping):
+        d: Any = cfg
+    elif callable(getattr(cfg, "to_dict", None)):
+        d = cfg.to_dict()
+    elif dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+        d = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+    elif hasattr(cfg, "__dict__"):
+        d = vars(cfg)
+    else:
+        raise CheckpointError(where, None, f"expected the library's config object (with to_dict(), a dataclass "
+                                           f"or a mapping), found {type(cfg).__name__}")
+    if not isinstance(d, Mapping):
+        raise CheckpointError(where, None, f"to_dict() returned {type(d).__name__}, expected a dict")
+    return _plain(d, where)
+
+
+def _object_tensors(obj: Any, names: Sequence[str], where: str) -> dict[str, torch.Tensor]:
+    """The tensors of a library object by attribute path ("encoder.weight"), detached. Absent
+    or None ones are left out (the key check names what is missing); all share one device."""
+    out: dict[str, torch.Tensor] = {}
+    for name in names:
+        value = obj
+        for part in name.split("."):
+            value = getattr(value, part, None)
+            if value is None:
+                break
+        if value is None:
+            continue
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointError(where, name, f"expected a torch.Tensor, found {type(value).__name__}")
+        out[name] = value.detach()
+    devices = {t.device for t in out.values()}
+    if len(devices) > 1:
+        found = ", ".join(f"{n} on {t.device}" for n, t in out.items())
+        raise CheckpointError(where, None, f"tensors on more than one device ({found}); move the object to one")
+    return out
+
+
 # -- SAELens ---------------------------------------------------------------------------------
 _SAELENS_NORMS = ("none", "expected_average_only_in", "constant_norm_rescale", "layer_norm")
+_SAELENS_SCALES = ("scaling_factor", "finetuning_scaling_factor")  # optional fine-tuning decoder scales
 
 
-def _saelens_version(cfg: dict[str, Any], path: Path) -> Optional[tuple[int, int, str]]:
+def _saelens_version(cfg: dict[str, Any], path: Where) -> Optional[tuple[int, int, str]]:
     """(major, minor, key it came from) of the SAELens that wrote cfg, None when unrecorded
     (SAELens itself then assumes a pre-6 layout)."""
     meta = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
@@ -539,29 +645,49 @@ def _saelens_version(cfg: dict[str, Any], path: Path) -> Optional[tuple[int, int
     return None
 
 
-def read_saelens(path: PathLike, device: Optional[DeviceLike] = None, dtype: Optional[DTypeLike] = None,
-                 activation_scale: Optional[float] = None) -> SAEWeights:
-    """Read a SAELens TopK SAE directory (`cfg.json` + `sae_weights.safetensors`).
+@dataclass
+class _SAELensPlan:
+    """A SAELens config, checked: what its tensors are then checked against and folded with."""
 
-    `dtype` defaults to the config's `dtype`, as SAELens does. `activation_scale` is the
-    norm scaling factor s of an `expected_average_only_in` SAE (SAELens' pretrained-SAE
-    directory lists it as `norm_scaling_factor`; without it, `activation_scaler.json` in the
-    directory is used), or for any SAE a scale it was trained with on `x * s`. The harm score
-    is in the units of SAELens' `encode` output.
-    """
-    root = _as_dir(path)
-    dtype_ = _as_dtype(dtype)
-    device_ = _as_device(device)
-    scale_arg = _as_scale(activation_scale)
-    cfg_path = root / CFG_FILENAME
-    cfg = _read_json(cfg_path, "SAELens config")
+    cfg: dict[str, Any]  # as given, kept in metadata.extra["source_cfg"]
+    label: str           # how messages name the config ("cfg.json", "sae.cfg")
+    k: int
+    d_in: int
+    d_sae: int
+    dtype: torch.dtype
+    apply_b_dec: bool
+    rescale: bool
+    finetune: bool
+    scale: float
+    hook_name: str
+    model_name: str
+
+
+def _saelens_scaler(root: Path) -> Optional[float]:
+    """s from a SAELens directory's `activation_scaler.json`, None when there is none."""
+    scaler_path = root / SAELENS_SCALER
+    if not scaler_path.exists():  # not is_file(): a FIFO there is an error, not absent
+        return None
+    scaler = _read_json(scaler_path, "SAELens activation scaler")
+    s = _get(scaler, "scaling_factor", (int, float), scaler_path,
+             what="the factor the SAE's inputs were multiplied by in training")
+    if not (_finite(s) and s > 0):
+        raise CheckpointError(scaler_path, "scaling_factor", f"must be positive and finite, found {s}")
+    return float(s)
+
+
+def _saelens_plan(raw_cfg: dict[str, Any], cfg_path: Where, label: str, scale_arg: Optional[float],
+                  read_scaler: Optional[Callable[[], Optional[float]]] = None) -> _SAELensPlan:
+    """Check a SAELens config (cfg.json, or a SAE object's cfg as a dict). One set of rules for
+    files and objects, so both fold the same options the same way."""
+    cfg = raw_cfg
     version = _saelens_version(cfg, cfg_path)
     if version is not None and version[0] > SAELENS_MAX_MAJOR:
         raise CheckpointError(cfg_path, version[2], f"SAELens {version[0]}.{version[1]} is newer than "
                               f"the layouts this package knows (3.x to {SAELENS_MAX_MAJOR}.x)")
     meta = _get(cfg, "metadata", (dict,), cfg_path, default={})
     # SAELens < 6 wrote some keys under older names; 6.x moved hook and model names into metadata.
-    raw_cfg, cfg = cfg, dict(cfg)
+    cfg = dict(cfg)
     for old, new in (("hook_point", "hook_name"), ("activation_fn_str", "activation_fn")):
         if old in cfg and new not in cfg:
             cfg[new] = cfg.pop(old)
@@ -610,21 +736,13 @@ def read_saelens(path: PathLike, device: Optional[DeviceLike] = None, dtype: Opt
                               f"into the weights (supported: 'none', 'expected_average_only_in')")
     scale = 1.0
     if norm == "expected_average_only_in":
-        if scale_arg is not None:
-            scale = scale_arg
-        elif (root / SAELENS_SCALER).exists():  # not is_file(): a FIFO there is an error, not absent
-            scaler_path = root / SAELENS_SCALER
-            scaler = _read_json(scaler_path, "SAELens activation scaler")
-            s = _get(scaler, "scaling_factor", (int, float), scaler_path,
-                     what="the factor the SAE's inputs were multiplied by in training")
-            if not (_finite(s) and s > 0):
-                raise CheckpointError(scaler_path, "scaling_factor", f"must be positive and finite, found {s}")
-            scale = float(s)
-        else:
+        found = scale_arg if scale_arg is not None else (read_scaler() if read_scaler else None)
+        if found is None:
+            where_else = f" or put {SAELENS_SCALER} in the directory" if read_scaler else ""
             raise CheckpointError(cfg_path, "normalize_activations", f"'expected_average_only_in' means the "
                                   f"SAE was trained on x * s, but s is not in the checkpoint: pass "
-                                  f"activation_scale=s (SAELens' norm_scaling_factor) or put "
-                                  f"{SAELENS_SCALER} in the directory")
+                                  f"activation_scale=s (SAELens' norm_scaling_factor){where_else}")
+        scale = found
     elif scale_arg is not None:
         scale = scale_arg
 
@@ -638,12 +756,18 @@ def read_saelens(path: PathLike, device: Optional[DeviceLike] = None, dtype: Opt
         raise CheckpointError(cfg_path, "reshape_activations", f"{reshape!r} reshapes per-head "
                               f"activations; only flat [..., d_in] activations are supported")
     model_name = cfg.get("model_name", meta.get("model_name")) or ""
+    return _SAELensPlan(cfg=raw_cfg, label=label, k=k, d_in=d_in, d_sae=d_sae, dtype=cfg_dtype,
+                        apply_b_dec=apply_b_dec, rescale=rescale, finetune=finetune, scale=scale,
+                        hook_name=hook_name or "", model_name=str(model_name))
 
-    weights_path = root / SAELENS_WEIGHTS
-    _check_keys(weights_path, _read_header(weights_path)[1], _TENSOR_NAMES,
-                ("scaling_factor", "finetuning_scaling_factor"))
-    tensors = _read_tensors(weights_path)
-    why = f"cfg.json has d_in = {d_in}, d_sae = {d_sae}"
+
+def _saelens_weights(plan: _SAELensPlan, tensors: dict[str, torch.Tensor], weights_path: Where,
+                     device: torch.device, dtype: Optional[torch.dtype], site: Optional[str],
+                     stream: Optional[str]) -> SAEWeights:
+    """SAELens tensors (names checked already) checked against `plan`, folded into spec §2."""
+    tensors = dict(tensors)
+    why = f"{plan.label} has d_in = {plan.d_in}, d_sae = {plan.d_sae}"
+    d_in, d_sae = plan.d_in, plan.d_sae
     for name, shape in (("W_enc", (d_in, d_sae)), ("b_enc", (d_sae,)), ("W_dec", (d_sae, d_in)),
                         ("b_dec", (d_in,)), ("scaling_factor", (d_sae,)),
                         ("finetuning_scaling_factor", (d_sae,))):
@@ -656,47 +780,105 @@ def read_saelens(path: PathLike, device: Optional[DeviceLike] = None, dtype: Opt
     sf = tensors.get("scaling_factor")
     if sf is not None and torch.allclose(sf.float(), torch.ones_like(sf, dtype=torch.float32)):
         del tensors["scaling_factor"]
-    for key in ("scaling_factor", "finetuning_scaling_factor"):
+    for key in _SAELENS_SCALES:
         if key in tensors:
-            if not finetune:
-                raise CheckpointError(weights_path, key, "a fine-tuning scaling factor is present but "
-                                      "cfg.json has finetuning_scaling_factor = false")
+            if not plan.finetune:
+                raise CheckpointError(weights_path, key, f"a fine-tuning scaling factor is present but "
+                                      f"{plan.label} has finetuning_scaling_factor = false")
             if decoder_scale_key is not None:
                 raise CheckpointError(weights_path, key, f"given twice (also as {decoder_scale_key!r})")
             decoder_scale_key = key
-    if finetune and decoder_scale_key is None:
-        raise CheckpointError(weights_path, "finetuning_scaling_factor", "missing tensor; cfg.json has "
-                                                                         "finetuning_scaling_factor = true")
-    target = dtype_ or cfg_dtype
+    if plan.finetune and decoder_scale_key is None:
+        raise CheckpointError(weights_path, "finetuning_scaling_factor", f"missing tensor; {plan.label} has "
+                                                                         f"finetuning_scaling_factor = true")
+    target = dtype or plan.dtype
     folded = _fold(weights_path, tensors["W_enc"], tensors["b_enc"], tensors["W_dec"], tensors["b_dec"],
-                   target, apply_b_dec_to_input=apply_b_dec, rescale_by_decoder_norm=rescale,
+                   target, apply_b_dec_to_input=plan.apply_b_dec, rescale_by_decoder_norm=plan.rescale,
                    decoder_scale=tensors.get(decoder_scale_key) if decoder_scale_key else None,
-                   activation_scale=scale)
-    folds = [name for name, on in (("apply_b_dec_to_input=false", not apply_b_dec),
-                                   ("rescale_acts_by_decoder_norm", rescale),
+                   activation_scale=plan.scale)
+    folds = [name for name, on in (("apply_b_dec_to_input=false", not plan.apply_b_dec),
+                                   ("rescale_acts_by_decoder_norm", plan.rescale),
                                    (decoder_scale_key or "", decoder_scale_key is not None),
-                                   (f"activation_scale={scale!r}", scale != 1.0)) if on]
-    metadata = SAEMetadata(model=str(model_name), site=hook_name or "", activation_scale=scale,
-                           source="saelens", extra={"source_cfg": raw_cfg, "folded": folds})
-    return _finish(weights_path, folded, k, metadata, device_, target)
+                                   (f"activation_scale={plan.scale!r}", plan.scale != 1.0)) if on]
+    site_name, used = _site_fields(site, stream, plan.hook_name)
+    metadata = SAEMetadata(model=plan.model_name, site=site_name, activation_scale=plan.scale, source="saelens",
+                           extra={"source_cfg": plan.cfg, "folded": folds, **used})
+    return _finish(weights_path, folded, plan.k, metadata, device, target)
+
+
+def read_saelens(path: PathLike, device: Optional[DeviceLike] = None, dtype: Optional[DTypeLike] = None,
+                 activation_scale: Optional[float] = None, *, site: Optional[str] = None,
+                 stream: Optional[str] = None) -> SAEWeights:
+    """Read a SAELens TopK SAE directory (`cfg.json` + `sae_weights.safetensors`).
+
+    `dtype` defaults to the config's `dtype`, as SAELens does. `activation_scale` is the
+    norm scaling factor s of an `expected_average_only_in` SAE (SAELens' pretrained-SAE
+    directory lists it as `norm_scaling_factor`; without it, `activation_scaler.json` in the
+    directory is used), or for any SAE a scale it was trained with on `x * s`. The harm score
+    is in the units of SAELens' `encode` output. `site`/`stream`: the diffusers site and
+    stream the SAE was trained on (`_site_fields`); the site defaults to the `hook_name`.
+    """
+    root = _as_dir(path)
+    dtype_ = _as_dtype(dtype)
+    device_ = _as_device(device)
+    scale_arg = _as_scale(activation_scale)
+    _check_site_args(site, stream)
+    cfg_path = root / CFG_FILENAME
+    plan = _saelens_plan(_read_json(cfg_path, "SAELens config"), cfg_path, CFG_FILENAME, scale_arg,
+                         lambda: _saelens_scaler(root))
+    weights_path = root / SAELENS_WEIGHTS
+    _check_keys(weights_path, _read_header(weights_path)[1], _TENSOR_NAMES, _SAELENS_SCALES)
+    return _saelens_weights(plan, _read_tensors(weights_path), weights_path, device_, dtype_, site, stream)
+
+
+def saelens_to_weights(sae: Any, device: Optional[DeviceLike] = None, dtype: Optional[DTypeLike] = None,
+                       activation_scale: Optional[float] = None, *, site: Optional[str] = None,
+                       stream: Optional[str] = None) -> SAEWeights:
+    """The `SAEWeights` of a SAELens SAE object in memory, by the rules of `read_saelens`.
+
+    Duck-typed (sae_lens is never imported): `sae.cfg` (its `to_dict()`, as SAELens writes
+    cfg.json; else a dataclass or mapping), `sae.W_enc [d_in, d_sae]`, `b_enc`, `W_dec`,
+    `b_dec`, and a fine-tuning `scaling_factor` / `finetuning_scaling_factor` where present.
+    `device` defaults to the device of `sae.W_enc`, `dtype` to the config's. No activation
+    scaler is stored in the object: pass `activation_scale` for an `expected_average_only_in` SAE.
+    The result may share memory with the object's parameters when nothing is folded.
+    """
+    dtype_ = _as_dtype(dtype)
+    scale_arg = _as_scale(activation_scale)
+    _check_site_args(site, stream)
+    if getattr(sae, "cfg", None) is None:
+        raise CheckpointError("sae", "cfg", f"missing: expected a SAELens SAE (with .cfg, .W_enc, .b_enc, .W_dec, "
+                                            f".b_dec), got {type(sae).__name__}")
+    cfg = _object_cfg(sae.cfg, "sae.cfg")
+    arch = getattr(sae.cfg, "architecture", None)
+    if "architecture" not in cfg and callable(arch):  # SAELens 6 has it as a method, not a field
+        cfg["architecture"] = _plain(arch(), "sae.cfg")
+    plan = _saelens_plan(cfg, "sae.cfg", "sae.cfg", scale_arg)
+    tensors = _object_tensors(sae, _TENSOR_NAMES + _SAELENS_SCALES, "sae")
+    _check_keys("sae", list(tensors), _TENSOR_NAMES, _SAELENS_SCALES, holder="the SAE")
+    device_ = _as_device(device) if device is not None else tensors["W_enc"].device
+    return _saelens_weights(plan, tensors, "sae", device_, dtype_, site, stream)
 
 
 # -- EleutherAI sparsify ---------------------------------------------------------------------
 _SPARSIFY_KEYS = ("encoder.weight", "encoder.bias", "W_dec", "b_dec")
+_SPARSIFY_HINTS = {"W_skip": " (a skip connection, which the config does not declare)"}
 
 
-def read_sparsify(path: PathLike, device: Optional[DeviceLike] = None, dtype: Optional[DTypeLike] = None,
-                  activation_scale: Optional[float] = None) -> SAEWeights:
-    """Read one hookpoint directory of an EleutherAI sparsify TopK SAE (`cfg.json` +
-    `sae.safetensors`). `dtype` defaults to the file's dtype, as sparsify does.
-    `activation_scale` folds a scale s for an SAE trained on `x * s` (sparsify itself does not
-    scale activations). The directory name is recorded as the site."""
-    root = _as_dir(path)
-    dtype_ = _as_dtype(dtype)
-    device_ = _as_device(device)
-    scale = _as_scale(activation_scale) or 1.0
-    cfg_path = root / CFG_FILENAME
-    cfg = _read_json(cfg_path, "sparsify config")
+@dataclass
+class _SparsifyPlan:
+    """A sparsify config, checked."""
+
+    cfg: dict[str, Any]
+    d_in: int
+    F: int
+    k: int
+    why: str  # the shapes' reason, for messages
+
+
+def _sparsify_plan(cfg: dict[str, Any], cfg_path: Where, label: str) -> _SparsifyPlan:
+    """Check a sparsify config (cfg.json, or a coder's cfg plus its d_in): one set of rules for
+    files and objects."""
     d_in = _get(cfg, "d_in", (int,), cfg_path)
     activation = _get(cfg, "activation", (str,), cfg_path, default="topk")
     if activation != "topk":
@@ -711,32 +893,83 @@ def read_sparsify(path: PathLike, device: Optional[DeviceLike] = None, dtype: Op
     F = num_latents or d_in * expansion
     _check_dims(cfg_path, "d_in", d_in, "num_latents" if num_latents else "expansion_factor", F)
     k = _check_k(cfg_path, "k", _get(cfg, "k", (int,), cfg_path), F)
-
-    weights_path = root / SPARSIFY_WEIGHTS
-    _check_keys(weights_path, _read_header(weights_path)[1], _SPARSIFY_KEYS,
-                hints={"W_skip": " (a skip connection, which cfg.json does not declare)"})
-    tensors = _read_tensors(weights_path)
     how = (f"num_latents = {num_latents}" if num_latents
            else f"num_latents = d_in * expansion_factor = {d_in} * {expansion}")
-    why = f"cfg.json has d_in = {d_in}, {how}"
+    return _SparsifyPlan(cfg=cfg, d_in=d_in, F=F, k=k, why=f"{label} has d_in = {d_in}, {how}")
+
+
+def _sparsify_weights(plan: _SparsifyPlan, tensors: dict[str, torch.Tensor], weights_path: Where,
+                      device: torch.device, dtype: Optional[torch.dtype], scale: float, site: Optional[str],
+                      stream: Optional[str], default_site: str) -> SAEWeights:
+    """sparsify tensors (names checked already) checked against `plan`, in spec §2's layout."""
+    F, d_in = plan.F, plan.d_in
     for name, shape in (("encoder.weight", (F, d_in)), ("encoder.bias", (F,)), ("W_dec", (F, d_in)),
                         ("b_dec", (d_in,))):
-        _check_tensor(weights_path, name, tensors[name], shape, why)
-    file_dtype = _same_dtype(weights_path, tensors, "encoder.weight")
+        _check_tensor(weights_path, name, tensors[name], shape, plan.why)
+    stored_dtype = _same_dtype(weights_path, tensors, "encoder.weight")
     for name in _SPARSIFY_KEYS:
         _check_finite(weights_path, name, tensors[name])
-    target = dtype_ or file_dtype
+    target = dtype or stored_dtype
     folded = _fold(weights_path, tensors["encoder.weight"].t().contiguous(), tensors["encoder.bias"],
                    tensors["W_dec"], tensors["b_dec"], target, activation_scale=scale)
     folds = ["encoder.weight transposed"] + ([f"activation_scale={scale!r}"] if scale != 1.0 else [])
-    metadata = SAEMetadata(site=root.resolve().name, activation_scale=scale, source="sparsify",
-                           extra={"source_cfg": cfg, "folded": folds})
-    return _finish(weights_path, folded, k, metadata, device_, target)
+    site_name, used = _site_fields(site, stream, default_site)
+    metadata = SAEMetadata(site=site_name, activation_scale=scale, source="sparsify",
+                           extra={"source_cfg": plan.cfg, "folded": folds, **used})
+    return _finish(weights_path, folded, plan.k, metadata, device, target)
+
+
+def read_sparsify(path: PathLike, device: Optional[DeviceLike] = None, dtype: Optional[DTypeLike] = None,
+                  activation_scale: Optional[float] = None, *, site: Optional[str] = None,
+                  stream: Optional[str] = None) -> SAEWeights:
+    """Read one hookpoint directory of an EleutherAI sparsify TopK SAE (`cfg.json` +
+    `sae.safetensors`). `dtype` defaults to the file's dtype, as sparsify does.
+    `activation_scale` folds a scale s for an SAE trained on `x * s` (sparsify itself does not
+    scale activations). The directory name (sparsify names it after the hooked module) is
+    recorded as the site unless `site` is given; `stream` as `_site_fields` says."""
+    root = _as_dir(path)
+    dtype_ = _as_dtype(dtype)
+    device_ = _as_device(device)
+    scale = _as_scale(activation_scale) or 1.0
+    _check_site_args(site, stream)
+    cfg_path = root / CFG_FILENAME
+    plan = _sparsify_plan(_read_json(cfg_path, "sparsify config"), cfg_path, CFG_FILENAME)
+    weights_path = root / SPARSIFY_WEIGHTS
+    _check_keys(weights_path, _read_header(weights_path)[1], _SPARSIFY_KEYS, hints=_SPARSIFY_HINTS)
+    return _sparsify_weights(plan, _read_tensors(weights_path), weights_path, device_, dtype_, scale, site,
+                             stream, root.resolve().name)
+
+
+def sparsify_to_weights(coder: Any, device: Optional[DeviceLike] = None, dtype: Optional[DTypeLike] = None,
+                        activation_scale: Optional[float] = None, *, site: Optional[str] = None,
+                        stream: Optional[str] = None) -> SAEWeights:
+    """The `SAEWeights` of a sparsify `SparseCoder` in memory, by the rules of `read_sparsify`.
+
+    Duck-typed (sparsify is never imported): `coder.cfg` (its `to_dict()`, else a dataclass
+    or mapping) plus `coder.d_in`, as sparsify's `save_to_disk` writes them to cfg.json;
+    `coder.encoder.weight [F, d_in]`, `coder.encoder.bias`, `coder.W_dec [F, d_in]`,
+    `coder.b_dec`. A coder does not know its hookpoint: give `site` (else none is recorded).
+    `device` defaults to the device of the encoder weight, `dtype` to the tensors' own."""
+    dtype_ = _as_dtype(dtype)
+    scale = _as_scale(activation_scale) or 1.0
+    _check_site_args(site, stream)
+    if getattr(coder, "cfg", None) is None:
+        raise CheckpointError("coder", "cfg", f"missing: expected a sparsify SparseCoder (with .cfg, .d_in, "
+                                              f".encoder, .W_dec, .b_dec), got {type(coder).__name__}")
+    cfg = _object_cfg(coder.cfg, "coder.cfg")
+    if "d_in" not in cfg and hasattr(coder, "d_in"):  # save_to_disk writes cfg plus the coder's d_in
+        cfg["d_in"] = _plain(coder.d_in, "coder.d_in")
+    plan = _sparsify_plan(cfg, "coder.cfg", "coder.cfg")
+    tensors = _object_tensors(coder, _SPARSIFY_KEYS + ("W_skip",), "coder")
+    _check_keys("coder", list(tensors), _SPARSIFY_KEYS, hints=_SPARSIFY_HINTS, holder="the coder")
+    device_ = _as_device(device) if device is not None else tensors["encoder.weight"].device
+    return _sparsify_weights(plan, tensors, "coder", device_, dtype_, scale, site, stream, "")
 
 
 # -- dispatch --------------------------------------------------------------------------------
 def detect_format(path: PathLike) -> str:
-    """"safedig" for a file, "saelens" or "sparsify" for a directory holding their files."""
+    """"safedig" for a file or a directory holding `safedig_sae.safetensors` (`write_pretrained`),
+    "saelens" or "sparsify" for a directory holding their files."""
     p = _as_path(path)
     if not p.exists():
         raise FileNotFoundError(f"{p}: no such file or directory")
@@ -745,34 +978,243 @@ def detect_format(path: PathLike) -> str:
         return "safedig"
     # exists(), not is_file(): a FIFO or directory in their place is the reader's error, not absent
     has_cfg = (p / CFG_FILENAME).exists()
+    ours = (p / PRETRAINED_WEIGHTS).exists()
     saelens, sparsify = (p / SAELENS_WEIGHTS).exists(), (p / SPARSIFY_WEIGHTS).exists()
     if saelens and sparsify:
         raise CheckpointError(p, None, f"holds both {SAELENS_WEIGHTS} (SAELens) and {SPARSIFY_WEIGHTS} "
                                        f"(sparsify); call load_saelens or load_sparsify (safedig_kernels.sae)")
+    if ours and (saelens or sparsify):
+        other = SAELENS_WEIGHTS if saelens else SPARSIFY_WEIGHTS
+        raise CheckpointError(p, None, f"holds both {PRETRAINED_WEIGHTS} (this project's) and {other}; load the "
+                                       f"file {p / PRETRAINED_WEIGHTS} or call load_saelens / load_sparsify")
+    if ours:
+        return "safedig"
     if has_cfg and saelens:
         return "saelens"
     if has_cfg and sparsify:
         return "sparsify"
     if saelens or sparsify:
         raise CheckpointError(p, None, f"{CFG_FILENAME} is missing next to the weights")
-    subdirs = sorted(c.name for c in p.iterdir() if c.is_dir() and (c / CFG_FILENAME).is_file())
+    subdirs = sorted(c.name for c in p.iterdir() if c.is_dir() and ((c / CFG_FILENAME).is_file()
+                                                                    or (c / PRETRAINED_WEIGHTS).is_file()))
     hint = f"; these subdirectories hold one SAE each: {subdirs[:8]}" if subdirs else ""
-    raise CheckpointError(p, None, f"not a checkpoint directory: expected {CFG_FILENAME} with "
-                                   f"{SAELENS_WEIGHTS} (SAELens) or {SPARSIFY_WEIGHTS} (sparsify){hint}")
+    raise CheckpointError(p, None, f"not a checkpoint directory: expected {PRETRAINED_WEIGHTS} (this project's), "
+                                   f"or {CFG_FILENAME} with {SAELENS_WEIGHTS} (SAELens) or {SPARSIFY_WEIGHTS} "
+                                   f"(sparsify){hint}")
 
 
 def read_sae(path: PathLike, device: Optional[DeviceLike] = None, dtype: Optional[DTypeLike] = None,
-             activation_scale: Optional[float] = None) -> SAEWeights:
+             activation_scale: Optional[float] = None, *, site: Optional[str] = None,
+             stream: Optional[str] = None) -> SAEWeights:
     """Read a TopK SAE from `path`, whose format is detected (`detect_format`).
 
-    `device` defaults to CPU, `dtype` to the checkpoint's own. `activation_scale` is for
-    SAELens and sparsify SAEs trained on `x * s`; this project's files have it folded already.
+    `device` defaults to CPU, `dtype` to the checkpoint's own. `activation_scale`, `site` and
+    `stream` are for SAELens and sparsify SAEs (`read_saelens`); this project's files have the
+    scale folded and the site recorded already.
     """
     fmt = detect_format(path)
     if fmt == "safedig":
         if activation_scale is not None:
-            raise ValueError(f"activation_scale applies to SAELens and sparsify checkpoints; {path} is "
-                             f"a safedig file, whose weights already have it folded in")
-        return read_safedig(path, device=device, dtype=dtype)
+            raise ValueError(f"activation_scale applies to SAELens and sparsify checkpoints; {path} is in this "
+                             f"project's format, whose weights already have it folded in")
+        if site is not None or stream is not None:
+            raise ValueError(f"{'site' if site is not None else 'stream'} applies to SAELens and sparsify "
+                             f"checkpoints; {path} is in this project's format, whose metadata records its site")
+        p = _as_path(path)
+        return read_safedig(p / PRETRAINED_WEIGHTS if p.is_dir() else p, device=device, dtype=dtype)
     loader = read_saelens if fmt == "saelens" else read_sparsify
-    return loader(path, device=device, dtype=dtype, activation_scale=activation_scale)
+    return loader(path, device=device, dtype=dtype, activation_scale=activation_scale, site=site, stream=stream)
+
+
+# -- directories and the Hugging Face Hub ----------------------------------------------------
+PRETRAINED_WEIGHTS = "safedig_sae.safetensors"
+HUB_SCHEME = "hf://"
+HUB_EXTRA = "pip install 'safedig-kernels[diffusers]'"
+# What a repo (or its subfolder) may hold of an SAE: only these are downloaded.
+_HUB_FILES = (PRETRAINED_WEIGHTS, CFG_FILENAME, SAELENS_WEIGHTS, SAELENS_SCALER, SPARSIFY_WEIGHTS)
+_HUB_NAME = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,94}[A-Za-z0-9_])?")  # the Hub's owner/name rules
+_HUB_FORM = "hf://owner/name[/subfolder][@revision]"
+
+
+def write_pretrained(directory: PathLike, weights: SAEWeights) -> Path:
+    """Write `weights` as `directory/safedig_sae.safetensors` (this project's format, atomic),
+    the layout `read_pretrained` reads and a Hub repo (or one subfolder of it) holds. The
+    header holds k, the harmful set, strengths and metadata, so no other file is needed.
+    Makes the directory; refuses one holding a SAELens or sparsify checkpoint (a mix would be
+    ambiguous). Returns the file's path."""
+    if not isinstance(weights, SAEWeights):
+        raise TypeError(f"weights must be SAEWeights, got {type(weights).__name__}")
+    d = _as_path(directory, "directory")
+    if d.exists() and not d.is_dir():
+        raise CheckpointError(d, None, f"exists and is not a directory; save_pretrained writes a directory "
+                                       f"holding {PRETRAINED_WEIGHTS} (TopKSAE.save writes one file)")
+    foreign = [n for n in (SAELENS_WEIGHTS, SPARSIFY_WEIGHTS) if (d / n).exists()]
+    if foreign:
+        raise CheckpointError(d, None, f"already holds {foreign[0]} (a SAELens or sparsify checkpoint); writing "
+                                       f"{PRETRAINED_WEIGHTS} next to it would make the directory ambiguous")
+    _header_json(weights)  # refuse unsavable metadata before making the directory
+    d.mkdir(parents=True, exist_ok=True)
+    write_safedig(d / PRETRAINED_WEIGHTS, weights)
+    return d / PRETRAINED_WEIGHTS
+
+
+def is_hub_uri(name: Any) -> bool:
+    """Whether `name` is a string naming an SAE on the Hub (`hf://...`)."""
+    return isinstance(name, str) and name.startswith(HUB_SCHEME)
+
+
+def _is_repo_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(_HUB_NAME.fullmatch(p) and "--" not in p and ".." not in p for p in parts)
+
+
+def _check_subfolder(subfolder: Any, argument: str) -> Optional[str]:
+    if subfolder is None:
+        return None
+    if not isinstance(subfolder, str):
+        raise TypeError(f"{argument} must be a str (a folder inside the repo), got {type(subfolder).__name__}")
+    parts = subfolder.strip("/").split("/")
+    if subfolder.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        raise ValueError(f"{argument} must be a relative folder inside the repo without '.', '..' or empty "
+                         f"parts, got {subfolder!r}")
+    return "/".join(parts)
+
+
+def _check_revision(revision: Any, argument: str) -> Optional[str]:
+    if revision is not None and (not isinstance(revision, str) or not revision.strip()):
+        raise TypeError(f"{argument} must be a non-empty str (a branch, tag or commit), got {revision!r}")
+    return revision
+
+
+def parse_hub_uri(uri: str) -> tuple[str, Optional[str], Optional[str]]:
+    """(repo_id, subfolder, revision) of `"hf://owner/name[/subfolder][@revision]"`. The
+    revision follows the first `@` and may hold `/` (`@refs/pr/3`); repo names never hold `@`."""
+    if not is_hub_uri(uri):
+        raise CheckpointError(repr(uri), None, f"expected a str of the form {_HUB_FORM}")
+    path, at, revision = uri[len(HUB_SCHEME):].partition("@")
+    parts = path.split("/")
+    if len(parts) < 2 or not _is_repo_id("/".join(parts[:2])):
+        raise CheckpointError(uri, None, f"expected {_HUB_FORM}, with owner and name made of letters, digits, "
+                              f"'-', '_' and '.'")
+    try:
+        subfolder = _check_subfolder("/".join(parts[2:]), "the subfolder") if len(parts) > 2 else None
+        revision = _check_revision(revision if at else None, "the revision after '@'")
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(uri, None, f"{e} (expected {_HUB_FORM})") from None
+    return "/".join(parts[:2]), subfolder, revision
+
+
+def hub_uri(repo_id: str, subfolder: Optional[str] = None, revision: Optional[str] = None) -> str:
+    """The `hf://` name of a repo, subfolder and revision (`parse_hub_uri`'s inverse)."""
+    return f"{HUB_SCHEME}{repo_id}{'/' + subfolder if subfolder else ''}{'@' + revision if revision else ''}"
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def _hub_snapshot(repo_id: str, subfolder: Optional[str], revision: Optional[str], cache_dir: Optional[PathLike],
+                  local_files_only: bool, token: Any) -> tuple[Path, bool]:
+    """The local snapshot folder of `repo_id` at `revision`, holding the SAE files of `subfolder`
+    that the repo has (downloaded into the Hub cache, or those cached when offline), and
+    whether it was found offline."""
+    try:
+        import huggingface_hub
+        from huggingface_hub import constants as hub_constants
+        from huggingface_hub import utils as hub_utils
+    except ImportError as e:
+        raise ImportError(f"loading an SAE from the Hugging Face Hub ({hub_uri(repo_id, subfolder, revision)}) "
+                          f"needs huggingface_hub, which comes with the diffusers extra: {HUB_EXTRA}") from e
+    # huggingface_hub reads HF_HUB_OFFLINE once, at import; setting it later must still keep us offline
+    offline = bool(local_files_only) or bool(hub_constants.HF_HUB_OFFLINE) or _env_flag("HF_HUB_OFFLINE")
+    prefix = f"{subfolder}/" if subfolder else ""
+    name = hub_uri(repo_id, subfolder, revision)
+    try:
+        folder = huggingface_hub.snapshot_download(
+            repo_id, revision=revision, cache_dir=None if cache_dir is None else os.fspath(cache_dir),
+            allow_patterns=[prefix + f for f in _HUB_FILES], local_files_only=offline, token=token)
+    except hub_utils.LocalEntryNotFoundError as e:
+        cache = os.fspath(cache_dir) if cache_dir is not None else hub_constants.HF_HUB_CACHE
+        why = ("downloads are off (HF_HUB_OFFLINE=1 or local_files_only=True)" if offline
+               else "the Hub could not be reached")
+        raise FileNotFoundError(f"Hub repo {repo_id!r} (revision {revision or 'main'!r}) is not in the local "
+                                f"Hugging Face cache {cache} and {why}; download it once online "
+                                f"(TopKSAE.from_pretrained({name!r}) or `hf download {repo_id}`)") from e
+    except hub_utils.RevisionNotFoundError as e:
+        raise FileNotFoundError(f"Hub repo {repo_id!r} has no revision {revision!r} (a branch, tag or "
+                                f"commit)") from e
+    except hub_utils.RepositoryNotFoundError as e:  # also private or gated without access
+        raise FileNotFoundError(f"Hub repo {repo_id!r} does not exist, or is private or gated and the token "
+                                f"given (token=, HF_TOKEN or `hf auth login`) has no access") from e
+    return Path(folder), offline
+
+
+def read_pretrained(repo_id_or_path: Any, *, subfolder: Optional[str] = None, revision: Optional[str] = None,
+                    device: Optional[DeviceLike] = None, dtype: Optional[DTypeLike] = None,
+                    activation_scale: Optional[float] = None, site: Optional[str] = None,
+                    stream: Optional[str] = None, cache_dir: Optional[PathLike] = None,
+                    local_files_only: bool = False, token: Any = None) -> SAEWeights:
+    """Read an SAE from a local path or a Hugging Face Hub repo.
+
+    `repo_id_or_path`: an existing local file or directory (this project's file or
+    `write_pretrained` directory, a SAELens or sparsify directory: `read_sae`); an
+    `"owner/name"` Hub repo id (used when no such local path exists); or `"hf://owner/name
+    [/subfolder][@revision]"`. `subfolder` is a folder inside the directory or repo (e.g. one
+    sparsify hookpoint), `revision` a branch, tag or commit of the repo. Hub files are
+    downloaded into the Hub cache (`cache_dir`, default `HF_HUB_CACHE`) through
+    `huggingface_hub.snapshot_download`, only those an SAE is made of; with `HF_HUB_OFFLINE=1`
+    or `local_files_only=True` they are read from the cache without network. `token` is
+    passed to huggingface_hub (private and gated repos). The rest is `read_sae`'s.
+    """
+    subfolder = _check_subfolder(subfolder, "subfolder")
+    revision = _check_revision(revision, "revision")
+    hub = dict(device=device, dtype=dtype, activation_scale=activation_scale, site=site, stream=stream,
+               cache_dir=cache_dir, local_files_only=local_files_only, token=token)
+    if is_hub_uri(repo_id_or_path):
+        repo_id, sub, rev = parse_hub_uri(repo_id_or_path)
+        for argument, ours, theirs in (("subfolder", subfolder, sub), ("revision", revision, rev)):
+            if ours is not None and theirs is not None and ours != theirs:
+                raise ValueError(f"{argument}={ours!r} disagrees with the {argument} {theirs!r} in "
+                                 f"{repo_id_or_path!r}; give it once")
+        return _read_hub(repo_id, subfolder or sub, revision or rev, **hub)
+    if isinstance(repo_id_or_path, os.PathLike) or (isinstance(repo_id_or_path, str)
+                                                       and (os.path.exists(repo_id_or_path)
+                                                            or not _is_repo_id(repo_id_or_path))):
+        path = _as_path(repo_id_or_path, "repo_id_or_path")
+        if revision is not None:
+            raise ValueError(f"revision={revision!r} applies to Hub repos; {str(path)!r} is a local path")
+        if not path.exists():
+            raise FileNotFoundError(f"repo_id_or_path {str(path)!r}: no such file or directory, and not a Hub "
+                                    f"repo id ('owner/name') or {_HUB_FORM}")
+        return read_sae(path / subfolder if subfolder else path, device=device, dtype=dtype,
+                        activation_scale=activation_scale, site=site, stream=stream)
+    if isinstance(repo_id_or_path, str):
+        try:
+            return _read_hub(repo_id_or_path, subfolder, revision, **hub)
+        except FileNotFoundError as e:  # the name may have been meant as a local path
+            raise FileNotFoundError(f"{e} (nor is there a local path {repo_id_or_path!r})") from e
+    raise TypeError(f"repo_id_or_path must be a str (a local path, 'owner/name' or {_HUB_FORM}) or "
+                    f"os.PathLike, got {type(repo_id_or_path).__name__}")
+
+
+def _read_hub(repo_id: str, subfolder: Optional[str], revision: Optional[str], *, device: Optional[DeviceLike],
+              dtype: Optional[DTypeLike], activation_scale: Optional[float], site: Optional[str],
+              stream: Optional[str], cache_dir: Optional[PathLike], local_files_only: bool,
+              token: Any) -> SAEWeights:
+    root, offline = _hub_snapshot(repo_id, subfolder, revision, cache_dir, local_files_only, token)
+    folder = root / subfolder if subfolder else root
+    name = hub_uri(repo_id, subfolder, revision)
+    if not folder.is_dir():  # only SAE files are fetched: a folder without any is not there at all
+        place = f"folder {subfolder!r}" if subfolder else "root folder"
+        cached = " that are in the local cache (offline)" if offline else ""
+        raise FileNotFoundError(f"{name}: no SAE files{cached} in the repo's {place} ({', '.join(_HUB_FILES)}); "
+                                f"snapshot {root}")
+    try:
+        detect_format(folder)
+    except CheckpointError as e:
+        raise CheckpointError(name, e.key, f"holds no SAE this package reads: {e}") from e
+    weights = read_sae(folder, device=device, dtype=dtype, activation_scale=activation_scale, site=site,
+                       stream=stream)
+    if subfolder is None and site is None and weights.metadata.source == "sparsify":
+        weights.metadata.site = ""  # the snapshot folder is named after a commit, not the hooked module
+    return weights

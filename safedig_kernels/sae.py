@@ -9,6 +9,10 @@ Fail closed: weights must be finite when the SAE is built or loaded into (a NaN 
 every code NaN, and the op then returns the activations unsteered); strengths follow the one
 rule of `_checks.strength` and stay float32 whatever dtype the weights are moved to.
 
+`save_pretrained` / `from_pretrained` are the directory layout a Hugging Face Hub repo holds
+(and the Hub download); `from_saelens` / `from_sparsify` take those libraries' SAE objects in
+memory. All go through `checkpoints`.
+
 Threads: `set_strengths` writes the three strengths as one buffer with one copy, and
 `set_harmful` the mask with one copy, so a steering call sees each update whole. On CUDA the
 copy and the kernels that read the buffers are ordered on the current stream: update on the
@@ -18,6 +22,7 @@ start.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
@@ -233,32 +238,87 @@ class TopKSAE(torch.nn.Module):
         checkpoints.write_safedig(path, self.to_weights())
 
     @classmethod
-    def load(cls, path, device=None, dtype=None, activation_scale: Optional[float] = None) -> "TopKSAE":
+    def load(cls, path, device=None, dtype=None, activation_scale: Optional[float] = None, *,
+             site: Optional[str] = None, stream: Optional[str] = None) -> "TopKSAE":
         """Read a checkpoint in this project's format, SAELens' or sparsify's (auto-detected).
-        `activation_scale` is only for SAELens/sparsify SAEs trained on `x * s`."""
+        `activation_scale` (trained on `x * s`), `site` and `stream` (the diffusers site and
+        token stream it was trained on) are only for SAELens/sparsify SAEs."""
         return cls.from_weights(checkpoints.read_sae(path, device=device, dtype=dtype,
-                                                     activation_scale=activation_scale))
+                                                     activation_scale=activation_scale, site=site, stream=stream))
+
+    def save_pretrained(self, directory) -> Path:
+        """Write `directory/safedig_sae.safetensors` (this project's format, atomic; the
+        directory is made): the layout `from_pretrained` reads locally and from a Hub repo
+        (upload the directory as the repo or one subfolder of it). Returns the file's path."""
+        return checkpoints.write_pretrained(directory, self.to_weights())
+
+    @classmethod
+    def from_pretrained(cls, repo_id_or_path, *, subfolder: Optional[str] = None, revision: Optional[str] = None,
+                        device=None, dtype=None, activation_scale: Optional[float] = None,
+                        site: Optional[str] = None, stream: Optional[str] = None, cache_dir=None,
+                        local_files_only: bool = False, token=None) -> "TopKSAE":
+        """An SAE from a local path or a Hugging Face Hub repo (`checkpoints.read_pretrained`).
+
+        `repo_id_or_path`: an existing local file or directory (a `save_pretrained` directory,
+        this project's file, a SAELens or sparsify directory), an `"owner/name"` repo id, or
+        `"hf://owner/name[/subfolder][@revision]"`. `subfolder` picks a folder of the directory
+        or repo, `revision` a branch, tag or commit. Hub files are downloaded into the Hub cache
+        (`cache_dir`, default `HF_HUB_CACHE`) and read from it without network when
+        `HF_HUB_OFFLINE=1` or `local_files_only=True`. Needs huggingface_hub for Hub repos
+        (`pip install 'safedig-kernels[diffusers]'`); local paths do not."""
+        return cls.from_weights(checkpoints.read_pretrained(
+            repo_id_or_path, subfolder=subfolder, revision=revision, device=device, dtype=dtype,
+            activation_scale=activation_scale, site=site, stream=stream, cache_dir=cache_dir,
+            local_files_only=local_files_only, token=token))
+
+    @classmethod
+    def from_saelens(cls, sae, *, device=None, dtype=None, activation_scale: Optional[float] = None,
+                     site: Optional[str] = None, stream: Optional[str] = None) -> "TopKSAE":
+        """The TopK SAE a SAELens `SAE` object in memory computes (`.cfg`, `.W_enc`, `.b_enc`,
+        `.W_dec`, `.b_dec`; sae_lens is not imported), with the same checks and folds as
+        `load_saelens` (`checkpoints.saelens_to_weights`). `device` defaults to the object's,
+        `dtype` to its config's; `site`/`stream` record the diffusers site it was trained on."""
+        return cls.from_weights(checkpoints.saelens_to_weights(sae, device=device, dtype=dtype,
+                                                               activation_scale=activation_scale, site=site,
+                                                               stream=stream))
+
+    @classmethod
+    def from_sparsify(cls, coder, *, device=None, dtype=None, activation_scale: Optional[float] = None,
+                      site: Optional[str] = None, stream: Optional[str] = None) -> "TopKSAE":
+        """The TopK SAE a sparsify `SparseCoder` in memory computes (`.cfg`, `.d_in`, `.encoder`,
+        `.W_dec`, `.b_dec`; sparsify is not imported), with the same checks as `load_sparsify`
+        (`checkpoints.sparsify_to_weights`). A coder does not know its hookpoint: give `site`
+        (e.g. the module path it was trained on, `"transformer_blocks.12"`)."""
+        return cls.from_weights(checkpoints.sparsify_to_weights(coder, device=device, dtype=dtype,
+                                                                activation_scale=activation_scale, site=site,
+                                                                stream=stream))
 
 
 # Functions over whole SAEs, one per reader of the format layer.
 
-def load_sae(path, device=None, dtype=None, activation_scale: Optional[float] = None) -> TopKSAE:
+def load_sae(path, device=None, dtype=None, activation_scale: Optional[float] = None, *,
+             site: Optional[str] = None, stream: Optional[str] = None) -> TopKSAE:
     """`TopKSAE.load`: any supported format, detected from the path."""
-    return TopKSAE.load(path, device=device, dtype=dtype, activation_scale=activation_scale)
+    return TopKSAE.load(path, device=device, dtype=dtype, activation_scale=activation_scale, site=site,
+                        stream=stream)
 
 
 def load_safedig(path, device=None, dtype=None) -> TopKSAE:
     return TopKSAE.from_weights(checkpoints.read_safedig(path, device=device, dtype=dtype))
 
 
-def load_saelens(path, device=None, dtype=None, activation_scale: Optional[float] = None) -> TopKSAE:
+def load_saelens(path, device=None, dtype=None, activation_scale: Optional[float] = None, *,
+                 site: Optional[str] = None, stream: Optional[str] = None) -> TopKSAE:
     return TopKSAE.from_weights(checkpoints.read_saelens(path, device=device, dtype=dtype,
-                                                         activation_scale=activation_scale))
+                                                         activation_scale=activation_scale, site=site,
+                                                         stream=stream))
 
 
-def load_sparsify(path, device=None, dtype=None, activation_scale: Optional[float] = None) -> TopKSAE:
+def load_sparsify(path, device=None, dtype=None, activation_scale: Optional[float] = None, *,
+                  site: Optional[str] = None, stream: Optional[str] = None) -> TopKSAE:
     return TopKSAE.from_weights(checkpoints.read_sparsify(path, device=device, dtype=dtype,
-                                                          activation_scale=activation_scale))
+                                                          activation_scale=activation_scale, site=site,
+                                                          stream=stream))
 
 
 def save_sae(sae: TopKSAE, path) -> None:

@@ -17,6 +17,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import types
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -1015,3 +1016,176 @@ def test_missing_checkpoint_files_name_the_file(tmp_path):
     (root / "cfg.json").unlink()
     with pytest.raises(FileNotFoundError, match=r"SAELens config .*cfg\.json does not exist"):
         load_saelens(root)
+
+
+# -- the libraries' SAE objects in memory: the same rules as their directories -----------------
+class _SAELensConfig:
+    """Like SAELens' SAEConfig: fields as attributes, `to_dict()` giving what cfg.json holds."""
+
+    def __init__(self, cfg: dict):
+        self._cfg = json.loads(json.dumps(cfg))
+        for key, value in cfg.items():
+            setattr(self, key, value)
+
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(self._cfg))
+
+
+class _SAELensSAE(torch.nn.Module):
+    """A stand-in for a SAELens SAE: `.cfg` and the parameters SAELens saves by these names."""
+
+    def __init__(self, cfg, tensors: dict[str, torch.Tensor]):
+        super().__init__()
+        self.cfg = cfg
+        for name, t in tensors.items():
+            setattr(self, name, torch.nn.Parameter(t.clone()))
+
+
+def _saelens_objects(cfg: dict, tensors: dict) -> list:
+    """The same SAE as SAELens objects with three kinds of config: `to_dict()`, a dataclass whose
+    `architecture` is a method (SAELens 6 keeps it out of the fields), and plain attributes."""
+    fields = [(k, object) for k in cfg if k != "architecture"]
+    Config = dataclasses.make_dataclass("TopKSAEConfig", fields, namespace={
+        "architecture": lambda self, a=cfg.get("architecture", "standard"): a})
+    as_dataclass = Config(**{k: v for k, v in cfg.items() if k != "architecture"})
+    as_namespace = types.SimpleNamespace(W_enc=tensors["W_enc"], b_enc=tensors["b_enc"], W_dec=tensors["W_dec"],
+                                         b_dec=tensors["b_dec"], cfg=types.SimpleNamespace(**cfg),
+                                         **{k: v for k, v in tensors.items() if k not in WEIGHTS})
+    return [_SAELensSAE(_SAELensConfig(cfg), tensors), _SAELensSAE(as_dataclass, tensors), as_namespace]
+
+
+@pytest.mark.parametrize("cfg,extra,scaler,scale_arg,opts", [pytest.param(*c[1:], id=c[0]) for c in _SAELENS_OK])
+def test_from_saelens_equals_the_saelens_directory(tmp_path, cfg, extra, scaler, scale_arg, opts):
+    """One set of rules: the object loads bit-exactly as its files do (the scaler file's s is
+    given as an argument: a SAELens SAE object does not hold it)."""
+    tensors = {**_lib_weights(), **extra}
+    root = _write_saelens(tmp_path / "sae", cfg, tensors, scaler)
+    scale = scaler["scaling_factor"] if scaler else scale_arg
+    for obj in _saelens_objects(cfg, tensors):
+        for dtype in (None, torch.float64):
+            want = load_saelens(root, dtype=dtype, activation_scale=scale_arg)
+            got = TopKSAE.from_saelens(obj, dtype=dtype, activation_scale=scale)
+            _assert_same_sae(got, want)
+            assert got.metadata.extra["source_cfg"] == cfg and got.metadata.source == "saelens"
+
+
+def test_from_saelens_copies_the_weights():
+    obj = _saelens_objects(_saelens_v6(), _lib_weights())[0]
+    sae = TopKSAE.from_saelens(obj)
+    before = sae.W_enc.clone()
+    with torch.no_grad():
+        obj.W_enc.add_(1.0)
+    assert torch.equal(sae.W_enc, before) and sae.device == obj.W_enc.device
+
+
+@pytest.mark.parametrize("cfg,dtype", [pytest.param(*c[1:], id=c[0]) for c in _SPARSIFY_OK])
+def test_from_sparsify_equals_the_sparsify_directory(tmp_path, cfg, dtype):
+    t = _sparsify_weights(dtype)
+    root = _write_sparsify(tmp_path / "transformer_blocks.12", cfg, t)
+    # sparsify's SparseCoder: cfg (a dataclass, without d_in), d_in, encoder = nn.Linear(d_in, F), W_dec, b_dec
+    Config = dataclasses.make_dataclass("SparseCoderConfig", [(k, object) for k in cfg if k != "d_in"])
+    coder = torch.nn.Module()
+    coder.cfg = Config(**{k: v for k, v in cfg.items() if k != "d_in"})
+    coder.d_in = cfg["d_in"]
+    coder.encoder = torch.nn.Linear(D, F, dtype=dtype)
+    with torch.no_grad():
+        coder.encoder.weight.copy_(t["encoder.weight"])
+        coder.encoder.bias.copy_(t["encoder.bias"])
+    coder.W_dec = torch.nn.Parameter(t["W_dec"].clone())
+    coder.b_dec = torch.nn.Parameter(t["b_dec"].clone())
+    for site, stream in ((None, None), ("transformer_blocks.12", "text")):
+        got = TopKSAE.from_sparsify(coder, site=site, stream=stream)
+        want = load_sparsify(root, site=site, stream=stream)
+        if site is None:  # a coder does not know its hookpoint; the directory is named after it
+            assert got.metadata.site == "" and want.metadata.site == "transformer_blocks.12"
+            got.metadata.site = want.metadata.site
+        _assert_same_sae(got, want)
+        assert got.dtype == dtype and got.metadata.extra["source_cfg"] == cfg
+    assert got.metadata.extra["stream"] == "text"
+
+
+def _sparsify_coder(**over):
+    cfg = _sparsify_cfg()
+    t = _sparsify_weights()
+    coder = types.SimpleNamespace(cfg=types.SimpleNamespace(**{k: v for k, v in cfg.items() if k != "d_in"}),
+                                  d_in=D, encoder=types.SimpleNamespace(weight=t["encoder.weight"],
+                                                                        bias=t["encoder.bias"]),
+                                  W_dec=t["W_dec"], b_dec=t["b_dec"])
+    for key, value in over.items():
+        setattr(coder, key, value)
+    return coder
+
+
+def _saelens_sae(**over):
+    obj = _saelens_objects(_saelens_v6(), _lib_weights())[2]
+    for key, value in over.items():
+        setattr(obj, key, value)
+    return obj
+
+
+_OBJECT_BAD = [
+    # (id, loader, object, what the error names, key)
+    ("saelens-no-cfg", TopKSAE.from_saelens, types.SimpleNamespace(W_enc=torch.zeros(D, F)), "sae", "cfg"),
+    ("saelens-jumprelu", TopKSAE.from_saelens, _saelens_sae(cfg=types.SimpleNamespace(
+        **_saelens_v6(architecture="jumprelu"))), "sae.cfg", "architecture"),
+    ("saelens-layer-norm", TopKSAE.from_saelens, _saelens_sae(cfg=types.SimpleNamespace(
+        **_saelens_v6(normalize_activations="layer_norm"))), "sae.cfg", "normalize_activations"),
+    ("saelens-scale-not-given", TopKSAE.from_saelens, _saelens_sae(cfg=types.SimpleNamespace(
+        **_saelens_v6(normalize_activations="expected_average_only_in"))), "sae.cfg", "normalize_activations"),
+    ("saelens-W_dec-transposed", TopKSAE.from_saelens, _saelens_sae(W_dec=torch.zeros(D, F)), "sae", "W_dec"),
+    ("saelens-b_dec-missing", TopKSAE.from_saelens, _saelens_sae(b_dec=None), "sae", "b_dec"),
+    ("saelens-W_enc-not-a-tensor", TopKSAE.from_saelens, _saelens_sae(W_enc=[[0.0] * F] * D), "sae", "W_enc"),
+    ("saelens-nan", TopKSAE.from_saelens, _saelens_sae(b_enc=torch.full((F,), float("nan"))), "sae", "b_enc"),
+    ("sparsify-no-cfg", TopKSAE.from_sparsify, _sparsify_coder(cfg=None), "coder", "cfg"),
+    ("sparsify-no-d_in", TopKSAE.from_sparsify, _sparsify_coder(d_in=None), "coder.cfg", "d_in"),
+    ("sparsify-skip", TopKSAE.from_sparsify, _sparsify_coder(cfg=types.SimpleNamespace(
+        **{k: v for k, v in _sparsify_cfg(skip_connection=True).items() if k != "d_in"})), "coder.cfg",
+     "skip_connection"),
+    ("sparsify-W_skip-undeclared", TopKSAE.from_sparsify, _sparsify_coder(W_skip=torch.zeros(D, D)), "coder",
+     "W_skip"),
+    ("sparsify-no-encoder", TopKSAE.from_sparsify, _sparsify_coder(encoder=None), "coder", "encoder.weight"),
+]
+
+
+@pytest.mark.parametrize("loader,obj,where,key", [pytest.param(*c[1:], id=c[0]) for c in _OBJECT_BAD])
+def test_bad_library_objects_name_the_argument_and_key(loader, obj, where, key):
+    _raises(CheckpointError, where, key, loader, obj)
+
+
+def test_external_loaders_record_the_site_and_stream_they_are_for(tmp_path):
+    root = _write_saelens(tmp_path / "sl", _saelens_v6(), _lib_weights())
+    plain = load_saelens(root).metadata
+    assert plain.site == "blocks.6.hook_resid_post" and "stream" not in plain.extra
+    meta = load_sae(root, site="transformer_blocks.3", stream="text").metadata
+    assert (meta.site, meta.extra["stream"], meta.extra["source_site"]) == (
+        "transformer_blocks.3", "text", "blocks.6.hook_resid_post")
+    # a sparsify hookpoint directory is named after the module: stream alone keeps that name
+    sp = load_sparsify(_write_sparsify(tmp_path / "single_transformer_blocks.9", _sparsify_cfg(),
+                                       _sparsify_weights()), stream="image").metadata
+    assert (sp.site, sp.extra["stream"]) == ("single_transformer_blocks.9", "image") and "source_site" not in sp.extra
+    assert TopKSAE.from_saelens(_saelens_sae(), site="transformer_blocks.3").metadata.extra["stream"] == "image"
+    save_sae(TopKSAE.load(root, site="transformer_blocks.3", stream="both"), tmp_path / "a.safetensors")
+    again = load_sae(tmp_path / "a.safetensors").metadata
+    assert (again.site, again.extra["stream"], again.source) == ("transformer_blocks.3", "both", "saelens")
+    with pytest.raises(ValueError, match="stream must be one of"):
+        load_sae(root, stream="context")
+    with pytest.raises(TypeError, match="site must be a non-empty str"):
+        TopKSAE.from_saelens(_saelens_sae(), site="")
+    with pytest.raises(ValueError, match="site applies to SAELens and sparsify"):
+        load_sae(tmp_path / "a.safetensors", site="transformer_blocks.3")
+
+
+def test_object_configs_become_json_that_saves(tmp_path):
+    """A config in memory may hold what cfg.json cannot: dtype and device objects, tuples, numpy
+    numbers, NaN. They are read as the JSON its save would write, so the SAE saves and reloads."""
+    import numpy as np
+
+    cfg = _saelens_v6(dtype=torch.float64, device=torch.device("cpu"), d_in=np.int64(D), seqpos_slice=(None, 3),
+                      lr=np.float32(0.5), dead=float("nan"))
+    sae = TopKSAE.from_saelens(types.SimpleNamespace(cfg=types.SimpleNamespace(**cfg), **_lib_weights()))
+    assert sae.dtype == torch.float64 and sae.d == D
+    source = sae.metadata.extra["source_cfg"]
+    keys = ("dtype", "device", "d_in", "seqpos_slice", "lr", "dead")
+    assert [source[k] for k in keys] == ["torch.float64", "cpu", D, [None, 3], 0.5, "nan"]
+    save_sae(sae, tmp_path / "a.safetensors")
+    _assert_same_sae(load_sae(tmp_path / "a.safetensors"), sae)

@@ -45,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
     with _config_errors(args.config):
         config = SafeDIGConfig.from_json(args.config)
     out = Path(args.out)
-    sae_paths = [(f"--config's site {s.site} SAE", s.sae) for s in config.sites if not isinstance(s.sae, TopKSAE)]
+    sae_paths = [(f"--config's site {s.site} SAE", s.sae) for s in config.sites
+                 if not isinstance(s.sae, TopKSAE) and not str(s.sae).startswith("hf://")]  # Hub names are no files
     check_paths(inputs=[("--config", args.config), ("--prompts", args.prompts)] + sae_paths
                 + model_inputs(args.model),
                 outputs=[("--out", out / "report.json"), ("--out", out / "grid.png")],

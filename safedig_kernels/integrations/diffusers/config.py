@@ -3,7 +3,8 @@
 Imports no diffusers, so a workflow step (routing, say) can build and write configs on a
 machine without a pipeline. The one writer of the steering-config JSON is
 `SafeDIGConfig.to_json`; `from_json` reads it back. Relative SAE paths are relative to the JSON
-file's folder; `null` means "the SAE's own default":
+file's folder; an SAE on the Hugging Face Hub is named `"hf://owner/name[/subfolder][@revision]"`
+(read with `TopKSAE.from_pretrained`, kept as written); `null` means "the SAE's own default":
 
     {"format": "safedig-diffusers", "version": 1,
      "enabled": true, "use_fused_ops": true, "telemetry": true, "telemetry_capacity": 1024,
@@ -23,6 +24,7 @@ from typing import Mapping, Optional, Sequence, Union
 
 from ..._checks import STRENGTH_NAMES, harmful_ids, strength_or_none
 from ..._io import atomic_write_json, read_json
+from ...checkpoints import STREAMS, is_hub_uri, parse_hub_uri
 from ...sae import TopKSAE
 
 __all__ = ["SiteConfig", "SafeDIGConfig", "STEER_STREAMS", "CFG_MODES", "JSON_FORMAT", "JSON_VERSION",
@@ -30,7 +32,7 @@ __all__ = ["SiteConfig", "SafeDIGConfig", "STEER_STREAMS", "CFG_MODES", "JSON_FO
 
 JSON_FORMAT = "safedig-diffusers"
 JSON_VERSION = 1
-STEER_STREAMS = ("image", "text", "both")
+STEER_STREAMS = STREAMS  # the streams an SAE's metadata may record (checkpoints)
 CFG_MODES = ("both", "cond")
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -43,8 +45,9 @@ class SiteConfig:
     Args:
         site: module name: `transformer_blocks.{i}`, `single_transformer_blocks.{i}` (FLUX), or
             the T5 encoder's pipeline component name (`text_encoder_2` FLUX, `text_encoder_3` SD3).
-        sae: a `TopKSAE` or a checkpoint path (read with `TopKSAE.load`). Its width `d` must be
-            the site's width (FLUX 3072, SD3.5 Large 2432, T5 4096).
+        sae: a `TopKSAE`, a checkpoint path (read with `TopKSAE.load`), or an SAE on the Hugging
+            Face Hub as `"hf://owner/name[/subfolder][@revision]"` (`TopKSAE.from_pretrained`).
+            Its width `d` must be the site's width (FLUX 3072, SD3.5 Large 2432, T5 4096).
         stream: `"image"`, `"text"` or `"both"` (the tokens of both streams through one SAE).
             A FLUX double block with a different SAE per stream is two `SiteConfig`s. Ignored
             for text-encoder sites, which have one stream.
@@ -80,7 +83,13 @@ class SiteConfig:
             raise TypeError(f"SiteConfig.site must be a non-empty str, got {self.site!r}")
         where = self.where
         if not isinstance(self.sae, (TopKSAE, str, os.PathLike)):
-            raise TypeError(f"{where}.sae must be a TopKSAE or a checkpoint path, got {type(self.sae).__name__}")
+            raise TypeError(f"{where}.sae must be a TopKSAE, a checkpoint path or an hf:// name, "
+                            f"got {type(self.sae).__name__}")
+        if is_hub_uri(self.sae):
+            try:
+                parse_hub_uri(self.sae)
+            except ValueError as e:
+                raise ValueError(f"{where}.sae: {e}") from None
         if self.stream not in STEER_STREAMS:
             raise ValueError(f"{where}.stream must be one of {STEER_STREAMS}, got {self.stream!r}")
         if self.cfg not in CFG_MODES:
@@ -133,8 +142,8 @@ class SafeDIGConfig:
             raise ValueError(f"SafeDIGConfig.telemetry_capacity must be an int >= 1, got {cap!r}")
 
     def with_loaded_saes(self) -> "SafeDIGConfig":
-        """This config with every SAE path replaced by the loaded `TopKSAE` (each file read
-        once), so a missing or unreadable file fails here, before any model is loaded."""
+        """This config with every SAE path or hf:// name replaced by the loaded `TopKSAE` (each
+        read once), so a missing or unreadable SAE fails here, before any model is loaded."""
         loaded: dict[str, TopKSAE] = {}
         sites = []
         for s in self.sites:
@@ -154,7 +163,8 @@ class SafeDIGConfig:
 
     def to_json(self, path: PathLike) -> Path:
         """Write the documented JSON file (module docstring), atomically. SAEs must be given as
-        paths; they are stored relative to the file's folder. Returns the path."""
+        paths, stored relative to the file's folder, or hf:// names, stored as given. Returns
+        the path."""
         path = Path(path)
         folder = os.path.dirname(os.path.abspath(path))
         sites = []
@@ -163,7 +173,7 @@ class SafeDIGConfig:
                 raise ValueError(f"SafeDIGConfig.to_json: site {s.site!r} holds a TopKSAE object; "
                                  f"JSON needs a checkpoint path (save it with TopKSAE.save first)")
             d = dataclasses.asdict(s)
-            d["sae"] = _relpath(os.fspath(s.sae), folder)
+            d["sae"] = s.sae if is_hub_uri(s.sae) else _relpath(os.fspath(s.sae), folder)
             d["window"] = list(s.window)
             sites.append(d)
         doc = {"format": JSON_FORMAT, "version": JSON_VERSION, "enabled": self.enabled,
@@ -195,8 +205,9 @@ class SafeDIGConfig:
             _reject_unknown(d, site_keys, f"{where} sites[{i}]")
             d = dict(d)
             if not isinstance(d.get("sae"), str):
-                raise ValueError(f"{where}: sites[{i}].sae must be a checkpoint path string")
-            d["sae"] = os.path.normpath(os.path.join(folder, d["sae"]))
+                raise ValueError(f"{where}: sites[{i}].sae must be a checkpoint path or hf:// name string")
+            if not is_hub_uri(d["sae"]):  # a Hub name is no path: kept as written, checked by SiteConfig
+                d["sae"] = os.path.normpath(os.path.join(folder, d["sae"]))
             if "window" in d:
                 d["window"] = check_window(d["window"], f"{where} sites[{i}].window")
             try:
@@ -210,9 +221,19 @@ class SafeDIGConfig:
 # -- checks shared by the configs, apply_safedig and the handle -----------------------------
 
 def resolve_sae(sae: Union[TopKSAE, PathLike], where: str) -> TopKSAE:
-    """`sae` itself, or the SAE read from its path; errors say which site's SAE failed."""
+    """`sae` itself, or the SAE read from its path or hf:// name; errors say which site's SAE
+    failed."""
     if isinstance(sae, TopKSAE):
         return sae
+    if is_hub_uri(sae):
+        try:
+            return TopKSAE.from_pretrained(sae)
+        except ImportError:
+            raise
+        except FileNotFoundError as e:  # not on the Hub, or not cached when offline
+            raise FileNotFoundError(f"{where}.sae: {e}") from e
+        except Exception as e:  # any reader error means the repo holds no usable SAE
+            raise ValueError(f"{where}.sae: {sae!r} is not a valid SAE: {e}") from e
     path = os.fspath(sae)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{where}.sae: no SAE checkpoint at {path!r} (the file does not exist)")
@@ -228,10 +249,12 @@ def check_sae_site(sae: TopKSAE, site: str, stream: str, where: str, allow: bool
     """Refuse an SAE whose metadata names another site or stream than (`site`, `stream`): its
     features describe other activations, so steering with it would quietly do nothing useful.
     Checked for this project's SAEs that record a site (training writes `metadata.site` and
-    `metadata.extra["stream"]`); other formats name hooks of their own and are not compared.
+    `metadata.extra["stream"]`), and for SAELens/sparsify SAEs loaded with `site=`/`stream=`
+    (recorded the same way); otherwise they name hooks of their own and are not compared.
     `allow` (`SiteConfig.allow_other_site`, `--allow-other-site`) skips the check."""
     meta = sae.metadata
-    if allow or meta.source != "safedig" or not meta.site:
+    told = meta.source == "safedig" or "stream" in (meta.extra or {})
+    if allow or not told or not meta.site:
         return
     trained_module = meta.site.removeprefix("transformer.")
     trained_stream = (meta.extra or {}).get("stream")

@@ -552,7 +552,7 @@ def _apply_flux(*sites, pipe=None, **cfg):
     (lambda: SiteConfig("transformer_blocks.0", sae(1), stream="joint"), ValueError, "stream must be one of"),
     (lambda: SiteConfig("transformer_blocks.0", sae(1), cfg="uncond"), ValueError, "cfg must be one of"),
     (lambda: SiteConfig("transformer_blocks.0", sae(1), harmful=[1, -2]), ValueError, "non-negative int"),
-    (lambda: SiteConfig("transformer_blocks.0", object()), TypeError, "TopKSAE or a checkpoint path"),
+    (lambda: SiteConfig("transformer_blocks.0", object()), TypeError, "a TopKSAE, a checkpoint path or an hf:// name"),
     (lambda: SafeDIGConfig([]), ValueError, "non-empty"),
     (lambda: _apply_flux(SiteConfig("transformer_blocks.0", sae(1), harmful=[], tau=0.0)), ValueError,
      "harmful set is empty.*never opens"),
