@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -20,6 +21,8 @@ from typing import Optional, Union
 from .device_reports import kernel_check_markdown, kind_of, pipeline_markdown
 from .shapes import GEMM_OP, LATENCY_N, OPS, Shape, model_shape, n_shape
 from .timing import percentile
+
+logger = logging.getLogger(__name__)
 
 
 class ReportError(ValueError):
@@ -323,7 +326,7 @@ def write_reports(res: Results, out_dir: Path, plots: bool = True) -> list[Path]
         except ModuleNotFoundError as e:
             if e.name != "matplotlib":
                 raise
-            print("plots skipped: matplotlib is not installed (pip install 'safedig-kernels[plots]')")
+            logger.warning("plots skipped: matplotlib is not installed (pip install 'safedig-kernels[plots]')")
     return written
 
 

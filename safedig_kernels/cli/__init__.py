@@ -15,8 +15,10 @@ Run `safedig <command> --help` for each.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import sys
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 from . import adapt, capture, demo, eval, route, score, steer, train
 from ._options import FORMATTER
@@ -34,7 +36,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _ConsoleHandler(logging.Handler):
+    """The library's log lines as the command's own output, the message alone: INFO to stdout,
+    warnings and errors to stderr. The stream is looked up per line, so a redirected
+    sys.stdout (a test's capture) gets them."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            stream = sys.stderr if record.levelno >= logging.WARNING else sys.stdout
+            stream.write(self.format(record) + "\n")
+            stream.flush()
+        except Exception:  # logging's own rule: a failing handler reports, never raises
+            self.handleError(record)
+
+
+@contextlib.contextmanager
+def _library_logs_shown() -> Iterator[None]:
+    """While a command runs, what the library logs at INFO and above is shown (the library
+    itself only logs; printing is the command line's job). Restores the logger on exit."""
+    lib = logging.getLogger("safedig_kernels")
+    handler = _ConsoleHandler(logging.INFO)
+    old_level = lib.level
+    lib.addHandler(handler)
+    if old_level == logging.NOTSET or old_level > logging.INFO:
+        lib.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        lib.removeHandler(handler)
+        lib.setLevel(old_level)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    with _library_logs_shown():
+        return _main(argv)
+
+
+def _main(argv: Optional[Sequence[str]]) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:
         # argparse will not hand an option-first remainder (`bench --help`) to a subparser: the

@@ -18,7 +18,7 @@ from ._options import (
 
 def run(args: argparse.Namespace) -> int:
     from ..sae import TopKSAE
-    from ..workflow.adapt import AdaptConfig, adapt_decoder
+    from ..workflow.adapt import AdaptConfig, adapt_decoder, fitting_batch_size
     from ..workflow.store import ActivationStore
 
     check_paths(inputs=[("--activations", args.activations), ("--sae", args.sae)],
@@ -34,6 +34,14 @@ def run(args: argparse.Namespace) -> int:
     if args.replay > 0:
         source = store.load(args.site, labels=args.source, steps=args.denoise_steps, max_tokens=args.max_tokens,
                             seed=args.seed)
+    if args.batch_size is not None:
+        fits = fitting_batch_size(target.shape[0], None if source is None else source.shape[0], args.replay,
+                                  cap=args.batch_size)
+        if fits < args.batch_size:
+            have = f"{target.shape[0]} target" + ("" if source is None else f" and {source.shape[0]} source")
+            raise ValueError(f"--batch-size {args.batch_size} needs more tokens than were captured ({have} tokens "
+                             f"at --replay {args.replay}); pass --batch-size {fits} or less, or leave it out for "
+                             f"the largest batch that fits")
     config = AdaptConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, replay=args.replay,
                          prox_coef=args.prox, train_b_dec=not args.freeze_b_dec, seed=args.seed)
     result = adapt_decoder(sae, target, source, config, device=device, progress=not args.no_progress)
@@ -70,7 +78,9 @@ and prints reconstruction error (FVU) on target and source before and after.""",
     p.add_argument("--freeze-b-dec", action="store_true",
                    help="keep b_dec too (it also centres the encoder input), so codes are exactly the source's")
     p.add_argument("--steps", type=int, default=500, help="optimizer steps (default 500)")
-    p.add_argument("--batch-size", type=int, default=4096, help="tokens per batch (default 4096)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="tokens per batch, target and replayed source together (default 4096, or the largest "
+                        "batch the captured tokens fill when they are fewer)")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
     add_denoise_steps(p)
     p.add_argument("--max-tokens", type=int, default=None, help="use at most this many tokens of each domain")

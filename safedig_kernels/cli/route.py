@@ -32,14 +32,27 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--sae names site {site} twice")
         saes[site] = (TopKSAE.load(path), path)
     config = RouteConfig(operators=tuple(args.operators), cost_weight=args.cost_weight, num_sites=args.num_sites,
-                         rule=harmful_rule(args), beta=args.beta, gamma=args.gamma, tau=args.tau, window=args.window,
-                         cfg=args.cfg, steps=args.denoise_steps)
+                         rule=harmful_rule(args), beta=args.beta, gamma=args.gamma, tau=args.tau,
+                         tau_quantile=args.tau_quantile, window=args.window, cfg=args.cfg, steps=args.denoise_steps)
     report = route(store, saes, args.source, args.target, args.safe, config)
     json_path, txt_path = report.write(args.report)
     cfg_path = write_steering_config(report, args.config)
     print(report.table())
+    if len(report.selected) < args.num_sites:
+        print(f"note: {len(report.selected)} of --num-sites {args.num_sites} sites selected: only these candidates "
+              f"have harmful features")
     print(f"report: {json_path} and {txt_path}; steering config: {cfg_path}")
     return 0
+
+
+def tau_quantile(text: str) -> float:
+    try:
+        q = float(text)
+    except ValueError:
+        q = float("nan")
+    if not 0.0 < q < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a quantile in (0, 1) such as 0.99, got {text!r}")
+    return q
 
 
 def add_parser(subparsers) -> None:
@@ -53,7 +66,16 @@ target, and how well the source harm score separates target-unsafe from safe pro
 per operator, minus --cost-weight times the relative steering cost. Writes the ranked report
 (JSON + .txt table) and a steering config JSON (--config) for the --num-sites best sites, each
 with its best operator, as read by SafeDIGConfig.from_json
-(schema: safedig_kernels/integrations/diffusers/config.py).""",
+(schema: safedig_kernels/integrations/diffusers/config.py).
+
+Only sites with harmful features (on the source or the target) are selected: at a site with
+none the harm score is 0 on every token and `safedig steer` refuses it, so such sites are passed
+over (listed under the table). Each selected site's harmful set is the union of the source's and
+the target's. Its gate threshold tau is calibrated on the captured safe tokens: the
+--tau-quantile Q quantile of the site's harm score, so that about 1 - Q of safe tokens are
+steered (default Q = 0.99: about 1 % of safe tokens). --tau T writes one threshold for every
+site instead. The default used to be --tau 0, which steers every token where any harmful
+feature fires (in one run 48 % of the safe tokens); pass --tau 0 to get it back.""",
         epilog="example: safedig route --activations acts/ --sae single_transformer_blocks.0=sae0.safetensors "
                "--sae transformer_blocks.1=sae1.safetensors --source unsafe/nudity --target unsafe/violence "
                "--report route.json --config steer.json")
@@ -69,7 +91,13 @@ with its best operator, as read by SafeDIGConfig.from_json
     p.add_argument("--cost-weight", type=float, default=0.1, help="weight of the relative cost (default 0.1)")
     p.add_argument("--beta", type=float, default=0.5, help="Blend strength written for blend/both (default 0.5)")
     p.add_argument("--gamma", type=float, default=1.0, help="Repel strength written for repel/both (default 1.0)")
-    p.add_argument("--tau", type=float, default=0.0, help="gate threshold written to the config (default 0)")
+    gate = p.add_mutually_exclusive_group()
+    gate.add_argument("--tau-quantile", type=tau_quantile, default=None, metavar="Q",
+                      help="calibrate each site's gate threshold tau as the Q quantile of its harm score over the "
+                           "captured --safe tokens, so about 1 - Q of safe tokens are steered (default 0.99)")
+    gate.add_argument("--tau", type=float, default=None,
+                      help="one gate threshold for every site instead of --tau-quantile (tau = 0 steers every "
+                           "token where a harmful feature fires)")
     p.add_argument("--window", type=window, default=(0.0, 1.0),
                    help="START,END fraction of the schedule to steer in (default 0.0,1.0)")
     p.add_argument("--cfg", default="both", help="CFG branches to steer, written to the config (default both)")

@@ -17,6 +17,7 @@ encoding function exactly the source's.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
@@ -26,13 +27,22 @@ from ..reference import gather_sum
 from ..sae import TopKSAE
 from .train import BatchOrder, evaluate_sae
 
+logger = logging.getLogger(__name__)
+
+DEFAULT_BATCH_SIZE = 4096
+
 
 @dataclass
 class AdaptConfig:
-    """Adaptation settings; `batch_size` counts target and replayed source tokens together."""
+    """Adaptation settings; `batch_size` counts target and replayed source tokens together.
+
+    `batch_size=None` (the default) takes `DEFAULT_BATCH_SIZE` tokens, or fewer when the data
+    holds fewer: the largest batch whose target share and replayed source share both fit
+    (`fitting_batch_size`). A batch size given explicitly that does not fit is an error.
+    """
 
     steps: int = 500
-    batch_size: int = 4096
+    batch_size: Optional[int] = None
     lr: float = 1e-3
     replay: float = 0.2
     prox_coef: float = 0.1
@@ -43,8 +53,9 @@ class AdaptConfig:
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size"):
             v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
+            if (v is not None or name == "steps") and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"{name} must be a positive int{' or None' if name == 'batch_size' else ''}, "
+                                 f"got {v!r}")
         if not 0.0 <= self.replay < 1.0:
             raise ValueError(f"replay must lie in [0, 1) (the share of source tokens in a batch), got {self.replay}")
         if not (self.lr > 0 and self.prox_coef >= 0):
@@ -56,6 +67,29 @@ class AdaptResult:
     sae: TopKSAE
     metrics: dict[str, float]
     history: list[dict[str, float]] = field(default_factory=list)
+
+
+def _split(batch_size: int, replay: float) -> tuple[int, int]:
+    """(target, source) tokens of a batch of `batch_size` with a `replay` share of source."""
+    n_src = int(round(replay * batch_size))
+    return batch_size - n_src, n_src
+
+
+def fitting_batch_size(n_target: int, n_source: Optional[int], replay: float,
+                       cap: int = DEFAULT_BATCH_SIZE) -> int:
+    """The largest batch size <= `cap` whose target share fits in `n_target` tokens and whose
+    replayed source share fits in `n_source` (no source: `replay` is 0)."""
+    if n_source is None:
+        replay = 0.0
+    b = min(cap, int(n_target / (1.0 - replay)) + 1)
+    if n_source is not None and replay > 0:
+        b = min(b, int((n_source + 0.5) / replay) + 1)
+    while b > 1:
+        n_tgt, n_src = _split(b, replay)
+        if n_tgt <= n_target and (n_source is None or n_src <= n_source):
+            break
+        b -= 1
+    return b
 
 
 def _variance_per_token(x: torch.Tensor) -> float:
@@ -81,10 +115,22 @@ def adapt_decoder(sae: TopKSAE, target: torch.Tensor, source: Optional[torch.Ten
             raise ValueError(f"{name} must be a non-empty [N, d] tensor with d = {sae.d} (the SAE's width), "
                              f"got {getattr(x, 'shape', type(x).__name__)}")
     replay = config.replay if source is not None else 0.0
-    n_src = int(round(replay * config.batch_size))
-    n_tgt = config.batch_size - n_src
+    n_source = None if source is None else source.shape[0]
+    batch_size = config.batch_size
+    if batch_size is None:
+        batch_size = fitting_batch_size(target.shape[0], n_source, replay)
+        if batch_size < DEFAULT_BATCH_SIZE:
+            logger.info("adapt: batch size %d, the largest that fits the data (%d target%s tokens; the default %d "
+                        "needs more)", batch_size, target.shape[0],
+                        "" if n_source is None else f" and {n_source} source", DEFAULT_BATCH_SIZE)
+    n_tgt, n_src = _split(batch_size, replay)
     if n_tgt < 1:
-        raise ValueError(f"batch_size {config.batch_size} with replay {replay} leaves no target tokens per batch")
+        raise ValueError(f"batch_size {batch_size} with replay {replay} leaves no target tokens per batch")
+    for name, need, have in (("target", n_tgt, target.shape[0]), ("source", n_src, n_source or 0)):
+        if need > have:
+            raise ValueError(f"batch_size {batch_size} takes {need} {name} tokens per batch (replay {replay}), "
+                             f"which exceeds the number of training tokens in {name} ({have}); pass a smaller "
+                             f"batch_size, or None for the largest that fits")
     device = torch.device(device) if device is not None else sae.device
     cd = torch.float64 if sae.dtype == torch.float64 else torch.float32
     W_enc = sae.W_enc.to(device, cd)
@@ -116,7 +162,7 @@ def adapt_decoder(sae: TopKSAE, target: torch.Tensor, source: Optional[torch.Ten
             vals, idx = pre.topk(sae.k, dim=-1, sorted=False)
             x_hat = b_dec + gather_sum(idx, torch.relu(vals), W_dec)
             recon = recon + (x - x_hat).pow(2).sum() / var
-        recon = recon / config.batch_size
+        recon = recon / batch_size
         prox = ((W_dec - W0).pow(2).sum() + (b_dec - b0).pow(2).sum()) / w0_sq
         loss = recon + config.prox_coef * prox
         opt.zero_grad(set_to_none=True)
@@ -129,13 +175,14 @@ def adapt_decoder(sae: TopKSAE, target: torch.Tensor, source: Optional[torch.Ten
     meta = dataclasses.replace(sae.metadata)
     with torch.no_grad():
         change = float((W_dec - W0).double().norm() / W0.double().norm().clamp_min(1e-12))
-        meta.extra = dict(sae.metadata.extra, adapt={"steps": config.steps, "replay": replay,
+        meta.extra = dict(sae.metadata.extra, adapt={"steps": config.steps, "batch_size": batch_size, "replay": replay,
                                                      "prox_coef": config.prox_coef,
                                                      "train_b_dec": config.train_b_dec, "decoder_change": change})
         # The encoder tensors are the source's own (cloned), never recomputed: bit-identical.
         out = TopKSAE(sae.W_enc.clone(), sae.b_enc.clone(), W_dec.detach().to(sae.device, sae.dtype),
                       b_dec.detach().to(sae.device, sae.dtype), k=sae.k, metadata=meta)
-    metrics: dict[str, Any] = dict(before, fvu_target_after=evaluate_sae(out, target)["fvu"], decoder_change=change)
+    metrics: dict[str, Any] = dict(before, fvu_target_after=evaluate_sae(out, target)["fvu"], decoder_change=change,
+                                   batch_size=batch_size)
     if source is not None:
         metrics["fvu_source_after"] = evaluate_sae(out, source)["fvu"]
     return AdaptResult(sae=out, metrics=metrics, history=history)

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import platform
 import shutil
@@ -59,7 +60,7 @@ import torch
 
 from .._io import atomic_write_json, dtype_from_name
 from ..integrations.diffusers.sites import SiteSpec
-from ..sae import SAEMetadata, TopKSAE
+from ..sae import SAEMetadata
 from .adapt import AdaptConfig, adapt_decoder
 from .capture import CaptureConfig, capture
 from .detectors import get_detector
@@ -68,12 +69,13 @@ from .generate import GenerateConfig, generate, time_steps
 from .pipelines import load_pipeline
 from .prompts import load_prompts
 from .report import difference_images, image_scale, json_safe, save_grid, summarize, write_outputs
-from .route import RouteConfig, route
-from .score import HarmfulRule, harm_scores, score_features
-from .store import ActivationStore
+from .route import RouteConfig, route, safe_tau
+from .score import HarmfulRule, score_features
 from .train import TrainConfig, evaluate_sae, train_sae
 from .world import LABELS as WORLD_LABELS
 from .world import SHIPPED_WEIGHTS
+
+logger = logging.getLogger(__name__)
 
 SUMMARY_FORMAT = "safedig-demo"
 SUMMARY_VERSION = 1
@@ -211,26 +213,6 @@ def default_sites(transformer: torch.nn.Module, tiny: bool) -> list[str]:
     return sites
 
 
-def select_steerable(report, num_sites: int):
-    """`report` with its selection redone over its own ranking, skipping sites where neither the
-    source nor the target has harmful features, and the sites so passed over.
-
-    Why: routing's Blend stability weighs reconstruction quality, so a site with no harmful
-    feature at all can rank first, yet it has nothing to steer (its harm score is always 0)."""
-    ev = {s.site: s for s in report.sites}
-    steerable = {k for k, s in ev.items() if s.harmful_source or s.harmful_target}
-    picked, used = [], set()
-    for c in report.ranking:
-        if c.site in steerable and c.site not in used and len(picked) < num_sites:
-            picked.append(c)
-            used.add(c.site)
-    if not picked:
-        raise ValueError(f"no candidate site has harmful features ({sorted(ev)}); the concept is too weak for "
-                         f"these SAEs (try more --train-steps or other --sites)")
-    top = sorted({c.site for c in report.ranking[: report.ranking.index(picked[-1]) + 1]} - steerable)
-    return dataclasses.replace(report, selected=picked), top
-
-
 def _prepare_out(out: Path) -> None:
     """Refuse a non-empty directory that no demo wrote into; clear a previous demo's files.
     The marker file is written first, so a directory a failed demo left behind is reusable."""
@@ -294,15 +276,6 @@ def _write_prompt_files(cfg: DemoConfig, directory: Path, embed_dim: int, pooled
         paths.append(p)
     all_path.unlink()
     return paths[0], paths[1]
-
-
-def safe_tau(store: ActivationStore, site: str, sae: TopKSAE, harmful: Sequence[int], quantile: float) -> float:
-    """The `quantile` of the harm score `h` (spec §2, with `harmful`) over every captured safe
-    token at `site`: as a gate threshold tau it steers about 1 - quantile of safe tokens."""
-    if not harmful:
-        return 0.0
-    hs = [harm_scores(sae, harmful, x).float() for x in store.prompt_activations(site, "safe")]
-    return float(torch.quantile(torch.cat(hs).cpu(), quantile))
 
 
 def _fmt_rel(after: float, before: float) -> str:
@@ -375,10 +348,12 @@ def format_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), *, log: Callable[[str], None] = print,
+def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), *, log: Optional[Callable[[str], None]] = None,
              progress: bool = False) -> dict[str, Any]:
     """Run the demo (module docstring) into `out_dir`; returns the summary also written to
-    `out_dir/summary.json`. Raises ValueError on bad settings before any model is loaded."""
+    `out_dir/summary.json`. Raises ValueError on bad settings before any model is loaded.
+    A line per stage goes to `log` (default: this module's logger, INFO)."""
+    log = log or logger.info
     t_start = time.perf_counter()
     stages: dict[str, float] = {}
     out = Path(out_dir)
@@ -474,27 +449,25 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), *, log: Cal
         f">= {rule.min_ratio:g}x as often as on safe ones): per site {counts}; best unsafe-vs-safe AUROC "
         f"{scores[best].separation_auroc:.3f} at {best} ({stage('score', t0):.1f} s)")
 
-    # 5. route, then calibrate each selected site's gate on the safe tokens
+    # 5. route: it selects sites with harmful features and calibrates each one's gate on the safe tokens
     t0 = time.perf_counter()
-    rcfg = RouteConfig(num_sites=min(cfg.num_sites, len(saes)), rule=rule, beta=cfg.beta, gamma=cfg.gamma)
+    rcfg = RouteConfig(num_sites=min(cfg.num_sites, len(saes)), rule=rule, beta=cfg.beta, gamma=cfg.gamma,
+                       tau_quantile=cfg.tau_quantile)
     report = route(store, saes, cfg.source, cfg.target, "safe", rcfg)
-    report, passed_over = select_steerable(report, rcfg.num_sites)
+    passed_over = report.passed_over
     report.write(out / "reports" / "route.json")
     report.steering_config().to_json(out / "steer-routed.json")  # as `safedig route` writes it
-    routed = report.steering_config(saes={key: sae for key, (sae, _) in saes.items()})
+    steer_src = report.steering_config(saes={key: sae for key, (sae, _) in saes.items()})
+    src_sites = steer_src.sites
     selected = {c.site: c.operator for c in report.selected}
-    src_sites = []
-    for s in routed.sites:
-        key = f"{s.site}:{s.stream}"
-        tau = safe_tau(store, key, s.sae, s.harmful, cfg.tau_quantile)
-        src_sites.append(dataclasses.replace(s, tau=tau))
-    steer_src = dataclasses.replace(routed, sites=src_sites)
     steer_src_file = _with_files(steer_src, {key: path for key, (_, path) in saes.items()})
     steer_src_file.to_json(out / "steer.json")
-    chosen = ", ".join(f"{s.site}:{s.stream} ({selected[f'{s.site}:{s.stream}']}, {len(s.harmful)} harmful features, "
-                       f"tau {s.tau:.3f})" for s in src_sites)
-    log(f"[5/7] route: {chosen}" + (f"; passed over for lack of harmful features: {passed_over}" if passed_over
-                                    else "")
+    evals = {e.site: e for e in report.sites}
+    chosen = ", ".join(f"{c.site} ({c.operator}, {len(evals[c.site].harmful)} harmful features = the union of "
+                       f"{len(evals[c.site].harmful_source)} on the source and {len(evals[c.site].harmful_target)} "
+                       f"on the target, tau {report.tau[c.site]:.3f})" for c in report.selected)
+    log(f"[5/7] route (a site steers the union of the harmful sets picked on the source and on the target): {chosen}"
+        + (f"; passed over for lack of harmful features: {passed_over}" if passed_over else "")
         + f"; tau = {cfg.tau_quantile:.0%} quantile of safe tokens' h -> {out / 'steer.json'} "
           f"({stage('route', t0):.1f} s)")
 
@@ -611,7 +584,7 @@ def _world_pipeline(cfg: DemoConfig, out: Path, device: torch.device, dtype: tor
         model = train_world(steps=cfg.world_steps, seed=cfg.seed)
         path = save_world(model, out / "world" / "world.safetensors", cfg.world_steps, cfg.seed)
         note = f"world trained in {time.perf_counter() - t0:.0f} s -> {path}; "
-    return world_pipeline(model).to(device=device, dtype=dtype), note
+    return world_pipeline(model, device=device, dtype=dtype), note
 
 
 def _with_files(config, paths: dict) -> Any:

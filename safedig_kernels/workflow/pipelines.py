@@ -7,6 +7,7 @@ from typing import Any, Union
 import torch
 
 from .._io import read_json
+from ._noise import quiet_pipeline_noise
 
 __all__ = ["load_pipeline"]
 
@@ -15,7 +16,13 @@ def load_pipeline(model: str, device: Union[str, torch.device] = "cpu", dtype: t
     """`"tiny-flux"` (seeded random tiny FLUX, `synthetic.tiny_flux_pipeline`), `"world"` (the demo
     world's trained transformer, `world.py`; `"world:PATH"` for other weights) or a diffusers
     pipeline directory / model id. Components a saved directory lists as null (e.g. text encoders
-    left out for embedding-only prompts) are passed as None."""
+    left out for embedding-only prompts) are passed as None. Third-party log lines that loading
+    triggers and that mean nothing to a user are dropped (`_noise.quiet_pipeline_noise`)."""
+    with quiet_pipeline_noise():
+        return _load(model, device, dtype)
+
+
+def _load(model: str, device: Union[str, torch.device], dtype: torch.dtype):
     if model == "tiny-flux":
         from .synthetic import tiny_flux_pipeline
 
@@ -24,7 +31,7 @@ def load_pipeline(model: str, device: Union[str, torch.device] = "cpu", dtype: t
         from .world import load_world, world_pipeline
 
         weights = model.partition(":")[2] or None
-        return world_pipeline(load_world(weights)).to(device=device, dtype=dtype)
+        return world_pipeline(load_world(weights), device=device, dtype=dtype)
     from diffusers import DiffusionPipeline
     from diffusers.pipelines import pipeline_utils
 

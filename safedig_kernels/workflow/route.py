@@ -23,10 +23,15 @@ with flops per token `2 d F` (encoder) plus the decode the operator needs: `2 k 
 stream per step (before any capture subsampling).
 
 The steering config (`RoutingReport.steering_config`, a `SafeDIGConfig`) keeps the best
-operator of each of the `num_sites` best sites: each site's SAE, `harmful` the union of the
-source and target harmful sets (None when empty: steer with the SAE's own set), `beta`/`gamma`
-as the operator steers (`operator_strengths`), and the route's `tau`, `window` and `cfg`.
-`write_steering_config` writes it with `SafeDIGConfig.to_json` (SAE paths relative to the file).
+operator of each of the `num_sites` best *steerable* sites: sites where neither the source nor
+the target has a harmful feature are passed over (`RoutingReport.passed_over`), since their harm
+score is 0 on every token and steering refuses a gate that can never open; with no steerable
+site at all `route` raises. Each site gets its SAE, `harmful` the union of the source and target
+harmful sets, `beta`/`gamma` as the operator steers (`operator_strengths`), the route's
+`window` and `cfg`, and a gate threshold `tau`: by default (`tau_quantile`) the quantile of the
+harm score over that site's captured safe tokens (`safe_tau`), so that about `1 - tau_quantile`
+of safe tokens are steered; or one global `tau` for every site. `write_steering_config` writes it
+with `SafeDIGConfig.to_json` (SAE paths relative to the file).
 """
 from __future__ import annotations
 
@@ -34,14 +39,23 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Union
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+
+import torch
 
 from .._io import write_json_and_table
-from ..integrations.diffusers.config import CFG_MODES, SafeDIGConfig, SiteConfig, check_strengths, check_window
+from ..integrations.diffusers.config import (
+    CFG_MODES,
+    SafeDIGConfig,
+    SiteConfig,
+    check_sae_site,
+    check_strengths,
+    check_window,
+)
 from ..integrations.diffusers.sites import SiteSpec
 from ..sae import TopKSAE
 from .prompts import LabelSelector, parse_labels
-from .score import HarmfulRule, auroc, group_stats, prompt_harm_scores, select_harmful
+from .score import HarmfulRule, auroc, group_stats, harm_scores, prompt_harm_scores, select_harmful
 from .store import ActivationStore
 
 OPERATORS = ("blend", "repel", "both")
@@ -50,6 +64,9 @@ OPERATOR_WEIGHTS: dict[str, dict[str, float]] = {
     "repel": {"overlap": 0.5, "recon": 0.0, "separation": 0.5},
     "both": {"overlap": 1 / 3, "recon": 1 / 3, "separation": 1 / 3},
 }
+# In one run a global tau = 0 gated 48 % of the safe tokens (every one where a harmful feature
+# fires at all); a threshold at this quantile of the safe tokens' harm score gates about 1 %.
+DEFAULT_TAU_QUANTILE = 0.99
 
 
 def operator_strengths(operator: str, beta: float, gamma: float) -> tuple[float, float]:
@@ -65,7 +82,12 @@ def operator_strengths(operator: str, beta: float, gamma: float) -> tuple[float,
 
 @dataclass
 class RouteConfig:
-    """Routing settings; `beta`, `gamma`, `tau`, `window`, `cfg` go into the steering config."""
+    """Routing settings; `beta`, `gamma`, the gate, `window`, `cfg` go into the steering config.
+
+    The gate threshold is either `tau`, one value for every site, or `tau_quantile`, each
+    selected site's own `safe_tau` over the captured safe tokens; not both. With neither, each
+    site is calibrated at `DEFAULT_TAU_QUANTILE` (0.99; `gate_quantile`).
+    """
 
     operators: tuple[str, ...] = OPERATORS
     cost_weight: float = 0.1
@@ -73,7 +95,8 @@ class RouteConfig:
     rule: HarmfulRule = field(default_factory=HarmfulRule)
     beta: float = 0.5
     gamma: float = 1.0
-    tau: float = 0.0
+    tau: Optional[float] = None
+    tau_quantile: Optional[float] = None
     window: tuple[float, float] = (0.0, 1.0)
     cfg: str = "both"
     steps: Optional[list[int]] = None
@@ -86,11 +109,24 @@ class RouteConfig:
             raise ValueError(f"num_sites must be a positive int, got {self.num_sites!r}")
         if self.cost_weight < 0:
             raise ValueError(f"cost_weight must be >= 0, got {self.cost_weight}")
+        if self.tau is not None and self.tau_quantile is not None:
+            raise ValueError(f"RouteConfig: give tau (one threshold for every site) or tau_quantile (calibrated per "
+                             f"site on the safe tokens), not both; got tau={self.tau}, "
+                             f"tau_quantile={self.tau_quantile}")
+        if self.tau_quantile is not None:
+            check_quantile(self.tau_quantile, "RouteConfig.tau_quantile")
         # The values the steering config will hold, checked as it checks them, before any work.
         check_strengths("RouteConfig", self.beta, self.gamma, self.tau)
         self.window = check_window(self.window, "RouteConfig.window")
         if self.cfg not in CFG_MODES:
             raise ValueError(f"RouteConfig.cfg must be one of {CFG_MODES}, got {self.cfg!r}")
+
+    @property
+    def gate_quantile(self) -> Optional[float]:
+        """The quantile each site's tau is calibrated at; None when one `tau` is given."""
+        if self.tau_quantile is None and self.tau is None:
+            return DEFAULT_TAU_QUANTILE
+        return self.tau_quantile
 
 
 @dataclass
@@ -108,6 +144,11 @@ class SiteEvaluation:
     fvu_target: float
     tokens: float
     flops_per_token: dict[str, float]
+
+    @property
+    def harmful(self) -> list[int]:
+        """The harmful set a steering config gets: the union of the source and target sets."""
+        return sorted(set(self.harmful_source) | set(self.harmful_target))
 
 
 @dataclass
@@ -128,6 +169,10 @@ class RoutingReport:
     sites: list[SiteEvaluation]
     ranking: list[Candidate]
     selected: list[Candidate]
+    # Sites ranked above the last selected one, skipped because they have no harmful feature.
+    passed_over: list[str] = field(default_factory=list)
+    # The gate threshold of each selected site (site key -> tau).
+    tau: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -143,6 +188,16 @@ class RoutingReport:
             lines.append(f"{r:>4} {c.site:<36} {c.operator:<8} {c.score:>7.3f} {c.stability:>9.3f} {c.cost:>6.3f} "
                          f"{s.overlap:>7.3f} {s.recon:>6.3f} {s.separation:>10.3f} "
                          f"{'yes' if (c.site, c.operator) in chosen else ''}")
+        if self.passed_over:
+            lines.append(f"passed over (no harmful feature on the source or the target, nothing to steer): "
+                         f"{', '.join(self.passed_over)}")
+        gate = (f"{self.config['tau_quantile']:g} quantile of the harm score on the site's safe tokens"
+                if self.config.get("tau_quantile") is not None else "one tau for every site")
+        for c in self.selected:
+            s = ev[c.site]
+            tau = self.tau.get(c.site, self.config.get("tau"))
+            lines.append(f"selected {c.site}: {c.operator}, {len(s.harmful)} harmful features (union of the source's "
+                         f"{len(s.harmful_source)} and the target's {len(s.harmful_target)}), tau {tau:.4g} ({gate})")
         return "\n".join(lines)
 
     def write(self, path: Union[str, Path]) -> tuple[Path, Path]:
@@ -159,10 +214,13 @@ class RoutingReport:
             s = ev[c.site]
             spec = SiteSpec.parse(c.site)
             beta, gamma = operator_strengths(c.operator, cfg["beta"], cfg["gamma"])
-            harmful = sorted(set(s.harmful_source) | set(s.harmful_target))
             sae = (saes or {}).get(c.site) or (os.path.abspath(s.sae_path) if s.sae_path else "")
-            sites.append(SiteConfig(spec.module, sae, stream=spec.stream, harmful=harmful or None, beta=beta,
-                                    gamma=gamma, tau=cfg["tau"], window=tuple(cfg["window"]), cfg=cfg["cfg"]))
+            tau = self.tau[c.site] if c.site in self.tau else cfg["tau"]
+            if tau is None:  # a selection changed after routing: its calibration is missing
+                raise ValueError(f"RoutingReport.steering_config: no tau for selected site {c.site} (routed with "
+                                 f"tau_quantile, which calibrates the selected sites only)")
+            sites.append(SiteConfig(spec.module, sae, stream=spec.stream, harmful=s.harmful, beta=beta,
+                                    gamma=gamma, tau=tau, window=tuple(cfg["window"]), cfg=cfg["cfg"]))
         return SafeDIGConfig(sites)
 
 
@@ -235,17 +293,90 @@ def route(store: ActivationStore, saes: Mapping[str, tuple[TopKSAE, str]], sourc
     pairs and select the best operator of the `num_sites` best sites."""
     if not saes:
         raise ValueError("saes is empty; give at least one site with its SAE")
+    for site, (sae, path) in saes.items():
+        _check_steerable_site(site, sae, path, config)
     evals = [evaluate_site(store, site, sae, source_labels, target_labels, safe_labels, config.rule, config.steps,
                            sae_path=path) for site, (sae, path) in saes.items()]
     ranking = rank_candidates(evals, config)
-    selected, used = [], set()
-    for c in ranking:
-        if c.site not in used and len(selected) < config.num_sites:
-            selected.append(c)
-            used.add(c.site)
+    selected, passed_over = select_steerable(evals, ranking, config.num_sites)
+    taus = {}
+    if config.gate_quantile is not None:
+        by_key = {SiteSpec.parse(site).key: sae for site, (sae, _) in saes.items()}
+        ev = {s.site: s for s in evals}
+        taus = {c.site: safe_tau(store, c.site, by_key[c.site], ev[c.site].harmful, config.gate_quantile,
+                                 safe_labels, config.steps) for c in selected}
     cfg = dataclasses.asdict(config)
+    cfg["tau_quantile"] = config.gate_quantile
     cfg["window"] = list(config.window)
     cfg["operators"] = list(config.operators)
     return RoutingReport(source_labels=parse_labels(source_labels), target_labels=parse_labels(target_labels),
                          safe_labels=parse_labels(safe_labels), config=cfg, sites=evals, ranking=ranking,
-                         selected=selected)
+                         selected=selected, passed_over=passed_over, tau=taus)
+
+
+def select_steerable(sites: Sequence[SiteEvaluation], ranking: Sequence[Candidate],
+                     num_sites: int) -> tuple[list[Candidate], list[str]]:
+    """The best operator of each of the `num_sites` best-ranked sites that have a harmful
+    feature (source or target), and the sites ranked above the last pick that were passed over.
+
+    Why: Blend's stability weighs reconstruction quality, so a site with no harmful feature can
+    rank first, yet its harm score is 0 on every token: its gate would never open, and
+    steering refuses such a site rather than be on in name only."""
+    steerable = {s.site for s in sites if s.harmful}
+    picked: list[Candidate] = []
+    used: set[str] = set()
+    for c in ranking:
+        if c.site in steerable and c.site not in used and len(picked) < num_sites:
+            picked.append(c)
+            used.add(c.site)
+    if not picked:
+        raise ValueError(f"no candidate site has a harmful feature on the source or the target "
+                         f"({sorted(s.site for s in sites)}), so there is nothing to steer; try a looser harmful-"
+                         f"feature rule (min_ratio, min_freq), SAEs trained longer, or other sites")
+    last = ranking.index(picked[-1])
+    passed_over = sorted({c.site for c in ranking[:last + 1]} - steerable)
+    return picked, passed_over
+
+
+def check_quantile(q: float, where: str) -> float:
+    if isinstance(q, bool) or not isinstance(q, (int, float)) or not 0.0 < q < 1.0:
+        raise ValueError(f"{where} must be a number in (0, 1) (the share of safe tokens left unsteered), got {q!r}")
+    return float(q)
+
+
+@torch.no_grad()
+def safe_tau(store: ActivationStore, site: Union[str, SiteSpec], sae: TopKSAE, harmful: Sequence[int],
+             quantile: float, safe_labels: LabelSelector = "safe", steps: Optional[Iterable[int]] = None) -> float:
+    """The `quantile` of the harm score `h` (spec §2, with `harmful`) over every captured safe
+    token at `site`: as a gate threshold tau (the gate opens where h > tau) it steers about
+    `1 - quantile` of safe tokens."""
+    check_quantile(quantile, "quantile")
+    key = SiteSpec.parse(site).key
+    if not harmful:
+        # h = 0 on every token: no threshold makes a gate that opens on harmful tokens only.
+        raise ValueError(f"safe_tau: site {key} has no harmful feature, so its harm score is 0 on every token "
+                         f"and no tau calibrates its gate")
+    steps = None if steps is None else list(steps)
+    hs = [harm_scores(sae, harmful, x).flatten() for x in store.prompt_activations(key, safe_labels, steps)]
+    if not hs:
+        raise ValueError(f"safe_tau: safe_labels {parse_labels(safe_labels)} match no prompts at site {key} in "
+                         f"{store.dir}; labels present: {store.labels}")
+    # Linear interpolation between order statistics, as torch.quantile, which refuses more than
+    # 2^24 values (a real capture's safe tokens exceed that).
+    h = torch.sort(torch.cat(hs).double().cpu()).values
+    pos = quantile * (h.numel() - 1)
+    lo = int(pos)
+    hi = min(lo + 1, h.numel() - 1)
+    return float(h[lo] + (pos - lo) * (h[hi] - h[lo]))
+
+
+def _check_steerable_site(site: Union[str, SiteSpec], sae: TopKSAE, path: str, config: RouteConfig) -> None:
+    """Refuse, before any work, a candidate the written config could not steer: `safedig steer`
+    would reject it (`integrations.diffusers.hooks.check_config`)."""
+    spec = SiteSpec.parse(site)
+    # The config names the site it was routed at without allow_other_site.
+    check_sae_site(sae, spec.module, spec.stream, f"route: site {spec.key} (SAE {path or 'in memory'})")
+    if spec.module.startswith("text_encoder") and (tuple(config.window) != (0.0, 1.0) or config.cfg != "both"):
+        raise ValueError(f"route: site {spec.key} is a text encoder, which runs once per prompt and cannot tell the "
+                         f"negative prompt apart: steering it needs window (0.0, 1.0) and cfg 'both', got window "
+                         f"{tuple(config.window)} and cfg {config.cfg!r}")

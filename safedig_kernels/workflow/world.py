@@ -22,6 +22,7 @@ colour test; it is exact on rendered images.
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,9 +31,13 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from ._noise import quiet_pipeline_noise
+
 __all__ = ["SIZE", "LABELS", "MARKS", "render", "detect_marks", "is_unsafe", "WorldPrompts", "world_prompts",
            "world_transformer", "world_pipeline", "PixelVAE", "train_world", "write_world_prompts", "save_world",
            "load_world", "SHIPPED_WEIGHTS"]
+
+logger = logging.getLogger(__name__)
 
 # The weights `python -m safedig_kernels.workflow.world` trains (800 steps, seed 0), shipped so
 # that tests and `safedig demo --quick` need not train; `safedig demo` trains its own.
@@ -164,6 +169,12 @@ def write_world_prompts(directory: Union[str, Path], counts: dict[str, int], see
     return path
 
 
+def _flux_pipeline_class():
+    with quiet_pipeline_noise():
+        from diffusers import FluxPipeline
+    return FluxPipeline
+
+
 # -- the model and its pipeline -------------------------------------------------------------
 
 WORLD_TRANSFORMER = dict(patch_size=1, in_channels=12, num_layers=2, num_single_layers=2, attention_head_dim=16,
@@ -201,14 +212,18 @@ class PixelVAE(torch.nn.Module):
         return (z,)
 
 
-def world_pipeline(transformer):
+def world_pipeline(transformer, device: Union[str, torch.device, None] = None, dtype: Optional[torch.dtype] = None):
     """A FluxPipeline over `transformer` drawing 16x16 pictures (no text encoders: prompts come as
-    embeddings; no guidance embedding)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+    embeddings; no guidance embedding), moved to `device` and `dtype` when given."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
 
-    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0), vae=PixelVAE(), text_encoder=None,
-                        tokenizer=None, text_encoder_2=None, tokenizer_2=None, transformer=transformer)
+    pipe = _flux_pipeline_class()(scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0), vae=PixelVAE(),
+                                  text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+                                  transformer=transformer)
     pipe.set_progress_bar_config(disable=True)
+    if device is not None or dtype is not None:
+        with quiet_pipeline_noise():
+            pipe = pipe.to(device=device, dtype=dtype)
     return pipe
 
 
@@ -216,22 +231,20 @@ def world_pipeline(transformer):
 
 def _pack(images: torch.Tensor) -> torch.Tensor:
     """[B, 3, 16, 16] in [0, 1] -> the packed latent [B, 64, 12] in [-1, 1] (FluxPipeline's layout)."""
-    from diffusers import FluxPipeline
-
-    return FluxPipeline._pack_latents(images * 2 - 1, images.shape[0], 3, SIZE, SIZE)
+    return _flux_pipeline_class()._pack_latents(images * 2 - 1, images.shape[0], 3, SIZE, SIZE)
 
 
 def _ids(batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-    from diffusers import FluxPipeline
-
-    img_ids = FluxPipeline._prepare_latent_image_ids(batch, SIZE // 2, SIZE // 2, torch.device("cpu"), torch.float32)
+    img_ids = _flux_pipeline_class()._prepare_latent_image_ids(batch, SIZE // 2, SIZE // 2, torch.device("cpu"),
+                                                               torch.float32)
     return img_ids, torch.zeros(TEXT_TOKENS, 3)
 
 
 def train_world(steps: int = 800, batch: int = 64, lr: float = 2e-3, seed: int = 0, log_every: int = 0,
-                log=print):
+                log=logger.info):
     """Train the world's transformer by rectified flow; returns the EMA weights' model (eval mode).
-    Deterministic for a seed on one machine (the data, times and noise come from one generator)."""
+    Deterministic for a seed on one machine (the data, times and noise come from one generator).
+    Every `log_every` steps the loss goes to `log` (default: this module's logger, INFO)."""
     model = world_transformer(seed)
     ema = world_transformer(seed)
     ema.load_state_dict(model.state_dict())
@@ -308,8 +321,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """`python -m safedig_kernels.workflow.world [--out PATH] [--steps N] [--seed S]`: train the
     world's transformer and save it (default: the shipped weights' path)."""
     import argparse
+    import sys
     import time
 
+    # A command line: the module's log lines are its output.
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     ap = argparse.ArgumentParser(description=main.__doc__)
     ap.add_argument("--out", default=str(SHIPPED_WEIGHTS))
     ap.add_argument("--steps", type=int, default=800)
@@ -318,7 +334,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     t0 = time.perf_counter()
     model = train_world(steps=args.steps, seed=args.seed, log_every=50)
     path = save_world(model, args.out, args.steps, args.seed)
-    print(f"{path}: trained {args.steps} steps in {time.perf_counter() - t0:.0f} s")
+    logger.info("%s: trained %d steps in %.0f s", path, args.steps, time.perf_counter() - t0)
     return 0
 
 

@@ -198,3 +198,81 @@ def test_score_and_steer_refuse_an_sae_trained_at_another_site(tmp_path, capsys)
     err = capsys.readouterr().err
     assert "trained at site 'transformer_blocks.1:image' but is used at transformer_blocks.0:image" in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture
+def quiet_top_capture(tmp_path):
+    """A capture at two sites of the tiny FLUX (width 32): `single_transformer_blocks.0` has no
+    harmful feature but an SAE that reconstructs it exactly, so it ranks first; at
+    `transformer_blocks.1` nudity fires feature 0 and violence feature 1."""
+    from _workflow import orthonormal_basis, orthonormal_sae, planted_tokens, write_store
+
+    Q, g = orthonormal_basis(32, seed=0), torch.Generator().manual_seed(0)
+    quiet, loud = "single_transformer_blocks.0", "transformer_blocks.1"
+    plan = {"unsafe/nudity": {0: (0.8, 3.0)}, "unsafe/violence": {1: (0.8, 3.0)}, "safe": {}}
+    same = [planted_tokens(Q, 16, g, range(4, 10)) for _ in range(4)]  # every label's tokens at `quiet`
+    prompts = {f"{label}-{i}": (label, {quiet: same[i], loud: planted_tokens(Q, 16, g, range(4, 10), planted)})
+               for label, planted in plan.items() for i in range(4)}
+    acts = write_store(tmp_path / "acts", prompts)
+    saes = {}
+    for site, k in ((quiet, 3), (loud, 1)):
+        sae = orthonormal_sae(Q, k=k)
+        sae.metadata.site, sae.metadata.extra = site, {"stream": "image"}
+        saes[site] = tmp_path / f"{site}.safetensors"
+        sae.save(saes[site])
+    return acts, saes
+
+
+def test_route_writes_a_config_that_steer_runs(quiet_top_capture, tmp_path, capsys):
+    from safedig_kernels import TopKSAE
+    from safedig_kernels.workflow.route import safe_tau
+    from safedig_kernels.workflow.store import ActivationStore
+
+    acts, saes = quiet_top_capture
+    route = ["route", "--activations", str(acts), "--source", "unsafe/nudity", "--target", "unsafe/violence",
+             "--report", str(tmp_path / "route.json"), "--config", str(tmp_path / "steer.json")]
+    for site, path in saes.items():
+        route += ["--sae", f"{site}={path}"]
+    assert main(route) == 0  # defaults: --num-sites 4, --tau-quantile 0.99
+    out = capsys.readouterr().out
+    assert "passed over (no harmful feature" in out and "single_transformer_blocks.0:image" in out
+    assert "union of the source's 1 and the target's 1" in out and "note: 1 of --num-sites 4" in out
+    (site,) = json.loads((tmp_path / "steer.json").read_text())["sites"]
+    assert site["site"] == "transformer_blocks.1" and site["harmful"] == [0, 1]
+    loud = saes["transformer_blocks.1"]
+    assert site["tau"] == safe_tau(ActivationStore(acts), "transformer_blocks.1", TopKSAE.load(loud), [0, 1], 0.99)
+
+    prompts = write_synthetic_prompts(tmp_path / "p", {"safe": 1, "unsafe/nudity": 1}, seed=0)
+    steer = ["steer", "--config", str(tmp_path / "steer.json"), "--prompts", str(prompts), "--model", "tiny-flux",
+             "--out", str(tmp_path / "steered"), "--num-inference-steps", "1", "--height", "16", "--width", "16",
+             "--no-progress", "--no-images"]
+    assert main(steer) == 0, capsys.readouterr().err
+    assert (tmp_path / "steered" / "report.json").is_file()
+
+    assert main(route + ["--tau", "0"]) == 0
+    assert [s["tau"] for s in json.loads((tmp_path / "steer.json").read_text())["sites"]] == [0.0]
+    capsys.readouterr()
+    for extra, message in ((["--tau", "0", "--tau-quantile", "0.9"], "not allowed with argument"),
+                           (["--tau-quantile", "1"], "expected a quantile in (0, 1)"),
+                           (["--tau-quantile", "x"], "expected a quantile in (0, 1)")):
+        with pytest.raises(SystemExit) as e:
+            main(route + extra)
+        assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_adapt_default_batch_fits_a_small_capture(quiet_top_capture, tmp_path, capsys):
+    acts, saes = quiet_top_capture
+    site = "transformer_blocks.1"
+    adapt = ["adapt", "--activations", str(acts), "--site", site, "--sae", str(saes[site]), "--target",
+             "unsafe/violence,safe", "--source", "unsafe/nudity,safe", "--steps", "3", "--out",
+             str(tmp_path / "adapted.safetensors"), "--metrics", str(tmp_path / "adapt.json"), "--no-progress",
+             "--device", "cpu"]
+    assert main(adapt) == 0  # 128 target and 128 source tokens, default --batch-size 4096
+    out = capsys.readouterr().out
+    m = json.loads((tmp_path / "adapt.json").read_text())["metrics"]
+    assert m["batch_size"] == 160  # 128 target + round(0.2 * 160) = 32 source tokens per batch
+    assert "batch size 160, the largest that fits the data" in out  # the library's log line, shown
+    assert main(adapt + ["--batch-size", "4096"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("safedig adapt: error: --batch-size 4096 needs more tokens than were captured")
+    assert "pass --batch-size 160 or less" in err and err.count("\n") == 1

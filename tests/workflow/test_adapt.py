@@ -83,3 +83,38 @@ def test_clear_errors(domains):
         AdaptConfig(replay=1.0)
     with pytest.raises(ValueError, match="exceeds the number of training tokens"):
         adapt_decoder(sae, target[:10], source, AdaptConfig(batch_size=256), progress=False)
+
+
+def test_default_batch_fits_a_capture_smaller_than_it(domains, caplog):
+    """A capture of fewer tokens than the default batch (4096) still adapts: the default takes
+    the largest batch whose target and replayed source shares both fit, and says so."""
+    import logging
+
+    from safedig_kernels.workflow.adapt import DEFAULT_BATCH_SIZE, fitting_batch_size
+
+    sae, source, target = domains
+    assert AdaptConfig().batch_size is None
+    small_t, small_s = target[:300], source[:40]
+    with caplog.at_level(logging.INFO, logger="safedig_kernels.workflow.adapt"):
+        r = adapt_decoder(sae, small_t, small_s, AdaptConfig(steps=30, lr=1e-2), progress=False)
+    b = r.metrics["batch_size"]
+    # replay 0.2 of the batch comes from 40 source tokens: round(0.2 b) <= 40, and b - round(0.2 b) <= 300
+    assert b == fitting_batch_size(300, 40, 0.2) == 202 and b < DEFAULT_BATCH_SIZE
+    assert r.sae.metadata.extra["adapt"]["batch_size"] == b
+    assert r.metrics["fvu_target_after"] < r.metrics["fvu_target_before"]
+    assert any("batch size 202" in m for m in caplog.messages), caplog.messages
+    # without a source, the target alone bounds it; with plenty of data the default stays 4096
+    assert adapt_decoder(sae, small_t, None, AdaptConfig(steps=2), progress=False).metrics["batch_size"] == 300
+    assert fitting_batch_size(10_000, 10_000, 0.2) == DEFAULT_BATCH_SIZE
+    for n_t, n_s, replay in ((7, 100, 0.5), (1000, 3, 0.2), (5, None, 0.2), (1, 1, 0.2)):
+        b = fitting_batch_size(n_t, n_s, replay)
+        n_src = round(replay * b) if n_s is not None else 0
+        assert b - n_src <= n_t and (n_s is None or n_src <= n_s)
+        # the largest: one more token would not fit
+        n_src1 = round(replay * (b + 1)) if n_s is not None else 0
+        assert b + 1 - n_src1 > n_t or (n_s is not None and n_src1 > n_s)
+    # an explicit batch size that does not fit is still an error, naming the numbers
+    with pytest.raises(ValueError, match=r"batch_size 512 takes 410 target tokens per batch .* target \(300\)"):
+        adapt_decoder(sae, small_t, small_s, AdaptConfig(steps=1, batch_size=512), progress=False)
+    with pytest.raises(ValueError, match="batch_size must be a positive int or None"):
+        AdaptConfig(batch_size=0)
