@@ -21,7 +21,8 @@ from ._options import (
 OPTION_NAMES = {"num_features": "--features", "expansion": "--expansion", "k": "--k", "steps": "--steps",
                 "batch_size": "--batch-size", "lr": "--lr", "aux_k": "--aux-k", "aux_coef": "--aux-coef",
                 "dead_after_tokens": "--dead-after-tokens", "seed": "--seed", "dtype": "--dtype",
-                "log_every": "--log-every", "checkpoint_every": "--checkpoint-every"}
+                "log_every": "--log-every", "checkpoint_every": "--checkpoint-every",
+                "memory_budget_mb": "--memory-mb"}
 
 
 def check_arguments(args: argparse.Namespace):
@@ -35,7 +36,8 @@ def check_arguments(args: argparse.Namespace):
     config = TrainConfig(num_features=args.features, expansion=args.expansion, k=args.k, steps=args.steps,
                          batch_size=args.batch_size, lr=args.lr, aux_k=args.aux_k, aux_coef=args.aux_coef,
                          dead_after_tokens=args.dead_after_tokens, seed=args.seed, dtype=args.dtype,
-                         log_every=args.log_every, checkpoint_every=args.checkpoint_every)
+                         log_every=args.log_every, checkpoint_every=args.checkpoint_every,
+                         memory_budget_mb=args.memory_mb)
     config.check(OPTION_NAMES)
     SiteSpec.parse(args.site)
     if args.max_tokens is not None:
@@ -62,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..sae import SAEMetadata
     from ..workflow.store import ActivationStore, SiteSpec
-    from ..workflow.train import evaluate_sae, train_sae
+    from ..workflow.train import evaluate_sae, train_sae, training_data
 
     # Bad arguments fail here, in well under a second, not after loading data and training.
     config = check_arguments(args)
@@ -79,24 +81,36 @@ def run(args: argparse.Namespace) -> int:
         world = dist.get_world_size() if dist.is_initialized() else 1
         store = ActivationStore(args.activations)
         site = SiteSpec.parse(args.site)
-        x = store.load(site, labels=args.labels, steps=args.denoise_steps, max_tokens=args.max_tokens,
-                       seed=args.seed)
+        # A tensor when there is no --memory-mb or the selection fits in it (every process loads it all,
+        # as before); otherwise this process's share of a stream, trained through a shuffle buffer.
+        data = training_data(store, site, config, labels=args.labels, steps=args.denoise_steps,
+                             max_tokens=args.max_tokens)
+        streamed = not isinstance(data, torch.Tensor)
+        if streamed and rank == 0:
+            share = "each process reads its own share" if world > 1 else "one tensor at a time"
+            print(f"{site.key}: {data.total_tokens} tokens x d={data.d} do not fit in --memory-mb {args.memory_mb}: "
+                  f"streaming them from the shards ({share})")
         meta = SAEMetadata(model=str(store.config.get("model", "")), site=site.module,
                            extra={"stream": site.stream, "activations": str(args.activations),
                                   "labels": args.labels})
-        result = train_sae(x, config, checkpoint_dir=args.checkpoint_dir, resume=not args.no_resume, device=device,
-                           progress=not args.no_progress, metadata=meta)
+        result = train_sae(data, config, checkpoint_dir=args.checkpoint_dir, resume=not args.no_resume,
+                           device=device, progress=not args.no_progress, metadata=meta)
+        # A stream is evaluated by every process over its share (all-reduced); a tensor by rank 0.
+        ev = evaluate_sae(result.sae, data) if streamed or rank == 0 else None
         if rank == 0:
-            ev = evaluate_sae(result.sae, x)
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             result.sae.save(args.out)
-            summary = {"sae": str(args.out), "site": site.key, "tokens": x.shape[0], "d": x.shape[1],
+            tokens, d = result.data["num_tokens"], result.data["d"]
+            summary = {"sae": str(args.out), "site": site.key, "tokens": tokens, "d": d,
                        "num_features": result.sae.num_features, "k": result.sae.k,
                        "activation_scale": result.activation_scale, "train": result.metrics, "eval": ev,
-                       "history": result.history, "resumed_from": result.resumed_from, "world_size": world}
+                       "history": result.history, "resumed_from": result.resumed_from, "world_size": world,
+                       "streamed": result.data.get("stream")}
             write_json(args.metrics, summary)
-            print(f"{args.out}: d={x.shape[1]} F={result.sae.num_features} k={result.sae.k} on {x.shape[0]} tokens "
-                  f"({world} process{'es' if world > 1 else ''}); "
+            how = (f", streamed through a buffer of {result.data['stream']['buffer_tokens']} tokens per process"
+                   if streamed else "")
+            print(f"{args.out}: d={d} F={result.sae.num_features} k={result.sae.k} on {tokens} tokens "
+                  f"({world} process{'es' if world > 1 else ''}{how}); "
                   f"FVU {ev['fvu']:.4f}, L0 {ev['l0']:.1f}, dead {ev['dead_fraction']:.1%}")
         if world > 1:
             # Ranks leave together: one tearing gloo down while rank 0 still saves can abort it.
@@ -118,7 +132,14 @@ revives dead latents. Prints FVU (fraction of variance unexplained), L0 and the 
 
 With --checkpoint-dir, training checkpoints (safetensors + JSON) are written and an interrupted
 run resumes from the newest one. Under torchrun the global --batch-size is split over the
-processes (DDP; gloo on CPU, NCCL on GPU) and the result equals a single-process run.""",
+processes (DDP; gloo on CPU, NCCL on GPU) and the result equals a single-process run.
+
+--memory-mb bounds the memory each process spends on training (MiB: activations plus an
+estimate of the SAE's weights, Adam state and one step's work). A selection that fits trains
+exactly as without it; a larger one is streamed from the shards through a shuffle buffer
+within it (each process reads only its own share under torchrun): deterministic for a seed,
+budget and number of processes, but not the same weights as an in-memory or single-process
+run.""",
         epilog="example: torchrun --nproc-per-node 2 -m safedig_kernels.cli train --activations acts/ "
                "--site single_transformer_blocks.0 --features 256 --k 16 --steps 500 --out sae0.safetensors")
     add_activations(p)
@@ -129,6 +150,9 @@ processes (DDP; gloo on CPU, NCCL on GPU) and the result equals a single-process
                    help="comma-separated label selectors to train on (default: all; 'unsafe' matches unsafe/*)")
     add_denoise_steps(p)
     p.add_argument("--max-tokens", type=int, default=None, help="train on a seeded random subset of this many tokens")
+    p.add_argument("--memory-mb", type=int, default=None,
+                   help="memory per process for training, in MiB; a selection larger than it is streamed from "
+                        "the shards through a shuffle buffer (default: load it all)")
     p.add_argument("--features", type=int, default=None, help="number of latents F (default: --expansion x d)")
     p.add_argument("--expansion", type=int, default=4, help="F = expansion x d when --features is not given")
     p.add_argument("--k", type=int, default=32, help="active latents per token (default 32)")

@@ -31,11 +31,18 @@ shard. Entries of a prompt that a run began but did not finish stay in their sha
 ignored (their run differs from the completed one), so resuming never duplicates data. Each
 shard's header repeats its entries and the completions it committed, so `rebuild_manifest`
 recovers a lost or corrupt manifest from the shards alone.
+
+Reading for training at scale: `ActivationStore.stream` selects the same tokens as `load` (the
+same per-entry subsample under `max_tokens`) but returns an `ActivationStream` that reads one
+tensor at a time (`safe_open(...).get_tensor`, checksum verified), never the whole site. Given
+`rank` and `world_size` it holds only that process's share of the entries (`partition_entries`:
+disjoint, together all of them), so under torchrun each process reads only its own tokens.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import re
 import uuid
 import warnings
@@ -48,7 +55,15 @@ from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 import torch
 from safetensors import safe_open
 
-from .._io import atomic_save_safetensors, atomic_write_json, dtype_name, loads_json, read_json, safetensors_dtype_name
+from .._io import (
+    DTYPES,
+    atomic_save_safetensors,
+    atomic_write_json,
+    dtype_name,
+    loads_json,
+    read_json,
+    safetensors_dtype_name,
+)
 from ..integrations.diffusers.sites import SiteSpec
 from .prompts import LabelSelector, label_matches, parse_labels
 
@@ -60,6 +75,8 @@ SHARD_GLOB = "shard-*.safetensors"
 _SHARD_RE = re.compile(r"^shard-(\d{6,})\.safetensors$")
 
 PathLike = Union[str, Path]
+
+logger = logging.getLogger(__name__)
 
 
 class ManifestError(ValueError):
@@ -491,6 +508,26 @@ class ActivationStore:
         """Activations `[tokens, d]` (fp32) of each matching prompt, one prompt at a time."""
         return (x for _, _, x in self.iter_prompts(site, labels, steps))
 
+    def _select(self, site: Union[str, SiteSpec], labels: LabelSelector, steps: Optional[Iterable[int]],
+                max_tokens: Optional[int]) -> tuple[str, list[Entry], Optional[list[int]]]:
+        """(site key, matching entries in store order, rows kept per entry or None for all rows)."""
+        key = self._site_key(site)
+        steps = None if steps is None else list(steps)
+        es = self.entries(key, labels, steps)
+        if not es:
+            raise ValueError(f"{self.dir}: no activations for site {key} with labels {parse_labels(labels)} and "
+                             f"steps {None if steps is None else sorted(steps)}; labels present: {self.labels}")
+        sizes = torch.tensor([e.shape[0] for e in es], dtype=torch.float64)
+        total = int(sizes.sum())
+        if max_tokens is None or max_tokens >= total:
+            return key, es, None
+        # Largest-remainder rounding: proportional shares that add up to max_tokens exactly.
+        exact = sizes * (max_tokens / total)
+        quota = exact.floor().long()
+        short = max_tokens - int(quota.sum())
+        quota[torch.sort(-(exact - quota), stable=True).indices[:short]] += 1
+        return key, es, [int(q) for q in quota]
+
     def load(self, site: Union[str, SiteSpec], labels: LabelSelector = None, steps: Optional[Iterable[int]] = None,
              max_tokens: Optional[int] = None, dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.Tensor:
         """All matching activations as one tensor `[N, d]`.
@@ -498,25 +535,159 @@ class ActivationStore:
         `max_tokens` keeps a seeded random subset of exactly `min(max_tokens, N)` tokens, drawn
         from every entry in proportion to its size so no prompt is favoured.
         """
-        key = self._site_key(site)
-        es = self.entries(key, labels, steps)
-        if not es:
-            raise ValueError(f"{self.dir}: no activations for site {key} with labels {parse_labels(labels)} and "
-                             f"steps {None if steps is None else sorted(steps)}; labels present: {self.labels}")
-        sizes = torch.tensor([e.shape[0] for e in es], dtype=torch.float64)
-        total = int(sizes.sum())
-        quota = None
-        if max_tokens is not None and max_tokens < total:
-            # Largest-remainder rounding: proportional shares that add up to max_tokens exactly.
-            exact = sizes * (max_tokens / total)
-            quota = exact.floor().long()
-            short = max_tokens - int(quota.sum())
-            quota[torch.sort(-(exact - quota), stable=True).indices[:short]] += 1
-        keep = None if quota is None else {(e.shard, e.key): int(q) for e, q in zip(es, quota)}
+        steps = None if steps is None else list(steps)
+        key, es, quota = self._select(site, labels, steps, max_tokens)
+        keep = None if quota is None else {(e.shard, e.key): q for e, q in zip(es, quota)}
         parts = []
         for e, t in self.iter_entries(key, labels, steps, dtype=dtype):
             if keep is not None:
-                g = torch.Generator().manual_seed(seed ^ zlib.crc32(f"{e.shard}/{e.key}".encode()))
-                t = t[torch.randperm(t.shape[0], generator=g)[: keep[(e.shard, e.key)]].sort().values]
+                t = _subsample(e, t, keep[(e.shard, e.key)], seed)
             parts.append(t)
         return torch.cat(parts)
+
+    def stream(self, site: Union[str, SiteSpec], labels: LabelSelector = None, steps: Optional[Iterable[int]] = None,
+               max_tokens: Optional[int] = None, seed: int = 0, rank: int = 0,
+               world_size: int = 1) -> "ActivationStream":
+        """The tokens `load` would return (same selection, same subsample under `max_tokens` and
+        `seed`), as a stream that reads one tensor at a time; it holds process `rank`'s share of
+        the entries out of `world_size` (`partition_entries`). Reads nothing until iterated."""
+        for name, v in (("rank", rank), ("world_size", world_size), ("seed", seed)):
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise ValueError(f"{name} must be an int, got {v!r}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size) with world_size >= 1, got rank {rank} and "
+                             f"world_size {world_size}")
+        if max_tokens is not None and (not isinstance(max_tokens, int) or isinstance(max_tokens, bool)
+                                       or max_tokens < 1):
+            raise ValueError(f"max_tokens must be a positive int or None, got {max_tokens!r}")
+        key, es, quota = self._select(site, labels, steps, max_tokens)
+        rows = [e.shape[0] for e in es] if quota is None else quota
+        stream = ActivationStream(self.dir, key, self._widths[key], es, rows, None if quota is None else seed,
+                                  rank, world_size)
+        logger.debug("%r", stream)
+        return stream
+
+
+def _subsample(e: Entry, t: torch.Tensor, keep: int, seed: int) -> torch.Tensor:
+    """The `keep` rows of entry `e` that `load(max_tokens=...)` keeps, in their stored order."""
+    g = torch.Generator().manual_seed(seed ^ zlib.crc32(f"{e.shard}/{e.key}".encode()))
+    return t[torch.randperm(t.shape[0], generator=g)[:keep].sort().values]
+
+
+def _identity(e: Entry) -> tuple[str, str, int, int]:
+    return (e.prompt_id, e.site_key, e.step, e.call)  # unique within a store (checked when it is opened)
+
+
+def partition_entries(entries: Sequence[Entry], rank: int, world_size: int) -> list[Entry]:
+    """Process `rank`'s share of `entries` out of `world_size`, in the order given.
+
+    Entries are ordered by a hash of their identity (prompt, site, step, call) and dealt out in
+    turn, so the shares are disjoint, together hold every entry, differ in count by at most one,
+    and do not follow the capture order (dealing in store order would hand all of one step, or
+    of one label, to one process). The share depends only on the entries, not on shard files.
+    """
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size) with world_size >= 1, got rank {rank} and "
+                         f"world_size {world_size}")
+    owner = _deal(entries, world_size)
+    return [e for e, r in zip(entries, owner) if r == rank]
+
+
+def _deal(entries: Sequence[Entry], world_size: int) -> list[int]:
+    """The process each entry goes to (see `partition_entries`)."""
+    order = sorted(range(len(entries)),
+                   key=lambda i: (zlib.crc32(json.dumps(_identity(entries[i])).encode()), _identity(entries[i])))
+    owner = [0] * len(entries)
+    for turn, i in enumerate(order):
+        owner[i] = turn % world_size
+    return owner
+
+
+class ActivationStream:
+    """One site's selected tokens, read one tensor at a time (made by `ActivationStore.stream`).
+
+    `entries` is this process's share, in store order, and `rows(e)` how many tokens of entry
+    `e` are used (all of them unless `max_tokens` subsampled). `read(e)` returns those tokens as
+    float32 `[rows, d]`, checksum verified; `chunks()` yields them entry by entry. Only the
+    manifest (already in memory) is needed for the sizes and `fingerprint()`; tensors are read
+    from the shards when asked for, one at a time, so reading holds one entry's tensor (two while
+    the caller still has the previous one), never the site.
+    """
+
+    def __init__(self, directory: Path, site_key: str, d: int, entries: Sequence[Entry], rows: Sequence[int],
+                 seed: Optional[int], rank: int, world_size: int):
+        self.dir, self.site_key, self.d = directory, site_key, d
+        self.rank, self.world_size = rank, world_size
+        self._seed = seed  # None: every row of every entry is used
+        self._rows = {(e.shard, e.key): int(r) for e, r in zip(entries, rows)}
+        self._all = list(entries)
+        owner = _deal(self._all, world_size)
+        self.entries = [e for e, r in zip(self._all, owner) if r == rank]  # partition_entries' share
+        # Every share's size, known to every process from the manifest alone, so a share too small to
+        # train on is refused by all processes alike instead of leaving the others in a collective.
+        self.share_tokens = [0] * world_size
+        for e, r in zip(self._all, owner):
+            self.share_tokens[r] += self.rows(e)
+        self.num_tokens = self.share_tokens[rank]
+        self.total_tokens = sum(self._rows.values())
+        # The largest tensor a read holds, as stored: what reading costs in memory, whatever the subsample.
+        self.max_read_rows = max(e.shape[0] for e in self._all)
+        self.max_read_bytes = max(e.shape[0] * e.shape[1] * _itemsize(e.dtype) for e in self._all)
+
+    def __repr__(self) -> str:
+        return (f"ActivationStream({str(self.dir)!r}, site={self.site_key}, d={self.d}, rank={self.rank}/"
+                f"{self.world_size}, entries={len(self.entries)}/{len(self._all)}, tokens={self.num_tokens}/"
+                f"{self.total_tokens})")
+
+    def rows(self, e: Entry) -> int:
+        return self._rows[(e.shard, e.key)]
+
+    def fingerprint(self) -> int:
+        """CRC32 over every selected entry (all shares): identity, shape, dtype, recorded checksum and
+        rows kept. Stands for the data in a training checkpoint without reading it: a changed
+        tensor changes its recorded crc32 (stores without checksums: only its identity counts)."""
+        rec = [[*_identity(e), list(e.shape), e.dtype, e.crc32, self.rows(e)] for e in self._all]
+        return zlib.crc32(json.dumps([self._seed, sorted(rec, key=json.dumps)]).encode())
+
+    def read(self, e: Entry) -> torch.Tensor:
+        """The used rows of entry `e` (float32 `[rows, d]`), read and checksum verified."""
+        ((_, t),) = self.read_many([e])
+        return t
+
+    def read_many(self, entries: Iterable[Entry]) -> Iterator[tuple[Entry, torch.Tensor]]:
+        """(entry, float32 `[rows, d]`) for each of `entries`, in the order given. A shard stays open
+        across consecutive entries of it, but is reopened after two tensors' worth of bytes, so a
+        safetensors build that memory-maps never keeps a whole shard's pages resident."""
+        run: list[Entry] = []
+        run_bytes = 0
+        for e in entries:
+            nbytes = e.shape[0] * e.shape[1] * _itemsize(e.dtype)
+            if run and (e.shard != run[0].shard or run_bytes + nbytes > 2 * self.max_read_bytes):
+                yield from self._read_run(run)
+                run, run_bytes = [], 0
+            run.append(e)
+            run_bytes += nbytes
+        if run:
+            yield from self._read_run(run)
+
+    def _read_run(self, run: Sequence[Entry]) -> Iterator[tuple[Entry, torch.Tensor]]:
+        path = self.dir / run[0].shard
+        with safe_open(str(path), "pt") as f:
+            for e in run:
+                t = _verified(path, e, f.get_tensor(e.key)).to(torch.float32)
+                if self._seed is not None and self.rows(e) < e.shape[0]:
+                    t = _subsample(e, t, self.rows(e), self._seed)
+                yield e, t
+                del t  # before the next read: the caller's reference is the only one left
+
+    def chunks(self) -> Iterator[torch.Tensor]:
+        """This share's tokens, one entry at a time, in store order."""
+        return (t for _, t in self.read_many(self.entries))
+
+    def load(self) -> torch.Tensor:
+        """This share as one tensor (for tests and small data: it holds everything at once)."""
+        return torch.cat(list(self.chunks()))
+
+
+def _itemsize(dtype: str) -> int:
+    return DTYPES[dtype].itemsize if dtype in DTYPES else 8

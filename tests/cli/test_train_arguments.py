@@ -54,6 +54,8 @@ BAD = [
     (["--checkpoint-every=-2"], "--checkpoint-every must be a non-negative int"),
     (["--max-tokens", "0"], "--max-tokens must be >= 1"),
     (["--max-tokens", "100", "--batch-size", "200"], "--batch-size 200 exceeds --max-tokens 100"),
+    (["--memory-mb", "0"], "--memory-mb must be a positive int (MiB), got 0"),
+    (["--memory-mb=-64"], "--memory-mb must be a positive int (MiB), got -64"),
     (["--site", "transformer_blocks.0:video"], "stream must be one of"),
     (["--device", "bogus"], "--device must be a torch device"),
 ]
@@ -122,6 +124,8 @@ def test_outputs_in_folders_yet_to_be_made_are_fine(tmp_path, capsys, no_store):
     (dict(dtype="int8"), r"dtype must be one of"),
     (dict(steps=0), r"steps must be a positive int"),
     (dict(seed=1.5), r"seed must be an int"),
+    (dict(memory_budget_mb=0), r"memory_budget_mb must be a positive int \(MiB\), got 0"),
+    (dict(memory_budget_mb=2.5), r"memory_budget_mb must be a positive int \(MiB\), got 2.5"),
 ])
 def test_train_config_check(kw, message):
     with pytest.raises(ValueError, match=message):

@@ -114,6 +114,8 @@ def test_flipped_byte_in_a_shard_is_refused_on_every_read(tmp_path):
         list(store.prompt_activations(SITE))
     with pytest.raises(ShardError, match=match):
         store.load(SITE, max_tokens=4)
+    with pytest.raises(ShardError, match=match):
+        list(store.stream(SITE).chunks())  # streaming for training reads through the same check
     # An undamaged entry read before the damaged one still reads.
     pid, _, x = next(store.iter_prompts(SITE))
     assert pid == "p0" and x.shape == (5, 8)
