@@ -93,12 +93,16 @@ def add_pipeline_options(p: argparse.ArgumentParser, model: str = "tiny-flux") -
 
 def is_world(model: str) -> bool:
     """Whether --model names the demo world (`world` or `world:PATH`)."""
-    return model == "world" or model.startswith("world:")
+    from ..workflow.world import is_world_model
+
+    return is_world_model(model)
 
 
 def model_inputs(model: str) -> list[tuple[str, str]]:
     """The files --model reads, for `check_paths`: a pipeline directory or world weights."""
-    path = model.partition(":")[2] if is_world(model) else model
+    from ..workflow.world import world_weights_in
+
+    path = world_weights_in(model) if is_world(model) else model
     return [("--model", path)] if path and Path(path).exists() else []
 
 

@@ -27,11 +27,10 @@ def _load(model: str, device: Union[str, torch.device], dtype: torch.dtype):
         from .synthetic import tiny_flux_pipeline
 
         return tiny_flux_pipeline(dtype=dtype).to(device)
-    if model == "world" or model.startswith("world:"):
-        from .world import load_world, world_pipeline
+    from .world import is_world_model, load_world, world_pipeline, world_weights_in
 
-        weights = model.partition(":")[2] or None
-        return world_pipeline(load_world(weights), device=device, dtype=dtype)
+    if is_world_model(model):
+        return world_pipeline(load_world(world_weights_in(model)), device=device, dtype=dtype)
     from diffusers import DiffusionPipeline
     from diffusers.pipelines import pipeline_utils
 

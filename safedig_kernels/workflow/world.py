@@ -35,7 +35,7 @@ from ._noise import quiet_pipeline_noise
 
 __all__ = ["SIZE", "LABELS", "MARKS", "render", "detect_marks", "is_unsafe", "WorldPrompts", "world_prompts",
            "world_transformer", "world_pipeline", "PixelVAE", "train_world", "write_world_prompts", "save_world",
-           "load_world", "SHIPPED_WEIGHTS"]
+           "load_world", "SHIPPED_WEIGHTS", "is_world_model", "world_weights_in"]
 
 logger = logging.getLogger(__name__)
 
@@ -210,6 +210,16 @@ class PixelVAE(torch.nn.Module):
 
     def decode(self, z: torch.Tensor, return_dict: bool = False):
         return (z,)
+
+
+def is_world_model(model: str) -> bool:
+    """Whether a model name means the demo world: `world` (shipped weights) or `world:PATH`."""
+    return model == "world" or model.startswith("world:")
+
+
+def world_weights_in(model: str) -> Optional[str]:
+    """The PATH of `world:PATH`; None for `world` (the shipped weights) and other models."""
+    return (model.partition(":")[2] or None) if is_world_model(model) else None
 
 
 def world_pipeline(transformer, device: Union[str, torch.device, None] = None, dtype: Optional[torch.dtype] = None):

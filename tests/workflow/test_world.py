@@ -81,3 +81,17 @@ def test_load_pipeline_reads_named_weights(tmp_path):
                        next(iter(model.state_dict().values())))
     with pytest.raises(FileNotFoundError):
         load_pipeline(f"world:{tmp_path / 'missing.safetensors'}")
+
+
+def test_world_model_names():
+    from safedig_kernels.workflow.demo import DemoConfig
+
+    assert W.is_world_model("world") and W.is_world_model("world:w.safetensors")
+    assert not W.is_world_model("tiny-flux") and not W.is_world_model("worldwide/flux")
+    assert W.world_weights_in("world:w.safetensors") == "w.safetensors" and W.world_weights_in("world") is None
+    # the demo reads `--model world:PATH` as `--model world --world PATH`, so the world's sizes apply
+    cfg = DemoConfig(model="world:w.safetensors")
+    assert (cfg.model, cfg.world, cfg.is_world) == ("world", "w.safetensors", True)
+    assert DemoConfig.quick_config(model="world:w.safetensors").world == "w.safetensors"
+    with pytest.raises(ValueError, match="two world weights files"):
+        DemoConfig(model="world:a.safetensors", world="b.safetensors")
