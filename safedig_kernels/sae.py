@@ -16,8 +16,8 @@ memory. All go through `checkpoints`.
 Threads: `set_strengths` writes the three strengths as one buffer with one copy, and
 `set_harmful` the mask with one copy, so a steering call sees each update whole. On CUDA the
 copy and the kernels that read the buffers are ordered on the current stream: update on the
-stream you steer on (or synchronize). On the CPU each call reads the strengths once, at its
-start.
+stream you steer on (or synchronize). On the CPU each call copies the strengths and the mask
+at its start, under the lock the updates take (`_settings`).
 """
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ import torch
 
 from . import checkpoints, ops, reference
 from ._checks import STRENGTH_NAMES, check_sae_tensors, check_steer, check_tensor, strength
+from ._settings import read_settings, write_setting
 from .checkpoints import FORMAT_VERSION, SAEMetadata, SAEWeights
 from .ops import Harmful, Strength, as_harmful_mask, encoder_bias, harmful_for_call, strength_for_call
 
@@ -137,7 +138,7 @@ class TopKSAE(torch.nn.Module):
     def set_harmful(self, harmful: Harmful) -> None:
         """Replace the harmful set in place (feature ids or a bool mask `[F]`)."""
         mask = as_harmful_mask(harmful, self.num_features, self.device)
-        self.harmful_mask.copy_(mask)
+        write_setting(self.harmful_mask, mask)
         self.metadata.harmful_features = mask.nonzero().flatten().tolist()
 
     def set_strengths(self, beta: Optional[float] = None, gamma: Optional[float] = None,
@@ -149,7 +150,7 @@ class TopKSAE(torch.nn.Module):
         if not new:
             return
         row = [new.get(n, float(getattr(self.metadata, n))) for n in STRENGTH_NAMES]
-        self.strengths.copy_(torch.tensor(row, dtype=torch.float32))
+        write_setting(self.strengths, torch.tensor(row, dtype=torch.float32))
         for n, v in new.items():
             setattr(self.metadata, n, v)
 
@@ -184,9 +185,8 @@ class TopKSAE(torch.nn.Module):
         baseline benchmarks compare against)."""
         dev = self.device
         mask = self.harmful_mask if harmful is None else harmful_for_call(harmful, self.num_features, dev)
-        own = self.strengths
-        if own.device.type == "cpu" and not torch.compiler.is_compiling():
-            own = own.clone()  # one read of all three: a concurrent set_strengths is seen whole or not at all
+        # One read of the settings: a concurrent set_strengths / set_harmful is seen whole or not at all.
+        own, mask = read_settings(self.strengths, mask)
         own_b, own_g, own_t = own.unbind()
         b = own_b if beta is None else strength_for_call(beta, "beta", dev)
         g = own_g if gamma is None else strength_for_call(gamma, "gamma", dev)

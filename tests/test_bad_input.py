@@ -208,21 +208,25 @@ def test_strength_updates_are_atomic_for_steering_threads():
 
 
 def test_harmful_set_updates_are_atomic_for_steering_threads():
-    s = _sae()
+    """A wide mask (20 000 features) makes a copy long enough to be read half written: before
+    updates and reads shared one lock, 2 of 800 outputs here mixed the two sets."""
+    F_wide = 20_000
+    s = sk.random_sae(16, F_wide, 64, harmful=[1], seed=0)
     s.set_strengths(beta=0.5, gamma=1.0, tau=-1.0)
-    x = torch.randn(6, D)
-    sets = [list(range(0, F, 2)), list(range(1, F, 2))]
+    x = torch.randn(6, 16)
+    masks = [torch.arange(F_wide) % 2 == r for r in (0, 1)]
     expected = []
-    for ids in sets:
-        s.set_harmful(ids)
+    for m in masks:
+        s.set_harmful(m)
         expected.append(s.steer(x)[0])
+    assert not torch.equal(expected[0], expected[1])
     stop = threading.Event()
     outputs: list[torch.Tensor] = []
 
     def writer():
         i = 0
         while not stop.is_set():
-            s.set_harmful(sets[i % 2])
+            s.set_harmful(masks[i % 2])
             i += 1
 
     def reader():
@@ -237,4 +241,5 @@ def test_harmful_set_updates_are_atomic_for_steering_threads():
         t.join()
     stop.set()
     w.join()
+    assert len(outputs) == 800
     assert sum(not any(torch.equal(y, e) for e in expected) for y in outputs) == 0

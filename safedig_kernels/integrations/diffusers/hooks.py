@@ -38,6 +38,7 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
 from ..._checks import harmful_ids
+from ..._settings import read_settings, write_setting
 from ...ops import as_harmful_mask
 from ...sae import TopKSAE
 from .config import (
@@ -131,7 +132,8 @@ class _SiteState:
     Strengths, threshold, window and switch live in one float32 buffer, `values` =
     [beta, gamma, tau, window start, window end, switch], written with one copy (`write`): a
     steering call on another thread sees a `set_site` whole or not at all (on CUDA, when both
-    use one stream; on the CPU each call reads `values` once, at its start)."""
+    use one stream; on the CPU each call copies `values` and the mask once, at its start, under the lock
+    `write` takes: `_settings`)."""
 
     def __init__(self, label: str, cfg: SiteConfig, site: ResolvedSite, sae: TopKSAE, clock: _Clock,
                  harmful: torch.Tensor, fused: bool, capacity: Optional[int]) -> None:
@@ -158,7 +160,7 @@ class _SiteState:
 
     def write(self) -> None:
         """Copy `cfg` (checked) and the switch into `values`, all in one copy."""
-        self.values.copy_(torch.tensor(self._row(), dtype=torch.float32))
+        write_setting(self.values, torch.tensor(self._row(), dtype=torch.float32))
 
     @property
     def beta(self) -> torch.Tensor:
@@ -208,9 +210,7 @@ class _SiteState:
             raise RuntimeError(f"SafeDIG site {self.label!r}: activations are {x.dtype} on {x.device} but the SAE "
                                f"is {sae.dtype} on {sae.device}; move the pipeline with .to() so the SAEs follow")
         clock = self.clock
-        values = self.values
-        if values.device.type == "cpu" and not torch.compiler.is_compiling():
-            values = values.clone()  # one read of every setting (see the class docstring)
+        values, harmful = read_settings(self.values, self.harmful)  # one read of every setting (class docstring)
         beta, gamma, tau, lo, hi, s = values.unbind()
         if clock.uses_progress:
             p = clock.progress
@@ -228,7 +228,7 @@ class _SiteState:
         # bias_fresh: the clock checked the SAE weights eagerly at the start of this call;
         # otherwise (None) the SAE uses its own cache.
         enc_bias = self.enc_bias if self.fused and clock.bias_fresh else None
-        y, h = sae.steer(xs, beta=beta, gamma=gamma, tau=tau, harmful=self.harmful, enc_bias=enc_bias,
+        y, h = sae.steer(xs, beta=beta, gamma=gamma, tau=tau, harmful=harmful, enc_bias=enc_bias,
                          fused=self.fused)
         if self.telemetry is not None:
             self._record(h, p, tau, s * ((beta != 0) | (gamma != 0)).to(torch.float32))
@@ -407,7 +407,7 @@ class SafeDIGHandle:
         if window is not None:
             cfg.window = window
         if mask is not None:
-            st.harmful.copy_(mask)
+            write_setting(st.harmful, mask)
             cfg.harmful = mask.nonzero().flatten().tolist()
         if enabled is not None:
             st.site_on = enabled
