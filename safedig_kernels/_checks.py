@@ -219,9 +219,14 @@ def check_harmful_mask(mask, F, device: torch.device) -> None:
         raise ValueError(f"harmful must be on device {device}, got {mask.device}")
 
 
-def check_strength(t, name: str, device: torch.device) -> None:
-    if t.dim() != 0 or not t.dtype.is_floating_point:
-        _type(lambda: f"{name} must be a 0-d floating tensor, got dtype {t.dtype} and shape {_shape(t)}")
+def check_strength(t, name: str, device: torch.device, samples) -> None:
+    """A 0-d floating tensor (one value for every token) or one value per sample, `[samples]`
+    (`x.shape[0]`: the batch of `[B, T, d]`, the token of `[N, d]`)."""
+    if not t.dtype.is_floating_point or t.dim() > 1:
+        _type(lambda: f"{name} must be a 0-d floating tensor or one per sample [{samples}], got dtype {t.dtype} "
+                      f"and shape {_shape(t)}")
+    if t.dim() == 1 and (ok := t.shape[0] == samples) is not True:
+        _value(ok, lambda: f"{name} per sample must have shape [x.shape[0]] = [{samples}], got {_shape(t)}")
     if t.device != device:
         raise ValueError(f"{name} must be on device {device} (a CPU scalar would force a host sync), got {t.device}")
 
@@ -233,7 +238,7 @@ def check_steer(x, W_enc, b_enc, W_dec, b_dec, harmful, beta, gamma, tau, k, enc
     check_k(k, F)
     check_harmful_mask(harmful, F, x.device)
     for t, name in ((beta, "beta"), (gamma, "gamma"), (tau, "tau")):
-        check_strength(t, name, x.device)
+        check_strength(t, name, x.device, x.shape[0])
     check_enc_bias(enc_bias, F, x.device)
 
 
@@ -288,11 +293,23 @@ def strength(value: Any, name: str, label: Optional[str] = None) -> float:
 
 
 def strength_tensor(t: torch.Tensor, name: str) -> None:
-    """A strength given as a tensor, checked by the same rule where that needs no device sync:
-    a 0-d CPU float tensor's value. A CUDA tensor's value is the caller's to keep in range
-    (reading it would stall the stream); its shape, dtype and device are the op's to check."""
-    if t.device.type == "cpu" and t.dim() == 0 and t.dtype.is_floating_point and not torch.compiler.is_compiling():
+    """A strength given as a tensor (0-d, or one value per sample), checked by the same rule
+    where that needs no device sync: a CPU float tensor's values. A CUDA tensor's values are
+    the caller's to keep in range (reading them would stall the stream); its shape, dtype and
+    device are the op's to check."""
+    if t.device.type != "cpu" or t.dim() > 1 or not t.dtype.is_floating_point or torch.compiler.is_compiling():
+        return
+    if t.dim() == 0:
         strength(t.item(), name)
+        return
+    held = t.detach().to(torch.float32)
+    bad = ~torch.isfinite(held)
+    if name == "beta":
+        bad |= (held < BETA_RANGE[0]) | (held > BETA_RANGE[1])
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        strength(float(t[i]), name, f"{name}[{i}]")  # raises the one rule's error for the first bad value
+        raise ValueError(f"{name}[{i}] must be finite (as float32, the dtype it is held in), got {float(t[i])!r}")
 
 
 def harmful_ids(ids: Any, F: Optional[int] = None, name: str = "harmful") -> list[int]:

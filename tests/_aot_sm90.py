@@ -72,6 +72,10 @@ def resources(kernel) -> dict:
     return res
 
 
+# 0 (one value for all tokens) or 1 (one per sample): runtime ints, so both share one binary
+STRENGTH_STRIDES = {"stride_beta": "i32", "stride_gamma": "i32", "stride_tau": "i32"}
+
+
 def main() -> None:
     for F, k, pre_dtype, chunk, warps, *stages in SELECT:
         cfg = select_config(F, k, LaunchConfig(chunk=chunk, select_warps=warps, select_stages=(stages or [None])[0]))
@@ -118,8 +122,8 @@ def main() -> None:
         t = "*" + TY[dtype]
         sig = {"y_ptr": t, "h_ptr": "*fp32", "x_ptr": t, "vals_ptr": "*fp32", "idx_ptr": "*i32", "harmful_ptr": "*u8",
                "W_dec_ptr": t, "b_dec_ptr": t, "beta_ptr": "*fp32", "gamma_ptr": "*fp32", "tau_ptr": "*fp32",
-               "stride_xb": "i64", "stride_xt": "i64", "stride_xd": "i64", "stride_wf": "i64", "T": "i32", "F": "i32",
-               "d": "i32"}
+               "stride_xb": "i64", "stride_xt": "i64", "stride_xd": "i64", "stride_wf": "i64", **STRENGTH_STRIDES,
+               "T": "i32", "F": "i32", "d": "i32"}
         res = resources(compile_sm90(_steer_fwd_kernel, sig, const, cfg["num_warps"]))
         print(json.dumps({"kernel": "steer_decode", "d": d, "k": k, "dtype": str(dtype), **res}), flush=True)
         sig = {"out_ptr": t, "vals_ptr": "*fp32", "idx_ptr": "*i32", "W_dec_ptr": t, "b_dec_ptr": t,
@@ -134,7 +138,7 @@ def main() -> None:
                "cand_idx_ptr": "*i32", "count_ptr": "*i32", "pre_ptr": "*" + TY[pre], "bias_ptr": "*fp32", "x_ptr": t,
                "harmful_ptr": "*u8", "W_dec_ptr": t, "b_dec_ptr": t, "beta_ptr": "*fp32", "gamma_ptr": "*fp32",
                "tau_ptr": "*fp32", "stride_pre": "i32", "stride_xb": "i64", "stride_xt": "i64", "stride_xd": "i64",
-               "stride_wf": "i64", "T": "i32", "F": "i32", "d": "i32"}
+               "stride_wf": "i64", **STRENGTH_STRIDES, "T": "i32", "F": "i32", "d": "i32"}
         const = {n: scfg[n]
                  for n in ("CHUNK", "NUM_CHUNKS", "GROUPS", "CAND", "RANK_BLOCK", "EXACT_ONLY", "LOAD_STAGES")}
         const.update(K=k, HAS_BIAS=dtype != torch.float32, K_BLOCK=dcfg["K_BLOCK"], BLOCK_D=dcfg["BLOCK_D"],

@@ -6,7 +6,8 @@ d; it recomputes the token's harm score from its k codes (a few bytes), so no pr
 on another. Per selected feature j the update weight is `beta * z_j` (safe) or `-gamma * z_j`
 (harmful), and only rows with a non-zero weight are read: beta = 0 reads harmful rows alone,
 an ungated token reads no rows at all. Strengths and threshold are read from device tensors,
-so changing them needs no recompilation and no host sync.
+so changing them needs no recompilation and no host sync; each is one value for all tokens
+(0-d) or one per sample (`[x.shape[0]]`, read at token n // T).
 
 Small N (up to `_launch.ONE_LAUNCH_MAX_ROWS` tokens) runs as the GEMM plus one kernel,
 `_steer_row_kernel`: each program selects its token's codes with the "row" selection, then
@@ -49,10 +50,11 @@ def _load_codes(vals_ptr, idx_ptr, harmful_ptr, n, kb, F, K: tl.constexpr, K_BLO
 @triton.jit
 def _steer_token_block(
     y_ptr, h_ptr, x_ptr, vals_ptr, idx_ptr, harmful_ptr, W_dec_ptr, b_dec_ptr, beta_ptr, gamma_ptr, tau_ptr,
-    n, d_block, stride_xb, stride_xt, stride_xd, stride_wf, T, F, d,
+    n, d_block, stride_xb, stride_xt, stride_xd, stride_wf, stride_beta, stride_gamma, stride_tau, T, F, d,
     K: tl.constexpr, K_BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, CODES_CG: tl.constexpr,
 ):
-    """Token n's harm score (stored by d-block 0), gate and y over one block of d."""
+    """Token n's harm score (stored by d-block 0), gate and y over one block of d. A strength's
+    stride is 0 for one value for all tokens, else it steps per sample (n // T)."""
     offs_d = d_block * BLOCK_D + tl.arange(0, BLOCK_D)
     dmask = offs_d < d
 
@@ -65,9 +67,10 @@ def _steer_token_block(
     h = tl.where(n_nan > 0, float("nan"), h)
     tl.store(h_ptr + n, h, mask=d_block == 0)
 
-    beta = tl.load(beta_ptr).to(tl.float32)
-    gamma = tl.load(gamma_ptr).to(tl.float32)
-    tau = tl.load(tau_ptr).to(tl.float32)
+    sample = n // T
+    beta = tl.load(beta_ptr + sample * stride_beta).to(tl.float32)
+    gamma = tl.load(gamma_ptr + sample * stride_gamma).to(tl.float32)
+    tau = tl.load(tau_ptr + sample * stride_tau).to(tl.float32)
     active = (h > tau) & ((beta != 0.0) | (gamma != 0.0))  # NaN h never passes the gate
 
     x_row = x_ptr + (n // T) * stride_xb + (n % T) * stride_xt
@@ -91,20 +94,20 @@ def _steer_token_block(
 def _steer_fwd_kernel(
     y_ptr, h_ptr,
     x_ptr, vals_ptr, idx_ptr, harmful_ptr, W_dec_ptr, b_dec_ptr, beta_ptr, gamma_ptr, tau_ptr,
-    stride_xb, stride_xt, stride_xd, stride_wf, T, F, d,
+    stride_xb, stride_xt, stride_xd, stride_wf, stride_beta, stride_gamma, stride_tau, T, F, d,
     K: tl.constexpr, K_BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """One program per (token, d-block), after the selection kernels."""
     _steer_token_block(y_ptr, h_ptr, x_ptr, vals_ptr, idx_ptr, harmful_ptr, W_dec_ptr, b_dec_ptr, beta_ptr, gamma_ptr,
                        tau_ptr, tl.program_id(0).to(tl.int64), tl.program_id(1), stride_xb, stride_xt, stride_xd,
-                       stride_wf, T, F, d, K, K_BLOCK, BLOCK_D, False)
+                       stride_wf, stride_beta, stride_gamma, stride_tau, T, F, d, K, K_BLOCK, BLOCK_D, False)
 
 
 @triton.jit
 def _steer_row_kernel(
     y_ptr, h_ptr, vals_ptr, idx_ptr, cand_val_ptr, cand_idx_ptr, count_ptr, pre_ptr, bias_ptr,
     x_ptr, harmful_ptr, W_dec_ptr, b_dec_ptr, beta_ptr, gamma_ptr, tau_ptr,
-    stride_pre, stride_xb, stride_xt, stride_xd, stride_wf, T, F, d,
+    stride_pre, stride_xb, stride_xt, stride_xd, stride_wf, stride_beta, stride_gamma, stride_tau, T, F, d,
     K: tl.constexpr, CHUNK: tl.constexpr, NUM_CHUNKS: tl.constexpr, GROUPS: tl.constexpr, CAND: tl.constexpr,
     RANK_BLOCK: tl.constexpr, EXACT_ONLY: tl.constexpr, HAS_BIAS: tl.constexpr, LOAD_STAGES: tl.constexpr,
     K_BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, NUM_D_BLOCKS: tl.constexpr,
@@ -117,8 +120,13 @@ def _steer_row_kernel(
     tl.debug_barrier()  # the codes were written by other threads of this program
     for d_block in range(NUM_D_BLOCKS):
         _steer_token_block(y_ptr, h_ptr, x_ptr, vals_ptr, idx_ptr, harmful_ptr, W_dec_ptr, b_dec_ptr, beta_ptr,
-                           gamma_ptr, tau_ptr, n, d_block, stride_xb, stride_xt, stride_xd, stride_wf, T, F, d,
-                           K, K_BLOCK, BLOCK_D, True)
+                           gamma_ptr, tau_ptr, n, d_block, stride_xb, stride_xt, stride_xd, stride_wf, stride_beta,
+                           stride_gamma, stride_tau, T, F, d, K, K_BLOCK, BLOCK_D, True)
+
+
+def _sample_strides(*strengths: torch.Tensor) -> tuple[int, ...]:
+    """Per strength, how far the kernels step per sample: 0 for a 0-d value, else its stride."""
+    return tuple(t.stride(0) if t.dim() else 0 for t in strengths)
 
 
 def _steer_fwd(x: torch.Tensor, W_enc, W_dec, b_dec, harmful, beta, gamma, tau, k: int, enc_bias: torch.Tensor,
@@ -159,8 +167,8 @@ def _steer_in_one_launch(y, h, x3, W_enc, W_dec, b_dec, harmful, beta, gamma, ta
         y, h, vals, idx, scratch.vals, scratch.idx, scratch.count, pre,
         bias_on_load if bias_on_load is not None else pre,
         x3, harmful.view(torch.uint8), W_dec, b_dec.contiguous(), beta, gamma, tau,
-        pre.stride(0), x3.stride(0), x3.stride(1), x3.stride(2), W_dec.stride(0), T, F, d,
-        K=k, CHUNK=scfg["CHUNK"], NUM_CHUNKS=scfg["NUM_CHUNKS"], GROUPS=scfg["GROUPS"], CAND=scfg["CAND"],
+        pre.stride(0), x3.stride(0), x3.stride(1), x3.stride(2), W_dec.stride(0), *_sample_strides(beta, gamma, tau),
+        T, F, d, K=k, CHUNK=scfg["CHUNK"], NUM_CHUNKS=scfg["NUM_CHUNKS"], GROUPS=scfg["GROUPS"], CAND=scfg["CAND"],
         RANK_BLOCK=scfg["RANK_BLOCK"], EXACT_ONLY=scfg["EXACT_ONLY"], HAS_BIAS=bias_on_load is not None,
         LOAD_STAGES=scfg["LOAD_STAGES"], K_BLOCK=dcfg["K_BLOCK"], BLOCK_D=dcfg["BLOCK_D"],
         NUM_D_BLOCKS=cdiv(d, dcfg["BLOCK_D"]), num_warps=scfg["num_warps"],
@@ -174,8 +182,8 @@ def _decode_steer(y, h, x3, vals, idx, harmful, W_dec, b_dec, beta, gamma, tau, 
     _steer_fwd_kernel[grid](
         y, h, x3, vals, idx, harmful.view(torch.uint8), W_dec, b_dec.contiguous(),
         beta, gamma, tau,
-        x3.stride(0), x3.stride(1), x3.stride(2), W_dec.stride(0), T, W_dec.shape[0], d,
-        K=k, **cfg,
+        x3.stride(0), x3.stride(1), x3.stride(2), W_dec.stride(0), *_sample_strides(beta, gamma, tau),
+        T, W_dec.shape[0], d, K=k, **cfg,
     )
 
 
@@ -203,8 +211,9 @@ def steer(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, W_dec: torc
     """Blend/Repel steering of `x` `[N, d]` or `[B, T, d]` (any strides), spec §2.
 
     SAE tensors `W_enc` `[d, F]`, `b_enc` `[F]`, `W_dec` `[F, d]`, `b_dec` `[d]` in x's dtype and
-    device; `harmful` a bool mask `[F]` or feature ids; `beta`, `gamma`, `tau` floats or 0-d
-    tensors on x's device; `enc_bias` optionally a cached `b_enc - b_dec @ W_enc` (fp32 `[F]`).
+    device; `harmful` a bool mask `[F]` or feature ids; `beta`, `gamma`, `tau` floats, or
+    tensors on x's device: 0-d, or one value per sample `[x.shape[0]]` (per request in a batch);
+    `enc_bias` optionally a cached `b_enc - b_dec @ W_enc` (fp32 `[F]`).
     Returns `y` (x's shape and dtype) and the harm score `h` (fp32, x's shape without d);
     non-finite tokens come back unchanged with h = NaN.
     """

@@ -96,8 +96,9 @@ def sparse_decode(vals, idx, W_dec, b_dec, upcast: bool = True) -> torch.Tensor:
 def steer_from_codes(x, vals, idx, W_dec, b_dec, harmful, beta, gamma, tau, upcast: bool = True
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """spec §2 steps 2-4 given a token's codes: `x` `[N, d]`, `vals`/`idx` `[N, k]` (NaN values
-    mark a non-finite token). Returns (y `[N, d]` in x's dtype, h `[N]`). Tests use it to score
-    a kernel's own choice among near-tied features exactly."""
+    mark a non-finite token); `beta`, `gamma`, `tau` 0-d or one per token `[N]`. Returns
+    (y `[N, d]` in x's dtype, h `[N]`). Tests use it to score a kernel's own choice among
+    near-tied features exactly."""
     cd = _compute_dtype(x, upcast)
     bad = torch.isnan(vals).any(-1)
     is_harm = harmful[idx.long()]
@@ -109,7 +110,7 @@ def steer_from_codes(x, vals, idx, W_dec, b_dec, harmful, beta, gamma, tau, upca
 
     Wd = W_dec.to(cd)
     xc = x.to(cd)
-    b, g = beta.to(cd), gamma.to(cd)
+    b, g = (t.to(cd).unsqueeze(-1) if t.dim() else t.to(cd) for t in (beta, gamma))
     x_hat_safe = b_dec.to(cd) + gather_sum(idx, safe_vals, Wd)
     r = gather_sum(idx, harm_vals, Wd)
     steered = (xc + (b * (x_hat_safe - xc) - g * r)).to(x.dtype)
@@ -123,7 +124,8 @@ def steer(x, W_enc, b_enc, W_dec, b_dec, harmful, beta, gamma, tau, k: int,
           upcast: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Blend/Repel steering, spec §2, per token of `x` `[N, d]` or `[B, T, d]`.
 
-    `harmful` is a bool mask `[F]`; `beta`, `gamma`, `tau` are 0-d tensors on x's device.
+    `harmful` is a bool mask `[F]`; `beta`, `gamma`, `tau` are tensors on x's device, 0-d (every
+    token) or one value per sample `[x.shape[0]]` (a batch row of `[B, T, d]`, a token of `[N, d]`).
     Returns `y` (x's shape and dtype) and the harm score `h` (float32, x's shape without d;
     float64 in float64 mode). Tokens with non-finite activations come back unchanged with
     h = NaN; beta = gamma = 0 returns x bitwise.
@@ -132,5 +134,7 @@ def steer(x, W_enc, b_enc, W_dec, b_dec, harmful, beta, gamma, tau, k: int,
     x2 = x.reshape(-1, d)
     pre = encoder_preactivations(x2, W_enc, b_enc, b_dec, upcast)
     vals, idx, _ = _topk_from_pre(x2, pre, k)
+    T = x.shape[1] if x.dim() == 3 else 1
+    beta, gamma, tau = (t.repeat_interleave(T) if t.dim() else t for t in (beta, gamma, tau))
     y, h = steer_from_codes(x2, vals, idx, W_dec, b_dec, harmful, beta, gamma, tau, upcast)
     return y.reshape(x.shape), h.reshape(x.shape[:-1])

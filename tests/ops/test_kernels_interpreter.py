@@ -195,6 +195,28 @@ def test_steer_kernel(B, T, d, F, k, beta, gamma, tau):
     assert_bitwise_equal(y[bad], x[bad])
 
 
+@pytest.mark.parametrize("shape", [(3, 4, 17), (5, 19)], ids=["B,T,d", "N,d"])
+@pytest.mark.usefixtures("steer_path")
+def test_steer_kernel_per_sample_strengths(shape):
+    """One value per sample (`[x.shape[0]]`, here strided columns of one table) steers each
+    sample exactly as the kernel does with that sample's values given as 0-d tensors."""
+    d = shape[-1]
+    W_enc, b_enc, W_dec, b_dec = sae(d, 120)
+    harmful = torch.rand(120) < 0.3
+    x = _flux_like(shape[0], shape[1], d) if len(shape) == 3 else strided(*shape)
+    bias = encoder_bias(W_enc, b_enc, b_dec)
+    rows = [(0.5, 1.0, -1.0), (0.0, 0.0, -1.0), (1.0, 2.0, 0.2), (0.25, -1.0, -1.0), (0.0, 1.0, 1e9)]
+    table = torch.tensor([rows[i % len(rows)] for i in range(shape[0])])  # [samples, 3]: columns stride 3
+    y, h = _steer_fwd(x, W_enc, W_dec, b_dec, harmful, table[:, 0], table[:, 1], table[:, 2], 6, bias)
+    steered = 0
+    for i in range(shape[0]):
+        y_i, h_i = _steer_fwd(x, W_enc, W_dec, b_dec, harmful, *table[i].clone().unbind(), 6, bias)
+        assert_bitwise_equal(y[i], y_i[i])
+        assert_bitwise_equal(h[i], h_i[i])
+        steered += int(not torch.equal(y[i], x[i]))
+    assert 0 < steered < shape[0]  # some samples steered, some (beta = gamma = 0, tau = 1e9) not
+
+
 @pytest.mark.parametrize("B,T,d,F,k", STEER_CASES, ids=lambda v: str(v))
 @pytest.mark.parametrize("block_d", [None, 16], ids=["one-d-block", "d-blocks-of-16"])
 def test_one_launch_steer_equals_two_kernels_bitwise(B, T, d, F, k, block_d):

@@ -38,6 +38,9 @@ def test_opcheck(shape):
     torch.library.opcheck(torch.ops.safedig.sparse_decode.default, (vals, idx, W_dec, b_dec))
     torch.library.opcheck(torch.ops.safedig.steer.default,
                           (x, W_enc, b_enc, W_dec, b_dec, harmful, *strengths(), 5, None))
+    per_sample = torch.linspace(0, 1, shape[0])  # one beta per sample, the rest 0-d
+    torch.library.opcheck(torch.ops.safedig.steer.default,
+                          (x, W_enc, b_enc, W_dec, b_dec, harmful, per_sample, *strengths()[1:], 5, None))
 
 
 # -- compile ladder ------------------------------------------------------------------------
@@ -65,6 +68,31 @@ def test_compile_ladder_fullgraph_no_recompile(backend):
         for g, w in zip(got, want):
             torch.testing.assert_close(g, w, equal_nan=True)
     assert cnt.frame_count == 1, f"{backend}: compiled {cnt.frame_count} times"
+
+
+def test_compiled_per_sample_strengths_change_in_place_without_recompile():
+    """Per-request strengths in a served batch: `[B]` tensors changed in place between calls,
+    and batches of other sizes, run one compiled graph; each sample is steered as a call with
+    its own values would steer it."""
+    torch._dynamo.reset()
+    cnt = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    fn = torch.compile(_steer_fn, backend=cnt, fullgraph=True, dynamic=True)
+    W_enc, b_enc, W_dec, b_dec = sae_tensors(12, 30)
+    harmful = torch.rand(30) < 0.3
+    for B in (3, 5):
+        beta, gamma, tau = torch.zeros(B), torch.ones(B), torch.full((B,), -1.0)
+        for on in (torch.arange(B) % 2 == 0, torch.arange(B) % 2 == 1):
+            beta.copy_(on * 0.5)  # a request that is off: beta = gamma = 0
+            gamma.copy_(on * 1.0)
+            x = torch.randn(B, 7, 12)
+            y2, h, _ = fn(x, W_enc, b_enc, W_dec, b_dec, harmful, beta, gamma, tau)
+            y = y2 / 2  # _steer_fn doubles y (an op after the custom op in the graph)
+            for i in range(B):
+                want = torch.ops.safedig.steer(x, W_enc, b_enc, W_dec, b_dec, harmful, beta[i], gamma[i], tau[i], 4,
+                                               None)[0]
+                torch.testing.assert_close(y[i], want[i])
+                assert torch.equal(y[i], x[i]) == (not bool(on[i]))
+    assert cnt.frame_count == 1
 
 
 def test_compiled_sae_steer_changes_strengths_without_recompile():
@@ -220,7 +248,10 @@ BAD_STEER = [
     ("harmful", lambda a: a.update(harmful=[0, 25]), ValueError, "harmful"),
     ("harmful", lambda a: a.update(harmful=[[0, 1]]), ValueError, "harmful"),
     ("beta", lambda a: a.update(beta="0.5"), TypeError, "beta"),
-    ("gamma", lambda a: a.update(gamma=torch.ones(2)), TypeError, "gamma"),
+    ("gamma", lambda a: a.update(gamma=torch.ones(3)), ValueError, r"gamma per sample .*\[4\]"),
+    ("gamma", lambda a: a.update(gamma=torch.ones(4, 1)), TypeError, "gamma"),
+    ("beta", lambda a: a.update(beta=torch.tensor([0.5, 0.5, 1.5, 0.0])), ValueError, r"beta\[2\]"),
+    ("tau", lambda a: a.update(tau=torch.tensor([0.0, float("inf"), 0.0, 0.0])), ValueError, r"tau\[1\]"),
     ("tau", lambda a: a.update(tau=torch.tensor(0.0, device="meta")), ValueError, "tau"),
 ]
 
