@@ -3,15 +3,25 @@
 The stand-in only makes `@triton.jit` definitions and `tl.constexpr` annotations importable;
 nothing launches a kernel without Triton (see `_library.use_triton_for`).
 
+`launchable(kernel)` is what a launcher indexes with its grid: inside a `torch.library.triton_op`
+traced by torch.compile, torch.export or make_fx, the kernel wrapped by
+`torch.library.wrap_triton`, so the graph holds the Triton kernel itself (inductor sees it,
+AOTInductor packages it); in an eager call, the kernel, launched directly.
+
 `cdiv` and `next_pow2` are plain integer helpers for the launchers' host code: Triton 3.9's
 `triton.cdiv` / `triton.next_power_of_2` are constexpr functions whose calls cost microseconds
 each, on the path of every op call.
 """
 from __future__ import annotations
 
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+from .._library import triton_interpreting
+
 try:
     import triton
     import triton.language as tl
+    from torch.library import wrap_triton
 
     HAVE_TRITON = True
 except ImportError:  # CPU-only installs, macOS, Windows
@@ -25,6 +35,13 @@ except ImportError:  # CPU-only installs, macOS, Windows
     HAVE_TRITON = False
 
 
+def launchable(kernel):
+    """`kernel`, or its traceable wrapper while a dispatch mode (fake tensors, a tracer) is active."""
+    if HAVE_TRITON and _get_current_dispatch_mode() is not None and not triton_interpreting():
+        return wrap_triton(kernel)
+    return kernel
+
+
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -34,4 +51,4 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
-__all__ = ["triton", "tl", "HAVE_TRITON", "cdiv", "next_pow2"]
+__all__ = ["triton", "tl", "HAVE_TRITON", "launchable", "cdiv", "next_pow2"]

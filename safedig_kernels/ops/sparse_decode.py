@@ -14,7 +14,7 @@ from .._checks import check_sparse_decode, check_sparse_decode_types
 from .._library import use_triton_for
 from . import _launch
 from ._launch import LaunchConfig
-from ._triton import cdiv, tl, triton
+from ._triton import cdiv, launchable, tl, triton
 
 
 @triton.jit
@@ -64,14 +64,14 @@ def _sparse_decode_fwd(vals2: torch.Tensor, idx2: torch.Tensor, W_dec: torch.Ten
     cfg = _launch.decode_config(d, k, launch)
     W_dec = W_dec if W_dec.stride(1) == 1 else W_dec.contiguous()
     grid = (N, cdiv(d, cfg["BLOCK_D"]))
-    _sparse_decode_kernel[grid](
+    launchable(_sparse_decode_kernel)[grid](
         out, vals2.contiguous(), idx2.to(torch.int32).contiguous(), W_dec, b_dec.contiguous(),
         W_dec.stride(0), W_dec.shape[0], d, K=k, **cfg,
     )
     return out
 
 
-@torch.library.custom_op("safedig::sparse_decode", mutates_args=())
+@torch.library.triton_op("safedig::sparse_decode", mutates_args=())
 def _sparse_decode_op(vals: torch.Tensor, idx: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor) -> torch.Tensor:
     check_sparse_decode(vals, idx, W_dec, b_dec)
     if not use_triton_for(vals):

@@ -25,7 +25,7 @@ from .._library import use_triton_for
 from . import _launch
 from ._arguments import Harmful, Strength, harmful_for_call, strength_for_call
 from ._launch import LaunchConfig
-from ._triton import cdiv, tl, triton
+from ._triton import cdiv, launchable, tl, triton
 from .sparse_decode import _weighted_row_sum
 from .topk_encode import _encoder_gemm, _select_row, _SelectScratch, _topk_encode_fwd, encoder_bias
 
@@ -163,7 +163,7 @@ def _steer_in_one_launch(y, h, x3, W_enc, W_dec, b_dec, harmful, beta, gamma, ta
     vals = torch.empty(N, k, device=x2.device, dtype=torch.float32)
     idx = torch.empty(N, k, device=x2.device, dtype=torch.int32)
     W_dec = W_dec if W_dec.stride(1) == 1 else W_dec.contiguous()
-    _steer_row_kernel[(N,)](
+    launchable(_steer_row_kernel)[(N,)](
         y, h, vals, idx, scratch.vals, scratch.idx, scratch.count, pre,
         bias_on_load if bias_on_load is not None else pre,
         x3, harmful.view(torch.uint8), W_dec, b_dec.contiguous(), beta, gamma, tau,
@@ -179,7 +179,7 @@ def _decode_steer(y, h, x3, vals, idx, harmful, W_dec, b_dec, beta, gamma, tau, 
     B, T, d = x3.shape
     W_dec = W_dec if W_dec.stride(1) == 1 else W_dec.contiguous()
     grid = (B * T, cdiv(d, cfg["BLOCK_D"]))
-    _steer_fwd_kernel[grid](
+    launchable(_steer_fwd_kernel)[grid](
         y, h, x3, vals, idx, harmful.view(torch.uint8), W_dec, b_dec.contiguous(),
         beta, gamma, tau,
         x3.stride(0), x3.stride(1), x3.stride(2), W_dec.stride(0), *_sample_strides(beta, gamma, tau),
@@ -187,7 +187,7 @@ def _decode_steer(y, h, x3, vals, idx, harmful, W_dec, b_dec, beta, gamma, tau, 
     )
 
 
-@torch.library.custom_op("safedig::steer", mutates_args=())
+@torch.library.triton_op("safedig::steer", mutates_args=())
 def _steer_op(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, W_dec: torch.Tensor,
               b_dec: torch.Tensor, harmful: torch.Tensor, beta: torch.Tensor, gamma: torch.Tensor,
               tau: torch.Tensor, k: int, enc_bias: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:

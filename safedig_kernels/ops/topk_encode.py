@@ -34,7 +34,7 @@ from .._checks import check_topk_encode, check_topk_encode_types
 from .._library import mm_has_out_dtype, use_triton_for
 from . import _launch
 from ._launch import LaunchConfig
-from ._triton import tl, triton
+from ._triton import launchable, tl, triton
 
 
 @triton.jit
@@ -323,7 +323,7 @@ def encoder_bias(W_enc: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor) 
     """`b_enc - b_dec @ W_enc` in fp32, `[F]`: folds the input centring into the bias, so the
     GEMM reads x as it is (no rounded `x - b_dec` copy)."""
     if W_enc.dtype != torch.float32 and W_enc.is_cuda and mm_has_out_dtype():
-        centre = torch.mm(b_dec[None], W_enc, out_dtype=torch.float32)[0]
+        centre = torch.mm(b_dec.unsqueeze(0), W_enc, out_dtype=torch.float32).squeeze(0)
     else:
         centre = b_dec.float() @ W_enc.float()
     return b_enc.float() - centre
@@ -362,8 +362,9 @@ def _topk_encode_fwd(x2: torch.Tensor, W_enc: torch.Tensor, enc_bias: torch.Tens
     enc_bias = enc_bias.contiguous()
     for start in range(0, N, rows_per_pass):
         stop = min(N, start + rows_per_pass)
-        pre, bias_on_load = _encoder_gemm(x2[start:stop], W_enc, enc_bias, pre_dtype)
-        _select(vals[start:stop], idx[start:stop], scratch, pre, bias_on_load, k, cfg, algo)
+        rows = stop - start  # narrow, not [start:stop]: Python indexing cannot trace fake CUDA tensors on a CPU build
+        pre, bias_on_load = _encoder_gemm(x2.narrow(0, start, rows), W_enc, enc_bias, pre_dtype)
+        _select(vals.narrow(0, start, rows), idx.narrow(0, start, rows), scratch, pre, bias_on_load, k, cfg, algo)
     return vals, idx
 
 
@@ -389,28 +390,28 @@ def _select(vals, idx, scratch: _SelectScratch, pre, bias: Optional[torch.Tensor
                   num_warps=cfg["num_warps"])
     bias = bias if bias is not None else pre  # never read when HAS_BIAS is False
     if algo == "row":
-        _topk_select_kernel[(rows,)](
+        launchable(_topk_select_kernel)[(rows,)](
             vals, idx, scratch.vals, scratch.idx, scratch.count, pre, bias, pre.stride(0), F,
             K=k, CAND=cfg["CAND"], RANK_BLOCK=cfg["RANK_BLOCK"], EXACT_ONLY=cfg["EXACT_ONLY"],
             LOAD_STAGES=cfg["LOAD_STAGES"], **common)
         return
     grid = (rows, cfg["NUM_CHUNKS"])
-    _group_max_kernel[grid](scratch.gmax, scratch.count, pre, bias, pre.stride(0), F, **common)
-    _split_bound_kernel[(rows,)](scratch.lower, scratch.gmax, K=k, NUM_CHUNKS=cfg["NUM_CHUNKS"],
+    launchable(_group_max_kernel)[grid](scratch.gmax, scratch.count, pre, bias, pre.stride(0), F, **common)
+    launchable(_split_bound_kernel)[(rows,)](scratch.lower, scratch.gmax, K=k, NUM_CHUNKS=cfg["NUM_CHUNKS"],
                                  CHUNKS_POW2=cfg["CHUNKS_POW2"], GROUPS=cfg["GROUPS"], EXACT_ONLY=cfg["EXACT_ONLY"],
                                  num_warps=cfg["num_warps"])
     if not cfg["EXACT_ONLY"]:
-        _split_candidates_kernel[grid](
+        launchable(_split_candidates_kernel)[grid](
             scratch.vals, scratch.idx, scratch.count, scratch.lower, pre, bias, pre.stride(0), F,
             CHUNK=cfg["CHUNK"], GROUPS=cfg["GROUPS"], CAND=cfg["CAND"], HAS_BIAS=common["HAS_BIAS"],
             num_warps=cfg["num_warps"])
-    _split_rank_kernel[(rows,)](
+    launchable(_split_rank_kernel)[(rows,)](
         vals, idx, scratch.vals, scratch.idx, scratch.count, scratch.lower, pre, bias, pre.stride(0), F,
         K=k, CHUNK=cfg["CHUNK"], NUM_CHUNKS=cfg["NUM_CHUNKS"], CAND=cfg["CAND"], RANK_BLOCK=cfg["RANK_BLOCK"],
         EXACT_ONLY=cfg["EXACT_ONLY"], HAS_BIAS=common["HAS_BIAS"], num_warps=cfg["num_warps"])
 
 
-@torch.library.custom_op("safedig::topk_encode", mutates_args=())
+@torch.library.triton_op("safedig::topk_encode", mutates_args=())
 def _topk_encode_op(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor,
                     k: int, enc_bias: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     check_topk_encode(x, W_enc, b_enc, b_dec, k, enc_bias)
