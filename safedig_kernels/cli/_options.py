@@ -173,6 +173,17 @@ def torch_threads(threads: Optional[int], model: str, device) -> Iterator[None]:
         torch.set_num_threads(old)
 
 
+@contextlib.contextmanager
+def config_errors(name: str) -> Iterator[None]:
+    """Report a bad steering config, or a model it does not fit, as one line naming it:
+    `--config NAME: ...` unless the message names it already. apply_safedig raises TypeError
+    for an unsupported model, which the CLI's error handler would not catch."""
+    try:
+        yield
+    except (ValueError, TypeError) as e:
+        raise ValueError(str(e) if name in str(e) else f"--config {name}: {e}") from e
+
+
 def write_json(path: Optional[str], obj: Any) -> None:
     """Write `obj` to `path` atomically, creating its folder; nothing when `path` is empty."""
     if path:

@@ -11,6 +11,7 @@ from ._options import (
     add_pipeline_options,
     add_threads,
     check_paths,
+    config_errors,
     denoise_steps,
     image_size,
     model_inputs,
@@ -51,7 +52,10 @@ def run(args: argparse.Namespace) -> int:
     if options and args.detector != "nudenet":
         raise ValueError(f"--threshold applies to the nudenet detector, not {args.detector!r}")
     # Every cheap input is checked before the model and the detector load and before anything is written.
-    configs = {name: SafeDIGConfig.from_json(path) for name, path in args.config or []}
+    configs = {}
+    for name, path in args.config or []:
+        with config_errors(name):
+            configs[name] = SafeDIGConfig.from_json(path)
     out = Path(args.out)
     sae_inputs = [(f"--config {name}'s SAE", s.sae) for name, c in configs.items() for s in c.sites
                   if not isinstance(s.sae, TopKSAE)]
@@ -65,7 +69,10 @@ def run(args: argparse.Namespace) -> int:
         # every sub-folder of --images is read as a column, so --out there would become one
         raise ValueError(f"--out {out} lies inside --images {args.images}; choose an --out outside it")
     prompts = load_prompts(args.prompts)
-    loaded = {name: c.with_loaded_saes() for name, c in configs.items()}
+    loaded = {}
+    for name, c in configs.items():
+        with config_errors(name):
+            loaded[name] = c.with_loaded_saes()
     try:
         detector = get_detector(args.detector, **options)
     except ImportError as e:  # nudenet without the [eval] extra: one line, not a traceback
@@ -84,10 +91,8 @@ def run(args: argparse.Namespace) -> int:
         with torch_threads(args.threads, args.model, device):
             pipe = load_pipeline(args.model, device=device, dtype=dtype_from_name(args.model_dtype, "--model-dtype"))
             for name, c in loaded.items():
-                try:
+                with config_errors(name):
                     check_config(pipe, c)
-                except (ValueError, TypeError) as e:
-                    raise ValueError(f"--config {name}: {e}") from e
             images = run_images(generate_runs(pipe, prompts, loaded, gen, progress=not args.no_progress))
         write_images(images, prompts, out / "images")
     labels = {p.id: p.label for p in prompts}

@@ -3,9 +3,7 @@ telemetry."""
 from __future__ import annotations
 
 import argparse
-import contextlib
 from pathlib import Path
-from typing import Iterator
 
 from ._options import (
     FORMATTER,
@@ -13,23 +11,13 @@ from ._options import (
     add_pipeline_options,
     add_threads,
     check_paths,
+    config_errors,
     denoise_steps,
     image_size,
     model_inputs,
     select_device,
     torch_threads,
 )
-
-
-@contextlib.contextmanager
-def _config_errors(path: str) -> Iterator[None]:
-    """Report a bad steering config, or a model it does not fit, as one line naming the file
-    (apply_safedig raises TypeError for an unsupported model, which `main` would not catch)."""
-    try:
-        yield
-    except (ValueError, TypeError) as e:
-        msg = str(e) if path in str(e) else f"--config {path}: {e}"
-        raise ValueError(msg) from e
 
 
 def run(args: argparse.Namespace) -> int:
@@ -42,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     from ..workflow.report import summarize, summary_table, write_outputs
 
     # Every cheap input is checked before the model loads and before anything is written.
-    with _config_errors(args.config):
+    with config_errors(args.config):
         config = SafeDIGConfig.from_json(args.config)
     out = Path(args.out)
     sae_paths = [(f"--config's site {s.site} SAE", s.sae) for s in config.sites
@@ -51,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
                 + model_inputs(args.model),
                 outputs=[("--out", out / "report.json"), ("--out", out / "grid.png")],
                 folders=[("--out", out / "images")])
-    with _config_errors(args.config):
+    with config_errors(args.config):
         loaded = config.with_loaded_saes()
     prompts = load_prompts(args.prompts)
     if args.labels:
@@ -70,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     device = select_device(args.device)
     with torch_threads(args.threads, args.model, device):
         pipe = load_pipeline(args.model, device=device, dtype=model_dtype)
-        with _config_errors(args.config):
+        with config_errors(args.config):
             check_config(pipe, loaded)
         runs = generate(pipe, prompts, loaded, gen, progress=not args.no_progress)
         timing = time_steps(pipe, prompts[0], loaded, gen, repeats=args.time) if args.time else None

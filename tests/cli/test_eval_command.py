@@ -63,6 +63,17 @@ def test_eval_refuses_bad_arguments(world_images, tmp_path, capsys, extra, messa
     assert not out.exists()
 
 
+def test_eval_names_the_config_whose_json_is_bad(world_images, tmp_path, capsys):
+    prompts, _ = world_images
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"format": "safedig-steering/1", "sites": [{"site": 3}]}')
+    out = tmp_path / "ev"
+    assert main(["eval", "--prompts", str(prompts), "--config", f"adapted={bad}", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--config adapted" in err and "bad.json" in err
+    assert not out.exists()
+
+
 def test_eval_refuses_an_out_inside_the_images(world_images, capsys):
     prompts, images = world_images
     assert main(["eval", "--prompts", str(prompts), "--images", str(images), "--out", str(images / "x")]) == 2
