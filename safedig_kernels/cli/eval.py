@@ -33,6 +33,7 @@ def run(args: argparse.Namespace) -> int:
     from ..workflow.detectors import get_detector
     from ..workflow.eval import (
         check_column_names,
+        check_image_folder,
         evaluate_images,
         generate_runs,
         load_images,
@@ -48,6 +49,8 @@ def run(args: argparse.Namespace) -> int:
     check_column_names(names, "--config name")
     if len(set(names)) != len(names):
         raise ValueError(f"--config names must differ, got {names}")
+    if names:
+        check_image_folder(Path(args.out) / "images", names)
     options = {} if args.threshold is None else {"threshold": args.threshold}
     if options and args.detector != "nudenet":
         raise ValueError(f"--threshold applies to the nudenet detector, not {args.detector!r}")

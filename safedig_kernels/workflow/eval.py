@@ -257,6 +257,18 @@ def write_images(images: Mapping[str, Mapping[str, torch.Tensor]], prompts: Sequ
     return root
 
 
+def check_image_folder(directory: Union[str, Path], columns: Sequence[str], option: str = "--out") -> None:
+    """Refuse to write `columns` into an image folder that holds other columns: `load_images`
+    reads every sub-folder as a column, so an earlier run's would be judged with this one's."""
+    root = Path(directory)
+    if not root.is_dir():
+        return
+    stale = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name not in {UNSTEERED, *columns})
+    if stale:
+        raise ValueError(f"{option}: {root} holds image columns from an earlier run {stale}; a later --images read "
+                         f"would judge them too. Remove them or choose another {option}")
+
+
 def load_images(directory: Union[str, Path], prompts: Sequence[PromptRecord]) -> dict[str, dict[str, torch.Tensor]]:
     """Images saved by `write_images`: every sub-folder of `directory` is a column; `unsteered`
     comes first. Each column must hold an image for every prompt."""

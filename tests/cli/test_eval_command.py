@@ -74,6 +74,19 @@ def test_eval_names_the_config_whose_json_is_bad(world_images, tmp_path, capsys)
     assert not out.exists()
 
 
+def test_eval_refuses_to_mix_columns_with_an_earlier_run(world_images, tmp_path, capsys):
+    """Every sub-folder of images/ is a column to a later --images read: an earlier run's
+    column left beside this run's would be judged as if it were one of them."""
+    prompts, _ = world_images
+    out = tmp_path / "ev"
+    (out / "images" / "old").mkdir(parents=True)
+    config = tmp_path / "c.json"
+    config.write_text("{}")
+    assert main(["eval", "--prompts", str(prompts), "--config", f"new={config}", "--out", str(out)]) == 2
+    assert "columns from an earlier run ['old']" in capsys.readouterr().err
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["old"]
+
+
 def test_eval_refuses_an_out_inside_the_images(world_images, capsys):
     prompts, images = world_images
     assert main(["eval", "--prompts", str(prompts), "--images", str(images), "--out", str(images / "x")]) == 2
