@@ -195,7 +195,7 @@ class TopKSAE(torch.nn.Module):
         check_tensor(x, "x")  # the rest are this SAE's own tensors, or made so above
         if fused:  # the op checks its contract itself
             enc_bias = enc_bias if enc_bias is not None else self._bias_for(x)
-            return torch.ops.safedig.steer(x, *tensors, mask, b, g, t, self.k, enc_bias)
+            return ops.call_steer(x, *tensors, mask, b, g, t, self.k, enc_bias)
         if not torch.compiler.is_compiling():  # traced, the reference's own shape errors apply
             check_steer(x, *tensors, mask, b, g, t, self.k, allow_float64=True)
         return reference.steer(x, *tensors, mask, b, g, t, self.k)

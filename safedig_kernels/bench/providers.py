@@ -22,8 +22,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .. import ops as _ops  # noqa: F401  (registers torch.ops.safedig)
-from .. import reference
+from .. import ops, reference  # ops also registers torch.ops.safedig
 from .shapes import GEMM_OP, Shape
 
 # Every token is steered (tau < 0 and h >= 0): the decode reads all k rows, the worst case.
@@ -118,7 +117,7 @@ class Prepared:
     @functools.cached_property
     def enc_bias(self) -> torch.Tensor:
         i = self.inputs
-        return _ops.encoder_bias(i.W_enc, i.b_enc, i.b_dec)
+        return ops.encoder_bias(i.W_enc, i.b_enc, i.b_dec)
 
     @functools.cached_property
     def codes(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -244,8 +243,8 @@ def _decode(compiled: bool) -> Callable[[Prepared], Callable[[], object]]:
 
 def _fused_steer(p: Prepared):
     i, bias = p.inputs, p.enc_bias
-    op = torch.ops.safedig.steer
-    return lambda: op(*i.steer_args(), bias)
+    call = ops.call_steer  # what sk.steer and TopKSAE.steer run eagerly: the op without the dispatcher
+    return lambda: call(*i.steer_args(), bias)
 
 
 def _fused_steer_cudagraph(p: Prepared):

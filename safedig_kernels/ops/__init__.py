@@ -4,14 +4,15 @@ Each op runs the PyTorch reference on CPU tensors and the Triton kernels on CUDA
 (`_library.use_triton_for`). One file per op, read top to bottom: kernels, launcher,
 registration, public function. The public functions below are the raw-tensor entry points;
 `steer` also takes Python numbers for the strengths and feature ids for the harmful set
-(`_arguments`). Launch settings live in `_launch`.
+(`_arguments`); `call_steer` is the op on tensors, without the dispatcher in plain eager
+mode. Launch settings live in `_launch`.
 """
 from __future__ import annotations
 
 from ._arguments import Harmful, Strength, as_harmful_mask, as_strength, harmful_for_call, strength_for_call
 from .sparse_decode import sparse_decode
-from .steer import steer
+from .steer import call_steer, steer
 from .topk_encode import encoder_bias, topk_encode
 
-__all__ = ["topk_encode", "sparse_decode", "steer", "encoder_bias", "as_strength", "as_harmful_mask",
+__all__ = ["topk_encode", "sparse_decode", "steer", "call_steer", "encoder_bias", "as_strength", "as_harmful_mask",
            "strength_for_call", "harmful_for_call", "Strength", "Harmful"]

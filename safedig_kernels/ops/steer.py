@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Mapping, Optional
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .. import reference
 from .._checks import check_steer, check_steer_types
@@ -192,6 +193,12 @@ def _steer_op(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, W_dec: 
               b_dec: torch.Tensor, harmful: torch.Tensor, beta: torch.Tensor, gamma: torch.Tensor,
               tau: torch.Tensor, k: int, enc_bias: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     check_steer(x, W_enc, b_enc, W_dec, b_dec, harmful, beta, gamma, tau, k, enc_bias)
+    return _steer_body(x, W_enc, b_enc, W_dec, b_dec, harmful, beta, gamma, tau, k, enc_bias)
+
+
+def _steer_body(x, W_enc, b_enc, W_dec, b_dec, harmful, beta, gamma, tau, k: int, enc_bias
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The op's work on checked arguments: the reference off CUDA, the kernels on it."""
     if not use_triton_for(x):
         return reference.steer(x, W_enc, b_enc, W_dec, b_dec, harmful, beta, gamma, tau, k)
     if enc_bias is None:
@@ -203,6 +210,31 @@ def _steer_op(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, W_dec: 
 def _(x, W_enc, b_enc, W_dec, b_dec, harmful, beta, gamma, tau, k, enc_bias=None):
     check_steer(x, W_enc, b_enc, W_dec, b_dec, harmful, beta, gamma, tau, k, enc_bias)
     return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(x.shape[:-1], dtype=torch.float32)
+
+
+def _plain_eager(tensors: tuple) -> bool:
+    """Whether nothing but this call would see the op: no compiler or tracer, no dispatch or
+    function mode, no functorch transform, no tensor subclass, no graph for autograd to record
+    (the op has no backward; through the dispatcher a grad-requiring input makes it refuse one)."""
+    return (not torch.compiler.is_compiling()  # first: dynamo cannot trace the checks after it
+            and _get_current_dispatch_mode() is None and not torch._C._is_torch_function_mode_enabled()
+            and not torch._C._are_functorch_transforms_active()
+            and all(type(t) is torch.Tensor for t in tensors)
+            and not (torch.is_grad_enabled() and torch._C._any_requires_grad(*tensors)))
+
+
+def call_steer(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor,
+               harmful: torch.Tensor, beta: torch.Tensor, gamma: torch.Tensor, tau: torch.Tensor, k: int,
+               enc_bias: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`torch.ops.safedig.steer`, with the same checks and work; in plain eager mode the op's body
+    runs without the dispatcher's layers (about 10 us per call of host time measured on a CPU,
+    benchmarks/host_overhead.py), which small-N steering is bound by. Compiled, traced and
+    CUDA-graph-captured calls see the registered op."""
+    args = (x, W_enc, b_enc, W_dec, b_dec, harmful, beta, gamma, tau)
+    if _plain_eager(args if enc_bias is None else args + (enc_bias,)):
+        check_steer(*args, k, enc_bias)
+        return _steer_body(*args, k, enc_bias)
+    return torch.ops.safedig.steer(*args, k, enc_bias)
 
 
 def steer(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor,
@@ -219,6 +251,6 @@ def steer(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, W_dec: torc
     """
     F = check_steer_types(x, W_enc, b_enc, W_dec, b_dec, k)
     device = x.device
-    return torch.ops.safedig.steer(x, W_enc, b_enc, W_dec, b_dec, harmful_for_call(harmful, F, device),
-                                   strength_for_call(beta, "beta", device), strength_for_call(gamma, "gamma", device),
-                                   strength_for_call(tau, "tau", device), k, enc_bias)
+    return call_steer(x, W_enc, b_enc, W_dec, b_dec, harmful_for_call(harmful, F, device),
+                      strength_for_call(beta, "beta", device), strength_for_call(gamma, "gamma", device),
+                      strength_for_call(tau, "tau", device), k, enc_bias)

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 import safedig_kernels as sk
 from safedig_kernels import ops
 from safedig_kernels.ops import _arguments
-from safedig_kernels.testing import assert_valid_topk
+from safedig_kernels.testing import assert_bitwise_equal, assert_valid_topk
 
 
 def sae_tensors(d, F, dtype=torch.float32, device="cpu"):
@@ -109,6 +109,56 @@ def test_compiled_sae_steer_changes_strengths_without_recompile():
         outs.append(y)
     assert torch.equal(outs[1], x) and not torch.equal(outs[0], outs[2])
     assert cnt.frame_count == 1
+
+
+# -- the eager fast path ----------------------------------------------------------------------
+
+def _dispatched_steer_calls(fn) -> int:
+    """How many times `fn` went through the dispatcher's `safedig::steer` (profiler events)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(e.name == "safedig::steer" for e in prof.events())
+
+
+def test_plain_eager_calls_skip_the_dispatcher_with_the_same_result():
+    sae = sk.random_sae(12, 30, 4, harmful=[0, 3, 5, 7, 11])
+    sae.set_strengths(beta=0.5, gamma=1.0, tau=-1.0)
+    x = torch.randn(2, 9, 12)
+    args = (x, sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, sae.harmful_mask, *sae.strengths.unbind(), 4, None)
+    assert _dispatched_steer_calls(lambda: torch.ops.safedig.steer(*args)) == 1  # the probe sees the op
+    assert _dispatched_steer_calls(lambda: ops.call_steer(*args)) == 0
+    assert _dispatched_steer_calls(lambda: sae.steer(x)) == 0
+    assert _dispatched_steer_calls(lambda: sk.steer(x, sae)) == 0
+    for got, want in zip(ops.call_steer(*args), torch.ops.safedig.steer(*args)):
+        assert_bitwise_equal(got, want)
+    with pytest.raises(ValueError, match="beta per sample"):  # the fast path checks as the op does
+        ops.call_steer(x, *args[1:6], torch.zeros(3), *args[7:])
+
+
+def test_calls_something_else_must_see_go_through_the_op():
+    """Autograd (the op records no backward), a dispatch mode (a tracer, fake tensors) and a
+    tensor subclass each get the registered op, exactly as before the fast path."""
+    sae = sk.random_sae(12, 30, 4, harmful=[0, 3, 5, 7, 11])
+    x = torch.randn(5, 12)
+    assert _dispatched_steer_calls(lambda: sae.steer(x.clone().requires_grad_())) == 1
+    with torch.no_grad():
+        assert _dispatched_steer_calls(lambda: sae.steer(x.clone().requires_grad_())) == 0
+
+    seen = []
+
+    class Recorder(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Recorder():
+        sae.steer(x)
+    assert "safedig.steer.default" in seen
+
+    class Tagged(torch.Tensor):
+        pass
+
+    assert _dispatched_steer_calls(lambda: sae.steer(x.as_subclass(Tagged))) == 1
 
 
 # -- property tests against the dense float64 oracle -----------------------------------------
