@@ -7,6 +7,7 @@
     handle = apply_safedig(pipe, config)
     image = pipe(prompt).images[0]
     handle.set_site("single_transformer_blocks.9", gamma=2.0)   # no recompile, no re-hook
+    handle.set_requests(beta=[0.5, 0.0], enabled=[True, False])  # per image of a 2-image batch
     print(handle.telemetry())
     remove_safedig(pipe)
 

@@ -25,6 +25,11 @@ CFG: SD3 pipelines batch `[uncond; cond]`; `cfg="cond"` steers only the second h
 calls carry such a batch is read in Python when the pipeline encodes its prompt
 (`sites.pipeline_batches_cfg`), outside any compiled region; the extra skip-layer-guidance call
 (`skip_layers=...`) is cond-only. FLUX pipelines never batch CFG, so `cfg="cond"` is refused there.
+
+Per-request control (`SafeDIGHandle.set_requests`): a site may also hold one column per request
+of the batch (beta, gamma, tau, enabled), a static fp32 `[4, B]` buffer changed in place; the
+site then passes the op one strength per batch row (`[x.shape[0]]` tensors), repeated over both
+halves of a CFG batch, and records per-request telemetry next to its per-call row.
 """
 from __future__ import annotations
 
@@ -37,7 +42,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
-from ..._checks import harmful_ids
+from ..._checks import harmful_ids, strength
 from ..._settings import read_settings, write_setting
 from ...ops import as_harmful_mask
 from ...sae import TopKSAE
@@ -73,6 +78,12 @@ _HANDLE_ATTR = "_safedig_handle"
 # Telemetry columns, per site and call: row written?, schedule progress, steering active
 # (in window, switched on, a non-zero strength), fraction of tokens with h > tau, mean finite h.
 _TELEMETRY_COLUMNS = ("written", "progress", "active", "gated_fraction", "mean_harm")
+# Per-request telemetry rows, per site and call, one column per request: the same quantities
+# over that request's rows of the steered batch.
+_REQUEST_TELEMETRY_ROWS = ("written", "active", "gated_fraction", "mean_harm")
+# Rows of a site's per-request buffer; a NaN strength means "this site's own value", so a later
+# set_site still reaches the requests that left it unset.
+_REQUEST_ROWS = ("beta", "gamma", "tau", "enabled")
 
 
 def _module_placement(module: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -133,7 +144,10 @@ class _SiteState:
     [beta, gamma, tau, window start, window end, switch], written with one copy (`write`): a
     steering call on another thread sees a `set_site` whole or not at all (on CUDA, when both
     use one stream; on the CPU each call copies `values` and the mask once, at its start, under the lock
-    `write` takes: `_settings`)."""
+    `write` takes: `_settings`).
+
+    `requests` (None, or fp32 `[4, B]`: `_REQUEST_ROWS`) holds per-request values the same way:
+    written with one copy, read with `values` and the mask in the call's one read."""
 
     def __init__(self, label: str, cfg: SiteConfig, site: ResolvedSite, sae: TopKSAE, clock: _Clock,
                  harmful: torch.Tensor, fused: bool, capacity: Optional[int]) -> None:
@@ -150,6 +164,8 @@ class _SiteState:
         self.switch_on = True
         self.values = _static(torch.tensor(self._row(), **f32))
         self.telemetry = None if capacity is None else _static(torch.zeros(capacity, len(_TELEMETRY_COLUMNS), **f32))
+        self.requests: Optional[torch.Tensor] = None
+        self.request_telemetry: Optional[torch.Tensor] = None  # [capacity, 4, B]: _REQUEST_TELEMETRY_ROWS
         self.enc_bias: Optional[torch.Tensor] = None  # fp32 [F]: b_enc - b_dec @ W_enc, see refresh_bias
         self._enc_bias_src: Optional[torch.Tensor] = None
 
@@ -161,6 +177,19 @@ class _SiteState:
     def write(self) -> None:
         """Copy `cfg` (checked) and the switch into `values`, all in one copy."""
         write_setting(self.values, torch.tensor(self._row(), dtype=torch.float32))
+
+    def set_requests(self, table: torch.Tensor) -> None:
+        """Write the checked per-request table (CPU fp32 `[4, B]`) with one copy; a new buffer
+        (and telemetry buffer) only when B changes, so compiled graphs keep their addresses."""
+        n = table.shape[1]
+        if self.telemetry is not None and (self.request_telemetry is None or self.request_telemetry.shape[-1] != n):
+            capacity = self.telemetry.shape[0]
+            self.request_telemetry = _static(torch.zeros(capacity, len(_REQUEST_TELEMETRY_ROWS), n,
+                                                         dtype=torch.float32, device=self.values.device))
+        if self.requests is None or self.requests.shape != table.shape:
+            self.requests = _static(table.to(self.values.device))  # whole before any call can see it
+        else:
+            write_setting(self.requests, table)
 
     @property
     def beta(self) -> torch.Tensor:
@@ -180,7 +209,7 @@ class _SiteState:
             moved[key] = _sae_on(self.sae, device, dtype)
         self.sae = _static_sae(moved[key])
         self._enc_bias_src = None  # rebuilt on the new device by the next refresh_bias
-        for name in ("harmful", "values", "telemetry"):
+        for name in ("harmful", "values", "telemetry", "requests", "request_telemetry"):
             t = getattr(self, name)
             if t is not None and t.device != device:
                 setattr(self, name, _static(t.to(device)))
@@ -210,7 +239,9 @@ class _SiteState:
             raise RuntimeError(f"SafeDIG site {self.label!r}: activations are {x.dtype} on {x.device} but the SAE "
                                f"is {sae.dtype} on {sae.device}; move the pipeline with .to() so the SAEs follow")
         clock = self.clock
-        values, harmful = read_settings(self.values, self.harmful)  # one read of every setting (class docstring)
+        request_buffer = self.requests  # read once: clear_requests on another thread may set it to None
+        buffers = (self.values, self.harmful) + (() if request_buffer is None else (request_buffer,))
+        values, harmful, *requests = read_settings(*buffers)  # one read of every setting (class docstring)
         beta, gamma, tau, lo, hi, s = values.unbind()
         if clock.uses_progress:
             p = clock.progress
@@ -221,26 +252,72 @@ class _SiteState:
             s = s * in_window.to(torch.float32)
         else:
             p = torch.full((), float("nan"), dtype=torch.float32, device=x.device)
-        beta, gamma = beta * s, gamma * s
 
         half = conditional_start(x.shape[0], self.cfg.cfg == "cond" and clock.cfg_halves, self.label)
         xs = x[half:] if half else x
+        if requests:
+            beta, gamma, request_tau, active = self._per_request(requests[0], x.shape[0], beta, gamma, tau, s)
+            repeats = xs.shape[0] // active.shape[0]  # 2: both halves of a CFG batch are steered
+            beta, gamma, tau = (t.repeat(repeats) for t in (beta, gamma, request_tau))
+        else:
+            beta, gamma = beta * s, gamma * s
+            active = s * ((beta != 0) | (gamma != 0)).to(torch.float32)
         # bias_fresh: the clock checked the SAE weights eagerly at the start of this call;
         # otherwise (None) the SAE uses its own cache.
         enc_bias = self.enc_bias if self.fused and clock.bias_fresh else None
         y, h = sae.steer(xs, beta=beta, gamma=gamma, tau=tau, harmful=harmful, enc_bias=enc_bias,
                          fused=self.fused)
         if self.telemetry is not None:
-            self._record(h, p, tau, s * ((beta != 0) | (gamma != 0)).to(torch.float32))
+            self._record(h, p, tau, active.amax())  # with requests: active when any request is
+            if requests:
+                self._record_requests(h, request_tau, active)
         return torch.cat([x[:half], y], dim=0) if half else y
 
+    def _per_request(self, requests: torch.Tensor, batch: int, beta: torch.Tensor, gamma: torch.Tensor,
+                     tau: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Per-request `[B]` beta, gamma (switch, window and enabled folded in), tau, and active,
+        for a call whose batch has `batch` rows: B, or 2B when it is a CFG batch [uncond; cond]."""
+        n = requests.shape[1]
+        cfg_doubled = self.clock.cfg_halves
+        if batch != (2 * n if cfg_doubled else n):
+            cfg = f"a CFG batch [uncond; cond] of 2 x {n} rows" if cfg_doubled else f"{n} rows"
+            raise RuntimeError(f"SafeDIG site {self.label!r}: {n} requests are set (set_requests), so the batch "
+                               f"must be {cfg}, but it has {batch}; set one value per image this call generates "
+                               f"(prompts x num_images_per_prompt), or clear_requests()")
+        req_beta, req_gamma, req_tau, enabled = requests.unbind()
+        on = s * enabled
+        beta = torch.where(torch.isnan(req_beta), beta, req_beta) * on
+        gamma = torch.where(torch.isnan(req_gamma), gamma, req_gamma) * on
+        tau = torch.where(torch.isnan(req_tau), tau, req_tau)
+        return beta, gamma, tau, on * ((beta != 0) | (gamma != 0)).to(torch.float32)
+
+    def _row_index(self) -> torch.Tensor:
+        return self.clock.counter.clamp(max=self.telemetry.shape[0] - 1).view(1)
+
     def _record(self, h: torch.Tensor, p: torch.Tensor, tau: torch.Tensor, active: torch.Tensor) -> None:
-        finite = torch.isfinite(h)
-        mean_h = torch.where(finite, h, 0.0).sum() / finite.sum().clamp_min(1)
-        gated = (h > tau).to(torch.float32).mean()  # NaN h (non-finite token) is never gated
+        # tau: 0-d, or one per batch row of h [rows, T]
+        gated, mean_h = _gate_stats(h.flatten(), tau if tau.dim() == 0 else tau.view(-1, 1).expand_as(h).flatten())
         row = torch.stack([torch.ones_like(p), p.to(torch.float32), active, gated, mean_h])
-        idx = self.clock.counter.clamp(max=self.telemetry.shape[0] - 1).view(1)
-        self.telemetry.index_copy_(0, idx, row.view(1, -1))
+        self.telemetry.index_copy_(0, self._row_index(), row.view(1, -1))
+
+    def _record_requests(self, h: torch.Tensor, tau: torch.Tensor, active: torch.Tensor) -> None:
+        n = tau.shape[0]
+        buffer = self.request_telemetry
+        if buffer is None or buffer.shape[-1] != n:  # a set_requests with a new B on another thread
+            return
+        # h [repeats * n, T], rows [half 0 requests; half 1 requests]: one row of tokens per request
+        per_request = h.reshape(-1, n, h.shape[-1]).transpose(0, 1).reshape(n, -1)
+        gated, mean_h = _gate_stats(per_request, tau.view(n, 1))
+        row = torch.stack([torch.ones_like(active), active, gated, mean_h])
+        buffer.index_copy_(0, self._row_index(), row.unsqueeze(0))
+
+
+def _gate_stats(h: torch.Tensor, tau: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Over the last dim of `h`: the fraction with h > tau (a NaN h, a non-finite token, is never
+    gated) and the mean of the finite h."""
+    finite = torch.isfinite(h)
+    mean_h = torch.where(finite, h, 0.0).sum(-1) / finite.sum(-1).clamp_min(1)
+    return (h > tau).to(torch.float32).mean(-1), mean_h
 
 
 # -- hooks -------------------------------------------------------------------------------
@@ -330,6 +407,11 @@ class SafeDIGHandle:
 
     Sites are named by their `SiteConfig.site`; a block with two SiteConfigs (one per stream)
     has labels `"{site}:{stream}"` and `set_site` needs `stream=` to pick one.
+
+    Every setter writes each site's settings with one copy into a buffer that compiled graphs
+    keep reading (no recompile, no re-hook); a steering call reads each site's buffers once, so
+    it sees each `set_site` / `set_requests` whole or not at all (per site; on CUDA when the
+    setter and the pipeline share one stream). Per-request control: `set_requests`.
     """
 
     def __init__(self, transformer: torch.nn.Module, pipeline, config: SafeDIGConfig) -> None:
@@ -415,6 +497,61 @@ class SafeDIGHandle:
         st.switch_on = self._enabled and st.site_on
         st.write()
 
+    def set_requests(self, *, beta=None, gamma=None, tau=None, enabled=None, site: Optional[str] = None,
+                     stream: Optional[str] = None) -> None:
+        """Per-request strengths, threshold and on/off for a batch that mixes requests.
+
+        Each given argument holds one entry per request, i.e. per image the pipeline call
+        generates (its batch of prompts x `num_images_per_prompt`), as a sequence or 1-D tensor:
+        `beta`, `gamma`, `tau` numbers (the one strength rule, `_checks.strength`), `enabled`
+        bools (a disabled request is steered nowhere: beta = gamma = 0 for it). An argument left
+        None uses each site's own value, which `set_site` may still change. `site=None` sets
+        every site, else the one named as in `set_site`. Each call replaces the requests of the
+        sites it sets; everything is checked before anything changes.
+
+        CFG: when the transformer's batch is `[uncond; cond]` (SD3 with guidance), it has 2B
+        rows and request i applies to row i of both halves; with `cfg="cond"` only the cond half
+        is steered, with the same B values. Any other batch size raises a RuntimeError at the
+        call (a text-encoder site sees one row per prompt: set it with `site=` when
+        `num_images_per_prompt > 1`). A bare transformer has no CFG flag: give one request per
+        row of its batch.
+
+        Values are written in place into a static fp32 `[4, B]` buffer per site (a new one only
+        when B changes): changing them never recompiles a compiled transformer. The first call
+        with requests compiles a second graph, once (`clear_requests` goes back to the first);
+        a new B comes with a new batch size, which torch.compile treats as any batch change.
+        Telemetry per request: `request_telemetry()`."""
+        self._live()
+        states = self._targets(site, stream, "set_requests")
+        given = zip(_REQUEST_ROWS, (beta, gamma, tau, enabled))
+        columns = {name: _request_column(value, name) for name, value in given if value is not None}
+        if not columns:
+            raise ValueError("set_requests: give beta, gamma, tau or enabled, one entry per request "
+                             "(clear_requests() returns to the sites' own values)")
+        lengths = {name: len(column) for name, column in columns.items()}
+        n = next(iter(lengths.values()))
+        if n == 0 or any(length != n for length in lengths.values()):
+            raise ValueError(f"set_requests: every argument needs one entry per request, the same number for each "
+                             f"and at least one, got lengths {lengths}")
+        for st in states:
+            for i, t in enumerate(columns.get("tau", ())):
+                check_gate_can_open(f"set_requests.tau[{i}] at site {st.label!r}", len(st.cfg.harmful), t)
+        # All checks passed. NaN: the site's own value (see _REQUEST_ROWS); every request on unless said.
+        table = torch.full((len(_REQUEST_ROWS), n), float("nan"), dtype=torch.float32)
+        table[_REQUEST_ROWS.index("enabled")] = 1.0
+        for row, name in enumerate(_REQUEST_ROWS):
+            if name in columns:
+                table[row] = torch.tensor(columns[name], dtype=torch.float32)
+        for st in states:
+            st.set_requests(table)
+
+    def clear_requests(self, site: Optional[str] = None, stream: Optional[str] = None) -> None:
+        """Back to each site's own values (every site, or the one named). Per-request telemetry
+        recorded so far stays readable until `reset_telemetry`."""
+        self._live()
+        for st in self._targets(site, stream, "clear_requests"):
+            st.requests = None
+
     def config(self) -> SafeDIGConfig:
         """The settings in use now (SAEs as given to `apply_safedig`)."""
         sites = [dataclasses.replace(st.cfg, harmful=list(st.cfg.harmful)) for st in self._states.values()]
@@ -427,26 +564,32 @@ class SafeDIGHandle:
         """Per site, one record per call of its model since the last reset (transformer sites:
         per denoiser call, i.e. per step, or two per step for FLUX true CFG; text-encoder sites:
         per prompt encoding): `step`, `progress` (1 - sigma; NaN for text encoders), `active`,
-        `gated_fraction` (tokens with h > tau), `mean_harm` (mean finite h). Syncs the device."""
+        `gated_fraction` (tokens with h > tau), `mean_harm` (mean finite h). With requests set,
+        `active` means some request was steered. Syncs the device."""
+        self._live()
+        out: dict[str, list[dict[str, Any]]] = {}
+        for label in self._states:
+            out[label] = [{"step": step, "progress": progress, "active": active == 1.0, "gated_fraction": gated,
+                           "mean_harm": mean_h}
+                          for _, step, (_, progress, active, gated, mean_h) in self._written_rows(label)]
+        return out
+
+    def request_telemetry(self) -> dict[str, list[dict[str, Any]]]:
+        """Per site, one record per call that ran with requests set (`set_requests`), since the
+        last reset: `step`, `progress` as in `telemetry()`, and one entry per request in
+        `active` (bools: in window, switched on, enabled, a non-zero strength),
+        `gated_fraction` and `mean_harm` (over that request's rows: both halves of a CFG batch,
+        or the cond half with `cfg="cond"`). Sites that never had requests have no records; a
+        new number of requests starts over (the records for the old number are dropped). Syncs
+        the device."""
         self._live()
         out: dict[str, list[dict[str, Any]]] = {}
         for label, st in self._states.items():
-            if st.telemetry is None:
-                raise RuntimeError("telemetry is off (SafeDIGConfig.telemetry=False)")
-            calls = int(st.clock.counter)
-            cap = st.telemetry.shape[0]
-            if calls > cap:
-                warnings.warn(f"SafeDIG telemetry for {label!r}: {calls} calls but room for {cap}; the last row "
-                              f"holds the latest call. Raise telemetry_capacity or call reset_telemetry() more often.")
-            rows = st.telemetry[: min(calls, cap)].cpu().tolist()
-            recs = []
-            for i, (written, progress, active, gated, mean_h) in enumerate(rows):
-                if written != 1.0:  # the site's block did not run in that call (e.g. skip_layers)
-                    continue
-                step = i if i < cap - 1 else calls - 1
-                recs.append({"step": step, "progress": progress, "active": active == 1.0,
-                             "gated_fraction": gated, "mean_harm": mean_h})
-            out[label] = recs
+            rows = self._written_rows(label, requests=True)
+            progress = st.telemetry[:, 1].tolist() if rows else []
+            out[label] = [{"step": step, "progress": progress[i], "active": [a == 1.0 for a in active],
+                           "gated_fraction": gated, "mean_harm": mean_h}
+                          for i, step, (_, active, gated, mean_h) in rows]
         return out
 
     def reset_telemetry(self) -> None:
@@ -454,8 +597,9 @@ class SafeDIGHandle:
         for clock in self._clocks.values():
             clock.counter.zero_()
         for st in self._states.values():
-            if st.telemetry is not None:
-                st.telemetry.zero_()
+            for buffer in (st.telemetry, st.request_telemetry):
+                if buffer is not None:
+                    buffer.zero_()
 
     # lifecycle --------------------------------------------------------------------------
     def remove(self) -> None:
@@ -478,6 +622,34 @@ class SafeDIGHandle:
             delattr(self._transformer, _HANDLE_ATTR)
 
     # internals --------------------------------------------------------------------------
+    def _targets(self, site: Optional[str], stream: Optional[str], where: str) -> list[_SiteState]:
+        """Every site for `site=None`, else the one `_state` names."""
+        if site is None:
+            if stream is not None:
+                raise ValueError(f"{where}: stream= selects among the SiteConfigs of one block; give site= too")
+            return list(self._states.values())
+        return [self._state(site, stream)]
+
+    def _written_rows(self, label: str, requests: bool = False) -> list[tuple]:
+        """(row index, step, row as lists) of each row of a site's telemetry buffer (per call, or
+        per request: `requests`) written by a call since the last reset."""
+        st = self._states[label]
+        if st.telemetry is None:
+            raise RuntimeError("telemetry is off (SafeDIGConfig.telemetry=False)")
+        buffer = st.request_telemetry if requests else st.telemetry
+        if buffer is None:
+            return []
+        calls = int(st.clock.counter)
+        cap = buffer.shape[0]
+        if not requests and calls > cap:  # said once, by telemetry()
+            warnings.warn(f"SafeDIG telemetry for {label!r}: {calls} calls but room for {cap}; the last row "
+                          f"holds the latest call. Raise telemetry_capacity or call reset_telemetry() more often.")
+        head = buffer[: min(calls, cap)].cpu()
+        # the first entry, "written", is 0 where the site did not run in that call (e.g. skip_layers)
+        written = (head.flatten(1)[:, 0] == 1.0).tolist()
+        steps = [i if i < cap - 1 else calls - 1 for i in range(len(written))]
+        return [(i, step, row) for i, (step, row, w) in enumerate(zip(steps, head.tolist(), written)) if w]
+
     def _state(self, site: str, stream: Optional[str]) -> _SiteState:
         if site in self._states and stream in (None, self._states[site].cfg.stream):
             return self._states[site]
@@ -666,6 +838,27 @@ def apply_safedig(pipeline_or_transformer, config: SafeDIGConfig) -> SafeDIGHand
         handle._wrap_encode_prompt(text_sites)
     setattr(transformer, _HANDLE_ATTR, handle)
     return handle
+
+
+def _request_column(value, name: str) -> list[float]:
+    """One `set_requests` argument as one float per request: strengths by the one rule, `enabled`
+    as bools (1.0 / 0.0); errors name the argument and the request's index."""
+    label = f"set_requests.{name}"
+    if hasattr(value, "__array__") and not isinstance(value, torch.Tensor):  # numpy
+        value = torch.as_tensor(value)
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 1:
+            raise ValueError(f"{label} must be 1-D, one entry per request, got shape {tuple(value.shape)}")
+        value = value.tolist()
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise TypeError(f"{label} must be a sequence or a 1-D tensor, one entry per request, "
+                        f"got {type(value).__name__}")
+    if name != "enabled":
+        return [strength(v, name, f"{label}[{i}]") for i, v in enumerate(value)]
+    for i, v in enumerate(value):
+        if not isinstance(v, bool):
+            raise TypeError(f"{label}[{i}] must be a bool, got {v!r} ({type(v).__name__})")
+    return [1.0 if v else 0.0 for v in value]
 
 
 def _register(module: torch.nn.Module, hook: ModelHook, name: str, handle: SafeDIGHandle) -> None:

@@ -444,23 +444,36 @@ def test_compile_fullgraph_sd3_cfg_cond_no_recompile():
     assert _graphs() == n == 1
 
 
+_SPY_SEEN: list = []
+
+
+@torch.library.custom_op("safedig_test::spy_steer", mutates_args=())
+def _spy_steer(x: torch.Tensor, W_enc: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor, harmful: torch.Tensor,
+               beta: torch.Tensor, gamma: torch.Tensor, tau: torch.Tensor, k: int,
+               enc_bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fused path's CPU stand-in. Opaque to the compiler (a custom op, unlike the triton_op
+    whose body is traced into the graph), so it records the bias it is given at run time."""
+    _SPY_SEEN.append(enc_bias.clone() if enc_bias._base is not None else enc_bias)
+    # so (x - b_dec) W_enc + b_enc = x W_enc + enc_bias
+    b_enc = (enc_bias + b_dec.float() @ W_enc.float()).to(W_enc.dtype)
+    return reference.steer(x, W_enc, b_enc, W_dec, b_dec, harmful, beta, gamma, tau, k)
+
+
+@_spy_steer.register_fake
+def _(x, W_enc, W_dec, b_dec, harmful, beta, gamma, tau, k, enc_bias):
+    return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(x.shape[:-1], dtype=torch.float32)
+
+
 def _spy_on_the_fused_path(monkeypatch) -> list:
     """Route the fused op's CUDA path to a CPU emulation that records the folded encoder bias it
     was given (pre-activations `x @ W_enc + enc_bias`, as the Triton path computes them)."""
     import importlib
 
     steer_module = importlib.import_module("safedig_kernels.ops.steer")
-    seen = []
-
-    def emulate(x, W_enc, W_dec, b_dec, harmful, beta, gamma, tau, k, enc_bias):
-        seen.append(enc_bias)
-        # so (x - b_dec) W_enc + b_enc = x W_enc + enc_bias
-        b_enc = (enc_bias + b_dec.float() @ W_enc.float()).to(W_enc.dtype)
-        return reference.steer(x, W_enc, b_enc, W_dec, b_dec, harmful, beta, gamma, tau, k)
-
+    _SPY_SEEN.clear()
     monkeypatch.setattr(steer_module, "use_triton_for", lambda t: True)
-    monkeypatch.setattr(steer_module, "_steer_fwd", emulate)
-    return seen
+    monkeypatch.setattr(steer_module, "_steer_fwd", torch.ops.safedig_test.spy_steer)
+    return _SPY_SEEN
 
 
 def _spied_one_site_flux(monkeypatch):
