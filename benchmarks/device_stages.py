@@ -36,6 +36,7 @@ gpu_tests.log, kernel_check.json, pipeline_step.json.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as _dt
 import importlib
 import json
@@ -334,6 +335,7 @@ def stage_decode(ctx: Ctx, rec: dict, save) -> None:
 def stage_fused(ctx: Ctx, rec: dict, save) -> None:
     torch = ctx.torch
     from safedig_kernels._library import use_triton_for
+    from safedig_kernels.ops import _launch
 
     rows = rec["rows"] = []
     for name, N, d, F, k in ctx.shapes():
@@ -345,13 +347,22 @@ def stage_fused(ctx: Ctx, rec: dict, save) -> None:
                "impl": "triton" if use_triton_for(x) else "reference (no CUDA)"}
         row["gemm"] = ctx.time(lambda: torch.mm(x, sae.W_enc))
         tau90 = ctx.tau_quantile(sae, x)
-        for label, beta, tau in (("steer_all_beta0.5", 0.5, -1.0), ("repel_gated10_beta0", 0.0, tau90)):
+        default = _launch.DEFAULT
+        # the last: bf16's bias added by the GEMM (addmm epilogue) instead of on load, the choice
+        # `_launch.bias_in_gemm` leaves off until measured
+        for label, beta, tau, launch in (
+                ("steer_all_beta0.5", 0.5, -1.0, default), ("repel_gated10_beta0", 0.0, tau90, default),
+                ("steer_all_beta0.5_bias_in_gemm", 0.5, -1.0, dataclasses.replace(default, bias_in_gemm=True))):
             sae.set_strengths(beta=beta, gamma=1.0, tau=tau)
-            row[label] = ctx.time(lambda: sae.steer(x))
-            if "error" not in row[label]:
-                _, h = sae.steer(x)
-                row[label]["gated_fraction"] = float((h > tau).float().mean())
-                row[label]["over_gemm"] = ratio(row[label], row["gemm"])
+            _launch.DEFAULT = launch
+            try:
+                row[label] = ctx.time(lambda: sae.steer(x))
+                if "error" not in row[label]:
+                    _, h = sae.steer(x)
+                    row[label]["gated_fraction"] = float((h > tau).float().mean())
+                    row[label]["over_gemm"] = ratio(row[label], row["gemm"])
+            finally:
+                _launch.DEFAULT = default
         rows.append(row)
         log("fused", row)
         ctx.sync()
@@ -656,12 +667,14 @@ def render(doc: dict) -> str:
     fu = [r for r in st.get("fused", {}).get("rows", []) if "gemm" in r]
     if fu:
         L += ["", "Fused op (`TopKSAE.steer`) against the GEMM, ms:", "",
-              "| shape | GEMM | β 0.5 all | ÷ GEMM | β 0 gated | gated | ÷ GEMM |",
-              "|---|---:|---:|---:|---:|---:|---:|"]
+              "| shape | GEMM | β 0.5 all | ÷ GEMM | β 0 gated | gated | ÷ GEMM | β 0.5 all, bias in GEMM | ÷ GEMM |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in fu:
             a, b = r.get("steer_all_beta0.5") or {}, r.get("repel_gated10_beta0") or {}
+            c = r.get("steer_all_beta0.5_bias_in_gemm") or {}
             L.append(f"| {r['shape']} | {_f(_ms(r['gemm']))} | {_f(_ms(a))} | {_f(a.get('over_gemm'), '.2f')} | "
-                     f"{_f(_ms(b))} | {_f(b.get('gated_fraction'), '.2f')} | {_f(b.get('over_gemm'), '.2f')} |")
+                     f"{_f(_ms(b))} | {_f(b.get('gated_fraction'), '.2f')} | {_f(b.get('over_gemm'), '.2f')} | "
+                     f"{_f(_ms(c))} | {_f(c.get('over_gemm'), '.2f')} |")
     e = st.get("eager_n16", {})
     if e.get("sae_steer") or e.get("op"):
         L += ["", f"Eager steer at N = {e.get('N')}: host µs per call (no sync), wall ms per call, CUDA events "

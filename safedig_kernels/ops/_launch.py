@@ -4,7 +4,8 @@ paths, and `LaunchConfig`, the one object a tuning sweep passes to a launcher.
 A launcher takes `launch: LaunchConfig | None`; None means `DEFAULT`, read when the launcher
 runs (tests and the host-overhead benchmark swap it). A field left None takes the heuristic's
 choice, so `LaunchConfig(chunk=4096)` changes the chunk and nothing else. Every setting keeps
-the result exact: the selection algorithms, tiles and warps differ in speed only.
+the result exact: the selection algorithms, tiles and warps differ in speed only
+(`bias_in_gemm` excepted: it moves a rounding).
 
 Measured facts behind the defaults are dated next to each choice (H200, torch 2.11 / Triton
 3.6, `benchmarks/gpu_check.py`).
@@ -53,6 +54,9 @@ class LaunchConfig:
     one_launch: steer small N as one kernel after the GEMM (None: up to ONE_LAUNCH_MAX_ROWS
         tokens when the selection is "row").
     pre_dtype: dtype of the pre-activation buffer (`pre_dtype_for`).
+    bias_in_gemm: add the folded encoder bias in the GEMM (`torch.addmm`, cuBLASLt's bias
+        epilogue, one rounding after the bias) instead of on load in the selection kernels
+        (`bias_in_gemm`). Unlike the other settings it changes the rounding of bf16 codes.
     """
 
     select_algo: str = "auto"
@@ -64,6 +68,7 @@ class LaunchConfig:
     decode_warps: Optional[int] = None
     one_launch: Optional[bool] = None
     pre_dtype: Optional[torch.dtype] = None
+    bias_in_gemm: Optional[bool] = None
 
     def __post_init__(self) -> None:
         if self.select_algo != "auto" and self.select_algo not in SELECT_ALGOS:
@@ -105,6 +110,18 @@ def pre_dtype_for(x_dtype: torch.dtype, device: torch.device, launch: Optional[L
     if x_dtype == torch.float16 and (device.type != "cuda" or mm_has_out_dtype()):
         return torch.float32
     return x_dtype
+
+
+def bias_in_gemm(x_dtype: torch.dtype, pre_dtype: torch.dtype, launch: Optional[LaunchConfig] = None) -> bool:
+    """Whether the GEMM adds the encoder bias. fp32: always (addmm). bf16: not by default: on an
+    H200 (2026-11-28) addmm with an fp32 bias and fp32 output took 0.65 ms at the FLUX 4x shape
+    against 0.47-0.49 ms for mm; the bf16-output epilogue, which would let the selection read
+    a third of the bytes it reads now, is not yet measured (benchmarks/device_run.sh times it).
+    fp16 with fp32 pre-activations keeps the bias on load."""
+    if x_dtype == torch.float32:
+        return True
+    chosen = current(launch).bias_in_gemm
+    return bool(chosen) and pre_dtype == x_dtype
 
 
 @functools.lru_cache(maxsize=256)

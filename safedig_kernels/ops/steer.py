@@ -144,8 +144,9 @@ def _steer_fwd(x: torch.Tensor, W_enc, W_dec, b_dec, harmful, beta, gamma, tau, 
         return y, h
     dcfg = _launch.decode_config(d, k, launch)
     if _launch.use_one_launch(launch, N):
-        _steer_in_one_launch(y, h, x3, W_enc, W_dec, b_dec, harmful, beta, gamma, tau, k, enc_bias,
-                             _launch.pre_dtype_for(x.dtype, x.device, launch),
+        pre_dtype = _launch.pre_dtype_for(x.dtype, x.device, launch)
+        _steer_in_one_launch(y, h, x3, W_enc, W_dec, b_dec, harmful, beta, gamma, tau, k, enc_bias, pre_dtype,
+                             _launch.bias_in_gemm(x.dtype, pre_dtype, launch),
                              _launch.select_config(W_enc.shape[1], k, launch), dcfg)
         return y, h
     vals, idx = _topk_encode_fwd(x3.reshape(N, d), W_enc, enc_bias, k, launch)
@@ -154,12 +155,12 @@ def _steer_fwd(x: torch.Tensor, W_enc, W_dec, b_dec, harmful, beta, gamma, tau, 
 
 
 def _steer_in_one_launch(y, h, x3, W_enc, W_dec, b_dec, harmful, beta, gamma, tau, k: int, enc_bias,
-                         pre_dtype: torch.dtype, scfg: Mapping, dcfg: Mapping) -> None:
+                         pre_dtype: torch.dtype, bias_in_gemm: bool, scfg: Mapping, dcfg: Mapping) -> None:
     """The GEMM, then `_steer_row_kernel`: one program per token selects and steers it."""
     B, T, d = x3.shape
     N, F = B * T, W_enc.shape[1]
     x2 = x3.reshape(N, d)
-    pre, bias_on_load = _encoder_gemm(x2, W_enc, enc_bias.contiguous(), pre_dtype)
+    pre, bias_on_load = _encoder_gemm(x2, W_enc, enc_bias.contiguous(), pre_dtype, bias_in_gemm)
     scratch = _SelectScratch(N, scfg, x2.device, "row")
     vals = torch.empty(N, k, device=x2.device, dtype=torch.float32)
     idx = torch.empty(N, k, device=x2.device, dtype=torch.int32)

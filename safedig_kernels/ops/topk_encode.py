@@ -329,15 +329,15 @@ def encoder_bias(W_enc: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor) 
     return b_enc.float() - centre
 
 
-def _encoder_gemm(x2: torch.Tensor, W_enc: torch.Tensor, enc_bias: torch.Tensor, pre_dtype: torch.dtype
-                  ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+def _encoder_gemm(x2: torch.Tensor, W_enc: torch.Tensor, enc_bias: torch.Tensor, pre_dtype: torch.dtype,
+                  bias_in_gemm: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """`x2 @ W_enc` as a `pre_dtype` buffer. Returns (pre, the fp32 bias the select kernels add on
-    load, or None when the GEMM added it). On an H200 (2026-11-28) addmm with an fp32 bias and
-    fp32 output took 0.65 ms at the FLUX 4x shape against 0.47-0.49 ms for mm, so bf16/fp16
-    inputs keep the bias out of the GEMM."""
+    load, or None when the GEMM added it: `_launch.bias_in_gemm` says when)."""
     if x2.dtype == torch.float32:
         return torch.addmm(enc_bias, x2, W_enc), None
     if pre_dtype == x2.dtype:
+        if bias_in_gemm:  # the bias in the output dtype: cuBLASLt's epilogue, one rounding after it
+            return torch.addmm(enc_bias.to(pre_dtype), x2, W_enc), None
         return torch.mm(x2, W_enc), enc_bias
     if x2.is_cuda:
         return torch.mm(x2, W_enc, out_dtype=pre_dtype), enc_bias
@@ -355,6 +355,7 @@ def _topk_encode_fwd(x2: torch.Tensor, W_enc: torch.Tensor, enc_bias: torch.Tens
     if N == 0:
         return vals, idx
     pre_dtype = _launch.pre_dtype_for(x2.dtype, x2.device, launch)
+    bias_in_gemm = _launch.bias_in_gemm(x2.dtype, pre_dtype, launch)
     cfg = _launch.select_config(F, k, launch)
     rows_per_pass = max(1, _launch.PRE_BUFFER_BYTES // (F * torch.finfo(pre_dtype).bits // 8))
     algo = _launch.resolve_select_algo(launch, N)  # by N, so every row pass of one call runs the same kernels
@@ -363,7 +364,7 @@ def _topk_encode_fwd(x2: torch.Tensor, W_enc: torch.Tensor, enc_bias: torch.Tens
     for start in range(0, N, rows_per_pass):
         stop = min(N, start + rows_per_pass)
         rows = stop - start  # narrow, not [start:stop]: Python indexing cannot trace fake CUDA tensors on a CPU build
-        pre, bias_on_load = _encoder_gemm(x2.narrow(0, start, rows), W_enc, enc_bias, pre_dtype)
+        pre, bias_on_load = _encoder_gemm(x2.narrow(0, start, rows), W_enc, enc_bias, pre_dtype, bias_in_gemm)
         _select(vals.narrow(0, start, rows), idx.narrow(0, start, rows), scratch, pre, bias_on_load, k, cfg, algo)
     return vals, idx
 

@@ -9,6 +9,8 @@ pre-activations.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch._dynamo.testing
@@ -95,6 +97,16 @@ def check_steer(x, W_enc, b_enc, W_dec, b_dec, harmful, beta, gamma, tau, k):
 
 SMALL = [(5, 17, 100, 7), (1, 9, 64, 1), (3, 33, 300, 5), (4, 8, 40, 40), (3, 12, 200, 80), (6, 1000, 48, 3),
          (7, 64, 5000, 256), (9, 40, 1023, 63)]
+
+
+@pytest.mark.parametrize("N,d,F,k", [(3, 33, 300, 5), (200, 3072, 12288, 32)], ids=lambda v: str(v))
+def test_bf16_bias_in_gemm_within_tolerance(monkeypatch, N, d, F, k):
+    # LaunchConfig(bias_in_gemm=True): addmm rounds once after the bias (the selection then reads
+    # the pre-activations alone); the same float64 tolerance must hold
+    monkeypatch.setattr(_launch, "DEFAULT", dataclasses.replace(_launch.DEFAULT, bias_in_gemm=True))
+    x, *sae = make(d, F, torch.bfloat16, lead=(1, N))
+    for bgt in ((0.5, 1.0, 0.0), (0.0, 1.0, -1.0)):
+        check_steer(x, *sae, *bgt, k)
 
 
 @pytest.mark.usefixtures("poison_allocations")

@@ -243,8 +243,8 @@ def test_steer_kernel_with_the_bias_added_on_load(monkeypatch, one_launch):
     harmful = torch.rand(90) < 0.3
     x = _flux_like(2, 3, 13)
     bias = encoder_bias(W_enc, b_enc, b_dec)
-    monkeypatch.setattr(steer_module, "_encoder_gemm", lambda x2, W, b, pre_dtype: (x2 @ W, b))
-    monkeypatch.setattr(topk_encode_module, "_encoder_gemm", lambda x2, W, b, pre_dtype: (x2 @ W, b))
+    monkeypatch.setattr(steer_module, "_encoder_gemm", lambda x2, W, b, pre_dtype, bias_in_gemm: (x2 @ W, b))
+    monkeypatch.setattr(topk_encode_module, "_encoder_gemm", lambda x2, W, b, pre_dtype, bias_in_gemm: (x2 @ W, b))
     strengths = (0.5, 1.0, -1.0)
     y, h = _steer_fwd(x, W_enc, W_dec, b_dec, harmful, *map(torch.tensor, strengths), 5, bias,
                       launch(one_launch=one_launch))

@@ -84,3 +84,26 @@ def test_steer_launches(monkeypatch, rows, launches):
     y64, h64 = dense_steer64(x, W_enc, b_enc, W_dec, b_dec, harmful, 0.5, 1.0, -1.0, k)
     torch.testing.assert_close(h.double(), h64, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(y.double(), y64, rtol=1e-5, atol=1e-5)
+
+
+def test_bias_in_gemm_is_a_choice_for_bf16_only():
+    """fp32 always adds the bias in the GEMM; bf16 only when asked (default off until the
+    bf16-output epilogue is measured on a GPU); fp16 keeps fp32 pre-activations, bias on load."""
+    bias_in_gemm = _launch.bias_in_gemm
+    on = LaunchConfig(bias_in_gemm=True)
+    assert bias_in_gemm(torch.float32, torch.float32) and bias_in_gemm(torch.float32, torch.float32, on)
+    assert not bias_in_gemm(torch.bfloat16, torch.bfloat16) and bias_in_gemm(torch.bfloat16, torch.bfloat16, on)
+    assert not bias_in_gemm(torch.float16, torch.float32, on)
+
+
+def test_encoder_gemm_adds_the_bias_where_asked():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(7, 16, generator=g).to(torch.bfloat16)
+    W = torch.randn(16, 40, generator=g).to(torch.bfloat16)
+    bias = torch.randn(40, generator=g)
+    pre, on_load = topk_module._encoder_gemm(x, W, bias, torch.bfloat16)
+    assert on_load is bias and torch.equal(pre, torch.mm(x, W))
+    pre, on_load = topk_module._encoder_gemm(x, W, bias, torch.bfloat16, bias_in_gemm=True)
+    assert on_load is None and pre.dtype == torch.bfloat16
+    assert torch.equal(pre, torch.addmm(bias.to(torch.bfloat16), x, W))
+    assert not torch.equal(pre, torch.mm(x, W))
