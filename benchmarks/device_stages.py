@@ -352,8 +352,11 @@ def stage_fused(ctx: Ctx, rec: dict, save) -> None:
         # `_launch.bias_in_gemm` leaves off until measured
         for label, beta, tau, launch in (
                 ("steer_all_beta0.5", 0.5, -1.0, default), ("repel_gated10_beta0", 0.0, tau90, default),
-                ("steer_all_beta0.5_bias_in_gemm", 0.5, -1.0, dataclasses.replace(default, bias_in_gemm=True))):
+                ("steer_all_beta0.5_bias_in_gemm", 0.5, -1.0, dataclasses.replace(default, bias_in_gemm=True)),
+                ("steer_all_beta0.5_tuned", 0.5, -1.0, "tune")):
             sae.set_strengths(beta=beta, gamma=1.0, tau=tau)
+            if launch == "tune":  # SAFEDIG_TUNE: the warm-up call times the selection variants (ops/_tuning.py)
+                os.environ["SAFEDIG_TUNE"], launch = "1", default
             _launch.DEFAULT = launch
             try:
                 row[label] = ctx.time(lambda: sae.steer(x))
@@ -363,6 +366,7 @@ def stage_fused(ctx: Ctx, rec: dict, save) -> None:
                     row[label]["over_gemm"] = ratio(row[label], row["gemm"])
             finally:
                 _launch.DEFAULT = default
+                os.environ.pop("SAFEDIG_TUNE", None)
         rows.append(row)
         log("fused", row)
         ctx.sync()
@@ -667,14 +671,17 @@ def render(doc: dict) -> str:
     fu = [r for r in st.get("fused", {}).get("rows", []) if "gemm" in r]
     if fu:
         L += ["", "Fused op (`TopKSAE.steer`) against the GEMM, ms:", "",
-              "| shape | GEMM | β 0.5 all | ÷ GEMM | β 0 gated | gated | ÷ GEMM | β 0.5 all, bias in GEMM | ÷ GEMM |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "| shape | GEMM | β 0.5 all | ÷ GEMM | β 0 gated | gated | ÷ GEMM | β 0.5 all, bias in GEMM | ÷ GEMM "
+              "| β 0.5 all, tuned | ÷ GEMM |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in fu:
             a, b = r.get("steer_all_beta0.5") or {}, r.get("repel_gated10_beta0") or {}
             c = r.get("steer_all_beta0.5_bias_in_gemm") or {}
+            t = r.get("steer_all_beta0.5_tuned") or {}
             L.append(f"| {r['shape']} | {_f(_ms(r['gemm']))} | {_f(_ms(a))} | {_f(a.get('over_gemm'), '.2f')} | "
                      f"{_f(_ms(b))} | {_f(b.get('gated_fraction'), '.2f')} | {_f(b.get('over_gemm'), '.2f')} | "
-                     f"{_f(_ms(c))} | {_f(c.get('over_gemm'), '.2f')} |")
+                     f"{_f(_ms(c))} | {_f(c.get('over_gemm'), '.2f')} | "
+                     f"{_f(_ms(t))} | {_f(t.get('over_gemm'), '.2f')} |")
     e = st.get("eager_n16", {})
     if e.get("sae_steer") or e.get("op"):
         L += ["", f"Eager steer at N = {e.get('N')}: host µs per call (no sync), wall ms per call, CUDA events "

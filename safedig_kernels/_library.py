@@ -3,6 +3,7 @@
 | variable | effect |
 |---|---|
 | `SAFEDIG_DISABLE_TRITON=1` | CUDA tensors run the PyTorch reference instead of the Triton kernels |
+| `SAFEDIG_TUNE=1` | the first call per shape times each exact selection variant, keeps the fastest (`ops._tuning`) |
 | `TRITON_INTERPRET=1` | (read by Triton) kernels run on the CPU; tests use it to call launchers on CPU tensors |
 
 Importing this module never fails: not without CUDA, not without Triton.

@@ -32,7 +32,7 @@ import torch
 from .. import reference
 from .._checks import check_topk_encode, check_topk_encode_types
 from .._library import mm_has_out_dtype, use_triton_for
-from . import _launch
+from . import _launch, _tuning
 from ._launch import LaunchConfig
 from ._triton import launchable, tl, triton
 
@@ -356,17 +356,39 @@ def _topk_encode_fwd(x2: torch.Tensor, W_enc: torch.Tensor, enc_bias: torch.Tens
         return vals, idx
     pre_dtype = _launch.pre_dtype_for(x2.dtype, x2.device, launch)
     bias_in_gemm = _launch.bias_in_gemm(x2.dtype, pre_dtype, launch)
-    cfg = _launch.select_config(F, k, launch)
     rows_per_pass = max(1, _launch.PRE_BUFFER_BYTES // (F * torch.finfo(pre_dtype).bits // 8))
+    enc_bias = enc_bias.contiguous()
+    if launch is None and _tuning.enabled():
+        launch = _tuned_select(x2, W_enc, enc_bias, k, pre_dtype, bias_in_gemm, min(N, rows_per_pass), vals, idx)
+    cfg = _launch.select_config(F, k, launch)
     algo = _launch.resolve_select_algo(launch, N)  # by N, so every row pass of one call runs the same kernels
     scratch = _SelectScratch(min(N, rows_per_pass), cfg, x2.device, algo)
-    enc_bias = enc_bias.contiguous()
     for start in range(0, N, rows_per_pass):
         stop = min(N, start + rows_per_pass)
         rows = stop - start  # narrow, not [start:stop]: Python indexing cannot trace fake CUDA tensors on a CPU build
         pre, bias_on_load = _encoder_gemm(x2.narrow(0, start, rows), W_enc, enc_bias, pre_dtype, bias_in_gemm)
         _select(vals.narrow(0, start, rows), idx.narrow(0, start, rows), scratch, pre, bias_on_load, k, cfg, algo)
     return vals, idx
+
+
+def _tuned_select(x2, W_enc, enc_bias, k: int, pre_dtype, bias_in_gemm: bool, rows: int, vals, idx
+                  ) -> Optional[LaunchConfig]:
+    """The selection chosen on this card for this call's key (`_tuning`): timed now, on the first
+    pass's pre-activations, when it was not yet and timing is possible; None: the heuristics."""
+    F = W_enc.shape[1]
+    key = _tuning.select_key(x2.shape[0], F, k, pre_dtype, not bias_in_gemm, x2.device)
+    choice = _tuning.chosen(key)
+    if choice is not None or not _tuning.can_time(x2.device):
+        return choice
+    pre, bias_on_load = _encoder_gemm(x2.narrow(0, 0, rows), W_enc, enc_bias, pre_dtype, bias_in_gemm)
+    out_vals, out_idx = vals.narrow(0, 0, rows), idx.narrow(0, 0, rows)  # rewritten by the chosen one after
+
+    def run(candidate: LaunchConfig) -> None:
+        cfg = _launch.select_config(F, k, candidate)
+        algo = _launch.resolve_select_algo(candidate, rows)
+        _select(out_vals, out_idx, _SelectScratch(rows, cfg, x2.device, algo), pre, bias_on_load, k, cfg, algo)
+
+    return _tuning.choose(key, run, x2.device)
 
 
 class _SelectScratch:

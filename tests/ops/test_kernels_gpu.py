@@ -156,6 +156,27 @@ def test_one_launch_steer_matches_two_kernels_bitwise(N, d, F, k):
         assert_bitwise_equal(h1, h2)
 
 
+@pytest.mark.parametrize("N,F,k", [(1024, 12288, 32), (300, 49152, 64), (500, 9728, 100)], ids=str)
+def test_every_tuning_candidate_gives_the_same_codes_bitwise(monkeypatch, N, F, k):
+    # SAFEDIG_TUNE picks among these by time alone, so each must give exactly the default's codes
+    from safedig_kernels.ops import _tuning
+    from safedig_kernels.ops.topk_encode import _topk_encode_fwd
+
+    x, W_enc, b_enc, _, b_dec, _ = make(3072, F, torch.bfloat16, N=N)
+    bias = ops.encoder_bias(W_enc, b_enc, b_dec)
+    want = _topk_encode_fwd(x, W_enc, bias, k, LaunchConfig())
+    for candidate in _tuning.SELECT_CANDIDATES:
+        got = _topk_encode_fwd(x, W_enc, bias, k, candidate)
+        assert_bitwise_equal(got[0], want[0])
+        assert_bitwise_equal(got[1], want[1])
+    monkeypatch.setenv("SAFEDIG_TUNE", "1")
+    monkeypatch.setattr(_tuning, "_CHOSEN", {})
+    tuned = _topk_encode_fwd(x, W_enc, bias, k)  # times every candidate with CUDA events, then runs the fastest
+    assert len(_tuning._CHOSEN) == 1
+    assert_bitwise_equal(tuned[0], want[0])
+    assert_bitwise_equal(tuned[1], want[1])
+
+
 def test_python_valued_arguments_sync_only_on_first_use():
     # floats and id lists become device tensors once; after that a call makes no host sync
     x, W_enc, b_enc, W_dec, b_dec, _ = make(64, 300, torch.bfloat16, N=40)
