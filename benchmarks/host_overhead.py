@@ -1,5 +1,6 @@
 """Host-side cost of one `safedig::steer` call: the Python our launchers and the op dispatch run,
-with every Triton launch replaced by a stub that only counts it. Runs on any machine (CPU).
+with every Triton launch replaced by a stub that only counts it and the GEMM by a preallocated
+buffer, through the dispatcher and through the eager fast path. Runs on any machine (CPU).
 
     python benchmarks/host_overhead.py [--N 16] [--calls 3000] [--runs 5]
 
@@ -67,23 +68,28 @@ def measure(N: int, calls: int, runs: int, d: int = 64, F: int = 256, k: int = 8
     strengths = [torch.tensor(v) for v in (0.5, 1.0, -1.0)]
     bias = topk_module.encoder_bias(W_enc, b_enc, b_dec)
     args = (x, W_enc, b_enc, W_dec, b_dec, torch.zeros(F, dtype=torch.bool), *strengths, k, bias)
-    op = torch.ops.safedig.steer
+    gemm_out = torch.empty(N, F, **bf)  # cuBLAS costs the host one launch; a CPU bf16 matmul would cost far more
+    for module in (topk_module, steer_module):
+        module._encoder_gemm = lambda x2, W, b, pre_dtype, bias_in_gemm=False: (gemm_out[: x2.shape[0]], b)
     rows = []
     default = _launch.DEFAULT
+    calls_by = {"dispatcher": torch.ops.safedig.steer,  # what torch.compile and CUDA-graph capture see
+                "eager fast path": steer_module.call_steer}  # what sk.steer and TopKSAE.steer run eagerly
     for label, launch in PATHS.items():
         _launch.DEFAULT = launch
-        for _ in range(100):
-            op(*args)
-        counts.clear()
-        op(*args)
-        launches = dict(counts)
-        best = float("inf")
-        for _ in range(runs):
-            t0 = time.perf_counter()
-            for _ in range(calls):
+        for via, op in calls_by.items():
+            for _ in range(100):
                 op(*args)
-            best = min(best, (time.perf_counter() - t0) / calls)
-        rows.append({"path": label, "us_per_call": best * 1e6, "triton_launches": launches})
+            counts.clear()
+            op(*args)
+            launches = dict(counts)
+            best = float("inf")
+            for _ in range(runs):
+                t0 = time.perf_counter()
+                for _ in range(calls):
+                    op(*args)
+                best = min(best, (time.perf_counter() - t0) / calls)
+            rows.append({"path": f"{label}, {via}", "us_per_call": best * 1e6, "triton_launches": launches})
     _launch.DEFAULT = default
     return rows
 
