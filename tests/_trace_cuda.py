@@ -59,11 +59,39 @@ def trace(module: torch.nn.Module, rows: int, dtype: torch.dtype, per_sample: bo
             "opaque": [t for t in targets if "safedig" in t]}
 
 
+def symbolic_guards(rows: int) -> dict:
+    """Run the CUDA launch path on fake tensors whose row count is a symbol (what
+    torch.compile(dynamic=True) traces) and list the guards it put on that symbol: a guard
+    that pins N, or one at a path threshold, would recompile for another N."""
+    from torch._dynamo.source import ConstantSource
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
+
+    from safedig_kernels.ops.sparse_decode import _sparse_decode_fwd
+    from safedig_kernels.ops.steer import _steer_body
+    from safedig_kernels.ops.topk_encode import _topk_encode_fwd
+
+    shape_env = ShapeEnv()
+    symbol = shape_env.create_symbol(rows, source=ConstantSource("N"), dynamic_dim=DimDynamic.DYNAMIC)
+    N = shape_env.create_symintnode(symbol, hint=rows)
+    with FakeTensorMode(shape_env=shape_env):
+        def cuda(*shape, dt=torch.bfloat16):
+            return torch.empty(shape, device="cuda", dtype=dt)
+        x, W_enc, b_enc, W_dec, b_dec = cuda(N, d), cuda(d, F), cuda(F), cuda(F, d), cuda(d)
+        y, h = _steer_body(x, W_enc, b_enc, W_dec, b_dec, cuda(F, dt=torch.bool), cuda(N, dt=torch.float32),
+                           cuda(dt=torch.float32), cuda(dt=torch.float32), k, None)
+        vals, idx = _topk_encode_fwd(x, W_enc, cuda(F, dt=torch.float32), k)
+        _sparse_decode_fwd(vals, idx, W_dec, b_dec)
+    return {"op": "symbolic", "rows": rows, "guards": [str(g.expr) for g in shape_env.guards],
+            "symbol": str(symbol), "y_shape": str(tuple(y.shape))}
+
+
 def main() -> None:
     for rows in (5, ONE_LAUNCH_MAX_ROWS + 1, ROW_ALGO_MAX_ROWS + 4):  # one launch, row, split (launch table)
         for dtype in (torch.bfloat16, torch.float16, torch.float32):
             print(json.dumps(trace(Steer(), rows, dtype, per_sample=rows % 2 == 0)), flush=True)
     print(json.dumps(trace(EncodeDecode(), ROW_ALGO_MAX_ROWS + 4, torch.bfloat16, per_sample=False)), flush=True)
+    for rows in (5, ONE_LAUNCH_MAX_ROWS + 1, 4096):  # a symbol's hint on each side of the thresholds
+        print(json.dumps(symbolic_guards(rows)), flush=True)
 
 
 if __name__ == "__main__":

@@ -83,11 +83,19 @@ def current(launch: Optional[LaunchConfig]) -> LaunchConfig:
     return launch if launch is not None else DEFAULT
 
 
+def symbolic(rows) -> bool:
+    """Whether `rows` is a symbolic size: torch.compile(dynamic=True) tracing the ops' bodies.
+    Comparing it with a threshold would add a guard, and a later N on the other side of the
+    threshold would recompile; so the heuristics below take, for a symbolic N, the path that
+    serves every N (the large-N one) and compare nothing."""
+    return isinstance(rows, torch.SymInt)
+
+
 def resolve_select_algo(launch: Optional[LaunchConfig], rows: int) -> str:
     """The selection algorithm that runs for `rows` rows."""
     algo = current(launch).select_algo
     if algo == "auto":
-        return "row" if rows <= ROW_ALGO_MAX_ROWS else "split"
+        return "row" if not symbolic(rows) and rows <= ROW_ALGO_MAX_ROWS else "split"
     return algo
 
 
@@ -96,6 +104,8 @@ def use_one_launch(launch: Optional[LaunchConfig], rows: int) -> bool:
     launch = current(launch)
     if launch.one_launch is not None:
         return launch.one_launch
+    if symbolic(rows):
+        return False
     return rows <= ONE_LAUNCH_MAX_ROWS and resolve_select_algo(launch, rows) == "row"
 
 

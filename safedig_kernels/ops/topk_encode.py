@@ -357,14 +357,17 @@ def _topk_encode_fwd(x2: torch.Tensor, W_enc: torch.Tensor, enc_bias: torch.Tens
     pre_dtype = _launch.pre_dtype_for(x2.dtype, x2.device, launch)
     bias_in_gemm = _launch.bias_in_gemm(x2.dtype, pre_dtype, launch)
     rows_per_pass = max(1, _launch.PRE_BUFFER_BYTES // (F * torch.finfo(pre_dtype).bits // 8))
+    # One pass unless the buffer would pass its size; a symbolic N (dynamic=True) is compared
+    # once, an inequality guard, never iterated over (that would specialise it).
+    passes = [(0, N)] if N <= rows_per_pass else [(s, min(N, s + rows_per_pass)) for s in range(0, N, rows_per_pass)]
+    pass_rows = passes[0][1]
     enc_bias = enc_bias.contiguous()
-    if launch is None and _tuning.enabled():
-        launch = _tuned_select(x2, W_enc, enc_bias, k, pre_dtype, bias_in_gemm, min(N, rows_per_pass), vals, idx)
+    if launch is None and _tuning.enabled() and not _launch.symbolic(N):
+        launch = _tuned_select(x2, W_enc, enc_bias, k, pre_dtype, bias_in_gemm, pass_rows, vals, idx)
     cfg = _launch.select_config(F, k, launch)
     algo = _launch.resolve_select_algo(launch, N)  # by N, so every row pass of one call runs the same kernels
-    scratch = _SelectScratch(min(N, rows_per_pass), cfg, x2.device, algo)
-    for start in range(0, N, rows_per_pass):
-        stop = min(N, start + rows_per_pass)
+    scratch = _SelectScratch(pass_rows, cfg, x2.device, algo)
+    for start, stop in passes:
         rows = stop - start  # narrow, not [start:stop]: Python indexing cannot trace fake CUDA tensors on a CPU build
         pre, bias_on_load = _encoder_gemm(x2.narrow(0, start, rows), W_enc, enc_bias, pre_dtype, bias_in_gemm)
         _select(vals.narrow(0, start, rows), idx.narrow(0, start, rows), scratch, pre, bias_on_load, k, cfg, algo)
