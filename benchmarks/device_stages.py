@@ -353,7 +353,9 @@ def stage_fused(ctx: Ctx, rec: dict, save) -> None:
         for label, beta, tau, launch in (
                 ("steer_all_beta0.5", 0.5, -1.0, default), ("repel_gated10_beta0", 0.0, tau90, default),
                 ("steer_all_beta0.5_bias_in_gemm", 0.5, -1.0, dataclasses.replace(default, bias_in_gemm=True)),
-                ("steer_all_beta0.5_tuned", 0.5, -1.0, "tune")):
+                ("steer_all_beta0.5_tuned", 0.5, -1.0, "tune"),
+                ("steer_all_beta0.5_one_kernel", 0.5, -1.0, dataclasses.replace(default, one_launch=True)),
+                ("steer_all_beta0.5_persistent", 0.5, -1.0, dataclasses.replace(default, persistent=True))):
             sae.set_strengths(beta=beta, gamma=1.0, tau=tau)
             if launch == "tune":  # SAFEDIG_TUNE: the warm-up call times the selection variants (ops/_tuning.py)
                 os.environ["SAFEDIG_TUNE"], launch = "1", default
@@ -671,17 +673,21 @@ def render(doc: dict) -> str:
     fu = [r for r in st.get("fused", {}).get("rows", []) if "gemm" in r]
     if fu:
         L += ["", "Fused op (`TopKSAE.steer`) against the GEMM, ms:", "",
-              "| shape | GEMM | β 0.5 all | ÷ GEMM | β 0 gated | gated | ÷ GEMM | β 0.5 all, bias in GEMM | ÷ GEMM "
-              "| β 0.5 all, tuned | ÷ GEMM |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "| shape | GEMM | β 0.5 all | ÷ GEMM | β 0 gated | gated | ÷ GEMM |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
         for r in fu:
             a, b = r.get("steer_all_beta0.5") or {}, r.get("repel_gated10_beta0") or {}
-            c = r.get("steer_all_beta0.5_bias_in_gemm") or {}
-            t = r.get("steer_all_beta0.5_tuned") or {}
             L.append(f"| {r['shape']} | {_f(_ms(r['gemm']))} | {_f(_ms(a))} | {_f(a.get('over_gemm'), '.2f')} | "
-                     f"{_f(_ms(b))} | {_f(b.get('gated_fraction'), '.2f')} | {_f(b.get('over_gemm'), '.2f')} | "
-                     f"{_f(_ms(c))} | {_f(c.get('over_gemm'), '.2f')} | "
-                     f"{_f(_ms(t))} | {_f(t.get('over_gemm'), '.2f')} |")
+                     f"{_f(_ms(b))} | {_f(b.get('gated_fraction'), '.2f')} | {_f(b.get('over_gemm'), '.2f')} |")
+        variants = ("bias_in_gemm", "tuned", "one_kernel", "persistent")
+        L += ["", "Variants waiting for these numbers (β 0.5, every token steered), ms (÷ GEMM): "
+              "`LaunchConfig(bias_in_gemm=True)`, `SAFEDIG_TUNE=1`, `LaunchConfig(one_launch=True)`, "
+              "`LaunchConfig(persistent=True)`:",
+              "", "| shape | default | " + " | ".join(variants) + " |", "|---|---:|" + "---:|" * len(variants)]
+        for r in fu:
+            cells = [r.get("steer_all_beta0.5")] + [r.get(f"steer_all_beta0.5_{v}") for v in variants]
+            L.append(f"| {r['shape']} | " + " | ".join(
+                f"{_f(_ms(c or {}))} ({_f((c or {}).get('over_gemm'), '.2f')})" for c in cells) + " |")
     e = st.get("eager_n16", {})
     if e.get("sae_steer") or e.get("op"):
         L += ["", f"Eager steer at N = {e.get('N')}: host µs per call (no sync), wall ms per call, CUDA events "

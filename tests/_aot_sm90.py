@@ -138,14 +138,17 @@ def main() -> None:
                "cand_idx_ptr": "*i32", "count_ptr": "*i32", "pre_ptr": "*" + TY[pre], "bias_ptr": "*fp32", "x_ptr": t,
                "harmful_ptr": "*u8", "W_dec_ptr": t, "b_dec_ptr": t, "beta_ptr": "*fp32", "gamma_ptr": "*fp32",
                "tau_ptr": "*fp32", "stride_pre": "i32", "stride_xb": "i64", "stride_xt": "i64", "stride_xd": "i64",
-               "stride_wf": "i64", **STRENGTH_STRIDES, "T": "i32", "F": "i32", "d": "i32"}
+               "stride_wf": "i64", **STRENGTH_STRIDES, "T": "i32", "F": "i32", "d": "i32", "row_start": "i32",
+               "rows": "i32"}
         const = {n: scfg[n]
                  for n in ("CHUNK", "NUM_CHUNKS", "GROUPS", "CAND", "RANK_BLOCK", "EXACT_ONLY", "LOAD_STAGES")}
         const.update(K=k, HAS_BIAS=dtype != torch.float32, K_BLOCK=dcfg["K_BLOCK"], BLOCK_D=dcfg["BLOCK_D"],
                      NUM_D_BLOCKS=-(-d // dcfg["BLOCK_D"]))
-        res = resources(compile_sm90(_steer_row_kernel, sig, const, scfg["num_warps"]))
-        print(json.dumps({"kernel": "steer_one_launch", "d": d, "F": F, "k": k, "dtype": str(dtype),
-                          "exact_only": scfg["EXACT_ONLY"], **res}), flush=True)
+        for persistent in (False, True):
+            res = resources(compile_sm90(_steer_row_kernel, sig, {**const, "PERSISTENT": persistent},
+                                         scfg["num_warps"]))
+            print(json.dumps({"kernel": "steer_one_launch", "d": d, "F": F, "k": k, "dtype": str(dtype),
+                              "persistent": persistent, "exact_only": scfg["EXACT_ONLY"], **res}), flush=True)
 
 
 if __name__ == "__main__":

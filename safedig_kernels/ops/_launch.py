@@ -51,12 +51,15 @@ class LaunchConfig:
         chunk loads of the selection programs (`select_config`).
     decode_block_d, decode_k_block, decode_warps: the decode tile `[K_BLOCK, BLOCK_D]` and warps
         (`decode_config`).
-    one_launch: steer small N as one kernel after the GEMM (None: up to ONE_LAUNCH_MAX_ROWS
-        tokens when the selection is "row").
+    one_launch: steer as one kernel after the GEMM (None: up to ONE_LAUNCH_MAX_ROWS tokens when
+        the selection is "row", or whenever `persistent`).
     pre_dtype: dtype of the pre-activation buffer (`pre_dtype_for`).
     bias_in_gemm: add the folded encoder bias in the GEMM (`torch.addmm`, cuBLASLt's bias
         epilogue, one rounding after the bias) instead of on load in the selection kernels
         (`bias_in_gemm`). Unlike the other settings it changes the rounding of bf16 codes.
+    persistent, programs: the one-launch path on a fixed grid of `programs` programs (default
+        8 per SM) that loop over the tokens, instead of one program per token
+        (`persistent_programs`). Not yet measured on a GPU; off unless asked.
     """
 
     select_algo: str = "auto"
@@ -69,10 +72,14 @@ class LaunchConfig:
     one_launch: Optional[bool] = None
     pre_dtype: Optional[torch.dtype] = None
     bias_in_gemm: Optional[bool] = None
+    persistent: Optional[bool] = None
+    programs: Optional[int] = None
 
     def __post_init__(self) -> None:
         if self.select_algo != "auto" and self.select_algo not in SELECT_ALGOS:
             raise ValueError(f"algo must be 'auto' or one of {SELECT_ALGOS}, got {self.select_algo!r}")
+        if self.programs is not None and (not isinstance(self.programs, int) or self.programs < 1):
+            raise ValueError(f"programs must be a positive int, got {self.programs!r}")
 
 
 DEFAULT = LaunchConfig()
@@ -81,6 +88,26 @@ DEFAULT = LaunchConfig()
 def current(launch: Optional[LaunchConfig]) -> LaunchConfig:
     """`launch`, or the module's `DEFAULT` as it is now."""
     return launch if launch is not None else DEFAULT
+
+
+def rows_per_pass(F: int, pre_dtype: torch.dtype) -> int:
+    """Rows of pre-activations materialised at once (PRE_BUFFER_BYTES)."""
+    return max(1, PRE_BUFFER_BYTES // (F * torch.finfo(pre_dtype).bits // 8))
+
+
+@functools.lru_cache(maxsize=16)
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def persistent_programs(launch: Optional[LaunchConfig], device: torch.device) -> Optional[int]:
+    """The persistent one-launch grid size, or None for a program per token."""
+    launch = current(launch)
+    if not launch.persistent:
+        return None
+    if launch.programs is not None:
+        return launch.programs
+    return 8 * _multiprocessors(device) if device.type == "cuda" else 4  # the interpreter: a few, to loop
 
 
 def symbolic(rows) -> bool:
@@ -104,6 +131,8 @@ def use_one_launch(launch: Optional[LaunchConfig], rows: int) -> bool:
     launch = current(launch)
     if launch.one_launch is not None:
         return launch.one_launch
+    if launch.persistent:
+        return True
     if symbolic(rows):
         return False
     return rows <= ONE_LAUNCH_MAX_ROWS and resolve_select_algo(launch, rows) == "row"

@@ -11,7 +11,8 @@ so changing them needs no recompilation and no host sync; each is one value for 
 
 Small N (up to `_launch.ONE_LAUNCH_MAX_ROWS` tokens) runs as the GEMM plus one kernel,
 `_steer_row_kernel`: each program selects its token's codes with the "row" selection, then
-steers all of its d.
+steers all of its d. `LaunchConfig(one_launch=True)` takes that path at any N, and
+`persistent=True` runs it on a fixed grid of programs that loop over the tokens.
 """
 from __future__ import annotations
 
@@ -109,20 +110,51 @@ def _steer_row_kernel(
     y_ptr, h_ptr, vals_ptr, idx_ptr, cand_val_ptr, cand_idx_ptr, count_ptr, pre_ptr, bias_ptr,
     x_ptr, harmful_ptr, W_dec_ptr, b_dec_ptr, beta_ptr, gamma_ptr, tau_ptr,
     stride_pre, stride_xb, stride_xt, stride_xd, stride_wf, stride_beta, stride_gamma, stride_tau, T, F, d,
+    row_start, rows,
+    K: tl.constexpr, CHUNK: tl.constexpr, NUM_CHUNKS: tl.constexpr, GROUPS: tl.constexpr, CAND: tl.constexpr,
+    RANK_BLOCK: tl.constexpr, EXACT_ONLY: tl.constexpr, HAS_BIAS: tl.constexpr, LOAD_STAGES: tl.constexpr,
+    K_BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, NUM_D_BLOCKS: tl.constexpr, PERSISTENT: tl.constexpr,
+):
+    """Select and steer in one launch after the GEMM: a program selects a token's codes (the
+    "row" selection), then steers all of its d. One program per token of this pass (rows
+    `row_start ..`), or PERSISTENT: a fixed grid whose programs each take every
+    num_programs-th token, so one token's decode gathers overlap other tokens' row reads."""
+    if PERSISTENT:
+        for r in range(tl.program_id(0), rows, tl.num_programs(0)):
+            r64 = tl.zeros([], dtype=tl.int64) + r  # (r.to(): the interpreter's loop yields Python ints)
+            _select_and_steer(r64, y_ptr, h_ptr, vals_ptr, idx_ptr, cand_val_ptr, cand_idx_ptr, count_ptr,
+                              pre_ptr, bias_ptr, x_ptr, harmful_ptr, W_dec_ptr, b_dec_ptr, beta_ptr, gamma_ptr,
+                              tau_ptr, stride_pre, stride_xb, stride_xt, stride_xd, stride_wf, stride_beta,
+                              stride_gamma, stride_tau, T, F, d, row_start, K, CHUNK, NUM_CHUNKS, GROUPS, CAND,
+                              RANK_BLOCK, EXACT_ONLY, HAS_BIAS, LOAD_STAGES, K_BLOCK, BLOCK_D, NUM_D_BLOCKS)
+    else:
+        _select_and_steer(tl.program_id(0).to(tl.int64), y_ptr, h_ptr, vals_ptr, idx_ptr, cand_val_ptr, cand_idx_ptr,
+                          count_ptr, pre_ptr, bias_ptr, x_ptr, harmful_ptr, W_dec_ptr, b_dec_ptr, beta_ptr, gamma_ptr,
+                          tau_ptr, stride_pre, stride_xb, stride_xt, stride_xd, stride_wf, stride_beta, stride_gamma,
+                          stride_tau, T, F, d, row_start, K, CHUNK, NUM_CHUNKS, GROUPS, CAND, RANK_BLOCK, EXACT_ONLY,
+                          HAS_BIAS, LOAD_STAGES, K_BLOCK, BLOCK_D, NUM_D_BLOCKS)
+
+
+@triton.jit
+def _select_and_steer(
+    r, y_ptr, h_ptr, vals_ptr, idx_ptr, cand_val_ptr, cand_idx_ptr, count_ptr, pre_ptr, bias_ptr,
+    x_ptr, harmful_ptr, W_dec_ptr, b_dec_ptr, beta_ptr, gamma_ptr, tau_ptr,
+    stride_pre, stride_xb, stride_xt, stride_xd, stride_wf, stride_beta, stride_gamma, stride_tau, T, F, d, row_start,
     K: tl.constexpr, CHUNK: tl.constexpr, NUM_CHUNKS: tl.constexpr, GROUPS: tl.constexpr, CAND: tl.constexpr,
     RANK_BLOCK: tl.constexpr, EXACT_ONLY: tl.constexpr, HAS_BIAS: tl.constexpr, LOAD_STAGES: tl.constexpr,
     K_BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, NUM_D_BLOCKS: tl.constexpr,
 ):
-    """Small N in one launch: program n selects token n's codes (the "row" selection), then
-    steers all of its d. At small N the op is bound by host launch cost, not by the GPU."""
-    n = tl.program_id(0).to(tl.int64)
-    _select_row(n, vals_ptr, idx_ptr, cand_val_ptr, cand_idx_ptr, count_ptr, pre_ptr, bias_ptr, stride_pre, F,
+    """Row r of this pass: its codes into the pass's buffers (pre, scratch, vals/idx: row r),
+    then token n = row_start + r of x, y and h."""
+    _select_row(r, vals_ptr, idx_ptr, cand_val_ptr, cand_idx_ptr, count_ptr, pre_ptr, bias_ptr, stride_pre, F,
                 K, CHUNK, NUM_CHUNKS, GROUPS, CAND, RANK_BLOCK, EXACT_ONLY, HAS_BIAS, LOAD_STAGES)
     tl.debug_barrier()  # the codes were written by other threads of this program
+    n = row_start + r
+    codes_shift = row_start * K  # the steer reads codes at token n: point it back to pass row r
     for d_block in range(NUM_D_BLOCKS):
-        _steer_token_block(y_ptr, h_ptr, x_ptr, vals_ptr, idx_ptr, harmful_ptr, W_dec_ptr, b_dec_ptr, beta_ptr,
-                           gamma_ptr, tau_ptr, n, d_block, stride_xb, stride_xt, stride_xd, stride_wf, stride_beta,
-                           stride_gamma, stride_tau, T, F, d, K, K_BLOCK, BLOCK_D, True)
+        _steer_token_block(y_ptr, h_ptr, x_ptr, vals_ptr - codes_shift, idx_ptr - codes_shift, harmful_ptr, W_dec_ptr,
+                           b_dec_ptr, beta_ptr, gamma_ptr, tau_ptr, n, d_block, stride_xb, stride_xt, stride_xd,
+                           stride_wf, stride_beta, stride_gamma, stride_tau, T, F, d, K, K_BLOCK, BLOCK_D, True)
 
 
 def _sample_strides(*strengths: torch.Tensor) -> tuple[int, ...]:
@@ -147,7 +179,8 @@ def _steer_fwd(x: torch.Tensor, W_enc, W_dec, b_dec, harmful, beta, gamma, tau, 
         pre_dtype = _launch.pre_dtype_for(x.dtype, x.device, launch)
         _steer_in_one_launch(y, h, x3, W_enc, W_dec, b_dec, harmful, beta, gamma, tau, k, enc_bias, pre_dtype,
                              _launch.bias_in_gemm(x.dtype, pre_dtype, launch),
-                             _launch.select_config(W_enc.shape[1], k, launch), dcfg)
+                             _launch.select_config(W_enc.shape[1], k, launch), dcfg,
+                             _launch.persistent_programs(launch, x.device))
         return y, h
     vals, idx = _topk_encode_fwd(x3.reshape(N, d), W_enc, enc_bias, k, launch)
     _decode_steer(y, h, x3, vals, idx, harmful, W_dec, b_dec, beta, gamma, tau, k, dcfg)
@@ -155,26 +188,36 @@ def _steer_fwd(x: torch.Tensor, W_enc, W_dec, b_dec, harmful, beta, gamma, tau, 
 
 
 def _steer_in_one_launch(y, h, x3, W_enc, W_dec, b_dec, harmful, beta, gamma, tau, k: int, enc_bias,
-                         pre_dtype: torch.dtype, bias_in_gemm: bool, scfg: Mapping, dcfg: Mapping) -> None:
-    """The GEMM, then `_steer_row_kernel`: one program per token selects and steers it."""
+                         pre_dtype: torch.dtype, bias_in_gemm: bool, scfg: Mapping, dcfg: Mapping,
+                         programs: Optional[int] = None) -> None:
+    """The GEMM, then `_steer_row_kernel`, per pass of rows (one unless the pre-activation
+    buffer would pass its size): a program per token, or `programs` persistent programs."""
     B, T, d = x3.shape
     N, F = B * T, W_enc.shape[1]
     x2 = x3.reshape(N, d)
-    pre, bias_on_load = _encoder_gemm(x2, W_enc, enc_bias.contiguous(), pre_dtype, bias_in_gemm)
-    scratch = _SelectScratch(N, scfg, x2.device, "row")
-    vals = torch.empty(N, k, device=x2.device, dtype=torch.float32)
-    idx = torch.empty(N, k, device=x2.device, dtype=torch.int32)
+    rows_per_pass = _launch.rows_per_pass(F, pre_dtype)
+    passes = [(0, N)] if N <= rows_per_pass else [(s, min(N, s + rows_per_pass)) for s in range(0, N, rows_per_pass)]
+    pass_rows = passes[0][1]
+    scratch = _SelectScratch(pass_rows, scfg, x2.device, "row")
+    vals = torch.empty(pass_rows, k, device=x2.device, dtype=torch.float32)
+    idx = torch.empty(pass_rows, k, device=x2.device, dtype=torch.int32)
     W_dec = W_dec if W_dec.stride(1) == 1 else W_dec.contiguous()
-    launchable(_steer_row_kernel)[(N,)](
-        y, h, vals, idx, scratch.vals, scratch.idx, scratch.count, pre,
-        bias_on_load if bias_on_load is not None else pre,
-        x3, harmful.view(torch.uint8), W_dec, b_dec.contiguous(), beta, gamma, tau,
-        pre.stride(0), x3.stride(0), x3.stride(1), x3.stride(2), W_dec.stride(0), *_sample_strides(beta, gamma, tau),
-        T, F, d, K=k, CHUNK=scfg["CHUNK"], NUM_CHUNKS=scfg["NUM_CHUNKS"], GROUPS=scfg["GROUPS"], CAND=scfg["CAND"],
-        RANK_BLOCK=scfg["RANK_BLOCK"], EXACT_ONLY=scfg["EXACT_ONLY"], HAS_BIAS=bias_on_load is not None,
-        LOAD_STAGES=scfg["LOAD_STAGES"], K_BLOCK=dcfg["K_BLOCK"], BLOCK_D=dcfg["BLOCK_D"],
-        NUM_D_BLOCKS=cdiv(d, dcfg["BLOCK_D"]), num_warps=scfg["num_warps"],
-    )
+    enc_bias = enc_bias.contiguous()
+    for start, stop in passes:
+        rows = stop - start
+        pre, bias_on_load = _encoder_gemm(x2.narrow(0, start, rows), W_enc, enc_bias, pre_dtype, bias_in_gemm)
+        grid = (rows if programs is None else torch.sym_min(rows, programs),)
+        launchable(_steer_row_kernel)[grid](
+            y, h, vals, idx, scratch.vals, scratch.idx, scratch.count, pre,
+            bias_on_load if bias_on_load is not None else pre,
+            x3, harmful.view(torch.uint8), W_dec, b_dec.contiguous(), beta, gamma, tau,
+            pre.stride(0), x3.stride(0), x3.stride(1), x3.stride(2), W_dec.stride(0),
+            *_sample_strides(beta, gamma, tau), T, F, d, start, rows,
+            K=k, CHUNK=scfg["CHUNK"], NUM_CHUNKS=scfg["NUM_CHUNKS"], GROUPS=scfg["GROUPS"], CAND=scfg["CAND"],
+            RANK_BLOCK=scfg["RANK_BLOCK"], EXACT_ONLY=scfg["EXACT_ONLY"], HAS_BIAS=bias_on_load is not None,
+            LOAD_STAGES=scfg["LOAD_STAGES"], K_BLOCK=dcfg["K_BLOCK"], BLOCK_D=dcfg["BLOCK_D"],
+            NUM_D_BLOCKS=cdiv(d, dcfg["BLOCK_D"]), PERSISTENT=programs is not None, num_warps=scfg["num_warps"],
+        )
 
 
 def _decode_steer(y, h, x3, vals, idx, harmful, W_dec, b_dec, beta, gamma, tau, k: int, cfg: Mapping) -> None:

@@ -73,7 +73,8 @@ def test_smoke_run_records_every_stage_with_numbers(tmp_path):
     for r in stages["fused"]["rows"]:
         assert all(v > 0 for v in _medians(r, "gemm", "steer_all_beta0.5", "repel_gated10_beta0"))
         assert r["steer_all_beta0.5"]["gated_fraction"] == 1.0 and r["repel_gated10_beta0"]["over_gemm"] > 0
-        assert r["steer_all_beta0.5_bias_in_gemm"]["over_gemm"] > 0 and r["steer_all_beta0.5_tuned"]["over_gemm"] > 0
+        for variant in ("bias_in_gemm", "tuned", "one_kernel", "persistent"):
+            assert r[f"steer_all_beta0.5_{variant}"]["over_gemm"] > 0, variant
     for call in ("sae_steer", "op"):
         e = stages["eager_n16"][call]
         assert e["host_us_per_call"] > 0 and e["wall_ms_per_call"] > 0 and e["events"]["median_ms"] > 0

@@ -32,8 +32,9 @@ def test_every_kernel_compiles_for_sm90(compiled):
     assert kinds == {"select", "split_group_max", "split_bound", "split_candidates", "split_rank", "steer_decode",
                      "sparse_decode", "steer_one_launch"}
     # 10 select settings x 5 kernels (no candidates pass when exact), 2 pipelined "row" settings, 6 decode,
-    # 4 one-launch steer
-    assert len(compiled) == 10 * 5 - 1 + 2 + 6 + 4
+    # 4 one-launch steer settings, each with a program per token and persistent
+    assert len(compiled) == 10 * 5 - 1 + 2 + 6 + 4 * 2
+    assert {r["persistent"] for r in compiled if r["kernel"] == "steer_one_launch"} == {False, True}
     assert {r["load_stages"] for r in compiled if r["kernel"] == "select"} == {1, 3}
 
 

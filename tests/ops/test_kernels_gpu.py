@@ -177,6 +177,23 @@ def test_every_tuning_candidate_gives_the_same_codes_bitwise(monkeypatch, N, F, 
     assert_bitwise_equal(tuned[1], want[1])
 
 
+@pytest.mark.parametrize("N,F,k", [(4608, 12288, 32), (1000, 49152, 64)], ids=str)
+def test_one_kernel_after_the_gemm_matches_two_kernels_bitwise(N, F, k):
+    # LaunchConfig(one_launch=True) / (persistent=True) at FLUX sizes: device_run.sh times them,
+    # so they must give exactly what the default two-kernel path gives
+    from safedig_kernels.ops.steer import _steer_fwd
+
+    x, W_enc, b_enc, W_dec, b_dec, harmful = make(3072, F, torch.bfloat16, lead=(2, N // 2))
+    bias = ops.encoder_bias(W_enc, b_enc, b_dec)
+    args = (x, W_enc, W_dec, b_dec, harmful, torch.tensor([0.5, 1.0], device=DEV), *strengths(0.0, 1.0, -1.0)[1:], k,
+            bias)
+    want = _steer_fwd(*args, LaunchConfig(one_launch=False, select_algo="row"))
+    for variant in (LaunchConfig(one_launch=True), LaunchConfig(persistent=True)):
+        got = _steer_fwd(*args, variant)
+        assert_bitwise_equal(got[0], want[0])
+        assert_bitwise_equal(got[1], want[1])
+
+
 def test_python_valued_arguments_sync_only_on_first_use():
     # floats and id lists become device tensors once; after that a call makes no host sync
     x, W_enc, b_enc, W_dec, b_dec, _ = make(64, 300, torch.bfloat16, N=40)

@@ -235,6 +235,29 @@ def test_one_launch_steer_equals_two_kernels_bitwise(B, T, d, F, k, block_d):
     assert torch.isnan(h1[0, 0]) and torch.isfinite(h1.flatten()[1:]).all()
 
 
+@pytest.mark.parametrize("passes", [1, 3], ids=["one-pass", "three-passes"])
+def test_one_kernel_after_the_gemm_at_any_n_bitwise(monkeypatch, passes):
+    """The select-and-steer kernel at a large N (beyond the default's one-launch limit), with a
+    program per token or persistent programs looping over the tokens (3 programs for 9 tokens of
+    each pass: every program takes several), and with the pre-activations in row passes: all
+    give exactly what the two-kernel path gives."""
+    B, T, d, F, k = 3, 9, 10, 70, 5
+    W_enc, b_enc, W_dec, b_dec = sae(d, F)
+    harmful = torch.rand(F) < 0.3
+    x = _flux_like(B, T, d)
+    x[1, 4, 2] = float("nan")
+    beta = torch.tensor([0.5, 0.0, 1.0])  # per sample, so a token steered with another's values shows
+    args = (x, W_enc, W_dec, b_dec, harmful, beta, torch.tensor(1.0), torch.tensor(-1.0), k,
+            encoder_bias(W_enc, b_enc, b_dec))
+    monkeypatch.setattr(_launch, "PRE_BUFFER_BYTES", F * 4 * (B * T // passes))  # 27 rows: 1 or 3 passes of 9
+    want = _steer_fwd(*args, launch(one_launch=False))
+    for variant in (launch(one_launch=True), launch(persistent=True, programs=3), launch(persistent=True)):
+        got = _steer_fwd(*args, variant)
+        assert_bitwise_equal(got[0], want[0])
+        assert_bitwise_equal(got[1], want[1])
+    assert torch.isnan(want[1][1, 4]) and torch.equal(want[0][0], x[0]) is False
+
+
 @pytest.mark.parametrize("one_launch", [True, False], ids=["one-launch", "two-kernels"])
 def test_steer_kernel_with_the_bias_added_on_load(monkeypatch, one_launch):
     # bf16/fp16 inputs: the GEMM writes x @ W_enc and the select kernels add the fp32 bias as
