@@ -116,45 +116,23 @@ def _steer_row_kernel(
     K_BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, NUM_D_BLOCKS: tl.constexpr, PERSISTENT: tl.constexpr,
 ):
     """Select and steer in one launch after the GEMM: a program selects a token's codes (the
-    "row" selection), then steers all of its d. One program per token of this pass (rows
-    `row_start ..`), or PERSISTENT: a fixed grid whose programs each take every
-    num_programs-th token, so one token's decode gathers overlap other tokens' row reads."""
-    if PERSISTENT:
-        for r in range(tl.program_id(0), rows, tl.num_programs(0)):
-            r64 = tl.zeros([], dtype=tl.int64) + r  # (r.to(): the interpreter's loop yields Python ints)
-            _select_and_steer(r64, y_ptr, h_ptr, vals_ptr, idx_ptr, cand_val_ptr, cand_idx_ptr, count_ptr,
-                              pre_ptr, bias_ptr, x_ptr, harmful_ptr, W_dec_ptr, b_dec_ptr, beta_ptr, gamma_ptr,
-                              tau_ptr, stride_pre, stride_xb, stride_xt, stride_xd, stride_wf, stride_beta,
-                              stride_gamma, stride_tau, T, F, d, row_start, K, CHUNK, NUM_CHUNKS, GROUPS, CAND,
-                              RANK_BLOCK, EXACT_ONLY, HAS_BIAS, LOAD_STAGES, K_BLOCK, BLOCK_D, NUM_D_BLOCKS)
-    else:
-        _select_and_steer(tl.program_id(0).to(tl.int64), y_ptr, h_ptr, vals_ptr, idx_ptr, cand_val_ptr, cand_idx_ptr,
-                          count_ptr, pre_ptr, bias_ptr, x_ptr, harmful_ptr, W_dec_ptr, b_dec_ptr, beta_ptr, gamma_ptr,
-                          tau_ptr, stride_pre, stride_xb, stride_xt, stride_xd, stride_wf, stride_beta, stride_gamma,
-                          stride_tau, T, F, d, row_start, K, CHUNK, NUM_CHUNKS, GROUPS, CAND, RANK_BLOCK, EXACT_ONLY,
-                          HAS_BIAS, LOAD_STAGES, K_BLOCK, BLOCK_D, NUM_D_BLOCKS)
-
-
-@triton.jit
-def _select_and_steer(
-    r, y_ptr, h_ptr, vals_ptr, idx_ptr, cand_val_ptr, cand_idx_ptr, count_ptr, pre_ptr, bias_ptr,
-    x_ptr, harmful_ptr, W_dec_ptr, b_dec_ptr, beta_ptr, gamma_ptr, tau_ptr,
-    stride_pre, stride_xb, stride_xt, stride_xd, stride_wf, stride_beta, stride_gamma, stride_tau, T, F, d, row_start,
-    K: tl.constexpr, CHUNK: tl.constexpr, NUM_CHUNKS: tl.constexpr, GROUPS: tl.constexpr, CAND: tl.constexpr,
-    RANK_BLOCK: tl.constexpr, EXACT_ONLY: tl.constexpr, HAS_BIAS: tl.constexpr, LOAD_STAGES: tl.constexpr,
-    K_BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, NUM_D_BLOCKS: tl.constexpr,
-):
-    """Row r of this pass: its codes into the pass's buffers (pre, scratch, vals/idx: row r),
-    then token n = row_start + r of x, y and h."""
-    _select_row(r, vals_ptr, idx_ptr, cand_val_ptr, cand_idx_ptr, count_ptr, pre_ptr, bias_ptr, stride_pre, F,
-                K, CHUNK, NUM_CHUNKS, GROUPS, CAND, RANK_BLOCK, EXACT_ONLY, HAS_BIAS, LOAD_STAGES)
-    tl.debug_barrier()  # the codes were written by other threads of this program
-    n = row_start + r
-    codes_shift = row_start * K  # the steer reads codes at token n: point it back to pass row r
-    for d_block in range(NUM_D_BLOCKS):
-        _steer_token_block(y_ptr, h_ptr, x_ptr, vals_ptr - codes_shift, idx_ptr - codes_shift, harmful_ptr, W_dec_ptr,
-                           b_dec_ptr, beta_ptr, gamma_ptr, tau_ptr, n, d_block, stride_xb, stride_xt, stride_xd,
-                           stride_wf, stride_beta, stride_gamma, stride_tau, T, F, d, K, K_BLOCK, BLOCK_D, True)
+    "row" selection) into this pass's buffers (pre, scratch, vals/idx: row r), then steers all
+    of token row_start + r's d. One program per token of the pass, or PERSISTENT: a fixed grid
+    whose programs each take every num_programs-th token, so one token's decode gathers overlap
+    other tokens' row reads."""
+    step = tl.num_programs(0) if PERSISTENT else rows  # a program per token: one trip
+    for r in range(tl.program_id(0), rows, step):
+        r64 = tl.zeros([], dtype=tl.int64) + r  # (r.to(): the interpreter's loop yields Python ints)
+        _select_row(r64, vals_ptr, idx_ptr, cand_val_ptr, cand_idx_ptr, count_ptr, pre_ptr, bias_ptr, stride_pre, F,
+                    K, CHUNK, NUM_CHUNKS, GROUPS, CAND, RANK_BLOCK, EXACT_ONLY, HAS_BIAS, LOAD_STAGES)
+        tl.debug_barrier()  # the codes were written by other threads of this program
+        n = row_start + r64
+        codes_shift = row_start * K  # the steer reads codes at token n: point it back to pass row r
+        for d_block in range(NUM_D_BLOCKS):
+            _steer_token_block(y_ptr, h_ptr, x_ptr, vals_ptr - codes_shift, idx_ptr - codes_shift, harmful_ptr,
+                               W_dec_ptr, b_dec_ptr, beta_ptr, gamma_ptr, tau_ptr, n, d_block, stride_xb, stride_xt,
+                               stride_xd, stride_wf, stride_beta, stride_gamma, stride_tau, T, F, d, K, K_BLOCK,
+                               BLOCK_D, True)
 
 
 def _sample_strides(*strengths: torch.Tensor) -> tuple[int, ...]:
