@@ -270,38 +270,6 @@ def test_inductor_compiles_the_triton_kernels_into_its_code():
     assert torch.equal(y, y_ref) and torch.equal(h, h_ref)
 
 
-def test_steered_block_exports_and_packages_with_aotinductor(tmp_path):
-    """A block with steering after its projection goes through torch.export and AOTInductor
-    packaging; the loaded package steers as the eager block does, per-sample strengths too."""
-    sae = sk.random_sae(64, 512, 8, harmful=range(0, 512, 5), device=DEV, dtype=torch.bfloat16)
-
-    class SteeredBlock(torch.nn.Module):
-        """Gain, steer, residual: element-wise ops round once each, so the package must match
-        the eager block bitwise (a GEMM here could legitimately round differently)."""
-
-        def __init__(self):
-            super().__init__()
-            self.gain = torch.nn.Parameter(torch.rand(64, device=DEV, dtype=torch.bfloat16) + 0.5)
-            self.sae = sae
-
-        def forward(self, x, beta):
-            y, h = self.sae.steer(x * self.gain, beta=beta, gamma=1.0, tau=0.0)
-            return x + y, h
-
-    block = SteeredBlock().eval()
-    x = torch.randn(3, 40, 64, device=DEV, dtype=torch.bfloat16)
-    beta = torch.tensor([0.0, 0.5, 1.0], device=DEV)
-    with torch.no_grad():
-        ep = torch.export.export(block, (x, beta))
-        path = torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp_path / "steered_block.pt2"))
-        loaded = torch._inductor.aoti_load_package(path)
-        for b in (beta, torch.tensor([1.0, 0.0, 0.25], device=DEV)):
-            out, h = loaded(x, b)
-            out_ref, h_ref = block(x, b)
-            assert torch.equal(out, out_ref) and torch.equal(h, h_ref)
-        assert not torch.equal(loaded(x, beta)[0], loaded(x, torch.zeros(3, device=DEV))[0])
-
-
 def test_reduce_overhead_cudagraphs():
     torch._dynamo.reset()
     sae = sk.random_sae(64, 512, 8, harmful=range(0, 512, 5), device=DEV, dtype=torch.bfloat16)
