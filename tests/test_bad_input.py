@@ -166,16 +166,13 @@ def test_numpy_integer_ids_are_ids():
 
 # -- threads -------------------------------------------------------------------------------
 
-def test_strength_updates_are_atomic_for_steering_threads():
-    """4 threads steer while a fifth flips the strengths between two states: every output
-    equals the output of one state, never a mix (the old buffers gave 2616 mixed of 4000)."""
-    s = _sae()
-    x = torch.randn(6, D)
-    states = [dict(beta=0.2, gamma=0.5, tau=-1.0), dict(beta=0.9, gamma=2.0, tau=-0.5)]
+def _race(steer, settings: list, apply, calls_per_reader: int) -> tuple[list, list]:
+    """4 threads steer while a fifth flips between `settings` (applied by `apply`). Returns what
+    each setting alone steers to, and every output the readers got."""
     expected = []
-    for st in states:
-        s.set_strengths(**st)
-        expected.append(s.steer(x)[0])
+    for setting in settings:
+        apply(setting)
+        expected.append(steer())
     assert not torch.equal(expected[0], expected[1])
     stop = threading.Event()
     outputs: list[torch.Tensor] = []
@@ -184,11 +181,11 @@ def test_strength_updates_are_atomic_for_steering_threads():
     def writer():
         i = 0
         while not stop.is_set():
-            s.set_strengths(**states[i % 2])
+            apply(settings[i % 2])
             i += 1
 
     def reader():
-        got = [s.steer(x)[0] for _ in range(250)]
+        got = [steer() for _ in range(calls_per_reader)]
         with lock:
             outputs.extend(got)
 
@@ -201,45 +198,29 @@ def test_strength_updates_are_atomic_for_steering_threads():
         r.join()
     stop.set()
     w.join()
-    assert len(outputs) == 1000
+    assert len(outputs) == 4 * calls_per_reader
+    return expected, outputs
+
+
+def test_strength_updates_are_atomic_for_steering_threads():
+    """4 threads steer while a fifth flips the strengths between two states: every output
+    equals the output of one state, never a mix (the old buffers gave 2616 mixed of 4000)."""
+    s = _sae()
+    x = torch.randn(6, D)
+    states = [dict(beta=0.2, gamma=0.5, tau=-1.0), dict(beta=0.9, gamma=2.0, tau=-0.5)]
+    expected, outputs = _race(lambda: s.steer(x)[0], states, lambda st: s.set_strengths(**st), 250)
     mixed = sum(not (torch.equal(y, expected[0]) or torch.equal(y, expected[1])) for y in outputs)
     assert mixed == 0
     assert any(torch.equal(y, expected[0]) for y in outputs) or any(torch.equal(y, expected[1]) for y in outputs)
 
 
 def test_harmful_set_updates_are_atomic_for_steering_threads():
-    """A wide mask (20 000 features) makes a copy long enough to be read half written: before
-    updates and reads shared one lock, 2 of 800 outputs here mixed the two sets."""
-    F_wide = 20_000
+    """The widest mask makes a copy long enough to be read half written: with the updates and
+    reads not sharing one lock (ops/_settings.py), this test failed in each of 4 runs."""
+    F_wide = 131_072  # the largest F: the longest copy
     s = sk.random_sae(16, F_wide, 64, harmful=[1], seed=0)
     s.set_strengths(beta=0.5, gamma=1.0, tau=-1.0)
     x = torch.randn(6, 16)
     masks = [torch.arange(F_wide) % 2 == r for r in (0, 1)]
-    expected = []
-    for m in masks:
-        s.set_harmful(m)
-        expected.append(s.steer(x)[0])
-    assert not torch.equal(expected[0], expected[1])
-    stop = threading.Event()
-    outputs: list[torch.Tensor] = []
-
-    def writer():
-        i = 0
-        while not stop.is_set():
-            s.set_harmful(masks[i % 2])
-            i += 1
-
-    def reader():
-        outputs.extend(s.steer(x)[0] for _ in range(200))
-
-    threads = [threading.Thread(target=reader) for _ in range(4)]
-    w = threading.Thread(target=writer)
-    w.start()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    stop.set()
-    w.join()
-    assert len(outputs) == 800
+    expected, outputs = _race(lambda: s.steer(x)[0], masks, s.set_harmful, 200)
     assert sum(not any(torch.equal(y, e) for e in expected) for y in outputs) == 0
