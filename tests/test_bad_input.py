@@ -216,7 +216,7 @@ def test_strength_updates_are_atomic_for_steering_threads():
 
 def test_harmful_set_updates_are_atomic_for_steering_threads():
     """The widest mask makes a copy long enough to be read half written: with the updates and
-    reads not sharing one lock (ops/_settings.py), this test failed in each of 4 runs."""
+    reads not sharing one lock (safedig_kernels/_settings.py), this test failed in each of 4 runs."""
     F_wide = 131_072  # the largest F: the longest copy
     s = sk.random_sae(16, F_wide, 64, harmful=[1], seed=0)
     s.set_strengths(beta=0.5, gamma=1.0, tau=-1.0)
