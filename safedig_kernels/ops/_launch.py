@@ -90,9 +90,15 @@ def current(launch: Optional[LaunchConfig]) -> LaunchConfig:
     return launch if launch is not None else DEFAULT
 
 
-def rows_per_pass(F: int, pre_dtype: torch.dtype) -> int:
-    """Rows of pre-activations materialised at once (PRE_BUFFER_BYTES)."""
-    return max(1, PRE_BUFFER_BYTES // (F * torch.finfo(pre_dtype).bits // 8))
+def row_passes(N, F: int, pre_dtype: torch.dtype) -> list[tuple]:
+    """(start, stop) of each pass of rows whose pre-activations are materialised at once
+    (PRE_BUFFER_BYTES): one pass unless the buffer would pass its size. A symbolic N
+    (dynamic=True) is compared once, an inequality guard, never iterated over (that would
+    specialise it)."""
+    per_pass = max(1, PRE_BUFFER_BYTES // (F * torch.finfo(pre_dtype).bits // 8))
+    if N <= per_pass:
+        return [(0, N)]
+    return [(start, min(N, start + per_pass)) for start in range(0, N, per_pass)]
 
 
 @functools.lru_cache(maxsize=16)

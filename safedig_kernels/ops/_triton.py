@@ -14,6 +14,7 @@ each, on the path of every op call.
 """
 from __future__ import annotations
 
+import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .._library import triton_interpreting
@@ -35,9 +36,15 @@ except ImportError:  # CPU-only installs, macOS, Windows
     HAVE_TRITON = False
 
 
+def traced() -> bool:
+    """Whether a compiler, a tracer or fake tensors run this code, not plain eager PyTorch.
+    (is_compiling first: dynamo cannot trace the dispatch-mode query.)"""
+    return torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
+
+
 def launchable(kernel):
-    """`kernel`, or its traceable wrapper while a dispatch mode (fake tensors, a tracer) is active."""
-    if HAVE_TRITON and _get_current_dispatch_mode() is not None and not triton_interpreting():
+    """`kernel`, or its traceable wrapper while the launcher is `traced`."""
+    if HAVE_TRITON and traced() and not triton_interpreting():
         return wrap_triton(kernel)
     return kernel
 
@@ -51,4 +58,4 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
-__all__ = ["triton", "tl", "HAVE_TRITON", "launchable", "cdiv", "next_pow2"]
+__all__ = ["triton", "tl", "HAVE_TRITON", "traced", "launchable", "cdiv", "next_pow2"]

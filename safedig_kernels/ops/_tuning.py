@@ -20,11 +20,10 @@ import time
 from typing import Callable, Optional
 
 import torch
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .._library import env_flag
 from ._launch import SELECT_ALGOS, LaunchConfig
-from ._triton import next_pow2
+from ._triton import next_pow2, traced
 
 __all__ = ["SELECT_CANDIDATES", "enabled", "select_key", "chosen", "choose"]
 
@@ -50,9 +49,7 @@ def chosen(key: tuple) -> Optional[LaunchConfig]:
 
 def can_time(device: torch.device) -> bool:
     """Plain eager work on a device whose clock we can read: no tracer, compiler or capture."""
-    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
-        return False
-    return not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+    return not traced() and not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
 
 
 def _elapsed_ms(run: Callable[[], None], device: torch.device) -> float:

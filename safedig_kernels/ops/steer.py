@@ -19,7 +19,6 @@ from __future__ import annotations
 from typing import Mapping, Optional
 
 import torch
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .. import reference
 from .._checks import check_steer, check_steer_types
@@ -27,7 +26,7 @@ from .._library import use_triton_for
 from . import _launch
 from ._arguments import Harmful, Strength, harmful_for_call, strength_for_call
 from ._launch import LaunchConfig
-from ._triton import cdiv, launchable, tl, triton
+from ._triton import cdiv, launchable, tl, traced, triton
 from .sparse_decode import _weighted_row_sum
 from .topk_encode import _encoder_gemm, _select_row, _SelectScratch, _topk_encode_fwd, encoder_bias
 
@@ -173,8 +172,7 @@ def _steer_in_one_launch(y, h, x3, W_enc, W_dec, b_dec, harmful, beta, gamma, ta
     B, T, d = x3.shape
     N, F = B * T, W_enc.shape[1]
     x2 = x3.reshape(N, d)
-    rows_per_pass = _launch.rows_per_pass(F, pre_dtype)
-    passes = [(0, N)] if N <= rows_per_pass else [(s, min(N, s + rows_per_pass)) for s in range(0, N, rows_per_pass)]
+    passes = _launch.row_passes(N, F, pre_dtype)
     pass_rows = passes[0][1]
     scratch = _SelectScratch(pass_rows, scfg, x2.device, "row")
     vals = torch.empty(pass_rows, k, device=x2.device, dtype=torch.float32)
@@ -238,8 +236,7 @@ def _plain_eager(tensors: tuple) -> bool:
     """Whether nothing but this call would see the op: no compiler or tracer, no dispatch or
     function mode, no functorch transform, no tensor subclass, no graph for autograd to record
     (the op has no backward; through the dispatcher a grad-requiring input makes it refuse one)."""
-    return (not torch.compiler.is_compiling()  # first: dynamo cannot trace the checks after it
-            and _get_current_dispatch_mode() is None and not torch._C._is_torch_function_mode_enabled()
+    return (not traced() and not torch._C._is_torch_function_mode_enabled()
             and not torch._C._are_functorch_transforms_active()
             and all(type(t) is torch.Tensor for t in tensors)
             and not (torch.is_grad_enabled() and torch._C._any_requires_grad(*tensors)))

@@ -356,10 +356,7 @@ def _topk_encode_fwd(x2: torch.Tensor, W_enc: torch.Tensor, enc_bias: torch.Tens
         return vals, idx
     pre_dtype = _launch.pre_dtype_for(x2.dtype, x2.device, launch)
     bias_in_gemm = _launch.bias_in_gemm(x2.dtype, pre_dtype, launch)
-    rows_per_pass = _launch.rows_per_pass(F, pre_dtype)
-    # One pass unless the buffer would pass its size; a symbolic N (dynamic=True) is compared
-    # once, an inequality guard, never iterated over (that would specialise it).
-    passes = [(0, N)] if N <= rows_per_pass else [(s, min(N, s + rows_per_pass)) for s in range(0, N, rows_per_pass)]
+    passes = _launch.row_passes(N, F, pre_dtype)
     pass_rows = passes[0][1]
     enc_bias = enc_bias.contiguous()
     if launch is None and _tuning.enabled() and not _launch.symbolic(N):
