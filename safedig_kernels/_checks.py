@@ -208,15 +208,15 @@ def check_sparse_decode(vals, idx, W_dec, b_dec, allow_float64: bool = False) ->
     check_decoder(W_dec, b_dec, vals.device, allow_float64)
 
 
-def check_harmful_mask(mask, F, device: torch.device) -> None:
+def check_harmful_mask(mask, F, device: torch.device, name: str = "harmful") -> None:
     if mask.dtype != torch.bool:
-        _type(lambda: f"harmful must be a torch.bool mask of shape [F] = [{F}], got dtype {mask.dtype}")
+        _type(lambda: f"{name} must be a torch.bool mask of shape [F] = [{F}], got dtype {mask.dtype}")
     if mask.dim() != 1:
-        raise ValueError(f"harmful must have shape [F] = [{F}], got {_shape(mask)}")
+        raise ValueError(f"{name} must have shape [F] = [{F}], got {_shape(mask)}")
     if (ok := mask.shape[0] == F) is not True:
-        _value(ok, lambda: f"harmful must have shape [F] = [{F}], got {_shape(mask)}")
+        _value(ok, lambda: f"{name} must have shape [F] = [{F}], got {_shape(mask)}")
     if mask.device != device:
-        raise ValueError(f"harmful must be on device {device}, got {mask.device}")
+        raise ValueError(f"{name} must be on device {device}, got {mask.device}")
 
 
 def check_strength(t, name: str, device: torch.device, samples) -> None:

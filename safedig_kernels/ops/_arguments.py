@@ -30,26 +30,26 @@ def as_strength(value: Strength, name: str, device: torch.device) -> torch.Tenso
     return torch.tensor(strength(value, name), dtype=torch.float32, device=device)
 
 
-def as_harmful_mask(harmful: Harmful, F: int, device: torch.device) -> torch.Tensor:
+def as_harmful_mask(harmful: Harmful, F: int, device: torch.device, name: str = "harmful") -> torch.Tensor:
     """A bool mask `[F]` on `device` from a bool mask (a tensor, a numpy array or a sequence of
     F Python bools) or from integer feature ids in [0, F). A uint8 tensor is refused: torch
-    has used it for masks, so it could mean either."""
+    has used it for masks, so it could mean either. Errors call the argument `name`."""
     if hasattr(harmful, "__array__") and not isinstance(harmful, torch.Tensor):  # numpy
         harmful = torch.as_tensor(harmful)
     if isinstance(harmful, torch.Tensor):
         if harmful.dtype == torch.bool:
-            check_harmful_mask(harmful, F, device)
+            check_harmful_mask(harmful, F, device, name)
             return harmful
         if harmful.dtype == torch.uint8:
-            raise TypeError(f"harmful: a uint8 tensor could be a mask or feature ids; pass a torch.bool mask of "
+            raise TypeError(f"{name}: a uint8 tensor could be a mask or feature ids; pass a torch.bool mask of "
                             f"shape [F] = [{F}] or int64 ids")
     elif isinstance(harmful, (list, tuple)) and harmful and all(isinstance(j, bool) for j in harmful):
         if len(harmful) != F:
-            raise ValueError(f"harmful: a sequence of bools is a mask and must have F = {F} entries, "
+            raise ValueError(f"{name}: a sequence of bools is a mask and must have F = {F} entries, "
                              f"got {len(harmful)}")
         return torch.tensor(harmful, dtype=torch.bool, device=device)
     mask = torch.zeros(F, dtype=torch.bool)
-    mask[harmful_ids(harmful, F)] = True
+    mask[harmful_ids(harmful, F, name)] = True
     return mask.to(device)
 
 

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 import safedig_kernels as sk
 from safedig_kernels import ops
 from safedig_kernels.ops import _arguments
-from safedig_kernels.testing import assert_bitwise_equal, assert_valid_topk
+from safedig_kernels.testing import REFERENCE_TOL, assert_bitwise_equal, assert_valid_topk
 
 
 def sae_tensors(d, F, dtype=torch.float32, device="cpu"):
@@ -163,8 +163,6 @@ def test_calls_something_else_must_see_go_through_the_op():
 
 # -- property tests against the dense float64 oracle -----------------------------------------
 
-TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 4e-3}
-
 
 @st.composite
 def steer_cases(draw):
@@ -210,7 +208,7 @@ def test_property_ops_match_dense_oracle(case):
     assert_valid_topk(pre64, idx, k, 1e-5 * (1 + scale))
     y64, h64 = dense_steer64(x, W_enc, b_enc, W_dec, b_dec, harmful, beta, gamma, tau, k,
                              chosen=idx.reshape(-1, k).tolist())
-    tol = TOL[dtype]
+    tol = REFERENCE_TOL[dtype]
     torch.testing.assert_close(y.reshape(-1, d).double(), y64, rtol=tol, atol=tol)
     torch.testing.assert_close(h.reshape(-1).double(), h64, rtol=1e-4, atol=1e-4, equal_nan=True)
     x_hat = ops.sparse_decode(vals, idx, W_dec, b_dec)
