@@ -346,9 +346,8 @@ def _header_json(weights: SAEWeights) -> str:
     if not isinstance(ids, list) or any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < F for i in ids):
         raise ValueError(f"cannot save: metadata.harmful_features must be a list of feature ids in [0, {F}), "
                          f"got {ids!r}")
-    for name in ("beta", "gamma", "tau"):
-        if not _finite(getattr(meta, name)):
-            raise ValueError(f"cannot save: {name} = {_show(getattr(meta, name))} is not finite")
+    for name in STRENGTH_NAMES:  # the rule the reader applies, so what is saved loads
+        strength(getattr(meta, name), name, f"cannot save: {name}")
     if not (_finite(meta.activation_scale) and meta.activation_scale > 0):
         raise ValueError(f"cannot save: metadata.activation_scale must be positive and finite, "
                          f"got {_show(meta.activation_scale)}")

@@ -83,17 +83,59 @@ class TopKSAE(torch.nn.Module):
                                  f"index {first}; a non-finite weight would leave every token unsteered")
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """`nn.Module.load_state_dict`, all or nothing: the entries are checked (finite weights,
+        strengths by the one rule, a bool harmful mask) before anything is copied, and
+        `metadata` follows the strengths and harmful set loaded."""
+        where = "load_state_dict"
+        for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+            value = state_dict.get(name)
+            held = value if value is None or assign else value.to(getattr(self, name).dtype)
+            if held is not None and not bool(torch.isfinite(held).all()):
+                raise ValueError(f"{where}: {name} holds non-finite values (NaN or Inf) as {held.dtype}; a "
+                                 f"non-finite weight would leave every token unsteered")
+        values = state_dict.get("strengths")
+        if values is not None:
+            if values.shape != (len(STRENGTH_NAMES),):
+                raise ValueError(f"{where}: strengths must have shape [3] (beta, gamma, tau), "
+                                 f"got {list(values.shape)}")
+            for n, v in zip(STRENGTH_NAMES, values.tolist()):
+                strength(v, n, f"{where}: strengths ({n})")
+        mask = state_dict.get("harmful_mask")
+        if mask is not None and mask.dtype != torch.bool:
+            raise TypeError(f"{where}: harmful_mask must be torch.bool, got {mask.dtype}")
+        own = dict(self.state_dict(keep_vars=True))
+        missing = [k for k in own if k not in state_dict]
+        unexpected = [k for k in state_dict if k not in own]
+        if strict and (missing or unexpected):
+            raise RuntimeError(f"{where}: missing keys {missing}, unexpected keys {unexpected}")
+        wrong = [f"{k}: {list(v.shape)} for {list(own[k].shape)}" for k, v in state_dict.items()
+                 if k in own and v.shape != own[k].shape]
+        if wrong and not assign:
+            raise ValueError(f"{where}: shapes differ from this SAE's ({'; '.join(wrong)})")
         result = super().load_state_dict(state_dict, strict=strict, assign=assign)
-        self.check_finite()
+        if self.strengths.dtype != torch.float32:  # `assign` may have brought another dtype
+            self.strengths = self.strengths.to(torch.float32)
+        for n, v in zip(STRENGTH_NAMES, self.strengths.tolist()):
+            if float(torch.tensor(getattr(self.metadata, n), dtype=torch.float32)) != v:
+                setattr(self.metadata, n, v)
+        self.metadata.harmful_features = self.harmful_mask.nonzero().flatten().tolist()
         return result
 
     def _apply(self, fn, recurse=True):
         # `.to(torch.float16)` would cast the strengths too (tau = 1e5 becomes inf, 0.1 becomes
-        # 0.10009765625): they stay float32, moved to wherever the weights went.
-        before = self.strengths
+        # 0.10009765625): they stay float32, moved to wherever the weights went. A cast that
+        # overflows a weight (to fp16) is refused and leaves the SAE as it was.
+        before = dict(self._buffers)
         out = super()._apply(fn, recurse)
         if self.strengths.dtype != torch.float32:
-            self.strengths = before.to(device=self.strengths.device, dtype=torch.float32)
+            self.strengths = before["strengths"].to(device=self.strengths.device, dtype=torch.float32)
+        narrowed = self.W_enc.dtype != before["W_enc"].dtype and self.W_enc.device.type != "meta"
+        try:
+            if narrowed:  # a move alone cannot make a weight non-finite; a cast can
+                self.check_finite()
+        except ValueError as e:
+            self._buffers.update(before)
+            raise ValueError(f"{e} after the conversion (.to / .half / ...): the SAE is left as it was") from None
         return out
 
     # beta, gamma, tau: 0-d views of the strengths buffer (change them with set_strengths)
@@ -149,7 +191,8 @@ class TopKSAE(torch.nn.Module):
         new = {n: strength(v, n) for n, v in given.items() if v is not None}
         if not new:
             return
-        row = [new.get(n, float(getattr(self.metadata, n))) for n in STRENGTH_NAMES]
+        # the others as the buffer holds them: metadata is a plain dataclass anyone may edit
+        row = [new.get(n, v) for n, v in zip(STRENGTH_NAMES, self.strengths.tolist())]
         write_setting(self.strengths, torch.tensor(row, dtype=torch.float32))
         for n, v in new.items():
             setattr(self.metadata, n, v)

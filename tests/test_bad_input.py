@@ -10,11 +10,11 @@ already handled keep their own tests (tests/ops/test_ops.py `BAD_STEER`, the int
 from __future__ import annotations
 
 import math
-import threading
 
 import numpy as np
 import pytest
 import torch
+from _race import race
 
 import safedig_kernels as sk
 from safedig_kernels import ops
@@ -67,6 +67,15 @@ def _load_state(name: str):
     return make
 
 
+def _load_strengths(values):
+    def make():
+        s = _sae()
+        state = s.state_dict()
+        state["strengths"] = torch.tensor(values)
+        s.load_state_dict(state)
+    return make
+
+
 CASES = [
     # 1. strengths: finite as float32, beta in [0, 1], at every entrance
     ("strength/steer-beta-nan", _steer(beta=float("nan")), ValueError, "beta"),
@@ -101,6 +110,10 @@ CASES = [
     ("weights/nan-W_enc", _with_weight("W_enc", float("nan")), ValueError, "W_enc"),
     ("weights/inf-b_dec", _with_weight("b_dec", float("inf")), ValueError, "b_dec"),
     ("weights/load_state_dict-nan-W_dec", _load_state("W_dec"), ValueError, "W_dec"),
+    ("weights/fp16-overflow", lambda: sk.TopKSAE(_weights()[0] * 1e5, *_weights()[1:], k=K).to(torch.float16),
+     ValueError, "W_enc"),
+    ("strength/load_state_dict-tau-nan", _load_strengths([0.5, 1.0, float("nan")]), ValueError, r"strengths \(tau\)"),
+    ("strength/load_state_dict-beta-5", _load_strengths([5.0, 1.0, 0.0]), ValueError, r"strengths \(beta\)"),
     # already handled before the issue, repeated for a whole catalogue
     ("handled/k-too-large", lambda: sk.TopKSAE(*_weights(), k=F + 1), ValueError, "k must satisfy"),
     ("handled/x-wrong-width", lambda: _sae().steer(torch.randn(4, D + 1)), ValueError, "W_enc"),
@@ -136,6 +149,46 @@ def test_set_strengths_is_all_or_nothing():
         assert torch.equal(s.strengths, before) and (s.metadata.beta, s.metadata.tau) == (0.25, 0.125)
 
 
+def test_a_refused_load_or_cast_leaves_the_sae_as_it_was():
+    s = _sae()
+    s.set_strengths(beta=0.5, gamma=1.0, tau=-1.0)
+    x = _x()
+    before = {k: v.clone() for k, v in s.state_dict().items()}
+    y_before = s.steer(x)[0]
+    for name, value in (("b_enc", float("inf")), ("W_dec", float("nan")), ("strengths", float("nan"))):
+        state = {k: v.clone() for k, v in before.items()}
+        state[name].view(-1)[0] = value
+        with pytest.raises(ValueError, match=name):
+            s.load_state_dict(state)
+    huge = {k: v.double() if k == "W_enc" else v.clone() for k, v in before.items()}
+    huge["W_enc"].view(-1)[0] = 1e39  # finite as float64, inf as the float32 buffer holds it
+    with pytest.raises(ValueError, match="W_enc"):
+        s.load_state_dict(huge)
+    s.W_enc.view(-1)[5] = 1e5  # fits float32, overflows float16
+    with pytest.raises(ValueError, match="left as it was"):
+        s.to(torch.float16)
+    s.W_enc.view(-1)[5] = before["W_enc"].view(-1)[5]
+    assert all(torch.equal(v, before[k]) for k, v in s.state_dict().items())
+    assert s.W_enc.dtype == torch.float32 and torch.equal(s.steer(x)[0], y_before)
+
+
+def test_set_strengths_keeps_the_held_values_not_edited_metadata():
+    # metadata is a plain dataclass: a NaN written into it must not reach the buffer
+    s = _sae()
+    s.set_strengths(beta=0.5, gamma=1.0, tau=-1.0)
+    s.metadata.tau = float("nan")
+    s.set_strengths(gamma=2.0)
+    assert s.strengths.tolist() == [0.5, 2.0, -1.0]
+
+
+def test_load_state_dict_brings_metadata_along():
+    s, other = _sae(), sk.random_sae(D, F, K, harmful=[4, 7], seed=3)
+    other.set_strengths(beta=0.25, gamma=0.5, tau=0.125)
+    s.load_state_dict(other.state_dict())
+    assert (s.metadata.beta, s.metadata.gamma, s.metadata.tau) == (0.25, 0.5, 0.125)
+    assert s.metadata.harmful_features == [4, 7]
+
+
 def test_strengths_stay_float32_whatever_the_weights_dtype():
     s = _sae()
     s.set_strengths(beta=0.1, tau=1e5)
@@ -166,49 +219,13 @@ def test_numpy_integer_ids_are_ids():
 
 # -- threads -------------------------------------------------------------------------------
 
-def _race(steer, settings: list, apply, calls_per_reader: int) -> tuple[list, list]:
-    """4 threads steer while a fifth flips between `settings` (applied by `apply`). Returns what
-    each setting alone steers to, and every output the readers got."""
-    expected = []
-    for setting in settings:
-        apply(setting)
-        expected.append(steer())
-    assert not torch.equal(expected[0], expected[1])
-    stop = threading.Event()
-    outputs: list[torch.Tensor] = []
-    lock = threading.Lock()
-
-    def writer():
-        i = 0
-        while not stop.is_set():
-            apply(settings[i % 2])
-            i += 1
-
-    def reader():
-        got = [steer() for _ in range(calls_per_reader)]
-        with lock:
-            outputs.extend(got)
-
-    w = threading.Thread(target=writer)
-    readers = [threading.Thread(target=reader) for _ in range(4)]
-    w.start()
-    for r in readers:
-        r.start()
-    for r in readers:
-        r.join()
-    stop.set()
-    w.join()
-    assert len(outputs) == 4 * calls_per_reader
-    return expected, outputs
-
-
 def test_strength_updates_are_atomic_for_steering_threads():
     """4 threads steer while a fifth flips the strengths between two states: every output
     equals the output of one state, never a mix (the old buffers gave 2616 mixed of 4000)."""
     s = _sae()
     x = torch.randn(6, D)
     states = [dict(beta=0.2, gamma=0.5, tau=-1.0), dict(beta=0.9, gamma=2.0, tau=-0.5)]
-    expected, outputs = _race(lambda: s.steer(x)[0], states, lambda st: s.set_strengths(**st), 250)
+    expected, outputs = race(lambda: s.steer(x)[0], states, lambda st: s.set_strengths(**st), 250)
     mixed = sum(not (torch.equal(y, expected[0]) or torch.equal(y, expected[1])) for y in outputs)
     assert mixed == 0
     assert any(torch.equal(y, expected[0]) for y in outputs) or any(torch.equal(y, expected[1]) for y in outputs)
@@ -222,5 +239,5 @@ def test_harmful_set_updates_are_atomic_for_steering_threads():
     s.set_strengths(beta=0.5, gamma=1.0, tau=-1.0)
     x = torch.randn(6, 16)
     masks = [torch.arange(F_wide) % 2 == r for r in (0, 1)]
-    expected, outputs = _race(lambda: s.steer(x)[0], masks, s.set_harmful, 200)
+    expected, outputs = race(lambda: s.steer(x)[0], masks, s.set_harmful, 200)
     assert sum(not any(torch.equal(y, e) for e in expected) for y in outputs) == 0
