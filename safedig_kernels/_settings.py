@@ -15,7 +15,7 @@ import threading
 
 import torch
 
-__all__ = ["write_setting", "read_settings"]
+__all__ = ["write_setting", "write_settings", "read_settings"]
 
 _LOCK = threading.Lock()
 
@@ -24,6 +24,14 @@ def write_setting(buffer: torch.Tensor, value: torch.Tensor) -> None:
     """Copy `value` into `buffer`, seen by `read_settings` whole or not at all."""
     with _LOCK:
         buffer.copy_(value)
+
+
+def write_settings(*updates: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """`write_setting` for several (buffer, value) pairs that form one update (a site's
+    strengths and its harmful set): `read_settings` sees all of them or none."""
+    with _LOCK:
+        for buffer, value in updates:
+            buffer.copy_(value)
 
 
 def read_settings(*buffers: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -190,7 +190,7 @@ class SafeDIGConfig:
         doc = read_json(path, "steering config")
         if not isinstance(doc, dict) or doc.get("format") != JSON_FORMAT:
             raise ValueError(f"{where}: expected a JSON object with \"format\": \"{JSON_FORMAT}\"")
-        if doc.get("version") != JSON_VERSION:
+        if isinstance(doc.get("version"), bool) or doc.get("version") != JSON_VERSION:  # true == 1 in Python
             raise ValueError(f"{where}: unsupported version {doc.get('version')!r}, expected {JSON_VERSION}")
         top = {"format", "version", "enabled", "use_fused_ops", "telemetry", "telemetry_capacity", "sites"}
         _reject_unknown(doc, top, where)
@@ -215,7 +215,10 @@ class SafeDIGConfig:
             except (TypeError, ValueError) as e:  # name the file, not only the site
                 raise type(e)(f"{where} sites[{i}]: {e}") from None
         kw = {k: doc[k] for k in ("enabled", "use_fused_ops", "telemetry", "telemetry_capacity") if k in doc}
-        return cls(sites=sites, **kw)
+        try:
+            return cls(sites=sites, **kw)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"{where}: {e}") from None
 
 
 # -- checks shared by the configs, apply_safedig and the handle -----------------------------
@@ -258,9 +261,12 @@ def check_sae_site(sae: TopKSAE, site: str, stream: str, where: str, allow: bool
         return
     trained_module = meta.site.removeprefix("transformer.")
     trained_stream = (meta.extra or {}).get("stream")
+    trained = f"{trained_module}:{trained_stream}" if trained_stream else trained_module
+    used = f"{site}:{stream}"
+    if site.startswith("text_encoder"):  # one output, whatever stream a label carries
+        trained_stream, used = None, site
     if trained_module != site or (trained_stream is not None and trained_stream != stream):
-        trained = f"{trained_module}:{trained_stream}" if trained_stream else trained_module
-        raise ValueError(f"{where}: the SAE was trained at site {trained!r} but is used at {site}:{stream}; use "
+        raise ValueError(f"{where}: the SAE was trained at site {trained!r} but is used at {used}; use "
                          f"the SAE trained for this site, or allow_other_site=True (--allow-other-site) if this "
                          f"is intended")
 

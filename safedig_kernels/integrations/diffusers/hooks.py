@@ -42,8 +42,8 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
-from ..._checks import harmful_ids, strength
-from ..._settings import read_settings, write_setting
+from ..._checks import strength
+from ..._settings import read_settings, write_setting, write_settings
 from ...ops import as_harmful_mask
 from ...sae import TopKSAE
 from .config import (
@@ -174,9 +174,11 @@ class _SiteState:
         c = self.cfg
         return [c.beta, c.gamma, c.tau, c.window[0], c.window[1], 1.0 if self.switch_on else 0.0]
 
-    def write(self) -> None:
-        """Copy `cfg` (checked) and the switch into `values`, all in one copy."""
-        write_setting(self.values, torch.tensor(self._row(), dtype=torch.float32))
+    def write(self, harmful: Optional[torch.Tensor] = None) -> None:
+        """Copy `cfg` (checked) and the switch into `values`, all in one copy, and a new
+        harmful mask with it: a steering call sees the whole update or none of it."""
+        row = (self.values, torch.tensor(self._row(), dtype=torch.float32))
+        write_settings(row, *([(self.harmful, harmful)] if harmful is not None else []))
 
     def set_requests(self, table: torch.Tensor) -> None:
         """Write the checked per-request table (CPU fp32 `[4, B]`) with one copy; a new buffer
@@ -476,9 +478,7 @@ class SafeDIGHandle:
         if harmful is not None:
             if isinstance(harmful, torch.Tensor) and harmful.dtype == torch.bool:
                 harmful = harmful.to(st.harmful.device)
-            else:
-                harmful = harmful_ids(harmful, st.sae.num_features, f"{where}.harmful")
-            mask = as_harmful_mask(harmful, st.sae.num_features, st.harmful.device)
+            mask = as_harmful_mask(harmful, st.sae.num_features, st.harmful.device, f"{where}.harmful")
         n_harmful = int(mask.sum()) if mask is not None else len(st.cfg.harmful)
         check_gate_can_open(where, n_harmful, st.cfg.tau if tau is None else tau)
         # All checks passed: apply, each buffer with one copy.
@@ -489,13 +489,12 @@ class SafeDIGHandle:
         if window is not None:
             cfg.window = window
         if mask is not None:
-            write_setting(st.harmful, mask)
             cfg.harmful = mask.nonzero().flatten().tolist()
         if enabled is not None:
             st.site_on = enabled
         st.cfg = cfg
         st.switch_on = self._enabled and st.site_on
-        st.write()
+        st.write(harmful=mask)
 
     def set_requests(self, *, beta=None, gamma=None, tau=None, enabled=None, site: Optional[str] = None,
                      stream: Optional[str] = None) -> None:
@@ -760,12 +759,10 @@ def _resolve(pipeline_or_transformer, config: SafeDIGConfig
         sae = resolve_sae(cfg.sae, where)
         if sae.d != site.width:
             raise ValueError(f"{where}.sae: SAE width d = {sae.d} but the site's activations have width {site.width}")
-        if site.kind == "block":
-            check_sae_site(sae, cfg.site, cfg.stream, where, cfg.allow_other_site)
+        check_sae_site(sae, cfg.site, cfg.stream, where, cfg.allow_other_site)
         sae.check_finite()  # weights changed in memory since the SAE was built are checked here too
         harmful = (sae.harmful_mask.detach().cpu().clone() if cfg.harmful is None
-                   else as_harmful_mask(harmful_ids(cfg.harmful, sae.num_features, f"{where}.harmful"),
-                                        sae.num_features, torch.device("cpu")))
+                   else as_harmful_mask(cfg.harmful, sae.num_features, torch.device("cpu"), f"{where}.harmful"))
         beta = float(sae.beta) if cfg.beta is None else cfg.beta
         gamma = float(sae.gamma) if cfg.gamma is None else cfg.gamma
         tau = float(sae.tau) if cfg.tau is None else cfg.tau

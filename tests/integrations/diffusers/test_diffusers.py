@@ -648,12 +648,16 @@ def test_json_roundtrip_and_validation(tmp_path):
     for mutate, match in [(lambda d: d.update(version=2), "unsupported version"),
                           (lambda d: d["sites"][0].update(strength=1.0), r"unknown keys \['strength'\]"),
                           (lambda d: d["sites"][0].update(window=[0.5, 0.1]), "0 <= start < end"),
-                          (lambda d: d.update(format="other"), "format")]:
+                          (lambda d: d.update(format="other"), "format"),
+                          (lambda d: d.update(version=True), "unsupported version True"),
+                          (lambda d: d.update(enabled="false"), "enabled must be a bool"),
+                          (lambda d: d.update(sites=[]), "site")]:
         bad = json.loads(path.read_text())
         mutate(bad)
         (tmp_path / "bad.json").write_text(json.dumps(bad))
-        with pytest.raises(ValueError, match=match):
+        with pytest.raises((TypeError, ValueError), match=match) as refused:
             SafeDIGConfig.from_json(tmp_path / "bad.json")
+        assert "bad.json" in str(refused.value), "the error names the file"
 
 
 def test_checkpoint_paths_load_and_bad_files_fail_closed(tmp_path):

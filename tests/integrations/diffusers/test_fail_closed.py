@@ -16,7 +16,8 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from _pipelines import HARM_A, flux_pipe, generate, sae, sd3_pipe  # noqa: E402
+from _pipelines import HARM_A, HARM_B, flux_pipe, generate, sae, sd3_pipe  # noqa: E402
+from _race import race  # noqa: E402
 
 from safedig_kernels.integrations.diffusers import SafeDIGConfig, SiteConfig, apply_safedig, remove_safedig  # noqa: E402
 
@@ -96,6 +97,41 @@ def test_an_sae_from_another_site_is_refused_unless_allowed(trained, used):
     handle = apply_safedig(pipe, SafeDIGConfig([SiteConfig(used[0], s, stream=used[1], allow_other_site=True)]))
     handle.remove()
     handle = apply_safedig(pipe, SafeDIGConfig([SiteConfig(trained[0], s, stream=trained[1])]))  # its own site
+    handle.remove()
+
+
+def test_a_block_sae_is_refused_at_a_text_encoder_and_a_text_encoder_sae_accepted():
+    pipe = flux_pipe(1, 1, t5=True)
+    with pytest.raises(ValueError, match="trained at site 'transformer_blocks.0:image' but is used at text_encoder_2;"):
+        apply_safedig(pipe, SafeDIGConfig([SiteConfig("text_encoder_2", _trained_at("transformer_blocks.0"))]))
+    # a text encoder has one output: the stream its SAE was captured under does not matter
+    for stream in ("image", "text"):
+        own = SiteConfig("text_encoder_2", _trained_at("text_encoder_2", stream))
+        apply_safedig(pipe, SafeDIGConfig([own])).remove()
+
+
+def test_set_site_with_a_harmful_set_is_one_update_for_steering_threads():
+    """A thread runs the steered transformer while another flips a site between two states that
+    differ in harmful set and strengths: every output is one state's, never a mix. (One forward
+    of a transformer at a time: its clock holds the forward's timestep, as a pipeline call holds
+    its scheduler's.)"""
+    pipe = flux_pipe(1, 0)
+    handle = apply_safedig(pipe.transformer, SafeDIGConfig([SiteConfig("transformer_blocks.0", sae(1), beta=0.2,
+                                                                       gamma=1.0, tau=-1.0)]))
+    g = torch.Generator().manual_seed(0)
+    inputs = dict(hidden_states=torch.randn(1, 4, 4, generator=g),
+                  encoder_hidden_states=torch.randn(1, 3, 16, generator=g),
+                  pooled_projections=torch.randn(1, 16, generator=g), timestep=torch.tensor([0.5]),
+                  img_ids=torch.zeros(4, 3), txt_ids=torch.zeros(3, 3))
+    states = [dict(harmful=HARM_A, beta=0.2), dict(harmful=HARM_B, beta=0.9)]
+
+    def run():
+        with torch.no_grad():
+            return pipe.transformer(**inputs).sample
+
+    expected, outputs = race(run, states, lambda st: handle.set_site("transformer_blocks.0", **st), 300,
+                             readers=1)
+    assert sum(not any(torch.equal(y, e) for e in expected) for y in outputs) == 0
     handle.remove()
 
 
