@@ -23,7 +23,8 @@ in the manifest alike, and every read of the tensor (`iter_entries`, `iter_promp
 recomputes it and raises `ShardError` naming the shard, tensor key, prompt and site when the
 bytes differ: a damaged shard never loads as silently wrong (e.g. non-finite) activations. Entries
 of stores written before checksums existed have no `crc32` key; they stay readable, unverified.
-Opening a store also checks that the manifest and the shard header record the same checksum.
+Opening a store also checks that the manifest and the shard header record the same checksum
+(an entry whose shard header has one and whose manifest record has none is refused).
 
 A prompt counts once all its entries are on disk: its id goes into `completed` together with
 the id of the run (one writer session) that captured it, in the same atomic step as its last
@@ -192,6 +193,10 @@ def _check_entries_in_shard(path: Path, entries: Sequence[Entry], tensors: dict[
             raise ShardError(f"shard {path}, tensor {e.key!r}: "
                              f"the manifest says shape {list(e.shape)} dtype {e.dtype}, "
                              f"the file holds shape {list(shape)} dtype {safetensors_dtype_name(st_dtype)}")
+        if e.crc32 is None and e.key in header_crc:  # verification must not be turned off by an edit
+            raise ShardError(f"shard {path}, tensor {e.key!r} (prompt {e.prompt_id!r}, site {e.site_key}, step "
+                             f"{e.step}): the shard header records a crc32 but the manifest entry has none: "
+                             f"the manifest was edited")
         if e.crc32 is not None and e.key in header_crc and header_crc[e.key] != e.crc32:
             h = header_crc[e.key]
             h = f"{h:#010x}" if isinstance(h, int) else repr(h)

@@ -198,6 +198,16 @@ def test_manifest_and_shard_header_disagreeing_on_a_checksum(tmp_path):
         ActivationStore(tmp_path)
 
 
+def test_a_checksum_deleted_from_the_manifest_is_refused(tmp_path):
+    # the shard header still records it: an edit must not turn verification off
+    _write(tmp_path)
+    m = json.loads((tmp_path / MANIFEST).read_text())
+    del m["shards"][0]["entries"][1]["crc32"]
+    (tmp_path / MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(ShardError, match=r"tensor 'e1' \(prompt 'p1'.*header records a crc32 but the manifest"):
+        ActivationStore(tmp_path)
+
+
 @pytest.mark.parametrize("bad", ["abc", -1, 1 << 32, 1.5, True])
 def test_malformed_checksum_in_the_manifest(tmp_path, bad):
     _write(tmp_path)
