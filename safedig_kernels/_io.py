@@ -35,8 +35,13 @@ __all__ = ["atomic_write", "atomic_write_text", "atomic_write_json", "write_json
 # -- atomic writes ------------------------------------------------------------------------------
 
 def atomic_write(path: PathLike, write: Callable[[Path], None]) -> None:
-    """Call `write(tmp)` to fill a temporary file, then move it over `path` atomically."""
+    """Call `write(tmp)` to fill a temporary file, then move it over `path` atomically. A `path`
+    that exists and is not a regular file (a device such as /dev/null, a FIFO, a folder) is
+    refused: the rename would replace the special file itself."""
     path = Path(path)
+    if path.exists() and not path.is_file():
+        raise FileExistsError(f"{path} exists and is not a regular file (a device, FIFO or folder); "
+                              f"refusing to replace it")
     tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     mode = os.fstat(fd).st_mode & 0o7777  # 0o666 less the umask, as open() would give

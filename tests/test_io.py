@@ -29,6 +29,7 @@ from safetensors.torch import save_file
 
 from safedig_kernels._io import (
     MAX_JSON_DEPTH,
+    atomic_write,
     json_too_deep,
     loads_json,
     read_json,
@@ -190,6 +191,20 @@ def test_regular_file_uses_the_loaders_error(tmp_path, specials):
     path = specials.make("fifo", tmp_path / "cfg.json")
     e = specials.call(regular_file, path, "config", error=lambda p, problem: LoaderError(f"{p}: {problem}"))
     assert isinstance(e, LoaderError) and str(e) == f"{path}: config is not a regular file (it is a FIFO (named pipe))"
+
+
+@posix_only
+@pytest.mark.parametrize("kind,words", SPECIAL_KINDS)
+def test_atomic_write_refuses_to_replace_special_files(tmp_path, specials, kind, words):
+    # os.replace over a FIFO or a link to /dev/null would swap the special file for ours
+    path = specials.make(kind, tmp_path / "out.json")
+    before = os.lstat(path)
+    with pytest.raises(FileExistsError, match="not a regular file") as info:
+        atomic_write(path, lambda tmp: tmp.write_text("{}"))
+    assert str(path) in str(info.value)
+    after = os.lstat(path)
+    assert (after.st_mode, after.st_ino) == (before.st_mode, before.st_ino)
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"], "no temporary file left behind"
 
 
 @posix_only

@@ -256,9 +256,10 @@ def check_paths(inputs: Named = (), outputs: Named = (), folders: Named = (),
     may already be one (a resume), but it must not lie inside another, and no input may be the
     folder itself or one of the files a capture writes there (manifest, shards).
 
-    Refused: an output that is the same file as an input (`os.path.samefile` when both exist,
-    else equal resolved paths) or as another output; an output or output folder that is, or lies
-    inside, a folder holding an activation store (a `manifest.json` written by capture), the
+    Refused: an output that exists and is not a regular file (a FIFO, /dev/null, a folder); an
+    output that is the same file as an input (`os.path.samefile` when both exist, else equal
+    resolved paths) or as another output; an output or output folder that is, or lies inside, a
+    folder holding an activation store (a `manifest.json` written by capture), the
     `--activations` store the command reads included.
     """
     ins = [(o, p) for o, p in inputs if p is not None and os.fspath(p) != ""]
@@ -269,6 +270,11 @@ def check_paths(inputs: Named = (), outputs: Named = (), folders: Named = (),
             if _same_path(out, inp):
                 raise ValueError(f"{out_opt} {out} is the same path as {in_opt} {inp}: writing {out_opt} would "
                                  f"destroy that input; choose another {out_opt} path (nothing was written)")
+    for out_opt, out in outs:  # a rename over a FIFO or /dev/null would replace the special file
+        p = Path(os.fspath(out)).expanduser()
+        if p.exists() and not p.is_file():
+            raise ValueError(f"{out_opt} {out} exists and is not a regular file (a folder, device or FIFO); "
+                             f"expected a file path (nothing was written)")
     for i, (opt_a, a) in enumerate(outs + dirs):
         for opt_b, b in (outs + dirs)[i + 1:]:
             if _same_path(a, b):

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 from pathlib import Path
 
 import pytest
@@ -95,6 +96,15 @@ def _capture(ws: Path, **kw) -> list[str]:
 def _steer(ws: Path, **kw) -> list[str]:
     args = {"--config": ws / "steer.json", "--prompts": ws / "prompts" / "prompts.jsonl", "--out": ws / "steered", **kw}
     return ["steer"] + [str(x) for kv in args.items() for x in kv] + ["--no-progress", "--device", "cpu"]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_an_output_onto_a_fifo_is_refused(ws, capsys):
+    fifo = ws / "out" / "score.json"
+    fifo.parent.mkdir()
+    os.mkfifo(fifo)
+    _refused(ws, _score(ws, **{"--report": fifo}), ["--report", "not a regular file"], capsys)
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
 
 
 # -- score ---------------------------------------------------------------------------------
