@@ -269,6 +269,17 @@ BETA_RANGE = (0.0, 1.0)
 STRENGTH_NAMES = ("beta", "gamma", "tau")
 
 
+def shown(x: Any) -> str:
+    """repr for an error message, shortened for integers too long to be worth printing (Python
+    refuses to print ints beyond 4300 digits at all)."""
+    if isinstance(x, int) and not isinstance(x, bool) and abs(x) >= 10 ** 20:
+        try:
+            return f"an integer of {len(str(abs(x)))} digits"
+        except ValueError:
+            return f"an integer of about {int(x.bit_length() * math.log10(2)) + 1} digits"
+    return repr(x)
+
+
 def finite_number(value: Any, name: str) -> float:
     """A Python number (not a bool) as a float; no range check."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
@@ -276,7 +287,7 @@ def finite_number(value: Any, name: str) -> float:
     try:
         return float(value)
     except OverflowError:
-        raise ValueError(f"{name} must be a finite float, got {value!r}") from None
+        raise ValueError(f"{name} must be a finite float, got {shown(value)}") from None
 
 
 def strength(value: Any, name: str, label: Optional[str] = None) -> float:
@@ -286,7 +297,7 @@ def strength(value: Any, name: str, label: Optional[str] = None) -> float:
     v = finite_number(value, label)
     as_float32 = float(torch.tensor(v, dtype=torch.float32))
     if not math.isfinite(as_float32):
-        raise ValueError(f"{label} must be finite (as float32, the dtype it is held in), got {value!r}")
+        raise ValueError(f"{label} must be finite (as float32, the dtype it is held in), got {shown(value)}")
     if name == "beta" and not BETA_RANGE[0] <= v <= BETA_RANGE[1]:
         raise ValueError(f"{label} must lie in [0, 1] (Blend strength, spec §2), got {v}")
     return v

@@ -59,7 +59,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ._checks import STRENGTH_NAMES, strength
+from ._checks import STRENGTH_NAMES, shown, strength
 from ._io import MAX_JSON_DEPTH, atomic_write, dtype_from_name, json_too_deep, loads_json, regular_file
 from ._library import MAX_FEATURES, MAX_K
 
@@ -172,7 +172,7 @@ def _as_scale(scale: Optional[float]) -> Optional[float]:
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"activation_scale must be a float, got {type(scale).__name__}")
     if not (_finite(scale) and scale > 0):
-        raise ValueError(f"activation_scale must be a positive finite number, got {_show(scale)}")
+        raise ValueError(f"activation_scale must be a positive finite number, got {shown(scale)}")
     return float(scale)
 
 
@@ -182,13 +182,6 @@ def _finite(x: Union[int, float]) -> bool:
         return math.isfinite(x)
     except OverflowError:
         return False
-
-
-def _show(x: Any) -> str:
-    """repr, shortened for integers too long to be worth printing."""
-    if isinstance(x, int) and not isinstance(x, bool) and abs(x) >= 10 ** 20:
-        return f"an integer of {len(str(abs(x)))} digits"
-    return repr(x)
 
 
 # -- reading ---------------------------------------------------------------------------------
@@ -257,12 +250,12 @@ def _get(cfg: dict[str, Any], key: str, types: tuple, path: Where, default: Any 
     is_bool = isinstance(value, bool)
     if not isinstance(value, types) or (is_bool and bool not in types):
         names = " or ".join(t.__name__ for t in types)
-        raise CheckpointError(path, key, f"expected {names}, found {_show(value)} ({type(value).__name__})")
+        raise CheckpointError(path, key, f"expected {names}, found {shown(value)} ({type(value).__name__})")
     if isinstance(value, int) and not is_bool:
         if float in types and not _finite(value):
-            raise CheckpointError(path, key, f"must be finite, found {_show(value)} (beyond the float range)")
+            raise CheckpointError(path, key, f"must be finite, found {shown(value)} (beyond the float range)")
         if float not in types and not -2 ** 63 <= value < 2 ** 63:
-            raise CheckpointError(path, key, f"expected a 64-bit integer, found {_show(value)}")
+            raise CheckpointError(path, key, f"expected a 64-bit integer, found {shown(value)}")
     return value
 
 
@@ -297,7 +290,7 @@ def _check_k(path: Where, key: str, k: Any, F: int) -> int:
     if isinstance(k, bool) or not isinstance(k, int):
         raise CheckpointError(path, key, f"k must be an integer, found {k!r} ({type(k).__name__})")
     if not 1 <= k <= F:
-        raise CheckpointError(path, key, f"k must satisfy 1 <= k <= F = {F}, found k = {_show(k)}")
+        raise CheckpointError(path, key, f"k must satisfy 1 <= k <= F = {F}, found k = {shown(k)}")
     if k > MAX_K:
         raise CheckpointError(path, key, f"k = {k} exceeds this package's limit of {MAX_K}")
     return k
@@ -350,7 +343,7 @@ def _header_json(weights: SAEWeights) -> str:
         strength(getattr(meta, name), name, f"cannot save: {name}")
     if not (_finite(meta.activation_scale) and meta.activation_scale > 0):
         raise ValueError(f"cannot save: metadata.activation_scale must be positive and finite, "
-                         f"got {_show(meta.activation_scale)}")
+                         f"got {shown(meta.activation_scale)}")
     scale = float(meta.activation_scale)
     for name in ("model", "site", "source"):
         if not isinstance(getattr(meta, name), str):
@@ -413,10 +406,10 @@ def read_safedig(path: PathLike, device: Optional[DeviceLike] = None,
     if version is _MISSING:
         raise CheckpointError(path, "format_version", "missing from the metadata")
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise CheckpointError(path, "format_version", f"unknown format version {_show(version)} "
+        raise CheckpointError(path, "format_version", f"unknown format version {shown(version)} "
                                                       f"(this package reads 1..{FORMAT_VERSION})")
     if version > FORMAT_VERSION:
-        raise CheckpointError(path, "format_version", f"format version {_show(version)} is newer than this "
+        raise CheckpointError(path, "format_version", f"format version {shown(version)} is newer than this "
                               f"package reads ({FORMAT_VERSION}); upgrade safedig_kernels")
     missing = sorted(set(_META_FIELDS) - set(doc))
     if missing:
@@ -456,7 +449,7 @@ def read_safedig(path: PathLike, device: Optional[DeviceLike] = None,
     for i in harmful:
         if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < F:
             raise CheckpointError(path, "harmful_features", f"feature ids must be integers in "
-                                                            f"[0, F) = [0, {F}), found {_show(i)}")
+                                                            f"[0, F) = [0, {F}), found {shown(i)}")
     metadata = SAEMetadata(format_version=version, model=doc["model"], site=doc["site"],
                            harmful_features=list(harmful), beta=float(doc["beta"]),
                            gamma=float(doc["gamma"]), tau=float(doc["tau"]),

@@ -964,7 +964,9 @@ def test_save_refuses_what_the_reader_refuses(tmp_path):
     w = ckpt.read_sae(tmp_path / "src.safetensors")
     deep = json.loads(DEEPISH)
     for meta, needle in ((dataclasses.replace(w.metadata, extra={"a": deep}), "nested too deeply"),
-                         (dataclasses.replace(w.metadata, beta=10 ** 400), "beta = an integer of 401 digits"),
+                         (dataclasses.replace(w.metadata, beta=10 ** 400),
+                          "beta must be a finite float, got an integer of 401 digits"),
+                         (dataclasses.replace(w.metadata, beta=5.0), "beta must lie in [0, 1]"),
                          (dataclasses.replace(w.metadata, activation_scale=10 ** 400), "activation_scale")):
         with pytest.raises(ValueError, match="cannot save") as info:
             ckpt.write_safedig(path, dataclasses.replace(w, metadata=meta))
