@@ -6,8 +6,13 @@ accept (2-D, 3-D, strided, transposed, a stride-0 broadcast), any harmful set, s
 their whole range, NaN and Inf tokens. Each case is scored at the op's own top-k choice (a
 legitimate near-tie choice costs nothing) and that choice must be a top k up to near ties.
 `derandomize=True` makes the cases the same on every run, so a failure reproduces.
+
+The runs share the hypothesis profile "safedig-fuzz" registered below; `SAFEDIG_FUZZ_SCALE=10`
+runs ten times the cases (a longer sweep before a release), `0.05` a quick look.
 """
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -17,6 +22,18 @@ from hypothesis import strategies as st
 
 from safedig_kernels import ops
 from safedig_kernels.testing import REFERENCE_TOL, assert_valid_topk
+
+# Same cases every run (a failure reproduces), no example database, no time limits: each case
+# is small but the CPU may be busy. The poisoning fixture is per test, not per example, by design.
+settings.register_profile("safedig-fuzz", deadline=None, derandomize=True, database=None,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                                 HealthCheck.function_scoped_fixture])
+FUZZ = settings.get_profile("safedig-fuzz")
+
+
+def _cases(n: int) -> int:
+    return max(1, round(n * float(os.environ.get("SAFEDIG_FUZZ_SCALE", "1"))))
+
 
 LAYOUTS = ("2d", "3d", "2d-strided", "3d-strided", "transposed", "broadcast")
 
@@ -107,8 +124,7 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().view(torch.int16 if t.element_size() == 2 else torch.int32)
 
 
-@settings(max_examples=10_000, deadline=None, derandomize=True, database=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(FUZZ, max_examples=_cases(10_000))
 @given(cases())
 def test_fuzz_op_cpu_path_against_float64_oracle(c):
     x, W_enc, b_enc, W_dec, b_dec, harmful = build(c)
@@ -118,9 +134,7 @@ def test_fuzz_op_cpu_path_against_float64_oracle(c):
 
 
 @pytest.mark.interpreter
-@settings(max_examples=250, deadline=None, derandomize=True, database=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                 HealthCheck.function_scoped_fixture])
+@settings(FUZZ, max_examples=_cases(250))
 @given(cases(dtypes=(torch.float32,), max_f=72, max_n=4))
 def test_fuzz_kernels_in_the_interpreter_against_float64_oracle(poison_allocations, c):
     from safedig_kernels.ops.steer import _steer_fwd
