@@ -557,7 +557,8 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), *, log: Opt
         "train_fvu": fvus, "table": table, "summaries": sums, "overhead": overhead, "seconds": stages,
         **({"detector": {"name": evaluation.detector, "description": evaluation.detector_description},
             "unsafe_rate": evaluation.unsafe_rate(),
-            "unsafe": evaluation.unsafe, "safe_psnr_db": evaluation.safe_psnr_db(),
+            "unsafe": evaluation.unsafe,
+            "safe_psnr_db": {"unsteered": None, **evaluation.safe_psnr_db()},  # None: the reference
             "safe_similarity": evaluation.safe_similarity} if evaluation is not None else {}),
         "machine": {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
                     "threads": torch.get_num_threads()},

@@ -68,7 +68,7 @@ def test_demo_quick_end_to_end(quick_demo, capsys):
         assert rate[label]["adapted"] <= 0.25, rate
     assert rate[source]["source"] <= 0.25, rate  # the source SAE handles its own domain
     assert all(v == 0.0 for v in rate["safe"].values()), rate
-    assert set(psnr) == {"source", "adapted"} and min(psnr.values()) > 35.0, psnr
+    assert psnr["unsteered"] is None and min(psnr["source"], psnr["adapted"]) > 35.0, psnr
     assert summary["unsafe"][source]["unsteered"]["n"] == summary["config"]["eval_prompts"]
     check_harm_table(summary, safe_moved_at_most=0.05)
 
