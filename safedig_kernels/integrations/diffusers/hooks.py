@@ -20,6 +20,8 @@ How it runs, and why it needs no recompilation:
   inside a step. `handle.telemetry()` is the only place that reads them back.
 - SAEs and state follow the hooked module's `.to()` (the module's `_apply` is wrapped), so
   applying before `pipe.to("cuda")` works.
+- A pipeline call whose schedule has no step inside a switched-on site's window is refused at
+  its first step (`_ScheduleCheck`): such a site would never steer.
 
 CFG: SD3 pipelines batch `[uncond; cond]`; `cfg="cond"` steers only the second half. Which
 calls carry such a batch is read in Python when the pipeline encodes its prompt
@@ -36,6 +38,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence, Union
 
@@ -324,22 +327,69 @@ def _gate_stats(h: torch.Tensor, tau: torch.Tensor) -> tuple[torch.Tensor, torch
 
 # -- hooks -------------------------------------------------------------------------------
 
+class _ScheduleCheck:
+    """Refuse a pipeline call none of whose steps falls inside a switched-on site's window: with
+    4 steps (progress 0, .25, .5, .75) a window (0.9, 0.95) would never steer, and the images
+    would come out unsteered without a word.
+
+    Runs in the clock's eager `pre_forward`, once per schedule the pipeline sets and per set
+    of windows: it copies the scheduler's timesteps to the host (one sync per generation on
+    CUDA). Skipped while tracing or capturing a CUDA graph, and when the call is not a step of
+    that schedule (the transformer called on its own). Both pipelines hand the scheduler's
+    timesteps t (sigma * 1000) to the transformer so that progress is 1 - t / 1000; `SLACK`
+    absorbs FLUX passing them in the model's dtype (bf16 moves progress by < 0.004), so the
+    check only ever errs towards letting a call through."""
+
+    SLACK = 0.01
+
+    def __init__(self, pipeline, clock: _Clock) -> None:
+        self.pipeline = pipeline
+        self.clock = clock
+        self._checked: Optional[tuple] = None  # (weakref to the timesteps checked, windows)
+
+    def __call__(self, t: torch.Tensor, spec: ModelSpec) -> None:
+        if torch.compiler.is_compiling() or (t.is_cuda and torch.cuda.is_current_stream_capturing()):
+            return
+        ts = getattr(getattr(self.pipeline, "scheduler", None), "timesteps", None)
+        if not isinstance(ts, torch.Tensor) or ts.dim() != 1 or ts.numel() == 0:
+            return
+        windows = tuple((st.label, tuple(st.cfg.window)) for st in self.clock.sites if st.switch_on)
+        if self._checked is not None and self._checked[0]() is ts and self._checked[1] == windows:
+            return
+        self._checked = (weakref.ref(ts), windows)
+        steps = (1.0 - ts.detach().to("cpu", torch.float32) / 1000.0).tolist()
+        now = float(spec.progress(t))
+        if not windows or not any(abs(now - p) <= self.SLACK for p in steps):
+            return
+        for label, (lo, hi) in windows:
+            if not any(p >= lo - self.SLACK and (p < hi + self.SLACK or hi >= 1.0) for p in steps):
+                shown = ", ".join(f"{p:.3g}" for p in steps[:12]) + (", ..." if len(steps) > 12 else "")
+                raise RuntimeError(f"SafeDIG site {label!r}: its window ({lo}, {hi}) holds none of this call's "
+                                   f"{len(steps)} steps (schedule progress {shown}), so it would never steer. "
+                                   f"Widen the window, use more steps, or switch the site off with "
+                                   f"handle.set_site({label!r}, enabled=False)")
+
+
 class _ClockHook(ModelHook):
     """On the transformer: schedule progress from `timestep` before the blocks run; advance the
     telemetry row after. The call itself runs in `new_forward`, which clears the progress even
     when the transformer raises: a block called later, outside a forward of its transformer,
     then refuses to steer rather than steer with a stale timestep."""
 
-    def __init__(self, clock: _Clock, spec: ModelSpec, timestep_index: int) -> None:
+    def __init__(self, clock: _Clock, spec: ModelSpec, timestep_index: int,
+                 schedule: Optional[_ScheduleCheck] = None) -> None:
         super().__init__()
         self.clock = clock
         self.spec = spec
         self.index = timestep_index
+        self.schedule = schedule
 
     def pre_forward(self, module, *args, **kwargs):
         t = call_timestep(args, kwargs, self.index)
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"SafeDIG needs the transformer's timestep as a tensor, got {type(t).__name__}")
+        if self.schedule is not None:
+            self.schedule(t, self.spec)
         self.clock.progress = self.spec.progress(t)
         self.clock.cfg_halves = self.clock.cfg_batch and kwargs.get("skip_layers") is None
         if not torch.compiler.is_compiling():
@@ -821,7 +871,9 @@ def apply_safedig(pipeline_or_transformer, config: SafeDIGConfig) -> SafeDIGHand
             clock.sites.append(st)
     handle._sync_switches()
 
-    _register(transformer, _ClockHook(handle._clocks[id(transformer)], spec, t_index), _CLOCK_HOOK, handle)
+    clock = handle._clocks[id(transformer)]
+    schedule = _ScheduleCheck(pipeline, clock) if pipeline is not None else None
+    _register(transformer, _ClockHook(clock, spec, t_index, schedule), _CLOCK_HOOK, handle)
     handle._follow_moves(transformer)
     for st in handle._states.values():
         if st.site.kind == "block" and id(st.site.module) in by_block:

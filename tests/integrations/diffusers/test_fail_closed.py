@@ -2,7 +2,8 @@
 
 - The bad-input classes that enter through the integration: strengths at every entrance
   (SiteConfig, its JSON, set_site), SAE weights changed in memory, an SAE used at a site it was
-  not trained for, a handle used after removal, a generation that failed part-way.
+  not trained for, a handle used after removal, a generation that failed part-way, a window
+  that no step of the call's schedule enters.
 - The fail-open sweep: for every way a site can be configured, either applying it raises, or
   the steered output differs from the unsteered one where the gate opens (every token here).
 """
@@ -188,6 +189,46 @@ def test_a_failed_generation_leaves_no_timestep_behind():
 
 
 # -- the fail-open sweep -------------------------------------------------------------------
+
+# -- a window the schedule never enters ------------------------------------------------------
+
+@pytest.mark.parametrize("model", ["flux", "sd3"])
+def test_a_window_no_step_enters_is_refused_at_the_call(model):
+    """4 steps have progress 0, .25, .5, .75: a window (0.9, 0.95) would never steer."""
+    pipe = flux_pipe(1, 1) if model == "flux" else sd3_pipe(2)
+    site = "transformer_blocks.0"
+    unsteered = generate(pipe)
+    handle = apply_safedig(pipe, SafeDIGConfig([SiteConfig(site, sae(1), beta=0.5, gamma=2.0, tau=-1.0,
+                                                           window=(0.9, 0.95))]))
+    with pytest.raises(RuntimeError, match=r"window \(0.9, 0.95\) holds none of this call's 4 steps"):
+        generate(pipe)
+    assert not torch.equal(generate(pipe, steps=20), unsteered)  # progress 0.9 is a step of 20
+    handle.set_site(site, enabled=False)  # switched off on purpose: no refusal, the unsteered image
+    assert torch.equal(generate(pipe), unsteered)
+    handle.set_site(site, enabled=True, window=(0.5, 1.0))
+    assert not torch.equal(generate(pipe), unsteered)
+    remove_safedig(pipe)
+
+
+def test_the_schedule_check_lets_a_direct_transformer_call_through():
+    # the scheduler still holds the last pipeline call's 4 steps; this call is not one of them
+    pipe = flux_pipe(1, 0)
+    handle = apply_safedig(pipe, SafeDIGConfig([SiteConfig("transformer_blocks.0", sae(1), beta=0.5, gamma=2.0,
+                                                           tau=-1.0)]))
+    generate(pipe)
+    handle.set_site("transformer_blocks.0", window=(0.9, 1.0))
+    g = torch.Generator().manual_seed(0)
+    inputs = dict(hidden_states=torch.randn(1, 4, 4, generator=g),
+                  encoder_hidden_states=torch.randn(1, 3, 16, generator=g),
+                  pooled_projections=torch.randn(1, 16, generator=g), timestep=torch.tensor([0.05]),
+                  img_ids=torch.zeros(4, 3), txt_ids=torch.zeros(3, 3))
+    with torch.no_grad():
+        steered = pipe.transformer(**inputs).sample
+        handle.disable()
+        plain = pipe.transformer(**inputs).sample
+    assert not torch.equal(steered, plain)
+    remove_safedig(pipe)
+
 
 FLUX_SITES = [("transformer_blocks.0", "image"), ("transformer_blocks.0", "text"), ("transformer_blocks.0", "both"),
               ("single_transformer_blocks.0", "image"), ("single_transformer_blocks.0", "both")]
