@@ -15,7 +15,7 @@ import threading
 
 import torch
 
-__all__ = ["write_setting", "write_settings", "read_settings"]
+__all__ = ["write_setting", "write_settings", "settings_update", "read_settings"]
 
 _LOCK = threading.Lock()
 
@@ -32,6 +32,12 @@ def write_settings(*updates: tuple[torch.Tensor, torch.Tensor]) -> None:
     with _LOCK:
         for buffer, value in updates:
             buffer.copy_(value)
+
+
+def settings_update():
+    """A context in which settings buffers may be written by other means (a module's
+    `load_state_dict`) and still be seen by `read_settings` whole or not at all."""
+    return _LOCK
 
 
 def read_settings(*buffers: torch.Tensor) -> tuple[torch.Tensor, ...]:

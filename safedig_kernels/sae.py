@@ -29,7 +29,7 @@ import torch
 
 from . import checkpoints, ops, reference
 from ._checks import STRENGTH_NAMES, check_sae_tensors, check_steer, check_tensor, strength
-from ._settings import read_settings, write_setting
+from ._settings import read_settings, settings_update, write_setting
 from .checkpoints import FORMAT_VERSION, SAEMetadata, SAEWeights
 from .ops import Harmful, Strength, as_harmful_mask, encoder_bias, harmful_for_call, strength_for_call
 
@@ -64,7 +64,8 @@ class TopKSAE(torch.nn.Module):
         self.register_buffer("b_enc", b_enc.detach().clone())
         self.register_buffer("W_dec", W_dec.detach().clone())
         self.register_buffer("b_dec", b_dec.detach().clone())
-        self.register_buffer("harmful_mask", as_harmful_mask(metadata.harmful_features, F, W_enc.device))
+        self.register_buffer("harmful_mask", as_harmful_mask(metadata.harmful_features, F, W_enc.device,
+                                                             "metadata.harmful_features"))
         values = [strength(getattr(metadata, n), n, f"metadata.{n}") for n in STRENGTH_NAMES]
         # beta, gamma, tau in one float32 buffer: one copy updates them together (threads)
         self.register_buffer("strengths", torch.tensor(values, dtype=torch.float32, device=W_enc.device))
@@ -110,9 +111,10 @@ class TopKSAE(torch.nn.Module):
             raise RuntimeError(f"{where}: missing keys {missing}, unexpected keys {unexpected}")
         wrong = [f"{k}: {list(v.shape)} for {list(own[k].shape)}" for k, v in state_dict.items()
                  if k in own and v.shape != own[k].shape]
-        if wrong and not assign:
-            raise ValueError(f"{where}: shapes differ from this SAE's ({'; '.join(wrong)})")
-        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        if wrong:  # torch refuses these too, but only after copying the other entries
+            raise RuntimeError(f"{where}: shapes differ from this SAE's ({'; '.join(wrong)})")
+        with settings_update():  # strengths and mask change together for steering threads
+            result = super().load_state_dict(state_dict, strict=strict, assign=assign)
         if self.strengths.dtype != torch.float32:  # `assign` may have brought another dtype
             self.strengths = self.strengths.to(torch.float32)
         for n, v in zip(STRENGTH_NAMES, self.strengths.tolist()):

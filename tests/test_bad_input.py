@@ -172,6 +172,18 @@ def test_a_refused_load_or_cast_leaves_the_sae_as_it_was():
     assert s.W_enc.dtype == torch.float32 and torch.equal(s.steer(x)[0], y_before)
 
 
+def test_load_state_dict_with_assign_refuses_a_wrong_shape_before_anything_changes():
+    s = _sae()
+    before = {k: v.clone() for k, v in s.state_dict().items()}
+    state = {k: v.clone() for k, v in before.items()}
+    state["W_enc"] = torch.randn(D, F + 12)
+    state["b_dec"] += 1.0
+    state["strengths"] = torch.tensor([0.5, 1.0, 0.0])
+    with pytest.raises(RuntimeError, match="shapes differ"):
+        s.load_state_dict(state, assign=True)
+    assert all(torch.equal(v, before[k]) for k, v in s.state_dict().items())
+
+
 def test_set_strengths_keeps_the_held_values_not_edited_metadata():
     # metadata is a plain dataclass: a NaN written into it must not reach the buffer
     s = _sae()

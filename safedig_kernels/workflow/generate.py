@@ -191,7 +191,14 @@ def _judges(handle: SafeDIGHandle, judges: Optional[Judges]) -> dict[str, tuple[
         if len(judges) != len(resolved):
             raise ValueError(f"judges must give one (SAE, harmful ids) per steered site ({len(resolved)}), "
                              f"got {len(judges)}")
-        return dict(zip(handle.sites, judges))
+        out = {}
+        for i, (label, judge) in enumerate(zip(handle.sites, judges)):
+            if not (isinstance(judge, (tuple, list)) and len(judge) == 2 and isinstance(judge[0], TopKSAE)):
+                raise TypeError(f"judges[{i}] must be a (TopKSAE, harmful ids) pair, got {type(judge).__name__}")
+            sae, harmful = judge
+            mask = as_harmful_mask(harmful, sae.num_features, torch.device("cpu"), f"judges[{i}] harmful")
+            out[label] = (sae, mask.nonzero().flatten().tolist())  # checked here, not mid-generation
+        return out
     return {label: (s.sae, list(s.harmful or [])) for label, s in zip(handle.sites, resolved)
             if isinstance(s.sae, TopKSAE)}
 

@@ -155,6 +155,26 @@ def test_steer_baseline_is_the_unhooked_model(routed):
     assert torch.equal(unhooked(), plain)
 
 
+def test_generate_checks_its_judges_before_generating(routed):
+    from safedig_kernels import random_sae
+    from safedig_kernels.integrations.diffusers import SafeDIGConfig, remove_safedig
+    from safedig_kernels.workflow.generate import GenerateConfig, generate
+    from safedig_kernels.workflow.pipelines import load_pipeline
+    from safedig_kernels.workflow.prompts import load_prompts
+
+    pipe = load_pipeline("tiny-flux")
+    prompts = load_prompts(routed["prompts"])[-1:]
+    config = SafeDIGConfig.from_json(routed["config"]).with_loaded_saes()
+    gen = GenerateConfig(num_inference_steps=STEPS, height=HW, width=HW, decode=False)
+    judge = random_sae(config.sites[0].sae.d, 8, 2, seed=0)
+    for judges, exc, match in [([(judge, [1.5])] * len(config.sites), TypeError, r"judges\[0\] harmful"),
+                               ([(judge, [8])] * len(config.sites), ValueError, r"judges\[0\] harmful"),
+                               ([judge] * len(config.sites), TypeError, r"judges\[0\] must be a \(TopKSAE")]:
+        with pytest.raises(exc, match=match):
+            generate(pipe, prompts, config, gen, judges=judges)
+        assert not remove_safedig(pipe)  # nothing left hooked
+
+
 def _bad_configs(routed, d: Path) -> dict[str, tuple[Path, str]]:
     from safedig_kernels import random_sae
     from safedig_kernels.integrations.diffusers import SafeDIGConfig

@@ -263,8 +263,12 @@ def check_sae_site(sae: TopKSAE, site: str, stream: str, where: str, allow: bool
     trained_stream = (meta.extra or {}).get("stream")
     trained = f"{trained_module}:{trained_stream}" if trained_stream else trained_module
     used = f"{site}:{stream}"
-    if site.startswith("text_encoder"):  # one output, whatever stream a label carries
+    if site.startswith("text_encoder"):
+        # One output, whatever stream a label carries; and the T5 sites are one model under two
+        # names (FLUX's text_encoder_2, SD3's text_encoder_3): a T5 SAE fits either.
         trained_stream, used = None, site
+        if trained_module.startswith("text_encoder"):
+            trained_module = site
     if trained_module != site or (trained_stream is not None and trained_stream != stream):
         raise ValueError(f"{where}: the SAE was trained at site {trained!r} but is used at {used}; use "
                          f"the SAE trained for this site, or allow_other_site=True (--allow-other-site) if this "

@@ -20,8 +20,9 @@ How it runs, and why it needs no recompilation:
   inside a step. `handle.telemetry()` is the only place that reads them back.
 - SAEs and state follow the hooked module's `.to()` (the module's `_apply` is wrapped), so
   applying before `pipe.to("cuda")` works.
-- A pipeline call whose schedule has no step inside a switched-on site's window is refused at
-  its first step (`_ScheduleCheck`): such a site would never steer.
+- A pipeline run whose schedule has no step inside a switched-on site's window is refused at
+  its first step (`_ScheduleCheck`; eager or regionally compiled transformers): such a site
+  would never steer.
 
 CFG: SD3 pipelines batch `[uncond; cond]`; `cfg="cond"` steers only the second half. Which
 calls carry such a batch is read in Python when the pipeline encodes its prompt
@@ -328,46 +329,50 @@ def _gate_stats(h: torch.Tensor, tau: torch.Tensor) -> tuple[torch.Tensor, torch
 # -- hooks -------------------------------------------------------------------------------
 
 class _ScheduleCheck:
-    """Refuse a pipeline call none of whose steps falls inside a switched-on site's window: with
+    """Refuse a pipeline run none of whose steps falls inside a switched-on site's window: with
     4 steps (progress 0, .25, .5, .75) a window (0.9, 0.95) would never steer, and the images
     would come out unsteered without a word.
 
-    Runs in the clock's eager `pre_forward`, once per schedule the pipeline sets and per set
-    of windows: it copies the scheduler's timesteps to the host (one sync per generation on
-    CUDA). Skipped while tracing or capturing a CUDA graph, and when the call is not a step of
-    that schedule (the transformer called on its own). Both pipelines hand the scheduler's
-    timesteps t (sigma * 1000) to the transformer so that progress is 1 - t / 1000; `SLACK`
-    absorbs FLUX passing them in the model's dtype (bf16 moves progress by < 0.004), so the
-    check only ever errs towards letting a call through."""
+    Runs in the clock's eager `pre_forward` (not when the whole transformer is compiled: it is
+    traced there) at a run's first step, which the scheduler marks by not having stepped yet
+    (`step_index` None), over the steps the run takes (from `begin_index`, as img2img sets
+    it); a window changed later in the run is the caller's choice. It copies the timesteps to
+    the host once per run (one sync on CUDA). Skipped while capturing a CUDA graph, and when
+    the call is not a step of that schedule (the transformer called on its own). Both
+    pipelines hand the scheduler's timesteps t (sigma * 1000) to the transformer so that
+    progress is 1 - t / 1000; `SLACK` absorbs FLUX passing them in the model's dtype (bf16
+    moves progress by < 0.004), so the check only ever errs towards letting a call through."""
 
     SLACK = 0.01
 
     def __init__(self, pipeline, clock: _Clock) -> None:
         self.pipeline = pipeline
         self.clock = clock
-        self._checked: Optional[tuple] = None  # (weakref to the timesteps checked, windows)
+        self._passed: Optional[tuple] = None  # (weakref to the timesteps, windows) last let through
 
     def __call__(self, t: torch.Tensor, spec: ModelSpec) -> None:
         if torch.compiler.is_compiling() or (t.is_cuda and torch.cuda.is_current_stream_capturing()):
             return
-        ts = getattr(getattr(self.pipeline, "scheduler", None), "timesteps", None)
-        if not isinstance(ts, torch.Tensor) or ts.dim() != 1 or ts.numel() == 0:
+        scheduler = getattr(self.pipeline, "scheduler", None)
+        ts = getattr(scheduler, "timesteps", None)
+        if (not isinstance(ts, torch.Tensor) or ts.dim() != 1 or ts.numel() == 0
+                or getattr(scheduler, "step_index", None) is not None):
             return
         windows = tuple((st.label, tuple(st.cfg.window)) for st in self.clock.sites if st.switch_on)
-        if self._checked is not None and self._checked[0]() is ts and self._checked[1] == windows:
+        if self._passed is not None and self._passed[0]() is ts and self._passed[1] == windows:
             return
-        self._checked = (weakref.ref(ts), windows)
-        steps = (1.0 - ts.detach().to("cpu", torch.float32) / 1000.0).tolist()
+        begin = getattr(scheduler, "begin_index", None) or 0
+        steps = (1.0 - ts[begin:].detach().to("cpu", torch.float32) / 1000.0).tolist()
         now = float(spec.progress(t))
-        if not windows or not any(abs(now - p) <= self.SLACK for p in steps):
-            return
-        for label, (lo, hi) in windows:
-            if not any(p >= lo - self.SLACK and (p < hi + self.SLACK or hi >= 1.0) for p in steps):
-                shown = ", ".join(f"{p:.3g}" for p in steps[:12]) + (", ..." if len(steps) > 12 else "")
-                raise RuntimeError(f"SafeDIG site {label!r}: its window ({lo}, {hi}) holds none of this call's "
-                                   f"{len(steps)} steps (schedule progress {shown}), so it would never steer. "
-                                   f"Widen the window, use more steps, or switch the site off with "
-                                   f"handle.set_site({label!r}, enabled=False)")
+        if windows and any(abs(now - p) <= self.SLACK for p in steps):
+            for label, (lo, hi) in windows:
+                if not any(p >= lo - self.SLACK and (p < hi + self.SLACK or hi >= 1.0) for p in steps):
+                    shown = ", ".join(f"{p:.3g}" for p in steps[:12]) + (", ..." if len(steps) > 12 else "")
+                    raise RuntimeError(f"SafeDIG site {label!r}: its window ({lo}, {hi}) holds none of this "
+                                       f"run's {len(steps)} steps (schedule progress {shown}), so it would never "
+                                       f"steer. Widen the window, use more steps, or switch the site off with "
+                                       f"handle.set_site({label!r}, enabled=False)")
+        self._passed = (weakref.ref(ts), windows)
 
 
 class _ClockHook(ModelHook):
@@ -526,6 +531,8 @@ class SafeDIGHandle:
             raise TypeError(f"{where}.enabled must be a bool, got {enabled!r}")
         mask = None
         if harmful is not None:
+            if hasattr(harmful, "__array__") and not isinstance(harmful, torch.Tensor):  # numpy
+                harmful = torch.as_tensor(harmful)
             if isinstance(harmful, torch.Tensor) and harmful.dtype == torch.bool:
                 harmful = harmful.to(st.harmful.device)
             mask = as_harmful_mask(harmful, st.sae.num_features, st.harmful.device, f"{where}.harmful")
