@@ -31,13 +31,15 @@ def as_strength(value: Strength, name: str, device: torch.device) -> torch.Tenso
 
 
 def as_harmful_mask(harmful: Harmful, F: int, device: torch.device, name: str = "harmful") -> torch.Tensor:
-    """A bool mask `[F]` on `device` from a bool mask (a tensor, a numpy array or a sequence of
-    F Python bools) or from integer feature ids in [0, F). A uint8 tensor is refused: torch
-    has used it for masks, so it could mean either. Errors call the argument `name`."""
+    """A bool mask `[F]` on `device` from a bool mask (a tensor on any device, a numpy array or a
+    sequence of F Python bools) or from integer feature ids in [0, F). A uint8 tensor is
+    refused: torch has used it for masks, so it could mean either. Errors call the argument
+    `name`. (A per-call mask goes through `harmful_for_call`, which never copies it.)"""
     if hasattr(harmful, "__array__") and not isinstance(harmful, torch.Tensor):  # numpy
         harmful = torch.as_tensor(harmful)
     if isinstance(harmful, torch.Tensor):
         if harmful.dtype == torch.bool:
+            harmful = harmful.to(device)
             check_harmful_mask(harmful, F, device, name)
             return harmful
         if harmful.dtype == torch.uint8:

@@ -531,10 +531,6 @@ class SafeDIGHandle:
             raise TypeError(f"{where}.enabled must be a bool, got {enabled!r}")
         mask = None
         if harmful is not None:
-            if hasattr(harmful, "__array__") and not isinstance(harmful, torch.Tensor):  # numpy
-                harmful = torch.as_tensor(harmful)
-            if isinstance(harmful, torch.Tensor) and harmful.dtype == torch.bool:
-                harmful = harmful.to(st.harmful.device)
             mask = as_harmful_mask(harmful, st.sae.num_features, st.harmful.device, f"{where}.harmful")
         n_harmful = int(mask.sum()) if mask is not None else len(st.cfg.harmful)
         check_gate_can_open(where, n_harmful, st.cfg.tau if tau is None else tau)

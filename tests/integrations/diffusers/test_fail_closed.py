@@ -124,6 +124,15 @@ def test_set_site_takes_a_numpy_bool_mask():
     remove_safedig(pipe)
 
 
+def _flux_call(timestep: float) -> dict:
+    """Inputs for calling a `flux_pipe(1, 0)` transformer directly: 4 image and 3 text tokens."""
+    g = torch.Generator().manual_seed(0)
+    return dict(hidden_states=torch.randn(1, 4, 4, generator=g),
+                encoder_hidden_states=torch.randn(1, 3, 16, generator=g),
+                pooled_projections=torch.randn(1, 16, generator=g), timestep=torch.tensor([timestep]),
+                img_ids=torch.zeros(4, 3), txt_ids=torch.zeros(3, 3))
+
+
 def test_set_site_with_a_harmful_set_is_one_update_for_steering_threads():
     """A thread runs the steered transformer while another flips a site between two states that
     differ in harmful set and strengths: every output is one state's, never a mix. (One forward
@@ -132,11 +141,7 @@ def test_set_site_with_a_harmful_set_is_one_update_for_steering_threads():
     pipe = flux_pipe(1, 0)
     handle = apply_safedig(pipe.transformer, SafeDIGConfig([SiteConfig("transformer_blocks.0", sae(1), beta=0.2,
                                                                        gamma=1.0, tau=-1.0)]))
-    g = torch.Generator().manual_seed(0)
-    inputs = dict(hidden_states=torch.randn(1, 4, 4, generator=g),
-                  encoder_hidden_states=torch.randn(1, 3, 16, generator=g),
-                  pooled_projections=torch.randn(1, 16, generator=g), timestep=torch.tensor([0.5]),
-                  img_ids=torch.zeros(4, 3), txt_ids=torch.zeros(3, 3))
+    inputs = _flux_call(timestep=0.5)
     states = [dict(harmful=HARM_A, beta=0.2), dict(harmful=HARM_B, beta=0.9)]
 
     def run():
@@ -231,11 +236,7 @@ def test_the_schedule_check_lets_a_direct_transformer_call_through():
                                                            tau=-1.0)]))
     generate(pipe)
     handle.set_site("transformer_blocks.0", window=(0.9, 1.0))
-    g = torch.Generator().manual_seed(0)
-    inputs = dict(hidden_states=torch.randn(1, 4, 4, generator=g),
-                  encoder_hidden_states=torch.randn(1, 3, 16, generator=g),
-                  pooled_projections=torch.randn(1, 16, generator=g), timestep=torch.tensor([0.05]),
-                  img_ids=torch.zeros(4, 3), txt_ids=torch.zeros(3, 3))
+    inputs = _flux_call(timestep=0.05)
     with torch.no_grad():
         steered = pipe.transformer(**inputs).sample
         handle.disable()
