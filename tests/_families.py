@@ -16,8 +16,9 @@ Each ``Family`` says how its main pipeline calls the transformer:
 - ``streams``: per stack, the token counts of the two streams at the registry's indexes for one
   ``call_kwargs`` call: ``(hidden, text)``, ``text`` None where the block returns no text stream; a list
   gives one pair per block where blocks of a stack differ. ``text_width`` is the text stream's width.
-- ``pipeline()`` (where the main pipeline runs without VAE or text encoders) builds that pipeline around
-  a fresh tiny transformer, with the keyword arguments of a guided call on two prompts.
+- ``pipeline()`` (where the main pipeline runs without text encoders and with a tiny or no VAE) builds
+  that pipeline around a fresh tiny transformer, with the keyword arguments of a guided call on two
+  prompts (true CFG for the distilled FLUX.1 and HunyuanVideo).
 """
 from __future__ import annotations
 
@@ -37,7 +38,8 @@ CFG_STYLES = {
     "separate": "cond and uncond are two transformer calls of batch B each (cond first)",
     "uncond_cond": "one call of batch 2B, rows [uncond; cond]",
     "cond_uncond": "one call of batch 2B, rows [cond; uncond]",
-    "distilled": "guidance-distilled: one call of batch B, guidance scale embedded, no uncond pass",
+    "distilled": "guidance-distilled: one call of batch B with the guidance scale embedded; the pipeline's "
+                 "optional true CFG (negative prompt, true_cfg_scale > 1) adds a separate uncond call after it",
 }
 
 
