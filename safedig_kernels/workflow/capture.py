@@ -31,7 +31,7 @@ from ..integrations.diffusers.sites import (
     family_of,
     read_stream,
     resolve_site,
-    timestep_index,
+    split_target,
 )
 from .prompts import PromptRecord, load_prompts, prompt_seed
 from .store import ActivationStore, ActivationWriter, PathLike
@@ -104,12 +104,11 @@ class CaptureConfig:
 class _Recorder:
     """Hook state: which prompt and step the pipeline is at, and where to put activations."""
 
-    def __init__(self, writer: ActivationWriter, config: CaptureConfig, pipe, timestep_index: int):
+    def __init__(self, writer: ActivationWriter, config: CaptureConfig, pipe):
         self.writer = writer
         self.config = config
         self.pipe = pipe
-        self.batched_cfg = family_of(pipe.transformer).cfg == "batched"
-        self.timestep_index = timestep_index
+        self.family = family_of(split_target(pipe)[0])
         self.steps = None if config.steps is None else set(config.steps)
         self.dtype = None if config.dtype is None else dtype_from_name(config.dtype)
         self.prompt: Optional[PromptRecord] = None
@@ -124,14 +123,16 @@ class _Recorder:
         self.steps_recorded = set()
 
     def transformer_pre_hook(self, module, args, kwargs) -> None:
-        t = call_timestep(args, kwargs, self.timestep_index)
+        t = call_timestep(module, args, kwargs)
         value = float(t.reshape(-1)[0]) if isinstance(t, torch.Tensor) else None
         if value is None or value != self.last_t:
             self.step, self.call = self.step + 1, 0
         else:
             self.call += 1
         self.last_t = value
-        self.guided = pipeline_guides(self.pipe, kwargs) if self.batched_cfg else None
+        family = self.family
+        self.guided = (False if family.cfg == "separate" else pipeline_guides(self.pipe, kwargs)
+                       if family.cfg.startswith("batched") and family.reads_guidance else None)
 
     def site_hook(self, site: SiteSpec, layout: BlockLayout):
         def hook(module, args, output) -> None:
@@ -144,7 +145,7 @@ class _Recorder:
             if x.dim() != 3:
                 raise ValueError(f"site {site.key}: expected a [B, T, d] activation, got shape {tuple(x.shape)}")
             if self.config.cfg == "cond":
-                x = x[row_layout(x.shape[0], None, self.guided, site.key).cond_start:]
+                x = x[row_layout(x.shape[0], None, self.guided, site.key, self.family.cfg).cond]
                 if x.shape[0] != 1:
                     raise ValueError(f"site {site.key}: one prompt per pipeline call should give one conditional "
                                      f"row, got {x.shape[0]}")
@@ -212,7 +213,7 @@ def capture(pipe, prompts: Union[PathLike, Sequence[PromptRecord]], out_dir: Pat
                              f"{done[r.id]!r} in {out_dir}; give it a new id (nothing was changed)")
     todo = [r for r in records if r.id not in done]
 
-    rec = _Recorder(writer, config, pipe, timestep_index(transformer))
+    rec = _Recorder(writer, config, pipe)
     settings = config.run_settings()
     handles = []
     with progress_bar_disabled(pipe):

@@ -14,7 +14,7 @@ from .config import SafeDIGConfig, SiteConfig, check_window
 from .hooks import BlockSteerHook, EndCallHook, TextEncoderCallHook, TextEncoderSteerHook, TransformerCallHook
 from .plan import SteeringPlan, check_gate_can_open, resolve
 from .requests import REQUEST_ROWS, request_column
-from .sites import STEER_STREAMS, SiteSpec, split_target, text_encoders, timestep_index
+from .sites import STEER_STREAMS, SiteSpec, split_target, text_encoders
 from .state import STATE_NAME, SiteSteering, SteeringState
 
 __all__ = ["SafeDIGHandle", "apply_safedig", "remove_safedig", "check_config", "safedig_handle"]
@@ -59,7 +59,7 @@ def apply_safedig(pipeline_or_transformer, config: Union[SafeDIGConfig, Steering
     transformer.add_module(STATE_NAME, state)
     hooks = state.hook_handles
     hooks.append(transformer.register_forward_pre_hook(
-        TransformerCallHook(state, plan.family, timestep_index(transformer), plan.pipeline), with_kwargs=True))
+        TransformerCallHook(state, plan.family, plan.pipeline), with_kwargs=True))
     hooks.append(transformer.register_forward_hook(EndCallHook(state), with_kwargs=True, always_call=True))
     by_module: dict[int, list[int]] = {}
     for i, p in enumerate(plan.sites):

@@ -76,7 +76,7 @@ class RunCheck:
         if self._run is None or self._run() is not ts:
             self._run = weakref.ref(ts)
             self._check_encodings(pipeline)
-        if self.family.sigma is not None:
+        if self.family.knows_progress:
             self._check_windows(scheduler, ts, float(self.family.progress(timestep)))
 
     def _check_encodings(self, pipeline) -> None:
@@ -113,17 +113,16 @@ class RunCheck:
 class TransformerCallHook:
     """Forward pre-hook of the transformer: starts a call (module docstring)."""
 
-    def __init__(self, state: SteeringState, family: Family, timestep_index: int, pipeline=None) -> None:
+    def __init__(self, state: SteeringState, family: Family, pipeline=None) -> None:
         self.state = state
         self.family = family
-        self.timestep_index = timestep_index
         self.pipeline = None if pipeline is None else weakref.ref(pipeline)  # a model copy never copies its pipeline
         self.run_check = RunCheck(pipeline, state, family) if pipeline is not None else None
 
     def __call__(self, module, args, kwargs) -> None:
         progress = None
-        t = call_timestep(args, kwargs, self.timestep_index)
-        if self.family.sigma is not None:
+        t = call_timestep(module, args, kwargs)
+        if self.family.knows_progress:
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"SafeDIG needs the transformer's timestep as a tensor, got {type(t).__name__}")
             progress = self.family.progress(t)
@@ -135,10 +134,12 @@ class TransformerCallHook:
         """Whether this call is a guided batch `[uncond; cond]` (`requests.py`): never for a family
         whose pipelines guide by separate calls or a guidance embedding; as the pipeline says for
         one that batches guidance; unknown otherwise."""
-        if self.family.cfg in ("separate", "none"):
+        if self.family.cfg == "separate":
             return False
         pipeline = self.pipeline() if self.pipeline is not None else None
-        return pipeline_guides(pipeline, kwargs) if self.family.cfg == "batched" and pipeline is not None else None
+        if pipeline is None or not self.family.cfg.startswith("batched") or not self.family.reads_guidance:
+            return None
+        return pipeline_guides(pipeline, kwargs)
 
 
 class EndCallHook:

@@ -42,6 +42,7 @@ class SitePlan:
     dtype: torch.dtype             # what the SAE is placed in
     device: torch.device
     windowed: bool                 # a window other than (0, 1) can be read from this model's calls
+    family_cfg: str                # how the model's pipelines batch guidance (sites.Family.cfg)
     sae_source: Optional[str]      # the checkpoint path or hf:// name the SAE was read from
     allow_other_site: bool
 
@@ -104,11 +105,11 @@ def _site_plan(cfg: SiteConfig, site: ResolvedSite, family: Family, pipeline, sa
     where = cfg.where
     spec = site.spec
     if not site.is_text_encoder:
-        if cfg.window != (0.0, 1.0) and family.sigma is None:
+        if cfg.window != (0.0, 1.0) and not family.knows_progress:
             raise ValueError(f"{where}.window: SafeDIG does not know how {family.name} pipelines encode the timestep, "
                              f"so it cannot place a step in a window; only (0, 1) is possible for this model")
         if cfg.cfg == "cond":
-            if family.cfg != "batched":
+            if not family.cfg.startswith("batched"):
                 raise ValueError(f"{where}.cfg='cond' steers the conditional half of a guided batch [uncond; cond]; "
                                  f"{family.name} pipelines do not batch guidance that way ({family.cfg}), so "
                                  f"use cfg='both'")
@@ -127,10 +128,10 @@ def _site_plan(cfg: SiteConfig, site: ResolvedSite, family: Family, pipeline, sa
     beta, gamma, tau = (d if v is None else v for v, d in zip((cfg.beta, cfg.gamma, cfg.tau), defaults))
     check_gate_can_open(where, int(harmful.sum()), tau)
     device, dtype = _placement(site.module, sae)
-    windowed = not site.is_text_encoder and family.sigma is not None
+    windowed = not site.is_text_encoder and family.knows_progress
     source = None if isinstance(cfg.sae, TopKSAE) else os.fspath(cfg.sae)
-    return SitePlan(site, sae, harmful, beta, gamma, tau, cfg.window, cfg.cfg, dtype, device, windowed, source,
-                    cfg.allow_other_site)
+    return SitePlan(site, sae, harmful, beta, gamma, tau, cfg.window, cfg.cfg, dtype, device, windowed, family.cfg,
+                    source, cfg.allow_other_site)
 
 
 def _check_overlaps(plans: list[SitePlan]) -> None:

@@ -9,6 +9,8 @@ The rule (docs/workflow.md repeats it for users). A site sees a batch of `rows` 
   is rows i and n + i. Any other count is refused, naming the site and both sizes.
 - No requests: every row takes the site's own values; only a `cfg="cond"` site must know which
   rows are conditional.
+- A family whose pipelines batch `[cond; uncond]` (Z-Image, DiT: `Family.cfg ==
+  "batched_cond_first"`) has its conditional rows first; the rest of the rule is the same.
 - A model whose pipelines guide by separate calls (FLUX true CFG) or by a guidance embedding
   (`Family.cfg` "separate" or "none") never sees a guided batch: every call has `n` rows.
 - Where the model's pipelines batch guidance as `[uncond; cond]` (`Family.cfg == "batched"`) and
@@ -38,27 +40,33 @@ REQUEST_ROWS = ("beta", "gamma", "tau", "enabled")
 
 @dataclass(frozen=True)
 class RowLayout:
-    """How a call's rows map to requests: `groups` copies of the requests (1, or 2 for
-    `[uncond; cond]`), the conditional rows starting at `cond_start`."""
+    """How a call's rows map to requests: `groups` copies of the requests (1, or 2 for a guided
+    batch), the conditional rows being `cond` (a slice: the second half of `[uncond; cond]`, the
+    first of `[cond; uncond]`, all rows of an unguided call)."""
 
     groups: int
-    cond_start: int
+    cond: slice
 
 
-def row_layout(rows: int, requests: Optional[int], guided: Optional[bool], site: str) -> RowLayout:
-    """The rule of the module docstring for one site call."""
+def row_layout(rows: int, requests: Optional[int], guided: Optional[bool], site: str,
+               cfg: str = "batched") -> RowLayout:
+    """The rule of the module docstring for one site call; `cfg` is the model family's
+    (`sites.Family.cfg`): a guided batch is `[cond; uncond]` for "batched_cond_first"."""
+    half = None
     if requests is None:
         if not guided:
-            return RowLayout(1, 0)
+            return RowLayout(1, slice(None))
         if rows % 2:
             raise RuntimeError(f"SafeDIG site {site!r}: the pipeline guides, so the batch must be [uncond; cond] "
                                f"with an even number of rows, but it has {rows}")
-        return RowLayout(2, rows // 2)
+        half = rows // 2
     n = requests
-    if rows == 2 * n and guided is not False:
-        return RowLayout(2, n)
+    if half is None and rows == 2 * n and guided is not False:
+        half = n
+    if half is not None:
+        return RowLayout(2, slice(None, half) if cfg == "batched_cond_first" else slice(half, None))
     if rows == n and not guided:
-        return RowLayout(1, 0)
+        return RowLayout(1, slice(None))
     if guided:
         expected = f"a guided batch [uncond; cond] of 2 x {n} = {2 * n} rows"
     elif guided is None:

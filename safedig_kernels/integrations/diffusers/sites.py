@@ -32,8 +32,7 @@ import torch
 
 __all__ = ["STREAMS", "STEER_STREAMS", "SiteSpec", "Family", "FAMILIES", "family_of", "BlockLayout",
            "block_layout", "block_stacks", "split_target", "ResolvedSite", "resolve_site", "text_encoders",
-           "read_stream", "replace_streams", "timestep_index", "call_timestep", "hidden_states_of",
-           "unsupported_model_message"]
+           "read_stream", "replace_streams", "call_timestep", "hidden_states_of", "unsupported_model_message"]
 
 STREAMS = ("image", "text")             # what one activation of a site holds (capture, stores)
 STEER_STREAMS = STREAMS + ("both",)     # steering may also take both streams through one SAE
@@ -86,42 +85,89 @@ class SiteSpec:
 
 # -- model families ---------------------------------------------------------------------------
 
-def _sigma(timestep: torch.Tensor) -> torch.Tensor:
-    return timestep
-
-
-def _per_mille(timestep: torch.Tensor) -> torch.Tensor:
-    return timestep / 1000.0
-
-
 @dataclass(frozen=True)
 class Family:
-    """What steering needs to know about a transformer class beyond diffusers' block metadata.
+    """What steering needs to know about a transformer class beyond diffusers' block metadata,
+    read from diffusers' pipelines (and checked on tiny models: tests/_families.py).
 
-    `sigma`: the noise level `sigma` in [0, 1] of a call from the `timestep` its pipelines pass
-    (one value per call; None: not known, so only the whole schedule can be a window).
-    `cfg`: how its pipelines run classifier-free guidance: `"batched"` (one call on
-    `[uncond; cond]`), `"separate"` (one call per branch: FLUX true CFG), `"none"`
-    (guidance-distilled: a guidance embedding, one call), `"unknown"`.
+    `progress`: schedule progress `p` of one timestep value as its pipelines pass it (0 at pure
+    noise, 1 at the clean image; `1 - sigma` for flow matching, `1 - t / 1000` for discrete
+    DDPM-style timesteps); None: not known, so only the whole schedule can be a window.
+    `timestep_arg`: the forward argument holding it. `cfg`: how its pipelines run
+    classifier-free guidance: `"separate"` (one call per branch, as FLUX true CFG, or one call
+    with a guidance embedding), `"batched"` (one call on `[uncond; cond]`), `"batched_cond_first"`
+    (one call on `[cond; uncond]`), `"unknown"`. `reads_guidance`: a batched call's pipeline says
+    through `do_classifier_free_guidance` whether each call is guided (False where it batches
+    only some steps, as Z-Image after `cfg_truncation`). `text_width`: the text stream's width
+    where it is not the blocks' inner width.
     """
 
     name: str
-    sigma: Optional[Callable[[torch.Tensor], torch.Tensor]]
+    progress_of: Optional[Callable[[torch.Tensor], torch.Tensor]]
     cfg: str
+    timestep_arg: str = "timestep"
+    reads_guidance: bool = True
+    text_width: Optional[Callable[[Any], Optional[int]]] = None
+
+    @property
+    def knows_progress(self) -> bool:
+        return self.progress_of is not None
 
     def progress(self, timestep: torch.Tensor) -> torch.Tensor:
-        """Schedule progress `p = 1 - sigma` (0-d fp32 on the timestep's device): 0 at pure
-        noise, 1 at the clean image. Pipelines expand one timestep over the batch."""
-        assert self.sigma is not None
-        return 1.0 - self.sigma(timestep.reshape(-1)[0].to(torch.float32))
+        """Progress of a call (0-d fp32 on the timestep's device). A call whose timesteps differ
+        per sample or token (Wan 2.2 TI2V holds a clean first frame at t = 0) is as far along as
+        its noisiest entry."""
+        assert self.progress_of is not None
+        return self.progress_of(timestep.detach().to(torch.float32)).amin()
 
 
-# By class name (looked up along the class's MRO), so a subclass keeps its parent's facts.
-# FLUX pipelines pass timestep = sigma (the model scales by 1000 itself); SD3's pass sigma * 1000.
-FAMILIES: dict[str, Family] = {
-    "FluxTransformer2DModel": Family("FLUX.1", _sigma, "separate"),
-    "SD3Transformer2DModel": Family("SD3", _per_mille, "batched"),
-}
+def _sigma(t):          # timestep = sigma: FLUX.1, FLUX.2, Qwen-Image
+    return 1.0 - t
+
+
+def _per_mille(t):      # timestep = 1000 * sigma, or a discrete DDPM/DDIM step out of 1000
+    return 1.0 - t / 1000.0
+
+
+def _rising(t):         # timestep = 1 - sigma: Z-Image
+    return t
+
+
+def _rising_per_mille(t):  # timestep = 1000 * (1 - sigma): Mochi
+    return t / 1000.0
+
+
+# By class name, looked up along the class's MRO (a subclass keeps its parent's facts).
+FAMILIES: dict[str, Family] = {f.name: f for f in (
+    Family("FluxTransformer2DModel", _sigma, "separate"),
+    Family("Flux2Transformer2DModel", _sigma, "separate"),
+    Family("SD3Transformer2DModel", _per_mille, "batched", text_width=lambda c: c.caption_projection_dim),
+    Family("QwenImageTransformer2DModel", _sigma, "separate"),
+    Family("WanTransformer3DModel", _per_mille, "separate"),
+    Family("WanVACETransformer3DModel", _per_mille, "separate"),
+    Family("HunyuanVideoTransformer3DModel", _per_mille, "separate"),
+    Family("HunyuanVideoFramepackTransformer3DModel", _per_mille, "separate"),
+    Family("LTXVideoTransformer3DModel", _per_mille, "batched"),
+    Family("CogVideoXTransformer3DModel", _per_mille, "batched"),
+    Family("ZImageTransformer2DModel", _rising, "batched_cond_first", timestep_arg="t", reads_guidance=False),
+    Family("HunyuanImageTransformer2DModel", _per_mille, "separate"),
+    # CogView4's pipeline passes the unshifted t while its scheduler steps shifted sigmas: p here
+    # is 1 - t / 1000, the fraction of the unshifted schedule.
+    Family("CogView4Transformer2DModel", _per_mille, "separate"),
+    Family("MochiTransformer3DModel", _rising_per_mille, "batched", text_width=lambda c: c.pooled_projection_dim),
+    Family("MotifVideoTransformer3DModel", _per_mille, "separate"),
+    Family("Kandinsky5Transformer3DModel", _per_mille, "separate"),
+    Family("Cosmos3OmniTransformer", _per_mille, "separate", timestep_arg="vision_timesteps"),
+    Family("PixArtTransformer2DModel", _per_mille, "batched"),
+    Family("DiTTransformer2DModel", _per_mille, "batched_cond_first"),
+)}
+
+# Registrations diffusers gets wrong (diffusers 0.42.1, checked on tiny models in
+# tests/integrations/diffusers/test_families_build.py): BriaTransformerBlock returns
+# (encoder_hidden_states, hidden_states) but is registered with its image stream at index 0,
+# which is its text stream. Refused while diffusers still says so; a corrected registration of
+# one's own is taken as given.
+_WRONG_METADATA = {"BriaTransformerBlock": (0, None)}
 
 
 def family_of(transformer: torch.nn.Module) -> Family:
@@ -157,6 +203,13 @@ def block_layout(block: torch.nn.Module) -> Optional[BlockLayout]:
         except ValueError:
             continue
         text = meta.return_encoder_hidden_states_index
+        if _WRONG_METADATA.get(cls.__name__) == (meta.return_hidden_states_index, text):
+            raise TypeError(f"diffusers' block metadata for {cls.__name__} names its text stream as its image stream "
+                            f"(it returns (encoder_hidden_states, hidden_states) but is registered with "
+                            f"return_hidden_states_index=0), so SafeDIG would steer the wrong tokens. Register it "
+                            f"correctly before applying: TransformerBlockRegistry.register({cls.__name__}, "
+                            f"TransformerBlockMetadata(return_hidden_states_index=1, "
+                            f"return_encoder_hidden_states_index=0)) (diffusers.hooks._helpers)")
         if getattr(block, "context_pre_only", False):
             text = None  # SD3's last joint block returns (None, hidden_states)
         return BlockLayout(meta.return_hidden_states_index, text, type(block).__name__)
@@ -207,7 +260,7 @@ class ResolvedSite:
     module: torch.nn.Module
     root: torch.nn.Module               # the transformer, or the text encoder itself
     layout: Optional[BlockLayout]       # None for a text encoder
-    width: Optional[int]                # the steered activation's width, where the config says it
+    width: Optional[int]                # the steered activation's width, where the model's config says it
 
     @property
     def is_text_encoder(self) -> bool:
@@ -231,10 +284,21 @@ def _valid_sites(stacks: dict[str, torch.nn.ModuleList], pipeline) -> str:
     return ", ".join(names + list(text_encoders(pipeline)))
 
 
-def _stream_width(transformer: torch.nn.Module) -> Optional[int]:
+def _stream_width(transformer: torch.nn.Module, stream: str) -> Optional[int]:
+    """The width of a block stream as the model's config gives it: the blocks' inner width
+    (heads x head dim), or the family's own text width; None where the config does not say (the
+    op then checks the SAE against the activations at the first call)."""
     cfg = getattr(transformer, "config", None)
-    heads, dim = getattr(cfg, "num_attention_heads", None), getattr(cfg, "attention_head_dim", None)
-    return heads * dim if isinstance(heads, int) and isinstance(dim, int) else None
+    family = family_of(transformer)
+    widths = []
+    for s in ("text", "image") if stream == "both" else (stream,):
+        if s == "text" and family.text_width is not None:
+            widths.append(family.text_width(cfg))
+            continue
+        heads, dim = getattr(cfg, "num_attention_heads", None), getattr(cfg, "attention_head_dim", None)
+        widths.append(heads * dim if isinstance(heads, int) and isinstance(dim, int) else None)
+    width = widths[0]
+    return width if all(w == width for w in widths) and isinstance(width, int) else None
 
 
 def resolve_site(spec: SiteSpec, transformer: torch.nn.Module, pipeline=None) -> ResolvedSite:
@@ -268,7 +332,7 @@ def resolve_site(spec: SiteSpec, transformer: torch.nn.Module, pipeline=None) ->
         if layout.index(stream) is None:
             raise ValueError(f"site {spec.key!r}: {layout.block} returns no {stream} stream here "
                              f"(diffusers' block metadata); steer its image stream")
-    return ResolvedSite(spec, block, transformer, layout, _stream_width(transformer))
+    return ResolvedSite(spec, block, transformer, layout, _stream_width(transformer, spec.stream))
 
 
 # -- what blocks return -----------------------------------------------------------------------
@@ -315,19 +379,10 @@ def _argument(module: torch.nn.Module, name: str, args: tuple, kwargs: dict) -> 
     return args[i] if i is not None and i < len(args) else None
 
 
-def timestep_index(transformer: torch.nn.Module) -> int:
-    """Position of `timestep` among the transformer's positional forward arguments."""
-    params = list(inspect.signature(type(transformer).forward).parameters)[1:]
-    if "timestep" not in params:
-        raise TypeError(f"{type(transformer).__name__}.forward has no timestep argument")
-    return params.index("timestep")
-
-
-def call_timestep(args: tuple, kwargs: dict, index: int) -> Optional[torch.Tensor]:
-    """The `timestep` a transformer call received, by keyword or at positional `index`."""
-    if "timestep" in kwargs:
-        return kwargs["timestep"]
-    return args[index] if len(args) > index else None
+def call_timestep(transformer: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
+    """The timestep a transformer call received (the argument its family names, by keyword or
+    position), or None."""
+    return _argument(transformer, family_of(transformer).timestep_arg, args, kwargs)
 
 
 @functools.lru_cache(maxsize=None)
@@ -336,13 +391,18 @@ def _hidden_states_argument(cls: type) -> Optional[str]:
 
     for base in cls.__mro__:
         try:
-            return TransformerBlockRegistry.get(base).hidden_states_argument_name
+            name = TransformerBlockRegistry.get(base).hidden_states_argument_name
         except ValueError:
             continue
+        # Z-Image's blocks name it `x`, not the registered `hidden_states`: then the first argument.
+        return name if _parameter_index(cls, name) is not None else None
     return None
 
 
 def hidden_states_of(block: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
-    """The hidden-states input of a block call (the argument diffusers' block metadata names)."""
+    """The hidden-states input of a block call: the argument diffusers' block metadata names,
+    or the first argument where the block's forward has no such parameter."""
     name = _hidden_states_argument(type(block))
-    return None if name is None else _argument(block, name, args, kwargs)
+    if name is None:
+        return args[0] if args else next(iter(kwargs.values()), None)
+    return _argument(block, name, args, kwargs)

@@ -89,6 +89,7 @@ class SiteSteering(torch.nn.Module):
         self.key = plan.key
         self.stream = plan.site.spec.stream
         self.cfg = plan.cfg
+        self.family_cfg = plan.family_cfg  # how the model's pipelines batch guidance (sites.Family.cfg)
         self.windowed = plan.windowed      # a window other than (0, 1) can be placed (set_site)
         self.site_on = True                # the site's own switch (set_site(enabled=))
         self.sae_source = plan.sae_source  # the path or hf:// name it came from (handle.config)
@@ -176,7 +177,10 @@ class SiteSteering(torch.nn.Module):
 
     # traced (eager or under torch.compile) ----------------------------------------------
     def forward(self, x: torch.Tensor, call: CallInfo) -> torch.Tensor:
-        """Steer `x` `[B, T, d]` (any strides) for one call; returns a tensor of x's shape and dtype."""
+        """Steer `x` `[B, T, d]` (any strides) for one call; returns a tensor of x's shape and dtype.
+        A stream without a batch dimension, `[T, d]` (Cosmos 3 packs one sample per call), is one row."""
+        if x.dim() == 2:
+            return self.forward(x.unsqueeze(0), call).squeeze(0)
         values, harmful, requests = read_settings(self.settings, self.harmful, self.requests)
         beta, gamma, tau, lo, hi, switch = values.unbind()
         if call.progress is not None:
@@ -185,12 +189,12 @@ class SiteSteering(torch.nn.Module):
         else:
             p = torch.full((), float("nan"), dtype=torch.float32, device=x.device)
         n = requests.shape[1]
-        layout = row_layout(x.shape[0], n or None, call.guided, self.key)
-        start = layout.cond_start if self.cfg == "cond" else 0
-        xs = x[start:] if start else x
+        layout = row_layout(x.shape[0], n or None, call.guided, self.key, self.family_cfg)
+        rows = layout.cond if self.cfg == "cond" else slice(None)
+        xs = x[rows]
         if n:
             beta, gamma, tau, active = self._per_request(requests, beta, gamma, tau, switch)
-            groups = 1 if start else layout.groups
+            groups = 1 if self.cfg == "cond" else layout.groups
             beta, gamma, tau = (t.repeat(groups) for t in (beta, gamma, tau))
         else:
             beta, gamma = beta * switch, gamma * switch
@@ -200,7 +204,11 @@ class SiteSteering(torch.nn.Module):
             self._record(h, p, tau, active.amax(), call.row)  # with requests: active when any request is
             if n:
                 self._record_requests(h, tau[:n], active, call.row)
-        return torch.cat([x[:start], y], dim=0) if start else y
+        if rows == slice(None):
+            return y
+        out = x.clone()  # the other rows (the unconditional half) pass through as they came
+        out[rows] = y
+        return out
 
     def _steer(self, x, harmful, beta, gamma, tau) -> tuple[torch.Tensor, torch.Tensor]:
         weights = (self.W_enc, self.b_enc, self.W_dec, self.b_dec)
