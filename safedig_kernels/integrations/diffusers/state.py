@@ -189,7 +189,7 @@ class SiteSteering(torch.nn.Module):
         else:
             p = torch.full((), float("nan"), dtype=torch.float32, device=x.device)
         n = requests.shape[1]
-        layout = row_layout(x.shape[0], n or None, call.guided, self.key, self.family_cfg)
+        layout = row_layout(x.shape[0], n or None, call.guided, self.key, self.family_cfg, self.cfg == "cond")
         rows = layout.cond if self.cfg == "cond" else slice(None)
         xs = x[rows]
         if n:
