@@ -30,8 +30,9 @@ from typing import Optional
 
 import torch
 
+from .families import Family
 from .requests import calling_pipeline, pipeline_guides
-from .sites import BlockLayout, Family, SiteSpec, call_timestep, hidden_states_of, read_stream, replace_streams
+from .sites import BlockLayout, SiteSpec, call_timestep, hidden_states_of, read_stream, replace_streams
 from .state import STATE_NAME, SiteSteering, SteeringState
 
 __all__ = ["TransformerCallHook", "EndCallHook", "BlockSteerHook", "TextEncoderCallHook", "TextEncoderSteerHook",

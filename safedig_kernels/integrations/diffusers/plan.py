@@ -18,7 +18,8 @@ import torch
 from ...ops import as_harmful_mask
 from ...sae import TopKSAE
 from .config import SafeDIGConfig, SiteConfig, read_sae_source
-from .sites import Family, ResolvedSite, family_of, resolve_site, split_target
+from .families import Family, family_of
+from .sites import ResolvedSite, resolve_site, split_target
 
 __all__ = ["SitePlan", "SteeringPlan", "resolve", "check_sae_site", "check_gate_can_open"]
 
@@ -42,7 +43,7 @@ class SitePlan:
     dtype: torch.dtype             # what the SAE is placed in
     device: torch.device
     windowed: bool                 # a window other than (0, 1) can be read from this model's calls
-    family_cfg: str                # how the model's pipelines batch guidance (sites.Family.cfg)
+    family_cfg: str                # how the model's pipelines batch guidance (families.Family.cfg)
     sae_source: Optional[str]      # the checkpoint path or hf:// name the SAE was read from
     allow_other_site: bool
 

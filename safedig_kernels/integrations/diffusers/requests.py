@@ -56,7 +56,7 @@ class RowLayout:
 def row_layout(rows: int, requests: Optional[int], guided: Optional[bool], site: str,
                cfg: str = "batched", need_cond: bool = False) -> RowLayout:
     """The rule of the module docstring for one site call; `cfg` is the model family's
-    (`sites.Family.cfg`): a guided batch is `[cond; uncond]` for "batched_cond_first".
+    (`families.Family.cfg`): a guided batch is `[cond; uncond]` for "batched_cond_first".
     `need_cond`: the caller steers the conditional rows only (`cfg="cond"`)."""
     half = None
     if requests is None and need_cond and guided is None:

@@ -89,7 +89,7 @@ class SiteSteering(torch.nn.Module):
         self.key = plan.key
         self.stream = plan.site.spec.stream
         self.cfg = plan.cfg
-        self.family_cfg = plan.family_cfg  # how the model's pipelines batch guidance (sites.Family.cfg)
+        self.family_cfg = plan.family_cfg  # how the model's pipelines batch guidance (families.Family.cfg)
         self.windowed = plan.windowed      # a window other than (0, 1) can be placed (set_site)
         self.site_on = True                # the site's own switch (set_site(enabled=))
         self.sae_source = plan.sae_source  # the path or hf:// name it came from (handle.config)
