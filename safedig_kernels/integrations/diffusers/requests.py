@@ -1,7 +1,7 @@
 """Which rows of a transformer call are which request, and which are conditional: one rule,
 applied at every call from what that call shows, with nothing carried between pipeline calls.
 
-The rule (docs/workflow.md repeats it for users). A site sees a batch of `rows` rows.
+The rule (README.md, "Per request in a batch", says it for users). A site sees a batch of `rows` rows.
 
 - `n` requests are declared (`handle.set_requests`, one entry per image a pipeline call makes):
   `rows == n` is an unguided call, or one branch of guidance run as separate calls (FLUX true
