@@ -403,7 +403,7 @@ def call_steer(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, W_dec:
     CUDA-graph-captured calls see the registered op."""
     args = (x, W_enc, b_enc, W_dec, b_dec, harmful, beta, gamma, tau)
     if _plain_eager(args if enc_bias is None else args + (enc_bias,)):
-        check_steer(*args, k, enc_bias)
+        check_steer(*args, k, enc_bias, float64_allowed(x))
         return _steer_body(*args, k, enc_bias)
     return torch.ops.safedig.steer(*args, k, enc_bias)
 
