@@ -237,7 +237,7 @@ def backward_config(d: int, k: int, launch: Optional[LaunchConfig] = None) -> Ma
     forward decode's [8, 1024] with 4 warps, the best of its sweep (decode_config), until the
     backward has a sweep of its own; not yet measured on a GPU."""
     launch = current(launch)
-    rows = launch.backward_rows or 8
+    rows = next_pow2(launch.backward_rows or 8)  # tile sides are powers of two (tl.arange)
     return MappingProxyType(dict(K_BLOCK=min(next_pow2(k), rows), PAIRS=rows,
-                                 BLOCK_D=launch.backward_block_d or min(next_pow2(d), 1024),
+                                 BLOCK_D=next_pow2(launch.backward_block_d or min(d, 1024)),
                                  num_warps=launch.backward_warps or 4))

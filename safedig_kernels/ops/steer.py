@@ -186,7 +186,7 @@ def _steer_bwd_codes_kernel(
         tl.store(dpre_ptr + n * K + ks, tl.where(positive, coef * dots + tl.where(harm, gh, 0.0), 0.0), mask=kmask)
         tl.store(coefz_ptr + n * K + ks, tl.where(positive, coef * z, 0.0), mask=kmask)
     tl.store(blend_ptr + n, tl.where(active, beta, 0.0))
-    tl.store(touched_ptr + n, (active | (gh != 0.0)).to(tl.int8))
+    tl.store(touched_ptr + n, (active | (gh != 0.0)).to(tl.uint8))
 
 
 def _sample_strides(*strengths: torch.Tensor) -> tuple[int, ...]:
@@ -278,7 +278,7 @@ def _steer_bwd(grad_y: torch.Tensor, grad_h: Optional[torch.Tensor], x: torch.Te
     dpre = torch.empty(N, k, device=x.device, dtype=torch.float32)
     coefz = torch.empty(N, k, device=x.device, dtype=torch.float32)
     blend = torch.empty(N, device=x.device, dtype=torch.float32)
-    touched = torch.empty(N, device=x.device, dtype=torch.int8)
+    touched = torch.empty(N, device=x.device, dtype=torch.uint8)
     if N > 0:
         gh = grad_h.reshape(N).contiguous() if grad_h is not None else h.new_zeros(N)
         W_rows = W_dec if W_dec.stride(1) == 1 else W_dec.contiguous()
