@@ -504,7 +504,8 @@ def matvec_fp32(W: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 def encoder_rows(W_enc: torch.Tensor) -> torch.Tensor:
     """`W_enc^T` `[F, d]` with contiguous rows: W_enc's columns, which the backward gathers per code."""
     W_t = W_enc.t()
-    return W_t if W_t.stride(1) == 1 else W_t.contiguous()
+    # clone, not contiguous(): the latter cannot run on fake CUDA tensors in a CPU-only torch (2.13)
+    return W_t if W_t.stride(1) == 1 else W_t.clone(memory_format=torch.contiguous_format)
 
 
 def _encoder_bwd(dx: torch.Tensor, x3: torch.Tensor, dpre: torch.Tensor, idx2: torch.Tensor, W_enc: torch.Tensor,
