@@ -492,11 +492,13 @@ def _select(vals, idx, scratch: _SelectScratch, pre, bias: Optional[torch.Tensor
 
 
 def matvec_fp32(W: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """`W @ v` in fp32 for `W` `[m, n]` in its dtype and `v` fp32 `[n]`, without an fp32 copy of W
-    where cuBLAS can take `out_dtype` (v is then rounded to W's dtype on the way in)."""
+    """`W @ v` in fp32 for `W` `[m, n]` in its dtype and `v` fp32 `[n]`. bf16 on CUDA: cuBLAS with
+    `out_dtype`, no fp32 copy of W (v rounded to bf16 on the way in: its range is fp32's). fp16:
+    an fp32 copy of W, since v, a gradient summed over tokens (loss-scaled, in mixed precision),
+    can pass fp16's 65504."""
     if W.dtype == v.dtype:
         return W @ v
-    if W.is_cuda and mm_has_out_dtype():
+    if W.dtype == torch.bfloat16 and W.is_cuda and mm_has_out_dtype():
         return torch.mm(W, v.to(W.dtype).unsqueeze(1), out_dtype=torch.float32).squeeze(1)
     return W.float() @ v.float()
 
