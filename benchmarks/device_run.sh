@@ -9,6 +9,7 @@
 #   select_bias     50    the selection alone, fp32 bias added on load vs pre-activations holding it
 #   decode          30    _decode_steer alone on precomputed codes (β 0.5 all, β 0 all, β 0 10 % gated)
 #   fused           50    the op, β 0.5 every token steered / β 0 ~10 % gated, against the GEMM
+#   backward        45    the ops' backward: Triton kernels vs torch ops (checked first), dx only, all grads, fwd+bwd
 #   eager_n16       30    N = 16: host µs per call, wall ms per call, CUDA events, CUDA-graph replay
 #   spec_table     100    gpu_check.py rows + compiled baselines at FLUX 4x/16x (kernel_check.json)
 #   pipeline       100    pipeline_step.py: whole transformer step, steered vs not (needs diffusers)
@@ -99,6 +100,7 @@ run_stage mm_addmm 30
 run_stage select_bias 50
 run_stage decode 30
 run_stage fused 50
+run_stage backward 45
 run_stage eager_n16 30
 run_stage spec_table 100
 run_stage pipeline 100

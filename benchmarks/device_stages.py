@@ -19,6 +19,11 @@ Stages (STAGES, in run order):
   and beta 0 with ~10 % of tokens gated;
 - fused: the op (`TopKSAE.steer`) with beta 0.5 and every token steered, and with beta 0 and tau
   at the 90th percentile of h (~10 % gated), against the cuBLAS GEMM at the same shape;
+- backward: the ops' backward in both forms (`_launch.BACKWARDS`: the Triton kernels and the
+  torch-op alternative, the reference's backward in the input dtype), each checked against the
+  fp32 reference by the spec's rule before it is timed: x's gradient alone, every gradient, the
+  encode and decode backward, forward + backward through autograd; the forward and the code
+  recomputation beside them; also with a few features every token chooses (`gpu_check.bench_backward`);
 - eager_n16: N = 16, host µs per call (back-to-back calls without a sync), wall ms per call,
   CUDA events per call, CUDA-graph replay, and the profiler's launches per call;
 - spec_table: gpu_check.py's rows (fused steer, baselines, compiled baselines) at FLUX 4x and 16x
@@ -52,7 +57,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("gpu_tests", "mm_addmm", "select_bias", "decode", "fused", "eager_n16", "spec_table", "pipeline")
+STAGES = ("gpu_tests", "mm_addmm", "select_bias", "decode", "fused", "backward", "eager_n16", "spec_table",
+          "pipeline")
 JSON_NAME, MD_NAME = "device_run.json", "device_run.md"
 # the spec §6 targets (docs/spec.md): (what, shape, must)
 TARGETS = (
@@ -375,6 +381,32 @@ def stage_fused(ctx: Ctx, rec: dict, save) -> None:
         save()
 
 
+# (shape name, hot features): the FLUX 4x shape first, then with 4 features every token chooses
+BACKWARD_CASES = (("flux-4x", 0), ("flux-4x", 4), ("sd35l-4x", 0), ("flux-16x", 0), ("latency-n16", 0))
+SMOKE_BACKWARD_SHAPE = ("smoke-bwd", 16, 8, 32, 3)  # the interpreter runs every program of the grid in turn
+
+
+def stage_backward(ctx: Ctx, rec: dict, save) -> None:
+    rows = rec["rows"] = []
+    cases = [(SMOKE_BACKWARD_SHAPE, 2)] if ctx.smoke else [(ctx.shape(name), hot) for name, hot in BACKWARD_CASES]
+    for shape, hot in cases:
+        if ctx.left() < 15:
+            rows.append({"shape": shape[0], "hot_features": hot, "skipped": "stage budget spent"})
+            continue
+        try:
+            row = ctx.gc.bench_backward(ctx.dev, ctx.bench, shape, ctx.dtype, hot)
+        except Exception as e:
+            row = {"shape": shape[0], "hot_features": hot, "error": short_error(e)}
+        rows.append(row)
+        log("backward", row)
+        ctx.sync()
+        save()
+    if any("error" in (r.get("check") or {}) or r.get("error") for r in rows):
+        rec["status"] = "failed"
+    if any(not c.get("ok", True) for r in rows for c in (r.get("check") or {}).values() if isinstance(c, dict)):
+        rec["status"] = "failed"  # a form broke the tolerance: its numbers were not taken
+
+
 def stage_eager_n16(ctx: Ctx, rec: dict, save) -> None:
     torch = ctx.torch
     name, N, d, F, k = ctx.shape("latency-n16")
@@ -506,8 +538,8 @@ def pipeline_overhead(rows: list) -> list:
 
 
 RUNNERS = {"gpu_tests": stage_gpu_tests, "mm_addmm": stage_mm_addmm, "select_bias": stage_select_bias,
-           "decode": stage_decode, "fused": stage_fused, "eager_n16": stage_eager_n16, "spec_table": stage_spec_table,
-           "pipeline": stage_pipeline}
+           "decode": stage_decode, "fused": stage_fused, "backward": stage_backward, "eager_n16": stage_eager_n16,
+           "spec_table": stage_spec_table, "pipeline": stage_pipeline}
 assert tuple(RUNNERS) == STAGES
 
 
@@ -688,6 +720,23 @@ def render(doc: dict) -> str:
             cells = [r.get("steer_all_beta0.5")] + [r.get(f"steer_all_beta0.5_{v}") for v in variants]
             L.append(f"| {r['shape']} | " + " | ".join(
                 f"{_f(_ms(c or {}))} ({_f((c or {}).get('over_gemm'), '.2f')})" for c in cells) + " |")
+    bw = [r for r in st.get("backward", {}).get("rows", []) if "forward_steer" in r]
+    if bw:
+        L += ["", "Backward (steer), ms: triton kernels / torch ops (reference in the input dtype), torch ÷ triton; "
+              "check = worst error ÷ bound:", "",
+              "| shape | hot | fwd | recompute | dx only | all grads | fwd+bwd (dx) | encode bwd | decode bwd "
+              "| check |",
+              "|---|---:|---:|---:|---|---|---|---|---|---|"]
+        for r in bw:
+            def pair(what, r=r):
+                a, b = _ms(r.get(f"triton_{what}")), _ms(r.get(f"torch_{what}"))
+                return f"{_f(a)} / {_f(b)} ({_f(r.get(f'torch_over_triton_{what}'), '.2f')})"
+            chk = r.get("check") or {}
+            verdict = ", ".join(f"{f} {_f(c.get('worst_error_over_bound'), '.2f')}" for f, c in chk.items()
+                                if isinstance(c, dict) and "ok" in c) or chk.get("error", "—")
+            L.append(f"| {r['shape']} | {r.get('hot_features', 0)} | {_f(_ms(r['forward_steer']))} | "
+                     f"{_f(_ms(r.get('recompute_codes')))} | {pair('steer_bwd_input')} | {pair('steer_bwd_all')} | "
+                     f"{pair('fwd_bwd_input')} | {pair('encode_bwd')} | {pair('decode_bwd')} | {verdict} |")
     e = st.get("eager_n16", {})
     if e.get("sae_steer") or e.get("op"):
         L += ["", f"Eager steer at N = {e.get('N')}: host µs per call (no sync), wall ms per call, CUDA events "

@@ -1,5 +1,6 @@
-"""One command for a lent GPU: GPU tests, device ceilings, a small tuning sweep, and the kernel
-benchmark over the spec §5 shapes, ending with one table of the spec §6 ratios.
+"""One command for a lent GPU: GPU tests, device ceilings, a small tuning sweep, the kernel
+benchmark over the spec §5 shapes, ending with one table of the spec §6 ratios, and the ops'
+backward (Triton kernels against the torch-op alternative, checked before timed; in the JSON).
 
     python benchmarks/gpu_check.py --out DIR            # on a CUDA machine, a few minutes
     python benchmarks/gpu_check.py --smoke --out DIR    # CPU: tiny shapes, checks the script
@@ -458,6 +459,136 @@ def bench_shape(dev, bench, shape, dtype, compiled: bool) -> dict:
     return row
 
 
+def backward_inputs(dev, shape, dtype, hot: int = 0, seed: int = 0) -> dict:
+    """What the backward benchmarks time, at `shape` (name, N, d, F, k): a random SAE (5 % harmful,
+    every token steered, beta 0.5), x, the forward's h and codes, and random grad_y / grad_h.
+    `hot` features get a large encoder bias, so every token chooses them: the per-feature weight
+    gradients then hold a few runs of N pairs (the load imbalance of real SAEs' frequent features)."""
+    _, N, d, Fdim, k = shape
+    sae, x = make_sae(N, d, Fdim, k, dev, dtype, seed=seed)
+    if hot:
+        with torch.no_grad():
+            sae.b_enc[:hot] += 4.0
+    sae.set_strengths(beta=0.5, gamma=1.0, tau=-1.0)
+    _, h = sae.steer(x)
+    vals, idx = sae.encode(x)
+    g = torch.Generator(device=dev).manual_seed(seed + 1)
+    return {"sae": sae, "x": x, "h": h, "vals": vals, "idx": idx,
+            "gy": torch.randn(x.shape, device=dev, generator=g).to(dtype),
+            "gh": torch.randn(h.shape, device=dev, generator=g)}
+
+
+def backward_check(inp: dict, grads: dict) -> dict:
+    """Each backward form's steer gradients against the reference's backward in fp32 (fp64 for fp32
+    inputs), by the spec's rule: error <= LOWP_FACTOR x the error of the reference's backward in the
+    input dtype (the "torch" form) + EPS x the gradient's scale. Returns per form the worst
+    error/bound ratio over the five gradients and whether it passed."""
+    from safedig_kernels.testing import EPS, tolerance
+
+    sae, x = inp["sae"], inp["x"]
+    hi = torch.float64 if x.dtype == torch.float32 else torch.float32
+    args = (sae.harmful_mask, sae.beta, sae.gamma, sae.tau)
+    want = reference.steer_backward(inp["gy"].to(hi), inp["gh"].to(hi), x.to(hi), sae.W_enc.to(hi), sae.W_dec.to(hi),
+                                    sae.b_dec.to(hi), *args, inp["h"].to(hi), inp["vals"].to(hi), inp["idx"])
+    lowp = grads["torch"]
+    out = {}
+    for form, got in grads.items():
+        worst = 0.0
+        for a, w, lo in zip(got, want, lowp):
+            w = w.double()
+            scale = w.abs().max().item() if w.numel() else 0.0
+            err = (a.double() - w).abs().max().item() if w.numel() else 0.0
+            err_lowp = (lo.double() - w).abs().max().item() if w.numel() else 0.0
+            worst = max(worst, err / tolerance(err_lowp, x.dtype, atol=EPS[x.dtype] * (1 + scale), cap=False))
+        out[form] = {"worst_error_over_bound": worst, "ok": worst <= 1.0}
+    return out
+
+
+def bench_backward(dev, bench, shape, dtype, hot: int = 0) -> dict:
+    """The ops' backward at `shape`, each form of `_launch.BACKWARDS` ("triton": the sparse kernels;
+    "torch": the reference's backward in the input dtype, dense GEMMs): checked first (a form
+    whose gradients break the tolerance is not timed), then timed (CUDA events, median) for x's
+    gradient alone (a LoRA step through a steered model), for every gradient (the SAE's too), and
+    as forward + backward through autograd (the codes recomputed included); with the forward
+    steer, the code recomputation (`topk_encode`) and the encode / decode backward beside them."""
+    import dataclasses as _dc
+
+    from safedig_kernels.ops import _launch
+    from safedig_kernels.ops.sparse_decode import _sparse_decode_bwd
+    from safedig_kernels.ops.steer import _steer_bwd
+    from safedig_kernels.ops.topk_encode import _topk_encode_bwd
+
+    name, N, d, Fdim, k = shape
+    inp = backward_inputs(dev, shape, dtype, hot)
+    sae, x, h, vals, idx, gy, gh = (inp[n] for n in ("sae", "x", "h", "vals", "idx", "gy", "gh"))
+    sargs = (sae.W_enc, sae.W_dec, sae.b_dec, sae.harmful_mask, sae.beta, sae.gamma, sae.tau, h, vals, idx)
+    row = {"shape": name, "N": N, "d": d, "F": Fdim, "k": k, "dtype": str(dtype).replace("torch.", ""),
+           "hot_features": hot, "triton_kernels": dev == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"}
+
+    def steer_bwd(form, input_grad=True, weight_grads=True):
+        if form == "triton":
+            return lambda: _steer_bwd(gy, gh, x, *sargs, input_grad, weight_grads)
+        return lambda: reference.steer_backward(gy, gh, x, *sargs, upcast=False, weight_grads=weight_grads)
+
+    def encode_bwd(form):
+        if form == "triton":
+            return lambda: _topk_encode_bwd(vals, x, sae.W_enc, sae.b_dec, vals, idx)
+        return lambda: reference.topk_encode_backward(vals, x, sae.W_enc, sae.b_dec, vals, idx, upcast=False)
+
+    def decode_bwd(form):
+        if form == "triton":
+            return lambda: _sparse_decode_bwd(gy, vals, idx, sae.W_dec)
+        return lambda: reference.sparse_decode_backward(gy, vals, idx, sae.W_dec, upcast=False)
+
+    grads = {}
+    for form in _launch.BACKWARDS:
+        try:
+            dx, dW_enc_t, db_enc, dW_dec, db_dec = steer_bwd(form)()
+            grads[form] = (dx, dW_enc_t, db_enc, dW_dec, db_dec)
+        except Exception as e:
+            row[f"{form}_error"] = repr(e)[:300]
+    if "torch" in grads:
+        try:
+            row["check"] = backward_check(inp, grads)
+        except Exception as e:
+            row["check"] = {"error": repr(e)[:300]}
+    grads = None
+    row["forward_steer"] = bench(lambda: sae.steer(x))
+    row["recompute_codes"] = bench(lambda: sae.encode(x))
+    default = _launch.DEFAULT
+    x_leaf = x.detach().clone().requires_grad_()
+    for form in _launch.BACKWARDS:
+        if not (row.get("check") or {}).get(form, {}).get("ok"):
+            row[f"{form}_refused"] = "not timed: its gradients were not checked or broke the tolerance"
+            continue
+        row[f"{form}_steer_bwd_input"] = bench(steer_bwd(form, weight_grads=False))
+        row[f"{form}_steer_bwd_all"] = bench(steer_bwd(form))
+        row[f"{form}_encode_bwd"] = bench(encode_bwd(form))
+        row[f"{form}_decode_bwd"] = bench(decode_bwd(form))
+        _launch.DEFAULT = _dc.replace(default, backward=form)
+        try:
+            def step():
+                y, hh = sae.steer(x_leaf)
+                return torch.autograd.grad((y, hh), x_leaf, (gy, gh))
+            row[f"{form}_fwd_bwd_input"] = bench(step)
+        except Exception as e:
+            row[f"{form}_fwd_bwd_input"] = {"error": repr(e)[:300]}
+        finally:
+            _launch.DEFAULT = default
+    for what in ("steer_bwd_input", "steer_bwd_all", "encode_bwd", "decode_bwd", "fwd_bwd_input"):
+        a, b = (row.get(f"{f}_{what}") or {} for f in ("torch", "triton"))
+        if a.get("median_ms") and b.get("median_ms"):
+            row[f"torch_over_triton_{what}"] = a["median_ms"] / b["median_ms"]
+    if dev == "cuda" and row.get("check", {}).get("triton", {}).get("ok"):
+        try:
+            row["triton_breakdown"] = kernel_breakdown(dev, steer_bwd("triton"))
+        except Exception as e:
+            row["triton_breakdown"] = {"error": repr(e)[:300]}
+    if dev == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
 def main(argv=None) -> int:
     from safedig_kernels.ops._launch import LaunchConfig
 
@@ -466,6 +597,7 @@ def main(argv=None) -> int:
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on whatever device is there")
     ap.add_argument("--skip-tests", action="store_true")
     ap.add_argument("--skip-sweep", action="store_true")
+    ap.add_argument("--skip-backward", action="store_true", help="skip the backward check and timing (bench_backward)")
     ap.add_argument("--tests-timeout", type=int, default=240)
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--shapes", default="", help="comma-separated shape names (default: all)")
@@ -508,6 +640,18 @@ def main(argv=None) -> int:
                          "error": repr(e)[:300]})
             log("shape failed", rows[-1])
         save()
+    if not a.skip_backward:  # the ops' backward, Triton kernels vs torch ops, at the FLUX 4x shape (smoke: tiny)
+        bshape = ("smoke-bwd", 16, 8, 32, 3) if a.smoke else SHAPES[0]
+        result["backward"] = []
+        for hot in (0, 4):
+            if dev != "cuda" and not os.environ.get("TRITON_INTERPRET"):
+                break  # the Triton backward needs a GPU or the interpreter
+            try:
+                result["backward"].append(bench_backward(dev, bench, bshape, dtype, hot))
+            except Exception as e:
+                result["backward"].append({"shape": bshape[0], "hot_features": hot, "error": repr(e)[:300]})
+            log("backward", result["backward"][-1])
+            save()
     if not a.skip_sweep and dev == "cuda":
         try:
             sweep = result["sweep"] = tuning_sweep(dev, bench, SHAPES[0], dtype)

@@ -99,8 +99,17 @@ def check_sparse_decode_types(vals, idx, W_dec, b_dec) -> None:
 
 def check_float_dtype(t: torch.Tensor, name: str, allow_float64: bool) -> None:
     if t.dtype not in SUPPORTED_DTYPES and not (allow_float64 and t.dtype == torch.float64):
-        extra = " (float64 only in the reference)" if allow_float64 else ""
+        extra = (" (float64 only in the reference)" if allow_float64
+                 else " (float64 only on the CPU, where the reference computes in it)" if t.dtype == torch.float64
+                 else "")
         _type(lambda: f"{name} must have dtype {_DTYPE_NAMES}{extra}, got {t.dtype}")
+
+
+def float64_allowed(t: torch.Tensor) -> bool:
+    """Whether the ops take float64 on `t`'s device: on the CPU, where they run the reference,
+    which computes in float64 (so `torch.autograd.gradcheck` can run against finite
+    differences); the CUDA kernels take bf16, fp16 and fp32 only."""
+    return t.device.type == "cpu"
 
 
 def check_activation(x: torch.Tensor, name: str = "x", allow_float64: bool = False) -> None:
@@ -206,6 +215,8 @@ def check_decoder(W_dec, b_dec, device: torch.device, allow_float64: bool = Fals
 def check_sparse_decode(vals, idx, W_dec, b_dec, allow_float64: bool = False) -> None:
     check_codes(vals, idx, allow_float64)
     check_decoder(W_dec, b_dec, vals.device, allow_float64)
+    if vals.dtype == torch.float64 and W_dec.dtype != torch.float64:  # the decode would round them silently
+        _type(lambda: f"vals in float64 need W_dec in float64 (the float64 reference), got W_dec {W_dec.dtype}")
 
 
 def check_harmful_mask(mask, F, device: torch.device, name: str = "harmful") -> None:
@@ -240,6 +251,91 @@ def check_steer(x, W_enc, b_enc, W_dec, b_dec, harmful, beta, gamma, tau, k, enc
     for t, name in ((beta, "beta"), (gamma, "gamma"), (tau, "tau")):
         check_strength(t, name, x.device, x.shape[0])
     check_enc_bias(enc_bias, F, x.device)
+
+
+def code_dtype(x: torch.Tensor) -> torch.dtype:
+    """dtype of the codes and the harm score the ops return for activations `x`: float32, or
+    float64 for float64 `x` (the reference's float64 mode)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _check_shape(t: torch.Tensor, name: str, shape: tuple, what: str) -> None:
+    """`t` has `shape`; `what` says where that shape comes from."""
+    if t.dim() != len(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)} ({what}), got {_shape(t)}")
+    for a, b in zip(t.shape, shape):
+        if (eq := a == b) is not True:
+            _value(eq, lambda: f"{name} must have shape {tuple(shape)} ({what}), got {_shape(t)}")
+
+
+def _check_grad_codes(vals, idx, x, F, allow_float64: bool) -> None:
+    """The codes a backward is given: `vals` (code dtype of x) and `idx` `[..., k]` with x's leading dims."""
+    check_codes(vals, idx, allow_float64)
+    lead = tuple(x.shape[:-1])
+    _check_shape(vals, "vals", (*lead, vals.shape[-1]), "x.shape[:-1] + (k,)")
+    if vals.dtype != code_dtype(x):
+        _type(lambda: f"vals must have dtype {code_dtype(x)} (the codes of x's dtype {x.dtype}), got {vals.dtype}")
+    if vals.device != x.device:
+        raise ValueError(f"vals must be on the device of x ({x.device}), got {vals.device}")
+    check_k(vals.shape[-1], F)
+
+
+def check_topk_encode_backward(grad_vals, x, W_enc, b_dec, vals, idx, allow_float64: bool = False) -> None:
+    """`safedig::topk_encode_backward`: the forward's x, W_enc, b_dec, its outputs, and the
+    gradient of vals (vals' shape and dtype)."""
+    check_activation(x, "x", allow_float64)
+    d = x.shape[-1]
+    if W_enc.dim() != 2:
+        raise ValueError(f"W_enc must be [d, F] with d = x.shape[-1] = {d}, got shape {_shape(W_enc)}")
+    F = W_enc.shape[1]
+    check_like(W_enc, "W_enc", (d, F), x, "x")
+    check_like(b_dec, "b_dec", (d,), x, "x")
+    _check_grad_codes(vals, idx, x, F, allow_float64)
+    check_like(grad_vals, "grad_vals", tuple(vals.shape), vals, "vals")
+
+
+def check_sparse_decode_backward(grad_out, vals, idx, W_dec, allow_float64: bool = False) -> None:
+    """`safedig::sparse_decode_backward`: the forward's codes and decoder, and the gradient of
+    its output (`[..., d]` in W_dec's dtype)."""
+    check_codes(vals, idx, allow_float64)
+    check_float_dtype(W_dec, "W_dec", allow_float64)
+    if W_dec.dim() != 2:
+        raise ValueError(f"W_dec must be [F, d], got shape {_shape(W_dec)}")
+    if W_dec.device != vals.device:
+        raise ValueError(f"W_dec must be on device {vals.device}, got {W_dec.device}")
+    if vals.dtype == torch.float64 and W_dec.dtype != torch.float64:
+        _type(lambda: f"vals in float64 need W_dec in float64 (the float64 reference), got W_dec {W_dec.dtype}")
+    _check_shape(grad_out, "grad_out", (*vals.shape[:-1], W_dec.shape[1]), "vals.shape[:-1] + (d,)")
+    if grad_out.dtype != W_dec.dtype:
+        _type(lambda: f"grad_out must have the dtype of W_dec ({W_dec.dtype}), got {grad_out.dtype}")
+    if grad_out.device != vals.device:
+        raise ValueError(f"grad_out must be on device {vals.device}, got {grad_out.device}")
+
+
+def check_steer_backward(grad_y, grad_h, x, W_enc, W_dec, b_dec, harmful, beta, gamma, tau, h, vals, idx,
+                         allow_float64: bool = False) -> None:
+    """`safedig::steer_backward`: the forward's arguments (b_enc aside), its outputs h, the codes
+    the forward steered with, and the gradients of y (x's shape and dtype) and h (h's, or None)."""
+    check_activation(x, "x", allow_float64)
+    d = x.shape[-1]
+    if W_enc.dim() != 2:
+        raise ValueError(f"W_enc must be [d, F] with d = x.shape[-1] = {d}, got shape {_shape(W_enc)}")
+    F = W_enc.shape[1]
+    check_like(W_enc, "W_enc", (d, F), x, "x")
+    check_like(W_dec, "W_dec", (F, d), x, "x")
+    check_like(b_dec, "b_dec", (d,), x, "x")
+    check_harmful_mask(harmful, F, x.device)
+    for t, name in ((beta, "beta"), (gamma, "gamma"), (tau, "tau")):
+        check_strength(t, name, x.device, x.shape[0])
+    _check_grad_codes(vals, idx, x, F, allow_float64)
+    lead = tuple(x.shape[:-1])
+    _check_shape(h, "h", lead, "x.shape[:-1]")
+    if h.dtype != code_dtype(x) or h.device != x.device:
+        raise TypeError(f"h must be {code_dtype(x)} on {x.device} (the forward's harm score), got {h.dtype} on "
+                        f"{h.device}")
+    check_like(grad_y, "grad_y", tuple(x.shape), x, "x")
+    if grad_h is not None:
+        check_like(grad_h, "grad_h", lead, h, "h")
 
 
 def check_sae_tensors(W_enc, b_enc, W_dec, b_dec, k) -> None:

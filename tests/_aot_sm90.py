@@ -22,10 +22,15 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from safedig_kernels.ops._launch import LaunchConfig, decode_config, select_config  # noqa: E402
-from safedig_kernels.ops.sparse_decode import _sparse_decode_kernel  # noqa: E402
-from safedig_kernels.ops.steer import _steer_fwd_kernel, _steer_row_kernel  # noqa: E402
+from safedig_kernels.ops._launch import LaunchConfig, backward_config, decode_config, select_config  # noqa: E402
+from safedig_kernels.ops.sparse_decode import (  # noqa: E402
+    _feature_rows_kernel,
+    _sparse_decode_bwd_kernel,
+    _sparse_decode_kernel,
+)
+from safedig_kernels.ops.steer import _steer_bwd_codes_kernel, _steer_fwd_kernel, _steer_row_kernel  # noqa: E402
 from safedig_kernels.ops.topk_encode import (  # noqa: E402
+    _encoder_bwd_kernel,
     _group_max_kernel,
     _split_bound_kernel,
     _split_candidates_kernel,
@@ -50,6 +55,9 @@ DECODE = [(3072, 32, torch.bfloat16), (2432, 64, torch.float16), (1000, 256, tor
 # the one-launch small-N steer kernel: (d, F, k, dtype)
 ONE_LAUNCH = [(3072, 12288, 32, torch.bfloat16), (3072, 49152, 64, torch.bfloat16), (2432, 9728, 32, torch.float16),
               (1000, 300, 7, torch.float32)]
+# the backward kernels at the default backward_config: (d, k, dtype)
+BACKWARD = [(3072, 32, torch.bfloat16), (3072, 64, torch.bfloat16), (2432, 32, torch.float16), (1000, 7, torch.float32),
+            (4096, 256, torch.bfloat16)]
 
 
 def compile_sm90(fn, signature: dict, constexprs: dict, num_warps: int):
@@ -149,6 +157,38 @@ def main() -> None:
                                          scfg["num_warps"]))
             print(json.dumps({"kernel": "steer_one_launch", "d": d, "F": F, "k": k, "dtype": str(dtype),
                               "persistent": persistent, "exact_only": scfg["EXACT_ONLY"], **res}), flush=True)
+    for d, k, dtype in BACKWARD:
+        for name, fn, sig, const in backward_kernels(d, k, dtype):
+            res = resources(compile_sm90(fn, sig, const, backward_config(d, k)["num_warps"]))
+            print(json.dumps({"kernel": name, "d": d, "k": k, "dtype": str(dtype), **res}), flush=True)
+
+
+def backward_kernels(d: int, k: int, dtype: torch.dtype) -> list:
+    """(label, kernel, signature, constexprs) of every backward launch, as the launchers make them."""
+    cfg = backward_config(d, k)
+    t = "*" + TY[dtype]
+    g_strides = {"stride_gb": "i64", "stride_gt": "i64", "stride_gd": "i64"}
+    rows = dict(K=k, K_BLOCK=cfg["K_BLOCK"], BLOCK_D=cfg["BLOCK_D"])
+    out = [("steer_bwd_codes", _steer_bwd_codes_kernel,
+            {"dpre_ptr": "*fp32", "coefz_ptr": "*fp32", "blend_ptr": "*fp32", "touched_ptr": "*u8", "gy_ptr": t,
+             "gh_ptr": "*fp32", "h_ptr": "*fp32", "vals_ptr": "*fp32", "idx_ptr": "*i32", "harmful_ptr": "*u8",
+             "W_dec_ptr": t, "beta_ptr": "*fp32", "gamma_ptr": "*fp32", "tau_ptr": "*fp32", **g_strides,
+             "stride_wf": "i64", **STRENGTH_STRIDES, "T": "i32", "F": "i32", "d": "i32"}, rows),
+           ("sparse_decode_bwd", _sparse_decode_bwd_kernel,
+            {"dvals_ptr": "*fp32", "g_ptr": t, "idx_ptr": "*i32", "W_dec_ptr": t, **g_strides, "stride_wf": "i64",
+             "T": "i32", "F": "i32", "d": "i32"}, rows)]
+    for through in (True, False):  # steer's dx (grad_y passed through) and topk_encode's
+        out.append((f"encoder_bwd{'_pass_through' if through else ''}", _encoder_bwd_kernel,
+                    {"dx_ptr": t, "gy_ptr": t, "blend_ptr": "*fp32", "touched_ptr": "*u8" if through else "*fp32",
+                     "dpre_ptr": "*fp32", "idx_ptr": "*i32", "W_t_ptr": t, **g_strides, "stride_wf": "i64",
+                     "T": "i32", "F": "i32", "d": "i32"}, {**rows, "PASS_THROUGH": through}))
+    for centred in (True, False):  # dW_enc (rows x - b_dec, weight sums for db_enc) and dW_dec
+        out.append((f"feature_rows{'_centred' if centred else ''}", _feature_rows_kernel,
+                    {"out_ptr": t, "wsum_ptr": "*fp32" if centred else t, "src_ptr": t, "sub_ptr": t, "w_ptr": "*fp32",
+                     "order_ptr": "*i64", "offsets_ptr": "*i64", "stride_sb": "i64", "stride_st": "i64",
+                     "stride_sd": "i64", "T": "i32", "d": "i32"},
+                    dict(K=k, PAIRS=cfg["PAIRS"], BLOCK_D=cfg["BLOCK_D"], HAS_SUB=centred, HAS_WSUM=centred)))
+    return out
 
 
 if __name__ == "__main__":

@@ -53,3 +53,24 @@ def dense_steer64(x, W_enc, b_enc, W_dec, b_dec, harmful, beta, gamma, tau, k, c
     y = torch.where(gate[:, None], x64 + (b * (x_hat_safe - x64) - g * r), x64)
     h = torch.where(bad, torch.full_like(h, float("nan")), h)
     return y, h
+
+
+def selection_margin(x, W_enc, b_enc, b_dec, k, harmful=None, tau=None):
+    """How far (float64) the finite tokens of `x` are from a point where the top-k set, a code's
+    ReLU or the gate switches: the smallest of the gap between the k-th and (k+1)-th largest
+    pre-activation, the |value| of a selected pre-activation, and |h - tau| (with `harmful` and
+    a scalar `tau`). A finite-difference gradient check is valid when its perturbations move
+    the pre-activations by much less than this."""
+    pre, chosen, z, bad = dense_codes64(x, W_enc, b_enc, b_dec, k)
+    margin = float("inf")
+    for n in range(pre.shape[0]):
+        if bad[n]:
+            continue
+        top = torch.sort(pre[n], descending=True).values
+        if k < top.numel():
+            margin = min(margin, float(top[k - 1] - top[k]))
+        margin = min(margin, float(top[:k].abs().min()))
+        if harmful is not None and tau is not None:
+            h = float((z[n] * harmful.cpu().double()).sum())
+            margin = min(margin, abs(h - float(tau)))
+    return margin

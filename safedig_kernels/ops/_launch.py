@@ -41,6 +41,15 @@ ROW_ALGO_MAX_ROWS = 256
 # measured on a GPU; benchmarks/gpu_check.py compares both paths at N = 16, 64, 256.
 ONE_LAUNCH_MAX_ROWS = 64
 
+# How the ops' backward runs on CUDA tensors: "triton", the sparse kernels (per token, the k
+# selected rows of W_dec and W_enc^T; per feature, the rows of the tokens that chose it, summed in
+# token order without atomics), or "torch", the reference's backward in the input dtype (the k
+# codes scattered into a dense [N, F] matrix, four cuBLAS GEMMs of N*F*d). Both are deterministic
+# and sync-free. "triton" reads N*k rows where "torch" multiplies N*F*d (F/k = 384 times the
+# FLOPs at FLUX 4x), hence the default; neither has been timed on a GPU yet (2026-12):
+# benchmarks/device_run.sh's "backward" stage times both and should decide.
+BACKWARDS = ("triton", "torch")
+
 
 @dataclass(frozen=True)
 class LaunchConfig:
@@ -60,6 +69,10 @@ class LaunchConfig:
     persistent, programs: the one-launch path on a fixed grid of `programs` programs (default
         8 per SM) that loop over the tokens, instead of one program per token
         (`persistent_programs`). Not yet measured on a GPU; off unless asked.
+    backward: "triton" or "torch" (BACKWARDS, above). Like bias_in_gemm it moves roundings:
+        "torch" computes the gradients in the input dtype.
+    backward_block_d, backward_rows, backward_warps: the backward kernels' tile, `[rows, BLOCK_D]`
+        decoder/encoder rows or per-feature token rows at once, and warps (`backward_config`).
     """
 
     select_algo: str = "auto"
@@ -74,10 +87,16 @@ class LaunchConfig:
     bias_in_gemm: Optional[bool] = None
     persistent: Optional[bool] = None
     programs: Optional[int] = None
+    backward: str = "triton"
+    backward_block_d: Optional[int] = None
+    backward_rows: Optional[int] = None
+    backward_warps: Optional[int] = None
 
     def __post_init__(self) -> None:
         if self.select_algo != "auto" and self.select_algo not in SELECT_ALGOS:
             raise ValueError(f"algo must be 'auto' or one of {SELECT_ALGOS}, got {self.select_algo!r}")
+        if self.backward not in BACKWARDS:
+            raise ValueError(f"backward must be one of {BACKWARDS}, got {self.backward!r}")
         if self.programs is not None and (not isinstance(self.programs, int) or self.programs < 1):
             raise ValueError(f"programs must be a positive int, got {self.programs!r}")
 
@@ -208,3 +227,17 @@ def decode_config(d: int, k: int, launch: Optional[LaunchConfig] = None) -> Mapp
     return MappingProxyType(dict(K_BLOCK=launch.decode_k_block or min(next_pow2(k), 8),
                                  BLOCK_D=launch.decode_block_d or min(next_pow2(d), 1024),
                                  num_warps=launch.decode_warps or 4))
+
+
+@functools.lru_cache(maxsize=256)
+def backward_config(d: int, k: int, launch: Optional[LaunchConfig] = None) -> Mapping:
+    """Tiles and warps of the backward kernels (read-only, cached): a program reads K_BLOCK of a
+    token's selected rows (decoder rows for the dot products with grad_y, encoder rows for dx),
+    or PAIRS token rows of one feature (the weight gradients), BLOCK_D columns at a time. The
+    forward decode's [8, 1024] with 4 warps, the best of its sweep (decode_config), until the
+    backward has a sweep of its own; not yet measured on a GPU."""
+    launch = current(launch)
+    rows = next_pow2(launch.backward_rows or 8)  # tile sides are powers of two (tl.arange)
+    return MappingProxyType(dict(K_BLOCK=min(next_pow2(k), rows), PAIRS=rows,
+                                 BLOCK_D=next_pow2(launch.backward_block_d or min(d, 1024)),
+                                 num_warps=launch.backward_warps or 4))

@@ -18,6 +18,13 @@ When the candidates overflow the scratch row (heavy ties) or k > 64, an exact fa
 the k-th largest key by bisection and keeps exactly k candidates, lower indices first among
 equals. Non-finite rows get NaN values over indices 0..k-1.
 
+Backward (`safedig::topk_encode_backward`, docs/spec.md "Gradients"), with the selection held
+fixed: a code's gradient reaches its pre-activation where the code is positive. dx gathers the
+token's k encoder columns as rows of `W_enc^T` (`_encoder_bwd_kernel`, the decode's gather over a
+transposed copy of W_enc unless W_enc already is one: a column of a row-major [d, F] matrix is
+F elements apart); dW_enc and db_enc sum per feature over the tokens that chose it
+(`sparse_decode._feature_rows_kernel`, no atomics); db_dec = -W_enc @ db_enc.
+
 Measured on an H200 (2026-11-28, torch 2.11 / triton 3.6, FLUX 4x shape): the first version,
 which compacted with a block-wide cumsum and sum per chunk, spent 0.31 ms selecting after a
 0.46 ms GEMM, far from the 0.03 ms a read of the buffer costs; the per-chunk collectives (each
@@ -30,11 +37,18 @@ from typing import Mapping, Optional
 import torch
 
 from .. import reference
-from .._checks import check_topk_encode, check_topk_encode_types
+from .._checks import (
+    check_topk_encode,
+    check_topk_encode_backward,
+    check_topk_encode_types,
+    code_dtype,
+    float64_allowed,
+)
 from .._library import mm_has_out_dtype, use_triton_for
 from . import _launch, _tuning
 from ._launch import LaunchConfig
-from ._triton import launchable, tl, triton
+from ._triton import cdiv, launchable, tl, triton
+from .sparse_decode import _feature_rows, _weighted_row_sum, as_rows, or_empty, pairs_by_feature
 
 
 @triton.jit
@@ -319,6 +333,49 @@ def _split_rank_kernel(
         _rank_and_store(vals_ptr + row * K, idx_ptr + row * K, cand_vals, cand_idx, n_cand, K, CAND, RANK_BLOCK)
 
 
+@triton.jit
+def _encoder_rows_sum(dpre_ptr, idx_ptr, W_t_ptr, n, stride_wf, F, offs_d, dmask,
+                      K: tl.constexpr, K_BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """sum_j dpre[n, j] * W_enc^T[idx[n, j]] over one block of d, fp32; rows with dpre 0 unread."""
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for kb in range(0, K, K_BLOCK):
+        ks = kb + tl.arange(0, K_BLOCK)
+        kmask = ks < K
+        w = tl.load(dpre_ptr + n * K + ks, mask=kmask, other=0.0)
+        j = tl.load(idx_ptr + n * K + ks, mask=kmask, other=0)
+        acc = _weighted_row_sum(acc, w, j, kmask, W_t_ptr, stride_wf, F, offs_d, dmask)
+    return acc
+
+
+@triton.jit
+def _encoder_bwd_kernel(
+    dx_ptr,
+    gy_ptr, blend_ptr, touched_ptr, dpre_ptr, idx_ptr, W_t_ptr,
+    stride_gb, stride_gt, stride_gd, stride_wf, T, F, d,
+    K: tl.constexpr, K_BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, PASS_THROUGH: tl.constexpr,
+):
+    """One program per (token n, d-block): dx[n] = sum_j dpre[n, j] * W_enc^T[idx[n, j]] (only rows
+    with a non-zero dpre are read). PASS_THROUGH (steer's backward) adds grad_y's own path:
+    dx = grad_y - blend[n] * grad_y + that sum for a token the forward steered or whose harm
+    score has a gradient (touched[n]), else grad_y itself, selected, so bitwise."""
+    n = tl.program_id(0).to(tl.int64)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    dmask = offs_d < d
+    if PASS_THROUGH:
+        g = tl.load(gy_ptr + (n // T) * stride_gb + (n % T) * stride_gt + offs_d.to(tl.int64) * stride_gd, mask=dmask,
+                    other=0.0)
+        if tl.load(touched_ptr + n) != 0:
+            gf = g.to(tl.float32)
+            acc = _encoder_rows_sum(dpre_ptr, idx_ptr, W_t_ptr, n, stride_wf, F, offs_d, dmask, K, K_BLOCK, BLOCK_D)
+            out = (gf + (acc - tl.load(blend_ptr + n) * gf)).to(dx_ptr.dtype.element_ty)
+        else:
+            out = g
+    else:
+        acc = _encoder_rows_sum(dpre_ptr, idx_ptr, W_t_ptr, n, stride_wf, F, offs_d, dmask, K, K_BLOCK, BLOCK_D)
+        out = acc.to(dx_ptr.dtype.element_ty)
+    tl.store(dx_ptr + n * d + offs_d, out, mask=dmask)
+
+
 def encoder_bias(W_enc: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor) -> torch.Tensor:
     """`b_enc - b_dec @ W_enc` in fp32, `[F]`: folds the input centring into the bias, so the
     GEMM reads x as it is (no rounded `x - b_dec` copy)."""
@@ -434,10 +491,82 @@ def _select(vals, idx, scratch: _SelectScratch, pre, bias: Optional[torch.Tensor
         EXACT_ONLY=cfg["EXACT_ONLY"], HAS_BIAS=common["HAS_BIAS"], num_warps=cfg["num_warps"])
 
 
+def matvec_fp32(W: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """`W @ v` in fp32 for `W` `[m, n]` in its dtype and `v` fp32 `[n]`. bf16 on CUDA: cuBLAS with
+    `out_dtype`, no fp32 copy of W (v rounded to bf16 on the way in: its range is fp32's). fp16:
+    an fp32 copy of W, since v, a gradient summed over tokens (loss-scaled, in mixed precision),
+    can pass fp16's 65504."""
+    if W.dtype == v.dtype:
+        return W @ v
+    if W.dtype == torch.bfloat16 and W.is_cuda and mm_has_out_dtype():
+        return torch.mm(W, v.to(W.dtype).unsqueeze(1), out_dtype=torch.float32).squeeze(1)
+    return W.float() @ v.float()
+
+
+def encoder_rows(W_enc: torch.Tensor) -> torch.Tensor:
+    """`W_enc^T` `[F, d]` with contiguous rows: W_enc's columns, which the backward gathers per code."""
+    W_t = W_enc.t()
+    # clone, not contiguous(): the latter cannot run on fake CUDA tensors in a CPU-only torch (2.13)
+    return W_t if W_t.stride(1) == 1 else W_t.clone(memory_format=torch.contiguous_format)
+
+
+def _encoder_bwd(dx: torch.Tensor, x3: torch.Tensor, dpre: torch.Tensor, idx2: torch.Tensor, W_enc: torch.Tensor,
+                 cfg, gy3: Optional[torch.Tensor] = None, blend: Optional[torch.Tensor] = None,
+                 touched: Optional[torch.Tensor] = None) -> None:
+    """dx `[N, d]`-shaped (contiguous, x's dtype) from dpre / idx2 `[N, k]` (`_encoder_bwd_kernel`);
+    with gy3 (steer's backward) also grad_y's pass-through."""
+    B, T, d = x3.shape
+    W_t = encoder_rows(W_enc)
+    through = gy3 is not None
+    g = gy3 if through else x3
+    launchable(_encoder_bwd_kernel)[(B * T, cdiv(d, cfg["BLOCK_D"]))](
+        dx, g, blend if through else dpre, touched if through else dpre, dpre, idx2, W_t,
+        g.stride(0), g.stride(1), g.stride(2), W_t.stride(0), T, W_t.shape[0], d,
+        K=dpre.shape[1], K_BLOCK=cfg["K_BLOCK"], BLOCK_D=cfg["BLOCK_D"], PASS_THROUGH=through,
+        num_warps=cfg["num_warps"])
+
+
+def _encoder_weight_grads(x3: torch.Tensor, dpre: torch.Tensor, idx2: torch.Tensor, W_enc: torch.Tensor,
+                          b_dec: torch.Tensor, cfg, pairs: Optional[tuple] = None
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dW_enc^T `[F, d]`, db_enc `[F]` (the weights' dtype) and db_dec's encoder part (fp32 `[d]`,
+    -W_enc @ db_enc) from dpre `[N, k]`: per feature, the centred rows x - b_dec of the tokens
+    that chose it (`_feature_rows_kernel`)."""
+    d, F = W_enc.shape
+    order, offsets = pairs if pairs is not None else pairs_by_feature(idx2, F)
+    dW_enc_t = torch.empty(F, d, device=W_enc.device, dtype=W_enc.dtype)
+    db_enc = torch.empty(F, device=W_enc.device, dtype=torch.float32)
+    _feature_rows(dW_enc_t, db_enc, x3, b_dec.contiguous(), dpre, order, offsets, cfg)
+    return dW_enc_t, db_enc.to(W_enc.dtype), -matvec_fp32(W_enc, db_enc)
+
+
+def _topk_encode_bwd(grad_vals: torch.Tensor, x: torch.Tensor, W_enc: torch.Tensor, b_dec: torch.Tensor,
+                     vals: torch.Tensor, idx: torch.Tensor, input_grad: bool = True, weight_grads: bool = True,
+                     launch: Optional[LaunchConfig] = None) -> tuple:
+    """Launcher. `grad_vals`, `vals` fp32 and `idx` `[..., k]`, `x` `[N, d]` or `[B, T, d]` (any
+    strides). Returns dx (x's shape and dtype), dW_enc^T `[F, d]`, db_enc `[F]`, db_dec `[d]`; None
+    for what was not asked. No host sync; allocations depend on shapes only."""
+    x3 = as_rows(x)
+    N, d, k = x3.shape[0] * x3.shape[1], x3.shape[2], vals.shape[-1]
+    cfg = _launch.backward_config(d, k, launch)
+    vals2 = vals.reshape(N, k)
+    dpre = torch.where(vals2 > 0, grad_vals.reshape(N, k).float(), 0.0).contiguous()  # NaN codes: 0
+    idx2 = idx.reshape(N, k).to(torch.int32).contiguous()
+    dx = dW_enc_t = db_enc = db_dec = None
+    if input_grad:
+        dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+        if N > 0:
+            _encoder_bwd(dx, x3, dpre, idx2, W_enc, cfg)
+    if weight_grads:
+        dW_enc_t, db_enc, db_dec = _encoder_weight_grads(x3, dpre, idx2, W_enc, b_dec, cfg)
+        db_dec = db_dec.to(b_dec.dtype)
+    return dx, dW_enc_t, db_enc, db_dec
+
+
 @torch.library.triton_op("safedig::topk_encode", mutates_args=())
 def _topk_encode_op(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor,
                     k: int, enc_bias: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    check_topk_encode(x, W_enc, b_enc, b_dec, k, enc_bias)
+    check_topk_encode(x, W_enc, b_enc, b_dec, k, enc_bias, float64_allowed(x))
     if not use_triton_for(x):
         return reference.topk_encode(x, W_enc, b_enc, b_dec, k)
     if enc_bias is None:
@@ -449,9 +578,53 @@ def _topk_encode_op(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, b
 
 @_topk_encode_op.register_fake
 def _(x, W_enc, b_enc, b_dec, k, enc_bias=None):
-    check_topk_encode(x, W_enc, b_enc, b_dec, k, enc_bias)
+    check_topk_encode(x, W_enc, b_enc, b_dec, k, enc_bias, float64_allowed(x))
     lead = x.shape[:-1]
-    return x.new_empty(*lead, k, dtype=torch.float32), x.new_empty(*lead, k, dtype=torch.int32)
+    return x.new_empty(*lead, k, dtype=code_dtype(x)), x.new_empty(*lead, k, dtype=torch.int32)
+
+
+@torch.library.triton_op("safedig::topk_encode_backward", mutates_args=())
+def _topk_encode_backward_op(grad_vals: torch.Tensor, x: torch.Tensor, W_enc: torch.Tensor, b_dec: torch.Tensor,
+                             vals: torch.Tensor, idx: torch.Tensor, input_grad: bool, weight_grads: bool
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dx, dW_enc^T `[F, d]`, db_enc, db_dec (docs/spec.md "Gradients"); what was not asked comes
+    back empty `[0]`."""
+    check_topk_encode_backward(grad_vals, x, W_enc, b_dec, vals, idx, float64_allowed(x))
+    if use_triton_for(x) and _launch.current(None).backward == "triton":
+        grads = _topk_encode_bwd(grad_vals, x, W_enc, b_dec, vals, idx, input_grad, weight_grads)
+    else:  # the CPU, or the torch-op alternative on CUDA (in the input dtype, as the eager reference)
+        grads = reference.topk_encode_backward(grad_vals, x, W_enc, b_dec, vals, idx, upcast=not use_triton_for(x),
+                                               weight_grads=weight_grads)
+    return or_empty(grads, (input_grad,) + (weight_grads,) * 3, (x, W_enc, W_enc, b_dec))
+
+
+@_topk_encode_backward_op.register_fake
+def _(grad_vals, x, W_enc, b_dec, vals, idx, input_grad, weight_grads):
+    check_topk_encode_backward(grad_vals, x, W_enc, b_dec, vals, idx, float64_allowed(x))
+    d, F = W_enc.shape
+    return (torch.empty_like(x, memory_format=torch.contiguous_format) if input_grad else x.new_empty(0),
+            W_enc.new_empty((F, d) if weight_grads else (0,)), W_enc.new_empty((F,) if weight_grads else (0,)),
+            b_dec.new_empty((d,) if weight_grads else (0,)))
+
+
+def _topk_encode_setup_context(ctx, inputs, output) -> None:
+    x, W_enc, _, b_dec, _, _ = inputs
+    vals, idx = output
+    ctx.save_for_backward(x, W_enc, b_dec, vals, idx)
+
+
+def _topk_encode_backward(ctx, grad_vals, _grad_idx):
+    """Gradients for x, W_enc, b_enc, b_dec; none for k, and none for enc_bias: a cache of
+    `b_enc - b_dec @ W_enc`, whose gradient reaches those three (docs/spec.md "Gradients")."""
+    x, W_enc, b_dec, vals, idx = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    dx, dW_enc_t, db_enc, db_dec = torch.ops.safedig.topk_encode_backward(grad_vals, x, W_enc, b_dec, vals, idx,
+                                                                          need[0], any(need[1:4]))
+    return (dx if need[0] else None, dW_enc_t.t() if need[1] else None, db_enc if need[2] else None,
+            db_dec if need[3] else None, None, None)
+
+
+_topk_encode_op.register_autograd(_topk_encode_backward, setup_context=_topk_encode_setup_context)
 
 
 def topk_encode(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor, k: int,
@@ -461,6 +634,8 @@ def topk_encode(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, b_dec
     `W_enc` `[d, F]`, `b_enc` `[F]`, `b_dec` `[d]` in x's dtype and device; `1 <= k <= 256`.
     `enc_bias` optionally passes a cached `b_enc - b_dec @ W_enc` (fp32 `[F]`) to skip a GEMV.
     Returns `vals` fp32 `[..., k]` (ReLU'd, descending) and `idx` int32 `[..., k]`.
+    Differentiable in x, W_enc, b_enc and b_dec through vals, the selection held fixed; on the
+    CPU every tensor may be float64 (the reference computes in it; vals are then float64).
     """
     check_topk_encode_types(x, W_enc, b_enc, b_dec, k, enc_bias)
     return torch.ops.safedig.topk_encode(x, W_enc, b_enc, b_dec, k, enc_bias)

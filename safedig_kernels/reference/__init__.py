@@ -8,6 +8,14 @@ them once on the way in (`_checks`), and a call straight to the reference is pla
 mode for tests). `upcast=False` computes in the input dtype, as plain eager PyTorch would
 (pre-activations and the reconstruction rounded to bf16/fp16): the low-precision reference
 whose own error sets the kernels' tolerance.
+
+The `*_backward` functions are the ops' gradients (docs/spec.md, "Gradients"), written out: the
+top-k set and the gate held fixed, a non-finite token contributing nothing but its pass-through.
+They are the ops' backward on CPU tensors, the oracle of the backward kernels and, with
+`upcast=False`, the torch-op alternative to them on a GPU. They scatter the k codes of each token
+into a dense `[N, F]` matrix and use GEMMs (deterministic, no atomics, no host sync), where a
+sparse kernel reads only the selected rows. Autograd through `steer` / `topk_encode` /
+`sparse_decode` above gives the same gradients on finite tokens (tests hold the two together).
 """
 from __future__ import annotations
 
@@ -15,7 +23,8 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["select_topk", "encoder_preactivations", "topk_encode", "sparse_decode", "steer", "steer_from_codes",
-           "gather_sum"]
+           "gather_sum", "per_token", "encoder_backward", "topk_encode_backward", "sparse_decode_backward",
+           "steer_backward"]
 
 
 def _compute_dtype(x: torch.Tensor, upcast: bool) -> torch.dtype:
@@ -134,7 +143,118 @@ def steer(x, W_enc, b_enc, W_dec, b_dec, harmful, beta, gamma, tau, k: int,
     x2 = x.reshape(-1, d)
     pre = encoder_preactivations(x2, W_enc, b_enc, b_dec, upcast)
     vals, idx, _ = _topk_from_pre(x2, pre, k)
-    T = x.shape[1] if x.dim() == 3 else 1
-    beta, gamma, tau = (t.repeat_interleave(T) if t.dim() else t for t in (beta, gamma, tau))
+    beta, gamma, tau = (per_token(t, x) for t in (beta, gamma, tau))
     y, h = steer_from_codes(x2, vals, idx, W_dec, b_dec, harmful, beta, gamma, tau, upcast)
     return y.reshape(x.shape), h.reshape(x.shape[:-1])
+
+
+def per_token(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A strength as the ops take it (0-d, or one per sample `[x.shape[0]]`) as one value per token
+    of `x.reshape(-1, d)`, or left 0-d (it broadcasts)."""
+    if not t.dim():
+        return t
+    return t.repeat_interleave(x.shape[1]) if x.dim() == 3 else t
+
+
+# -- gradients --------------------------------------------------------------------------------
+
+def _dense_rows(idx2: torch.Tensor, w2: torch.Tensor, F: int) -> torch.Tensor:
+    """`[N, F]` holding the sum of `w2[n, j]` over the j with `idx2[n, j] = f` at `[n, f]`, zero elsewhere."""
+    return torch.zeros(idx2.shape[0], F, dtype=w2.dtype, device=w2.device).scatter_add_(1, idx2.long(), w2)
+
+
+def encoder_backward(dpre, idx, x2, W_enc, b_dec, bad, upcast: bool = True, weight_grads: bool = True):
+    """Gradients through `pre = (x - b_dec) @ W_enc + b_enc` given `dpre` `[N, k]`, the gradient
+    of the pre-activations at each token's selected features `idx` `[N, k]` (zero at the others).
+    `bad` `[N]` marks non-finite tokens (their dpre is zero; their x is kept out of the sums,
+    where 0 * NaN would spread). Returns, in the compute dtype: dx `[N, d]`, dW_enc transposed
+    `[F, d]`, db_enc `[F]`, db_dec `[d]` (the last three None unless `weight_grads`)."""
+    cd = _compute_dtype(x2, upcast)
+    F = W_enc.shape[1]
+    W = W_enc.to(cd)
+    D = _dense_rows(idx, dpre.to(cd), F)
+    dx = D @ W.t()
+    if not weight_grads:
+        return dx, None, None, None
+    centred = torch.where(bad[:, None], torch.zeros((), dtype=cd, device=x2.device), x2.to(cd) - b_dec.to(cd))
+    db_enc = D.sum(0)
+    return dx, D.t() @ centred, db_enc, -(W @ db_enc)
+
+
+def topk_encode_backward(grad_vals, x, W_enc, b_dec, vals, idx, upcast: bool = True, weight_grads: bool = True):
+    """Gradient of `topk_encode`'s `vals` (`grad_vals`, vals' shape) back to its inputs, the
+    selection `idx` held fixed: a code passes its gradient to its pre-activation where it is
+    positive (ReLU), nothing where it is 0 or NaN (a non-finite token's codes are constants).
+    Returns (dx in x's shape and dtype, dW_enc transposed `[F, d]`, db_enc `[F]`, db_dec `[d]`,
+    the last three in the weights' dtype, None unless `weight_grads`)."""
+    d, k = x.shape[-1], vals.shape[-1]
+    x2, v = x.reshape(-1, d), vals.reshape(-1, k)
+    zero = torch.zeros((), dtype=grad_vals.dtype, device=grad_vals.device)
+    dpre = torch.where(v > 0, grad_vals.reshape(-1, k), zero)
+    bad = torch.isnan(v).any(-1)
+    dx, dW_enc_t, db_enc, db_dec = encoder_backward(dpre, idx.reshape(-1, k), x2, W_enc, b_dec, bad, upcast,
+                                                    weight_grads)
+    if weight_grads:
+        dW_enc_t, db_enc, db_dec = dW_enc_t.to(W_enc.dtype), db_enc.to(W_enc.dtype), db_dec.to(b_dec.dtype)
+    return dx.reshape(x.shape).to(x.dtype), dW_enc_t, db_enc, db_dec
+
+
+def sparse_decode_backward(grad_out, vals, idx, W_dec, upcast: bool = True, weight_grads: bool = True):
+    """Gradient of `sparse_decode` (linear in vals, W_dec and b_dec) given `grad_out` `[..., d]`:
+    dvals `[..., k]` (vals' dtype; NaN for an index outside [0, F)), dW_dec `[F, d]` and db_dec
+    `[d]` in W_dec's dtype (None unless `weight_grads`)."""
+    cd = _compute_dtype(W_dec, upcast)
+    F, d = W_dec.shape
+    k = vals.shape[-1]
+    g = grad_out.reshape(-1, d).to(cd)
+    v, i = vals.reshape(-1, k), idx.reshape(-1, k).long()
+    inside = (i >= 0) & (i < F)
+    i = torch.where(inside, i, torch.zeros_like(i))
+    Wd = W_dec.to(cd)
+    dvals = torch.gather(g @ Wd.t(), 1, i)
+    dvals = torch.where(inside, dvals, torch.full_like(dvals, float("nan"))).reshape(vals.shape).to(vals.dtype)
+    if not weight_grads:
+        return dvals, None, None
+    w = torch.where(inside, v.to(cd), torch.zeros((), dtype=cd, device=v.device))
+    return dvals, (_dense_rows(i, w, F).t() @ g).to(W_dec.dtype), g.sum(0).to(W_dec.dtype)
+
+
+def steer_backward(grad_y, grad_h, x, W_enc, W_dec, b_dec, harmful, beta, gamma, tau, h, vals, idx,
+                   upcast: bool = True, weight_grads: bool = True):
+    """Gradient of `steer` given `grad_y` (x's shape) and `grad_h` (h's shape, or None), with the
+    forward's harm score `h` (its gate) and codes `vals`, `idx` `[..., k]`: the top-k set and the
+    gate held fixed. A token the forward left unchanged (gate shut, beta = gamma = 0, non-finite)
+    passes `grad_y` through bitwise, plus what `grad_h` adds through its harmful codes (nothing
+    for a non-finite token, whose h is NaN). Returns (dx in x's shape and dtype, dW_enc
+    transposed `[F, d]`, db_enc `[F]`, dW_dec `[F, d]`, db_dec `[d]`; the weights' gradients in
+    their dtype, None unless `weight_grads`)."""
+    cd = _compute_dtype(x, upcast)
+    d, k = x.shape[-1], vals.shape[-1]
+    F = W_enc.shape[1]
+    x2, gy = x.reshape(-1, d), grad_y.reshape(-1, d)
+    N = x2.shape[0]
+    gyc = gy.to(cd)
+    h2 = h.reshape(-1)
+    bad = torch.isnan(h2)
+    zero = torch.zeros((), dtype=cd, device=x.device)
+    gh = zero.expand(N) if grad_h is None else torch.where(bad, zero, grad_h.reshape(-1).to(cd))
+    b, g, t = (per_token(s, x) for s in (beta, gamma, tau))
+    active = (h2 > t.to(h2.dtype)) & ((b != 0) | (g != 0)) & ~bad
+    b, g = (s.to(cd).expand(N) for s in (b, g))
+    i = idx.reshape(-1, k).long()
+    z = torch.where(bad[:, None], zero, vals.reshape(-1, k).to(cd))
+    harm = harmful[i]
+    coef = torch.where(active[:, None], torch.where(harm, -g[:, None], b[:, None]), zero)
+    dots = torch.gather(gyc @ W_dec.to(cd).t(), 1, i)  # <grad_y, W_dec[j]> per code
+    dz = coef * dots + torch.where(harm, gh[:, None], zero)
+    dpre = torch.where(z > 0, dz, zero)
+    dx_enc, dW_enc_t, db_enc, db_dec_enc = encoder_backward(dpre, i, x2, W_enc, b_dec, bad, upcast, weight_grads)
+    blend = torch.where(active, b, zero)
+    touched = active | (gh != 0)
+    dx = torch.where(touched[:, None], (gyc - blend[:, None] * gyc + dx_enc).to(x.dtype), gy).reshape(x.shape)
+    if not weight_grads:
+        return dx, None, None, None, None
+    dW_dec = _dense_rows(i, coef * z, F).t() @ gyc
+    db_dec = blend @ gyc + db_dec_enc
+    return (dx, dW_enc_t.to(W_enc.dtype), db_enc.to(W_enc.dtype), dW_dec.to(W_dec.dtype),
+            db_dec.to(b_dec.dtype))

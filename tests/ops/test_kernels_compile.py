@@ -29,11 +29,14 @@ def compiled():
 
 def test_every_kernel_compiles_for_sm90(compiled):
     kinds = {r["kernel"] for r in compiled}
+    backward = {"steer_bwd_codes", "sparse_decode_bwd", "encoder_bwd_pass_through", "encoder_bwd",
+                "feature_rows_centred", "feature_rows"}
     assert kinds == {"select", "split_group_max", "split_bound", "split_candidates", "split_rank", "steer_decode",
-                     "sparse_decode", "steer_one_launch"}
+                     "sparse_decode", "steer_one_launch"} | backward
     # 10 select settings x 5 kernels (no candidates pass when exact), 2 pipelined "row" settings, 6 decode,
-    # 4 one-launch steer settings, each with a program per token and persistent
-    assert len(compiled) == 10 * 5 - 1 + 2 + 6 + 4 * 2
+    # 4 one-launch steer settings, each with a program per token and persistent, 5 backward settings x 6 kernels
+    assert len(compiled) == 10 * 5 - 1 + 2 + 6 + 4 * 2 + 5 * len(backward)
+    assert {r["k"] for r in compiled if r["kernel"] in backward} == {7, 32, 64, 256}
     assert {r["persistent"] for r in compiled if r["kernel"] == "steer_one_launch"} == {False, True}
     assert {r["load_stages"] for r in compiled if r["kernel"] == "select"} == {1, 3}
 

@@ -21,6 +21,7 @@ from safedig_kernels.ops import _launch
 from safedig_kernels.ops._launch import SELECT_ALGOS, LaunchConfig
 from safedig_kernels.testing import (
     BUFFER_ULP,
+    EPS,
     PRE_REL_TOL,
     assert_bitwise_equal,
     assert_codes_within_tolerance,
@@ -301,3 +302,159 @@ def test_cuda_graph_capture_and_replay():
         graph.replay()
         y, h = sae.steer(x)
         assert torch.equal(y_static, y) and torch.equal(h_static, h)
+
+
+# -- gradients (docs/spec.md, Gradients) -----------------------------------------------------------
+# Each backward runs in both forms `_launch.BACKWARDS` offers: "triton" (the sparse kernels, the
+# default) and "torch" (the reference's backward in the input dtype). Tolerance as for the
+# forward: against the float64 reference's backward on the op's own codes, at most twice the
+# error of that backward computed in the input dtype, plus EPS times the gradient's scale.
+
+GRAD_NAMES = ("x", "W_enc", "b_enc", "W_dec", "b_dec")
+
+
+@pytest.fixture(params=_launch.BACKWARDS)
+def backward(request, monkeypatch):
+    monkeypatch.setattr(_launch, "DEFAULT", dataclasses.replace(_launch.DEFAULT, backward=request.param))
+    return request.param
+
+
+def steer_grads(x, sae, harmful, bgt, k, gy, gh):
+    ts = [t.detach().clone().requires_grad_() for t in (x, *sae)]
+    y, h = ops.steer(ts[0], *ts[1:], harmful, *bgt, k)
+    return torch.autograd.grad((y, h), ts, (gy, gh)), h.detach()
+
+
+def check_steer_grads(x, W_enc, b_enc, W_dec, b_dec, harmful, beta, gamma, tau, k, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    bgt = strengths(beta, gamma, tau)
+    gy = torch.randn(x.shape, generator=g).to(DEV, x.dtype)
+    gh = torch.randn(x.shape[:-1], generator=g).to(DEV)
+    got, h = steer_grads(x, (W_enc, b_enc, W_dec, b_dec), harmful, bgt, k, gy, gh)
+    vals, idx = ops.topk_encode(x, W_enc, b_enc, b_dec, k)  # the codes the backward recomputed
+    args = (harmful, *bgt, h, vals, idx)
+    want = reference.steer_backward(gy.double(), gh.double(), x.double(), W_enc.double(), W_dec.double(),
+                                    b_dec.double(), *args[:4], h.double(), vals.double(), idx)
+    lowp = reference.steer_backward(gy, gh, x, W_enc, W_dec, b_dec, *args, upcast=False)
+    for name, a, w, lo in zip(GRAD_NAMES, got, (want[0], want[1].t(), *want[2:]),
+                              (lowp[0], lowp[1].t(), *lowp[2:])):
+        assert a.dtype == x.dtype and a.shape == w.shape, name
+        scale = w.abs().max().item() if w.numel() else 0.0
+        err = (a.double() - w).abs().max().item() if w.numel() else 0.0
+        err_lowp = (lo.double() - w).abs().max().item() if w.numel() else 0.0
+        bound = tolerance(err_lowp, x.dtype, atol=EPS[x.dtype] * (1 + scale), cap=False)
+        assert err <= bound, f"{name}: off by {err:.3g}, bound {bound:.3g} (low-precision reference {err_lowp:.3g})"
+    return got
+
+
+@pytest.mark.usefixtures("poison_allocations")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("N,d,F,k", SMALL[:6], ids=lambda v: str(v))
+def test_backward_small_cases(N, d, F, k, dtype, backward):
+    x, *sae = make(d, F, dtype, lead=(1, N))
+    x = torch.randn(1, N + 2, d + 3, device=DEV, dtype=dtype)[:, 2:, :d].copy_(x)  # strided 3-D slice
+    x[0, N // 2, 0] = float("nan")
+    for bgt in ((0.5, 1.0, 0.0), (0.0, 1.0, -1.0), (1.0, -1.0, 0.2)):
+        got = check_steer_grads(x, *sae, *bgt, k)
+        assert torch.isfinite(torch.cat([g.flatten().float() for g in got[1:]])).all()
+
+
+@pytest.mark.parametrize("N,d,F,k", REAL[:1] + REAL[2:], ids=lambda v: str(v))
+def test_backward_real_sizes(N, d, F, k, backward):
+    x, *sae = make(d, F, torch.bfloat16, N=N)
+    check_steer_grads(x, *sae, 0.5, 1.0, -1.0, k)   # every token steered
+    check_steer_grads(x, *sae, 0.0, 2.0, 0.05, k)   # gated pure Repel
+
+
+@pytest.mark.parametrize("off", [(0.0, 0.0, -1.0), (0.5, 1.0, 1e9)], ids=["beta=gamma=0", "gate-shut"])
+def test_backward_of_unchanged_tokens_is_the_identity_bitwise(off, backward):
+    x, *sae, harmful = make(3072, 12288, torch.bfloat16, N=300)
+    gy = torch.randn_like(x)
+    gy[0, :8] = -0.0
+    got, _ = steer_grads(x, sae, harmful, strengths(*off), 32, gy, torch.zeros(300, device=DEV))
+    assert_bitwise_equal(got[0], gy)
+    for name, g in zip(GRAD_NAMES[1:], got[1:]):
+        assert torch.equal(g, torch.zeros_like(g)), name
+
+
+def test_backward_is_deterministic_and_syncs_nothing():
+    # no float atomics: two runs agree bitwise; after a warm-up call nothing waits on the host
+    x, *sae, harmful = make(3072, 12288, torch.bfloat16, N=2000)
+    bgt = strengths(0.5, 1.0, 0.0)
+    gy, gh = torch.randn_like(x), torch.randn(2000, device=DEV)
+    first, _ = steer_grads(x, sae, harmful, bgt, 32, gy, gh)
+    ts = [t.detach().clone().requires_grad_() for t in (x, *sae)]
+    y, h = ops.steer(ts[0], *ts[1:], harmful, *bgt, 32)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        second = torch.autograd.grad((y, h), ts, (gy, gh))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for name, a, b in zip(GRAD_NAMES, first, second):
+        assert_bitwise_equal(a, b)
+
+
+def test_backward_ops_capture_in_a_cuda_graph():
+    x, W_enc, b_enc, W_dec, b_dec, harmful = make(512, 4096, torch.bfloat16, N=700)
+    bgt = strengths(0.5, 1.0, 0.0)
+    _, h = ops.steer(x, W_enc, b_enc, W_dec, b_dec, harmful, *bgt, 16)
+    vals, idx = ops.topk_encode(x, W_enc, b_enc, b_dec, 16)
+    gy, gh = torch.randn_like(x), torch.randn_like(h)
+
+    def backward_ops():
+        return (torch.ops.safedig.steer_backward(gy, gh, x, W_enc, W_dec, b_dec, harmful, *bgt, h, vals, idx, True,
+                                                 True)
+                + torch.ops.safedig.topk_encode_backward(vals, x, W_enc, b_dec, vals, idx, True, True)
+                + torch.ops.safedig.sparse_decode_backward(gy, vals, idx, W_dec, True, True))
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            backward_ops()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = backward_ops()
+    for _ in range(2):
+        gy.copy_(torch.randn_like(gy))
+        graph.replay()
+        for a, b in zip(static, backward_ops()):
+            assert_bitwise_equal(a, b)
+
+
+def test_opcheck_cuda_with_gradients():
+    x, W_enc, b_enc, W_dec, b_dec, harmful = make(40, 300, torch.bfloat16, lead=(2, 9))
+    ts = [t.detach().clone().requires_grad_() for t in (x, W_enc, b_enc, W_dec, b_dec)]
+    bgt = strengths(0.5, 1.0, 0.0)
+    tests = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+    torch.library.opcheck(torch.ops.safedig.steer.default, (*ts, harmful, *bgt, 5, None), test_utils=tests)
+    torch.library.opcheck(torch.ops.safedig.topk_encode.default, (ts[0], ts[1], ts[2], ts[4], 5, None),
+                          test_utils=tests)
+    vals, idx = ops.topk_encode(x, W_enc, b_enc, b_dec, 5)
+    torch.library.opcheck(torch.ops.safedig.sparse_decode.default, (vals.requires_grad_(), idx, ts[3], ts[4]),
+                          test_utils=tests)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compiled_forward_and_backward_cuda(backend):
+    torch._dynamo.reset()
+    x0, *sae, harmful = make(64, 512, torch.bfloat16, N=8)
+    bgt = strengths(0.5, 1.0, 0.0)
+
+    def loss(x, W_enc, b_enc, W_dec, b_dec):
+        y, h = ops.steer(x, W_enc, b_enc, W_dec, b_dec, harmful, *bgt, 8)
+        return y.float().square().sum() + h.sum()
+
+    cnt = torch._dynamo.testing.CompileCounterWithBackend(backend)
+    fn = torch.compile(loss, backend=cnt, fullgraph=True, dynamic=True)
+    for N in (37, 100, 300):
+        x = torch.randn(N, 64, device=DEV, dtype=torch.bfloat16)
+        mine = [t.detach().clone().requires_grad_() for t in (x, *sae)]
+        ref = [t.detach().clone().requires_grad_() for t in (x, *sae)]
+        got = torch.autograd.grad(fn(*mine), mine)
+        want = torch.autograd.grad(loss(*ref), ref)
+        for name, a, b in zip(GRAD_NAMES, got, want):
+            torch.testing.assert_close(a, b, msg=f"{name} at N = {N}")
+    assert cnt.frame_count == 1

@@ -136,8 +136,8 @@ def test_plain_eager_calls_skip_the_dispatcher_with_the_same_result():
 
 
 def test_calls_something_else_must_see_go_through_the_op():
-    """Autograd (the op records no backward), a dispatch mode (a tracer, fake tensors) and a
-    tensor subclass each get the registered op, exactly as before the fast path."""
+    """Autograd (the dispatcher records the op's backward), a dispatch mode (a tracer, fake
+    tensors) and a tensor subclass each get the registered op, exactly as before the fast path."""
     sae = sk.random_sae(12, 30, 4, harmful=[0, 3, 5, 7, 11])
     x = torch.randn(5, 12)
     assert _dispatched_steer_calls(lambda: sae.steer(x.clone().requires_grad_())) == 1

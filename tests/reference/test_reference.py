@@ -163,3 +163,54 @@ def test_low_precision_mode_stays_in_dtype_and_close():
     set_changed = torch.tensor([set(a) != set(b) for a, b in zip(idx_lo.tolist(), idx_hi.tolist())])
     assert not (far & ~set_changed).any()
     assert far.float().mean() < 0.5
+
+
+# -- gradients -------------------------------------------------------------------------------------
+
+def _grads(fn, tensors, grads_out):
+    ts = [t.detach().clone().requires_grad_() for t in tensors]
+    return torch.autograd.grad(fn(*ts), ts, grads_out)
+
+
+@pytest.mark.parametrize("lead", [(6,), (2, 3)], ids=["N,d", "B,T,d"])
+def test_backward_functions_equal_autograd_through_the_forward(lead):
+    # finite tokens: the written-out gradients and autograd through steer / topk_encode /
+    # sparse_decode are one derivative (the top-k set and the gate held fixed)
+    x, W_enc, b_enc, W_dec, b_dec, harmful = make(9, 30, 0, lead=lead)
+    beta, gamma = torch.linspace(0.0, 1.0, lead[0]), S(1.0)
+    tau = S(float(reference.steer(x, W_enc, b_enc, W_dec, b_dec, harmful, beta, gamma, S(-1.0), 5)[1].median()))
+    y, h = reference.steer(x, W_enc, b_enc, W_dec, b_dec, harmful, beta, gamma, tau, 5)
+    vals, idx = reference.topk_encode(x, W_enc, b_enc, b_dec, 5)
+    gy, gh = torch.randn_like(y), torch.randn_like(h)
+    want = _grads(lambda *t: reference.steer(*t, harmful, beta, gamma, tau, 5), (x, W_enc, b_enc, W_dec, b_dec),
+                  (gy, gh))
+    dx, dW_enc_t, db_enc, dW_dec, db_dec = reference.steer_backward(gy, gh, x, W_enc, W_dec, b_dec, harmful, beta,
+                                                                    gamma, tau, h, vals, idx)
+    for got, w in zip((dx, dW_enc_t.t(), db_enc, dW_dec, db_dec), want):
+        torch.testing.assert_close(got, w, rtol=1e-10, atol=1e-10)
+    assert reference.steer_backward(gy, gh, x, W_enc, W_dec, b_dec, harmful, beta, gamma, tau, h, vals, idx,
+                                    weight_grads=False)[1:] == (None,) * 4
+
+    gv = torch.randn_like(vals)
+    want = _grads(lambda *t: reference.topk_encode(t[0], t[1], t[2], t[3], 5)[0], (x, W_enc, b_enc, b_dec), gv)
+    got = reference.topk_encode_backward(gv, x, W_enc, b_dec, vals, idx)
+    for g, w in zip((got[0], got[1].t(), got[2], got[3]), want):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
+
+    want = _grads(lambda v, Wd, bd: reference.sparse_decode(v, idx, Wd, bd), (vals, W_dec, b_dec), gy)
+    for g, w in zip(reference.sparse_decode_backward(gy, vals, idx, W_dec), want):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
+
+
+def test_backward_in_the_input_dtype_stays_in_it_and_close():
+    # upcast=False: the torch-op alternative to the backward kernels on a GPU
+    x, W_enc, b_enc, W_dec, b_dec, harmful = make(32, 64, 8, dtype=torch.bfloat16)
+    s = (S(0.5, torch.float32), S(1.0, torch.float32), S(-1.0, torch.float32))
+    y, h = reference.steer(x, W_enc, b_enc, W_dec, b_dec, harmful, *s, 8)
+    vals, idx = reference.topk_encode(x, W_enc, b_enc, b_dec, 8)
+    gy, gh = torch.randn_like(y), torch.randn_like(h)
+    lo = reference.steer_backward(gy, gh, x, W_enc, W_dec, b_dec, harmful, *s, h, vals, idx, upcast=False)
+    hi = reference.steer_backward(gy, gh, x, W_enc, W_dec, b_dec, harmful, *s, h, vals, idx)
+    for a, b in zip(lo, hi):
+        assert a.dtype == b.dtype == torch.bfloat16
+        assert (a.float() - b.float()).abs().max() <= 2.0 ** -5 * (1 + b.float().abs().max())
