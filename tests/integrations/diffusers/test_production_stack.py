@@ -126,15 +126,17 @@ def _grads(transformer, inputs) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in transformer.named_parameters() if p.grad is not None}
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "reference"])
 @pytest.mark.parametrize("setting", ["steered", "zero-strengths", "disabled"])
-def test_gradient_checkpointing_recomputes_each_block_with_its_forwards_timestep(setting):
+def test_gradient_checkpointing_recomputes_each_block_with_its_forwards_timestep(setting, fused):
     """The steered model trains the same with and without checkpointing (a recomputed block steers
     with the timestep of the forward that saved it, here inside a window it is steered at and
-    nowhere else); at zero strengths and switched off its gradients are the unsteered model's."""
+    nowhere else); at zero strengths and switched off its gradients are the unsteered model's,
+    bitwise, through the fused ops' backward and through the reference alike."""
     tr = flux_pipe(1, 2).transformer.train()
     plain = copy.deepcopy(tr)
     values = dict(beta=0.0, gamma=0.0) if setting == "zero-strengths" else {}
-    handle = apply_safedig(tr, _config(fused=False, window=(0.2, 0.3), **values))
+    handle = apply_safedig(tr, _config(fused=fused, window=(0.2, 0.3), **values))
     if setting == "disabled":
         handle.disable()
     inputs = _flux_call(batch=2, timestep=0.75)  # progress 0.25: in the window
@@ -154,11 +156,12 @@ def test_gradient_checkpointing_recomputes_each_block_with_its_forwards_timestep
     handle.remove()
 
 
-def test_training_steps_with_steering_installed_and_an_ema_copy():
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "reference"])
+def test_training_steps_with_steering_installed_and_an_ema_copy(fused):
     """A diffusers-style training loop: optimizer steps on a steered transformer, an EMA copy made
     with copy.deepcopy and updated in place, both steering with their own state."""
     tr = flux_pipe(1, 1).transformer.train()
-    handle = apply_safedig(tr, _config(fused=False))
+    handle = apply_safedig(tr, _config(fused=fused))
     ema = copy.deepcopy(tr).eval().requires_grad_(False)
     opt = torch.optim.AdamW(tr.parameters(), lr=1e-3)
     for step in range(3):
