@@ -27,8 +27,9 @@ class Family:
     with a guidance embedding), `"batched"` (one call on `[uncond; cond]`), `"batched_cond_first"`
     (one call on `[cond; uncond]`), `"unknown"`. `reads_guidance`: a batched call's pipeline says
     through `do_classifier_free_guidance` whether each call is guided (False where it batches
-    only some steps, as Z-Image after `cfg_truncation`). `text_width`: the text stream's width
-    where it is not the blocks' inner width.
+    only some steps, as Z-Image after `cfg_truncation`). `width`: the blocks' inner width from the
+    model's config where it is not `num_attention_heads * attention_head_dim`; `text_width`: the
+    text stream's width where it is not the blocks' inner width.
     """
 
     name: str
@@ -36,6 +37,7 @@ class Family:
     cfg: str
     timestep_arg: str = "timestep"
     reads_guidance: bool = True
+    width: Optional[Callable[[Any], Optional[int]]] = None
     text_width: Optional[Callable[[Any], Optional[int]]] = None
 
     @property
@@ -78,15 +80,17 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("HunyuanVideoFramepackTransformer3DModel", _per_mille, "separate"),
     Family("LTXVideoTransformer3DModel", _per_mille, "batched"),
     Family("CogVideoXTransformer3DModel", _per_mille, "batched"),
-    Family("ZImageTransformer2DModel", _rising, "batched_cond_first", timestep_arg="t", reads_guidance=False),
+    Family("ZImageTransformer2DModel", _rising, "batched_cond_first", timestep_arg="t", reads_guidance=False,
+           width=lambda c: c.dim),
     Family("HunyuanImageTransformer2DModel", _per_mille, "separate"),
     # CogView4's pipeline passes the unshifted t while its scheduler steps shifted sigmas: p here
     # is 1 - t / 1000, the fraction of the unshifted schedule.
     Family("CogView4Transformer2DModel", _per_mille, "separate"),
     Family("MochiTransformer3DModel", _rising_per_mille, "batched", text_width=lambda c: c.pooled_projection_dim),
     Family("MotifVideoTransformer3DModel", _per_mille, "separate"),
-    Family("Kandinsky5Transformer3DModel", _per_mille, "separate"),
-    Family("Cosmos3OmniTransformer", _per_mille, "separate", timestep_arg="vision_timesteps"),
+    Family("Kandinsky5Transformer3DModel", _per_mille, "separate", width=lambda c: c.model_dim),
+    Family("Cosmos3OmniTransformer", _per_mille, "separate", timestep_arg="vision_timesteps",
+           width=lambda c: c.num_attention_heads * c.head_dim),
     Family("PixArtTransformer2DModel", _per_mille, "batched"),
     Family("DiTTransformer2DModel", _per_mille, "batched_cond_first"),
 )}

@@ -203,6 +203,9 @@ def _stream_width(transformer: torch.nn.Module, stream: str) -> Optional[int]:
         if s == "text" and family.text_width is not None:
             widths.append(family.text_width(cfg))
             continue
+        if family.width is not None:
+            widths.append(family.width(cfg))
+            continue
         heads, dim = getattr(cfg, "num_attention_heads", None), getattr(cfg, "attention_head_dim", None)
         widths.append(heads * dim if isinstance(heads, int) and isinstance(dim, int) else None)
     width = widths[0]
