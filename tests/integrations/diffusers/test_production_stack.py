@@ -157,6 +157,26 @@ def test_gradient_checkpointing_recomputes_each_block_with_its_forwards_timestep
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "reference"])
+def test_sd3_trains_the_same_with_checkpointing_and_unsteered_at_zero_strength(fused):
+    tr = sd3_pipe(num_layers=2).transformer.train()
+    plain = copy.deepcopy(tr)
+    g = torch.Generator().manual_seed(0)
+    inputs = dict(hidden_states=torch.randn(2, 4, 8, 8, generator=g), encoder_hidden_states=torch.randn(2, 8, 16,
+                  generator=g), pooled_projections=torch.randn(2, 16, generator=g), timestep=torch.full((2,), 500.0))
+    handle = apply_safedig(tr, SafeDIGConfig([SiteConfig("transformer_blocks.0:both", sae(1), **STRONG),
+                                              SiteConfig("transformer_blocks.1:image", sae(2), **STRONG)],
+                                             use_fused_ops=fused))
+    steered = _grads(tr, inputs)
+    tr.enable_gradient_checkpointing()
+    assert all(torch.equal(steered[n], g_) for n, g_ in _grads(tr, inputs).items())
+    assert not all(torch.equal(steered[n], g_) for n, g_ in _grads(plain, inputs).items())
+    for site in handle.sites:
+        handle.set_site(site, beta=0.0, gamma=0.0)
+    assert all(torch.equal(a, b) for a, b in zip(_grads(tr, inputs).values(), _grads(plain, inputs).values()))
+    handle.remove()
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "reference"])
 def test_training_steps_with_steering_installed_and_an_ema_copy(fused):
     """A diffusers-style training loop: optimizer steps on a steered transformer, an EMA copy made
     with copy.deepcopy and updated in place, both steering with their own state."""
