@@ -67,8 +67,12 @@ class RunCheck:
         self._passed: Optional[tuple] = None         # (weakref to the timesteps, windows) last let through
         self._encodings = 0                          # text-encoder site calls counted at that run's start
 
+    def __getstate__(self) -> dict:
+        # A pickled or copied model does not take the pipeline along: the copy checks nothing.
+        return {**self.__dict__, "pipeline": None, "_run": None, "_passed": None}
+
     def __call__(self, timestep: torch.Tensor) -> None:
-        pipeline = self.pipeline()
+        pipeline = self.pipeline() if self.pipeline is not None else None
         scheduler = getattr(pipeline, "scheduler", None)
         ts = getattr(scheduler, "timesteps", None)
         if (not isinstance(ts, torch.Tensor) or ts.dim() != 1 or ts.numel() == 0
@@ -119,6 +123,10 @@ class TransformerCallHook:
         self.family = family
         self.pipeline = None if pipeline is None else weakref.ref(pipeline)  # a model copy never copies its pipeline
         self.run_check = RunCheck(pipeline, state, family) if pipeline is not None else None
+
+    def __getstate__(self) -> dict:
+        # A weak reference cannot be pickled; a copied model reads guidance from the stack alone.
+        return {**self.__dict__, "pipeline": None}
 
     def __call__(self, module, args, kwargs) -> None:
         progress = None

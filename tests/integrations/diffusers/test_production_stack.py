@@ -401,3 +401,15 @@ def test_strided_and_dtype_mismatched_inputs_are_steered_in_the_activations_dtyp
                               *(torch.tensor(v) for v in STRONG.values()), K)
     assert y.dtype == torch.bfloat16 and torch.equal(y, want)
     handle.remove()
+
+
+def test_a_steered_transformer_pickles_whole_and_steers_as_before(tmp_path):
+    pipe = flux_pipe(1, 1)
+    handle = apply_safedig(pipe, _config())
+    before = _run(pipe.transformer)
+    generate(pipe)  # the pipeline's run left its notes in the hooks: they are not pickled
+    torch.save(pipe.transformer, tmp_path / "steered.pt")
+    loaded = torch.load(tmp_path / "steered.pt", weights_only=False)
+    assert safedig_handle(loaded).sites == handle.sites
+    assert torch.equal(_run(loaded), before)
+    handle.remove()
