@@ -153,24 +153,3 @@ def test_importing_the_library_never_imports_diffusers(statement):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
 
-
-def test_old_import_paths_still_work_and_say_where_the_module_went():
-    code = """
-import warnings
-with warnings.catch_warnings(record=True) as seen:
-    warnings.simplefilter("always")
-    import safedig_kernels.training.store
-said = [str(w.message) for w in seen if w.category is DeprecationWarning]
-assert any("safedig_kernels.workflow.store" in m for m in said), said
-warnings.simplefilter("ignore", DeprecationWarning)
-from safedig_kernels.training import capture, train_sae
-from safedig_kernels.steering.routing import route
-from safedig_kernels.demo import DemoConfig
-from safedig_kernels.checkpoints import load_sae, save_sae
-from safedig_kernels.integrations import SafeDIGConfig, apply_safedig
-from safedig_kernels.integrations.diffusers import SiteConfig
-import safedig_kernels.training.store as old, safedig_kernels.workflow.store as new
-assert old is new and callable(capture) and route.__module__ == "safedig_kernels.workflow.route"
-"""
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]

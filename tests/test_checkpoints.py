@@ -29,17 +29,17 @@ from test_io import SPECIAL_KINDS, SpecialFiles, assert_not_regular, posix_only
 import safedig_kernels as sk
 from safedig_kernels import checkpoints as ckpt
 from safedig_kernels import reference
-from safedig_kernels.checkpoints import (
-    HEADER_KEY,
-    CheckpointDtypeError,
-    CheckpointError,
-    detect_format,
+from safedig_kernels.checkpoints import HEADER_KEY, CheckpointDtypeError, CheckpointError, detect_format
+from safedig_kernels.sae import (
+    FORMAT_VERSION,
+    SAEMetadata,
+    TopKSAE,
     load_sae,
     load_saelens,
+    load_safedig,
     load_sparsify,
     save_sae,
 )
-from safedig_kernels.sae import FORMAT_VERSION, SAEMetadata, TopKSAE
 
 D, F, K, N = 24, 96, 6, 40
 WEIGHTS = ("W_enc", "b_enc", "W_dec", "b_dec")
@@ -436,7 +436,7 @@ def test_killed_save_keeps_the_old_file(tmp_path):
             os._exit(3)
 
         ckpt.save_file = write_half_and_die
-        ckpt.save_sae(sk.random_sae({D}, {F}, {K}, seed=1), sys.argv[1])
+        sk.save_sae(sk.random_sae({D}, {F}, {K}, seed=1), sys.argv[1])
     """)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, "-c", script, str(path)], env=env, capture_output=True, timeout=120)
@@ -815,7 +815,7 @@ def test_detection_errors(tmp_path):
     weights = root / "sae_weights.safetensors"
     assert "pass the directory" in _raises(CheckpointError, weights, HEADER_KEY, load_sae, weights)
     _raises(CheckpointError, weights, None, load_saelens, weights)
-    _raises(CheckpointError, root, None, ckpt.load_safedig, root)
+    _raises(CheckpointError, root, None, load_safedig, root)
 
 
 def test_bad_arguments(tmp_path):
