@@ -153,3 +153,17 @@ def test_importing_the_library_never_imports_diffusers(statement):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
 
+
+
+def test_the_format_layer_exports_formats_only():
+    # checkpoints/ sits under the SAE: what it exports is read into SAEWeights, never a TopKSAE,
+    # and no module path outside the package's own tree resolves (sys.meta_path holds no alias).
+    import importlib.util
+
+    import safedig_kernels.checkpoints as ckpt
+
+    assert [n for n in ckpt.__all__ if not hasattr(ckpt, n)] == []
+    assert [n for n in ("load_sae", "save_sae", "load_safedig", "load_saelens", "load_sparsify", "TopKSAE")
+            if hasattr(ckpt, n)] == []
+    assert [m for m in ("safedig_kernels.training", "safedig_kernels.steering", "safedig_kernels.demo")
+            if importlib.util.find_spec(m) is not None] == []

@@ -3,7 +3,7 @@ each refused where the value enters, with the exception type and a message namin
 
 Classes (the fail-closed issue): strengths, harmful sets, SAE weights in memory, the SAE's site,
 handles, threads. Files, checkpoints, stores and CLI outputs are pinned next to their readers
-(tests/test_io.py, tests/test_checkpoints.py, tests/workflow, tests/cli); the classes that were
+(tests/test_io.py, tests/checkpoints, tests/workflow, tests/cli); the classes that were
 already handled keep their own tests (tests/ops/test_ops.py `BAD_STEER`, the integration's
 `test_fail_closed`), and a few of them are repeated here so the catalogue reads whole.
 """
