@@ -47,6 +47,7 @@ _META_FIELDS = {"format_version": (int,), "k": (int,), "model": (str,), "site": 
 
 
 def header_json(weights: SAEWeights) -> str:
+    """The header JSON of `weights`, refusing what `read_safedig` would refuse, so what is saved loads."""
     meta = weights.metadata
     F = weights.W_enc.shape[1]
     ids = meta.harmful_features

@@ -175,6 +175,7 @@ def _shard_header(path: Path) -> dict[str, Any]:
     except json.JSONDecodeError as e:
         raise ShardError(f"shard {path}: its '{SHARD_META_KEY}' metadata is not valid JSON ({e.msg})") from None
     header["_tensors"] = tensors
+    header["config"] = _config_as_read(header.get("config"))
     return header
 
 
@@ -210,6 +211,19 @@ def _shard_index(name: str) -> int:
     return int(m.group(1)) if m else -1
 
 
+# Captures made before capture named its CFG halves as steering does (workflow/capture.py) record
+# cfg "all" for what is now "both": every row of every call. A store on disk is data, so it reads
+# as today's word, and a resume with cfg="both" continues it.
+_CFG_WORDS_OF_OLD_STORES = {"all": "both"}
+
+
+def _config_as_read(config: Any) -> Any:
+    """A capture config read from a manifest or shard header, in today's words."""
+    if isinstance(config, dict) and config.get("cfg") in _CFG_WORDS_OF_OLD_STORES:
+        return {**config, "cfg": _CFG_WORDS_OF_OLD_STORES[config["cfg"]]}
+    return config
+
+
 def _new_manifest(config: dict[str, Any]) -> dict[str, Any]:
     return {"format": FORMAT, "version": VERSION, "config": config, "completed": {}, "shards": []}
 
@@ -232,6 +246,7 @@ def _read_manifest(directory: Path) -> dict[str, Any]:
         if not isinstance(m.get(key), typ):
             raise ManifestError(f"activation manifest {path}: '{key}' must be a JSON {typ.__name__}, "
                                 f"got {type(m.get(key)).__name__}")
+    m["config"] = _config_as_read(m["config"])
     for i, s in enumerate(m["shards"]):
         if not isinstance(s, dict) or not {"file", "run", "entries"} <= set(s) or not isinstance(s["entries"], list):
             raise ManifestError(f"activation manifest {path}: shards[{i}] must have 'file', 'run' and a list "

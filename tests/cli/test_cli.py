@@ -62,6 +62,15 @@ def test_bad_input_is_one_line_error(tmp_path, capsys):
     assert e.value.code == 2 and "expected SITE=PATH" in capsys.readouterr().err
 
 
+def test_capture_cfg_takes_steerings_words(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["capture", "--help"])
+    assert "--cfg {cond,both}" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        main(["capture", "--prompts", "p.jsonl", "--sites", "b.0", "--out", str(tmp_path / "acts"), "--cfg", "all"])
+    assert e.value.code == 2 and "invalid choice: 'all'" in capsys.readouterr().err
+
+
 SITES = ["single_transformer_blocks.1", "transformer_blocks.1"]
 
 
