@@ -1,4 +1,5 @@
-"""diffusers integration (issue 4) on tiny FLUX / SD3 pipelines built in code, on the CPU.
+"""diffusers integration (safedig_kernels/integrations/diffusers/) on tiny FLUX / SD3 pipelines built
+in code, on the CPU.
 
 The oracle for steering is `reference.steer` applied by hand to the block outputs captured by a
 hook that sits inside SafeDIG's (registered before it), compared with what a hook outside it
