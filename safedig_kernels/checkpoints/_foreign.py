@@ -63,6 +63,7 @@ def fold(path: Where, W_enc: torch.Tensor, b_enc: torch.Tensor, W_dec: torch.Ten
 
 
 def as_dir(path: Any) -> Path:
+    """The directory a SAELens or sparsify checkpoint is saved in; a file there is refused."""
     p = as_path(path)
     if not p.exists():
         raise FileNotFoundError(f"{p}: no such directory")
@@ -72,7 +73,7 @@ def as_dir(path: Any) -> Path:
     return p
 
 
-STREAMS = ("image", "text", "both")
+STREAMS = ("image", "text", "both")  # what an SAE may record as the stream of the site it was trained at
 
 
 def check_site_args(site: Optional[str], stream: Optional[str]) -> None:
