@@ -39,7 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import safedig_kernels as sk  # noqa: E402
 from safedig_kernels.bench.device_reports import pipeline_table  # noqa: E402
 from safedig_kernels.bench.timing import single_call_times_ms  # noqa: E402
-from safedig_kernels.integrations import SafeDIGConfig, SiteConfig, apply_safedig, remove_safedig  # noqa: E402
+from safedig_kernels.integrations.diffusers import SafeDIGConfig, SiteConfig, apply_safedig, remove_safedig  # noqa: E402
 
 STEERING = ("none", "fused", "reference")
 
@@ -172,7 +172,7 @@ def _run_row(case: ModelCase, tr, inputs: dict, steering: str, compiled: bool, a
            "sites": [s for s, _ in case.sites] if steering != "none" else [], "tokens": case.tokens}
     handle = None
     if steering != "none":
-        sites = [SiteConfig(site, sae, stream=stream, beta=0.5, gamma=1.0, tau=-1.0)
+        sites = [SiteConfig(f"{site}:{stream}", sae, beta=0.5, gamma=1.0, tau=-1.0)
                  for (site, stream), sae in zip(case.sites, saes)]
         handle = apply_safedig(tr, SafeDIGConfig(sites, use_fused_ops=steering == "fused"))
 

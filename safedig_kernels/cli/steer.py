@@ -59,9 +59,9 @@ def run(args: argparse.Namespace) -> int:
     with torch_threads(args.threads, args.model, device):
         pipe = load_pipeline(args.model, device=device, dtype=model_dtype)
         with config_errors(args.config):
-            check_config(pipe, loaded)
-        runs = generate(pipe, prompts, loaded, gen, progress=not args.no_progress)
-        timing = time_steps(pipe, prompts[0], loaded, gen, repeats=args.time) if args.time else None
+            plan = check_config(pipe, loaded)
+        runs = generate(pipe, prompts, plan, gen, progress=not args.no_progress)
+        timing = time_steps(pipe, prompts[0], plan, gen, repeats=args.time) if args.time else None
     paths = write_outputs(runs, args.out, gen, config, extra={"config": str(Path(args.config).resolve()),
                                                               "model": args.model, "timing": timing})
     if gen.baseline:

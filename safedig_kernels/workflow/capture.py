@@ -3,14 +3,15 @@
 Prompts come from a prompt file (`prompts.py`).
 
 Each prompt runs through the pipeline once (`runner.run_prompt`, no VAE decode). Plain forward
-hooks copy the chosen stream of each site's output (`sites.read_stream`) at the chosen denoising
+hooks copy the chosen stream of each site's output (`sites.read_stream`, where diffusers' block
+metadata says it is) at the chosen denoising
 steps into an `ActivationWriter` (see `store.py` for the directory format). Steps are counted from the
 `timestep` the transformer receives: a call with a new timestep starts a new step, a repeated one
 is another call in the same step (FLUX true-CFG calls the transformer twice per step). `cfg`
 names the CFG halves as a steering site's `cfg` does (integrations/diffusers/config.py):
-`"cond"` keeps only the conditional branch, the first call of a step and the second half of a
-CFG batch (SD3 concatenates [negative, positive]; `sites.conditional_start`); `"both"` keeps
-every row of every call.
+`"cond"` keeps only the conditional branch, the first call of a step and the conditional half of
+a guided batch (SD3 concatenates [negative, positive]; the rule of `requests.py`); `"both"`
+keeps every row of every call.
 """
 from __future__ import annotations
 
@@ -24,16 +25,16 @@ import torch
 
 from .._io import dtype_from_name
 from ..integrations.diffusers.config import CFG_MODES
+from ..integrations.diffusers.requests import pipeline_guides, row_layout
 from ..integrations.diffusers.runner import RunSettings, progress_bar_disabled, run_prompt
 from ..integrations.diffusers.sites import (
+    BlockLayout,
     SiteSpec,
     call_timestep,
-    conditional_start,
-    model_spec,
-    pipeline_batches_cfg,
+    family_of,
     read_stream,
     resolve_site,
-    timestep_index,
+    split_target,
 )
 from .prompts import PromptRecord, load_prompts, prompt_seed
 from .store import ActivationStore, ActivationWriter, PathLike
@@ -108,17 +109,17 @@ class CaptureConfig:
 class _Recorder:
     """Hook state: which prompt and step the pipeline is at, and where to put activations."""
 
-    def __init__(self, writer: ActivationWriter, config: CaptureConfig, pipe, timestep_index: int):
+    def __init__(self, writer: ActivationWriter, config: CaptureConfig, pipe):
         self.writer = writer
         self.config = config
         self.pipe = pipe
-        self.timestep_index = timestep_index
+        self.family = family_of(split_target(pipe)[0])
         self.steps = None if config.steps is None else set(config.steps)
         self.dtype = None if config.dtype is None else dtype_from_name(config.dtype)
         self.prompt: Optional[PromptRecord] = None
         self.step = -1
         self.call = 0
-        self.cfg_batch = False
+        self.guided: Optional[bool] = None
         self.last_t: Optional[float] = None
         self.steps_recorded: set[int] = set()
 
@@ -127,27 +128,29 @@ class _Recorder:
         self.steps_recorded = set()
 
     def transformer_pre_hook(self, module, args, kwargs) -> None:
-        t = call_timestep(args, kwargs, self.timestep_index)
+        t = call_timestep(module, args, kwargs)
         value = float(t.reshape(-1)[0]) if isinstance(t, torch.Tensor) else None
         if value is None or value != self.last_t:
             self.step, self.call = self.step + 1, 0
         else:
             self.call += 1
         self.last_t = value
-        self.cfg_batch = pipeline_batches_cfg(self.pipe)
+        family = self.family
+        self.guided = (False if family.cfg == "separate" else pipeline_guides(self.pipe, kwargs)
+                       if family.cfg.startswith("batched") and family.reads_guidance else None)
 
-    def site_hook(self, site: SiteSpec):
+    def site_hook(self, site: SiteSpec, layout: BlockLayout):
         def hook(module, args, output) -> None:
             p = self.prompt
             if p is None or (self.steps is not None and self.step not in self.steps):
                 return
             if self.config.cfg == "cond" and self.call != 0:
                 return
-            x = read_stream(output, site.stream, site.key)
+            x = read_stream(output, layout, site.stream, site.key)
             if x.dim() != 3:
                 raise ValueError(f"site {site.key}: expected a [B, T, d] activation, got shape {tuple(x.shape)}")
             if self.config.cfg == "cond":
-                x = x[conditional_start(x.shape[0], self.cfg_batch, site.key):]
+                x = x[row_layout(x.shape[0], None, self.guided, site.key, self.family.cfg).cond]
                 if x.shape[0] != 1:
                     raise ValueError(f"site {site.key}: one prompt per pipeline call should give one conditional "
                                      f"row, got {x.shape[0]}")
@@ -169,20 +172,17 @@ class _Recorder:
         return hook
 
 
-def _site_modules(transformer: torch.nn.Module, sites: Sequence[SiteSpec]) -> dict[SiteSpec, torch.nn.Module]:
-    """The block each site names, checked as steering checks it (`sites.resolve_site`)."""
-    spec = model_spec(transformer)
-    if spec is None:
-        raise TypeError(f"capture supports FLUX and SD3 pipelines; unsupported model {type(transformer).__name__}")
+def _site_modules(transformer: torch.nn.Module, sites: Sequence[SiteSpec]
+                  ) -> dict[SiteSpec, tuple[torch.nn.Module, BlockLayout]]:
+    """The block each site names and its output layout, checked as steering checks it
+    (`sites.resolve_site`)."""
     modules = {}
     for s in sites:
-        if s.module.startswith("text_encoder"):
+        if s.is_text_encoder:
             raise ValueError(f"site {s.key!r}: capture records transformer blocks; "
                              "text-encoder outputs are not captured")
-        r = resolve_site(s.module, transformer, spec, label=s.key)
-        if s.stream == "text" and not r.has_text_out:
-            raise ValueError(f"site {s.key!r}: this block returns no text stream (SD3's last joint block)")
-        modules[s] = r.module
+        r = resolve_site(s, transformer)
+        modules[s] = (r.module, r.layout)
     return modules
 
 
@@ -218,14 +218,14 @@ def capture(pipe, prompts: Union[PathLike, Sequence[PromptRecord]], out_dir: Pat
                              f"{done[r.id]!r} in {out_dir}; give it a new id (nothing was changed)")
     todo = [r for r in records if r.id not in done]
 
-    rec = _Recorder(writer, config, pipe, timestep_index(transformer))
+    rec = _Recorder(writer, config, pipe)
     settings = config.run_settings()
     handles = []
     with progress_bar_disabled(pipe):
         try:
             handles.append(transformer.register_forward_pre_hook(rec.transformer_pre_hook, with_kwargs=True))
-            for s, m in modules.items():
-                handles.append(m.register_forward_hook(rec.site_hook(s)))
+            for s, (m, layout) in modules.items():
+                handles.append(m.register_forward_hook(rec.site_hook(s, layout)))
             for p in tqdm(todo, desc=f"capture {len(sites)} site(s)", unit="prompt", disable=not progress):
                 rec.begin(p)
                 try:

@@ -59,6 +59,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from .._io import atomic_write_json, dtype_from_name
+from ..integrations.diffusers.config import SafeDIGConfig
 from ..integrations.diffusers.sites import SiteSpec
 from ..sae import SAEMetadata
 from .adapt import AdaptConfig, adapt_decoder
@@ -464,8 +465,8 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), *, log: Opt
     steer_src = report.steering_config(saes={key: sae for key, (sae, _) in saes.items()})
     src_sites = steer_src.sites
     selected = {c.site: c.operator for c in report.selected}
-    steer_src_file = _with_files(steer_src, {key: path for key, (_, path) in saes.items()})
-    steer_src_file.to_json(out / "steer.json")
+    steer_src_file = SafeDIGConfig.from_json(
+        steer_src.to_json(out / "steer.json", sae_paths=[saes[s.site][1] for s in src_sites]))
     evals = {e.site: e for e in report.sites}
     chosen = ", ".join(f"{c.site} ({c.operator}, {len(evals[c.site].harmful)} harmful features = the union of "
                        f"{len(evals[c.site].harmful_source)} on the source and {len(evals[c.site].harmful_target)} "
@@ -479,7 +480,7 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), *, log: Opt
     t0 = time.perf_counter()
     ad_sites, ad_paths, fvu_lines = [], {}, []
     for s in src_sites:
-        key = f"{s.site}:{s.stream}"
+        key = s.site
         target_x = store.load(key, labels=[cfg.target, "safe"])
         source_x = store.load(key, labels=[cfg.source, "safe"])
         res = adapt_decoder(s.sae, target_x, source_x, AdaptConfig(steps=cfg.adapt_steps, batch_size=cfg.batch_size,
@@ -492,8 +493,8 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), *, log: Opt
         m = res.metrics
         fvu_lines.append(f"{key} target FVU {m['fvu_target_before']:.3f} -> {m['fvu_target_after']:.3f}")
     steer_ad = dataclasses.replace(steer_src, sites=ad_sites)
-    steer_ad_file = _with_files(steer_ad, ad_paths)
-    steer_ad_file.to_json(out / "steer-adapted.json")
+    steer_ad_file = SafeDIGConfig.from_json(
+        steer_ad.to_json(out / "steer-adapted.json", sae_paths=[ad_paths[s.site] for s in ad_sites]))
     log(f"[6/7] adapt to {cfg.target} (encoder frozen, {cfg.replay:.0%} source replay): {'; '.join(fvu_lines)} "
         f"({stage('adapt', t0):.1f} s)")
 
@@ -551,7 +552,7 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), *, log: Opt
     summary = {
         "format": SUMMARY_FORMAT, "version": SUMMARY_VERSION, "model": cfg.model,
         "config": dataclasses.asdict(cfg), "candidate_sites": sites,
-        "selected": [{"site": f"{s.site}:{s.stream}", "operator": selected.get(f"{s.site}:{s.stream}"),
+        "selected": [{"site": s.site, "operator": selected.get(s.site),
                       "harmful": s.harmful, "beta": s.beta, "gamma": s.gamma, "tau_source": s.tau, "tau_adapted": a.tau}
                      for s, a in zip(src_sites, ad_sites)],
         "train_fvu": fvus, "table": table, "summaries": sums, "overhead": overhead, "seconds": stages,
@@ -589,7 +590,3 @@ def _world_pipeline(cfg: DemoConfig, out: Path, device: torch.device, dtype: tor
     note = f"world trained in {time.perf_counter() - t0:.0f} s -> {path}; "
     return world_pipeline(model, device=device, dtype=dtype), note
 
-
-def _with_files(config, paths: dict) -> Any:
-    """`config` as its JSON file names its SAEs: by the files they were saved to."""
-    return config.with_sae_paths({i: paths[f"{s.site}:{s.stream}"] for i, s in enumerate(config.sites)})

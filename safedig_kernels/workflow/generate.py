@@ -1,6 +1,6 @@
 """Generate with and without SafeDIG steering, and measure what the steering changed.
 
-    config = SafeDIGConfig.from_json("steer.json").with_loaded_saes()
+    config = SafeDIGConfig.from_json("steer.json")
     runs = generate(pipe, load_prompts("prompts.jsonl"), config, GenerateConfig(num_inference_steps=4))
     write_outputs(runs, "out/", gen)     # report.py: out/images/<id>.png, out/grid.png, out/report.json
 
@@ -27,11 +27,18 @@ import math
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
 
-from ..integrations.diffusers import SafeDIGConfig, SafeDIGHandle, apply_safedig, remove_safedig
+from ..integrations.diffusers import (
+    SafeDIGConfig,
+    SafeDIGHandle,
+    SteeringPlan,
+    apply_safedig,
+    check_config,
+    remove_safedig,
+)
 from ..integrations.diffusers.runner import (
     RunSettings,
     decode_latents,
@@ -39,7 +46,7 @@ from ..integrations.diffusers.runner import (
     progress_bar_disabled,
     run_prompt,
 )
-from ..integrations.diffusers.sites import read_stream
+from ..integrations.diffusers.sites import SiteSpec, block_layout, read_stream
 from ..ops import as_harmful_mask
 from ..sae import TopKSAE
 from .prompts import PromptRecord, prompt_seed
@@ -131,21 +138,18 @@ class _HarmMeter:
     hook inside it has run (diffusers hooks replace `forward`; torch forward hooks run after it).
     Sums stay on the device: one host sync per read."""
 
-    def __init__(self, transformer: torch.nn.Module, sites: Mapping[str, tuple[str, str]],
-                 judges: Mapping[str, tuple[TopKSAE, Sequence[int]]]) -> None:
+    def __init__(self, transformer: torch.nn.Module, judges: Mapping[str, tuple[TopKSAE, Sequence[int]]]) -> None:
         self.judges = judges
         self.sums: dict[str, torch.Tensor] = {}
         self.calls: dict[str, int] = {}
         self._placed: dict[tuple, tuple[TopKSAE, torch.Tensor]] = {}
         self._handles = []
-        for label, (module_name, stream) in sites.items():
-            if label not in judges:
-                continue
-            try:
-                module = transformer.get_submodule(module_name)
-            except AttributeError:
-                continue  # a text-encoder site: it has no block output to score
-            self._handles.append(module.register_forward_hook(self._hook(label, stream)))
+        for key in judges:
+            spec = SiteSpec.parse(key, ("image", "text", "both"))
+            if spec.is_text_encoder:
+                continue  # it has no block output to score
+            module = transformer.get_submodule(spec.module)
+            self._handles.append(module.register_forward_hook(self._hook(key, module, spec.stream)))
 
     def _judge(self, label: str, x: torch.Tensor) -> tuple[TopKSAE, torch.Tensor]:
         """The judge SAE on x's device and dtype, and its harmful mask there (made once)."""
@@ -157,9 +161,11 @@ class _HarmMeter:
             self._placed[key] = (placed, as_harmful_mask(list(harmful), sae.num_features, x.device))
         return self._placed[key]
 
-    def _hook(self, label: str, stream: str):
+    def _hook(self, label: str, module: torch.nn.Module, stream: str):
+        layout = block_layout(module)
+
         def hook(module, args, output) -> None:
-            x = read_stream(output, stream, label)
+            x = read_stream(output, layout, stream, label)
             h = harm_scores(*self._judge(label, x), x.reshape(-1, x.shape[-1])).mean()
             self.sums[label] = self.sums.get(label, 0) + h
             self.calls[label] = self.calls.get(label, 0) + 1
@@ -179,17 +185,12 @@ class _HarmMeter:
         self._handles.clear()
 
 
-def _site_streams(handle: SafeDIGHandle) -> dict[str, tuple[str, str]]:
-    # Handle labels and resolved configs are both in the order of config.sites.
-    return {label: (s.site, s.stream) for label, s in zip(handle.sites, handle.config().sites)}
-
-
 def _judges(handle: SafeDIGHandle, judges: Optional[Judges]) -> dict[str, tuple[TopKSAE, Sequence[int]]]:
-    """Judge per handle label: the given ones, else each site's own SAE (if loaded) and harmful set."""
-    resolved = handle.config().sites
+    """Judge per site key (in the config's order): the given ones, else each site's own SAE and
+    harmful set, as installed."""
     if judges is not None:
-        if len(judges) != len(resolved):
-            raise ValueError(f"judges must give one (SAE, harmful ids) per steered site ({len(resolved)}), "
+        if len(judges) != len(handle.sites):
+            raise ValueError(f"judges must give one (SAE, harmful ids) per steered site ({len(handle.sites)}), "
                              f"got {len(judges)}")
         out = {}
         for i, (label, judge) in enumerate(zip(handle.sites, judges)):
@@ -199,18 +200,19 @@ def _judges(handle: SafeDIGHandle, judges: Optional[Judges]) -> dict[str, tuple[
             mask = as_harmful_mask(harmful, sae.num_features, torch.device("cpu"), f"judges[{i}] harmful")
             out[label] = (sae, mask.nonzero().flatten().tolist())  # checked here, not mid-generation
         return out
-    return {label: (s.sae, list(s.harmful or [])) for label, s in zip(handle.sites, resolved)
-            if isinstance(s.sae, TopKSAE)}
+    own = {key: handle.sae(key) for key in handle.sites}
+    return {key: (sae, sae.harmful_mask.nonzero().flatten().tolist()) for key, sae in own.items()}
 
 
 # -- generating ---------------------------------------------------------------------------
 
-def generate(pipe, prompts: Sequence[PromptRecord], config: SafeDIGConfig, gen: GenerateConfig = GenerateConfig(),
-             *, judges: Optional[Judges] = None, progress: bool = False) -> list[PromptRun]:
+def generate(pipe, prompts: Sequence[PromptRecord], config: Union[SafeDIGConfig, SteeringPlan],
+             gen: GenerateConfig = GenerateConfig(), *, judges: Optional[Judges] = None,
+             progress: bool = False) -> list[PromptRun]:
     """Run every prompt with steering off (if `gen.baseline`) and on; see the module docstring.
 
-    `config`'s SAEs should be loaded (`SafeDIGConfig.with_loaded_saes`) so that the default
-    judges are the sites' own SAEs; `judges` (one (SAE, harmful ids) per site of `config`)
+    The default judges are the sites' own SAEs and harmful sets; `judges` (one (SAE, harmful
+    ids) per site of `config`)
     scores `harm_out` with other SAEs, e.g. to compare two configs by one yardstick.
     Errors in `config` (unknown site, SAE width) raise before anything runs; the hooks are
     removed on return and on error.
@@ -221,11 +223,11 @@ def generate(pipe, prompts: Sequence[PromptRecord], config: SafeDIGConfig, gen: 
     if not records:
         raise ValueError("prompts is empty; expected at least one PromptRecord")
     settings = gen.run_settings()
-    handle = apply_safedig(pipe, config)
+    handle = apply_safedig(pipe, config)  # checks everything before anything runs
     meter = None
     with progress_bar_disabled(pipe):
         try:
-            meter = _HarmMeter(pipe.transformer, _site_streams(handle), _judges(handle, judges))
+            meter = _HarmMeter(pipe.transformer, _judges(handle, judges))
             runs = []
             for p in tqdm(records, desc=f"steer {len(handle.sites)} site(s)", unit="prompt", disable=not progress):
                 latents, images, telemetry, harm_out = {}, {}, {}, {}
@@ -253,8 +255,8 @@ def generate(pipe, prompts: Sequence[PromptRecord], config: SafeDIGConfig, gen: 
             remove_safedig(pipe)
 
 
-def time_steps(pipe, prompt: PromptRecord, config: SafeDIGConfig, gen: GenerateConfig, repeats: int = 5,
-               clock: Callable[[], float] = time.perf_counter) -> dict[str, Any]:
+def time_steps(pipe, prompt: PromptRecord, config: Union[SafeDIGConfig, SteeringPlan], gen: GenerateConfig,
+               repeats: int = 5, clock: Callable[[], float] = time.perf_counter) -> dict[str, Any]:
     """Median time per transformer call (one denoising step for FLUX) without the hooks and
     with steering on, over `repeats` runs of each after one warm-up run each, alternated so a
     change in machine load hits both. Telemetry stays as configured: it is part of the cost."""
@@ -263,6 +265,7 @@ def time_steps(pipe, prompt: PromptRecord, config: SafeDIGConfig, gen: GenerateC
     transformer = pipe.transformer
     cuda = pipeline_device(pipe).type == "cuda"
     settings = gen.run_settings()
+    plan = config if isinstance(config, SteeringPlan) else check_config(pipe, config)  # installed per timed run
     times: dict[str, list[float]] = {"off": [], "on": []}
     current: list[float] = []
 
@@ -283,7 +286,7 @@ def time_steps(pipe, prompt: PromptRecord, config: SafeDIGConfig, gen: GenerateC
             for i in range(repeats + 1):
                 for mode in ("off", "on"):
                     if mode == "on":
-                        apply_safedig(pipe, config)
+                        apply_safedig(pipe, plan)
                     current.clear()
                     try:
                         run_prompt(pipe, settings, prompt_seed(prompt, gen.seed), prompt=prompt.prompt,

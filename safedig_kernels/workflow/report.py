@@ -25,7 +25,6 @@ import torch
 
 from .._io import atomic_write_json
 from ..integrations.diffusers.config import SafeDIGConfig
-from ..integrations.diffusers.sites import SiteSpec, site_labels
 from ..sae import TopKSAE
 from .generate import RUNS, GenerateConfig, PromptRun, mean_finite
 
@@ -183,11 +182,10 @@ def write_outputs(runs: Sequence[PromptRun], out_dir: Union[str, Path], gen: Gen
     doc: dict[str, Any] = {"format": REPORT_FORMAT, "version": REPORT_VERSION, "generate": dataclasses.asdict(gen),
                            "summary": summarize(runs), "prompts": records}
     if config is not None:
-        doc["sites"] = [{"label": label, "site": s.site, "stream": s.stream, "harmful": s.harmful, "beta": s.beta,
+        doc["sites"] = [{"site": s.site, "harmful": None if s.harmful is None else list(s.harmful), "beta": s.beta,
                          "gamma": s.gamma, "tau": s.tau, "window": list(s.window),
                          "sae": None if isinstance(s.sae, TopKSAE) else str(s.sae)}
-                        for label, s in zip(site_labels([SiteSpec(s.site, s.stream) for s in config.sites]),
-                                            config.sites)]
+                        for s in config.sites]
     if extra:
         doc.update(extra)
     paths["report"] = out / "report.json"

@@ -43,15 +43,10 @@ from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 
+from .._checks import STRENGTH_NAMES, strength_or_none
 from .._io import write_json_and_table
-from ..integrations.diffusers.config import (
-    CFG_MODES,
-    SafeDIGConfig,
-    SiteConfig,
-    check_sae_site,
-    check_strengths,
-    check_window,
-)
+from ..integrations.diffusers.config import CFG_MODES, SafeDIGConfig, SiteConfig, check_window
+from ..integrations.diffusers.plan import check_sae_site
 from ..integrations.diffusers.sites import SiteSpec
 from ..sae import TopKSAE
 from .prompts import LabelSelector, parse_labels
@@ -116,7 +111,8 @@ class RouteConfig:
         if self.tau_quantile is not None:
             check_quantile(self.tau_quantile, "RouteConfig.tau_quantile")
         # The values the steering config will hold, checked as it checks them, before any work.
-        check_strengths("RouteConfig", self.beta, self.gamma, self.tau)
+        for name in STRENGTH_NAMES:
+            strength_or_none(getattr(self, name), name, f"RouteConfig.{name}")
         self.window = check_window(self.window, "RouteConfig.window")
         if self.cfg not in CFG_MODES:
             raise ValueError(f"RouteConfig.cfg must be one of {CFG_MODES}, got {self.cfg!r}")
@@ -219,8 +215,8 @@ class RoutingReport:
             if tau is None:  # a selection changed after routing: its calibration is missing
                 raise ValueError(f"RoutingReport.steering_config: no tau for selected site {c.site} (routed with "
                                  f"tau_quantile, which calibrates the selected sites only)")
-            sites.append(SiteConfig(spec.module, sae, stream=spec.stream, harmful=s.harmful, beta=beta,
-                                    gamma=gamma, tau=tau, window=tuple(cfg["window"]), cfg=cfg["cfg"]))
+            sites.append(SiteConfig(spec.key, sae, harmful=s.harmful, beta=beta, gamma=gamma, tau=tau,
+                                    window=tuple(cfg["window"]), cfg=cfg["cfg"]))
         return SafeDIGConfig(sites)
 
 
@@ -372,7 +368,7 @@ def safe_tau(store: ActivationStore, site: Union[str, SiteSpec], sae: TopKSAE, h
 
 def _check_steerable_site(site: Union[str, SiteSpec], sae: TopKSAE, path: str, config: RouteConfig) -> None:
     """Refuse, before any work, a candidate the written config could not steer: `safedig steer`
-    would reject it (`integrations.diffusers.hooks.check_config`)."""
+    would reject it (`integrations.diffusers.plan.resolve`)."""
     spec = SiteSpec.parse(site)
     # The config names the site it was routed at without allow_other_site.
     check_sae_site(sae, spec.module, spec.stream, f"route: site {spec.key} (SAE {path or 'in memory'})")

@@ -29,7 +29,7 @@ from typing import Any, Iterable, Optional, Sequence, Union
 import torch
 
 from .._io import write_json_and_table
-from ..integrations.diffusers.config import check_sae_site
+from ..integrations.diffusers.plan import check_sae_site
 from ..integrations.diffusers.sites import SiteSpec
 from ..ops import Harmful, as_harmful_mask
 from ..sae import TopKSAE

@@ -32,7 +32,8 @@ from _checkpoints import (
 
 from safedig_kernels import checkpoints as ckpt
 from safedig_kernels.checkpoints import CheckpointError, detect_format, parse_hub_uri
-from safedig_kernels.integrations.diffusers.config import SafeDIGConfig, SiteConfig, check_sae_site
+from safedig_kernels.integrations.diffusers.config import SafeDIGConfig, SiteConfig
+from safedig_kernels.integrations.diffusers.plan import check_sae_site
 from safedig_kernels.sae import TopKSAE, load_saelens, load_sparsify
 
 REPO = "safedig-test/flux-saes"
@@ -306,10 +307,10 @@ def test_a_config_json_with_a_bad_hub_name_names_file_and_site(tmp_path, sae, ex
 
 def test_a_config_naming_a_missing_hub_sae_fails_before_any_model(published):
     config = SafeDIGConfig([SiteConfig(SUB, "hf://safedig-test/gone"), SiteConfig("x", f"hf://{REPO}/notes")])
-    with pytest.raises(FileNotFoundError, match=r"SiteConfig\(site='single_transformer_blocks.9'\).sae: Hub repo "
+    with pytest.raises(FileNotFoundError, match=r"SiteConfig\(site='single_transformer_blocks.9:image'\).sae: Hub repo "
                                                 r"'safedig-test/gone'"):
         config.with_loaded_saes()
-    with pytest.raises(ValueError, match=r"SiteConfig\(site='x'\).sae: 'hf://.*/notes' is not a valid SAE"):
+    with pytest.raises(ValueError, match=r"SiteConfig\(site='x:image'\).sae: 'hf://.*/notes' is not a valid SAE"):
         SafeDIGConfig([SiteConfig("x", f"hf://{REPO}/notes")]).with_loaded_saes()
 
 

@@ -119,9 +119,9 @@ def test_end_to_end_workflow(tmp_path, capsys):
         cmd += ["--sae", f"{site}={saes[site]}"]
     assert main(cmd) == 0
     steer = json.loads((tmp_path / "steer.json").read_text())
-    assert steer["enabled"] is True and {s["site"] for s in steer["sites"]} == set(SITES)
+    assert steer["enabled"] is True and {s["site"] for s in steer["sites"]} == {f"{s}:image" for s in SITES}
     # SAE paths are relative to the config's folder (SafeDIGConfig.to_json)
-    assert all((tmp_path / s["sae"]).is_file() and s["stream"] == "image" for s in steer["sites"])
+    assert all((tmp_path / s["sae"]).is_file() for s in steer["sites"])
     assert len(json.loads((tmp_path / "route.json").read_text())["ranking"]) == 6
 
     adapted = tmp_path / "sae0-violence.safetensors"
@@ -236,7 +236,7 @@ def test_route_writes_a_config_that_steer_runs(quiet_top_capture, tmp_path, caps
     assert "passed over (no harmful feature" in out and "single_transformer_blocks.0:image" in out
     assert "union of the source's 1 and the target's 1" in out and "note: 1 of --num-sites 4" in out
     (site,) = json.loads((tmp_path / "steer.json").read_text())["sites"]
-    assert site["site"] == "transformer_blocks.1" and site["harmful"] == [0, 1]
+    assert site["site"] == "transformer_blocks.1:image" and site["harmful"] == [0, 1]
     loud = saes["transformer_blocks.1"]
     assert site["tau"] == safe_tau(ActivationStore(acts), "transformer_blocks.1", TopKSAE.load(loud), [0, 1], 0.99)
 

@@ -65,7 +65,7 @@ def routed(tmp_path_factory):
     cfg = json.loads((d / "routed.json").read_text())
     assert cfg["sites"] and all(s["harmful"] for s in cfg["sites"])
     for s in cfg["sites"]:
-        key = f"{s['site']}:{s['stream']}"
+        key = s["site"]
         s["tau"] = safe_tau(store, key, TopKSAE.load(saes[key]), s["harmful"], 0.99)
     (d / "steer.json").write_text(json.dumps(cfg))
     return {"dir": d, "config": d / "steer.json", "prompts": d / "eval.jsonl", "saes": saes, "doc": cfg}
@@ -104,7 +104,7 @@ def test_steer_writes_images_and_telemetry(routed, tmp_path, capsys):
     assert report["format"] == "safedig-steer-report" and report["version"] == 1
     prompts = report["prompts"]
     assert [p["id"] for p in prompts] == [o["id"] for o in _lines(routed["prompts"])]
-    sites = [s["label"] for s in report["sites"]]
+    sites = [s["site"] for s in report["sites"]]
     assert len(sites) == len(routed["doc"]["sites"])
     for p in prompts:
         image = Image.open(out / p["image"])
@@ -192,7 +192,7 @@ def _bad_configs(routed, d: Path) -> dict[str, tuple[Path, str]]:
     random_sae(16, 64, 4, seed=0).save(narrow)
     return {
         "unknown site": (write("unknown", dict(doc, sites=[dict(site, site="single_transformer_blocks.7")])),
-                         "unknown site 'single_transformer_blocks.7'"),
+                         "unknown site 'single_transformer_blocks.7:image'"),
         "SAE width": (write("width", dict(doc, sites=[dict(site, sae=str(narrow))])),
                       "SAE width d = 16 but the site's activations have width 32"),
         "missing SAE": (write("missing", dict(doc, sites=[dict(site, sae=str(d / "nope.safetensors"))])),

@@ -49,8 +49,8 @@ def test_prefers_stable_site(shifted, tmp_path):
 
     # Routing returns the config object; its one writer (SafeDIGConfig.to_json) writes the file.
     config = report.steering_config()
-    assert [(s.site, s.stream, s.harmful, s.sae) for s in config.sites] == [
-        ("stable", "image", [2], os.path.abspath("stable.safetensors"))]
+    assert [(s.site, s.harmful, s.sae) for s in config.sites] == [
+        ("stable:image", (2,), os.path.abspath("stable.safetensors"))]
     path = write_steering_config(report, tmp_path / "steer.json")
     cfg = json.loads(path.read_text())
     assert set(cfg) == {"format", "version", "enabled", "use_fused_ops", "telemetry", "telemetry_capacity",
@@ -58,14 +58,13 @@ def test_prefers_stable_site(shifted, tmp_path):
     assert cfg["use_fused_ops"]
     # The file is what the integration reads (it resolves the SAE path, loading happens on apply).
     loaded = SafeDIGConfig.from_json(path)
-    assert [(s.site, s.stream, s.harmful) for s in loaded.sites] == [("stable", "image", [2])]
+    assert [(s.site, s.harmful) for s in loaded.sites] == [("stable:image", (2,))]
     assert loaded.sites[0].sae == os.path.abspath("stable.safetensors")
     (site,) = cfg["sites"]
-    assert set(site) == {"site", "sae", "stream", "harmful", "beta", "gamma", "tau", "window", "cfg",
-                         "allow_other_site"}
+    assert set(site) == {"site", "sae", "harmful", "beta", "gamma", "tau", "window", "cfg", "allow_other_site"}
     assert site["allow_other_site"] is False  # route writes SAEs for the sites they were trained on
     best = report.selected[0].operator
-    assert site["site"] == "stable" and site["stream"] == "image" and site["harmful"] == [2]
+    assert site["site"] == "stable:image" and site["harmful"] == [2]
     assert (site["beta"], site["gamma"]) == operator_strengths(best, 0.5, 1.0)
     assert site["window"] == [0.0, 1.0] and site["cfg"] == "both" and site["tau"] == 0.0
     json_path, txt_path = report.write(tmp_path / "route.json")
@@ -145,7 +144,7 @@ def test_config_passes_steering_checks_when_the_top_site_has_no_harmful_feature(
     path = write_steering_config(report, tmp_path / "steer.json")
     loaded = SafeDIGConfig.from_json(path).with_loaded_saes()  # what `safedig steer` reads first
     (site,) = loaded.sites
-    assert (site.site, site.harmful) == (LOUD, [0, 1])  # the union of the source and target sets
+    assert (site.site, site.harmful) == (f"{LOUD}:image", (0, 1))  # the union of the source and target sets
     check_config(flux_pipe(), loaded)  # and what it checks against the pipeline before generating
 
 
@@ -207,7 +206,7 @@ def test_tau_quantile_gates_about_one_minus_q_of_safe_tokens(graded, q):
     report = route(store, saes, "unsafe/nudity", "unsafe/violence", "safe", RouteConfig(num_sites=1, tau_quantile=q))
     config = report.steering_config(saes={"s:image": saes["s"][0]})
     (site,) = config.sites
-    assert site.harmful == [2] and site.tau > 0
+    assert site.harmful == (2,) and site.tau > 0
     share, n = _safe_share_gated(store, site)
     assert abs(share - (1 - q)) <= 2 / n, (share, q, n)
 

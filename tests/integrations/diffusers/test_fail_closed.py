@@ -51,11 +51,11 @@ def test_site_config_json_and_set_site_apply_one_rule(field, value, match, tmp_p
     pipe = flux_pipe(1, 1)
     handle = apply_safedig(pipe, SafeDIGConfig([SiteConfig("transformer_blocks.0", sae(1), beta=0.5, gamma=1.0,
                                                            tau=-1.0)]))
-    st = handle._states["transformer_blocks.0"]
-    before = st.values.clone()
+    _, st = handle._sites["transformer_blocks.0:image"]
+    before = st.settings.clone()
     with pytest.raises(ValueError, match=match):
         handle.set_site("transformer_blocks.0", **{"beta": 0.25, "gamma": 2.0, field: value})
-    assert torch.equal(st.values, before) and (st.cfg.beta, st.cfg.gamma, st.cfg.tau) == (0.5, 1.0, -1.0)
+    assert torch.equal(st.settings, before) and st.values[:3] == [0.5, 1.0, -1.0]
     remove_safedig(pipe)
 
 
@@ -63,7 +63,7 @@ def test_set_site_writes_every_setting_with_one_copy():
     pipe = flux_pipe(1, 1)
     handle = apply_safedig(pipe, SafeDIGConfig([SiteConfig("transformer_blocks.0", sae(1), beta=0.5, gamma=1.0,
                                                            tau=-1.0)]))
-    st = handle._states["transformer_blocks.0"]
+    _, st = handle._sites["transformer_blocks.0:image"]
     copies = []
     real = torch.Tensor.copy_
     torch.Tensor.copy_ = lambda t, src, *a, **k: copies.append(t.shape) or real(t, src, *a, **k)
@@ -72,7 +72,7 @@ def test_set_site_writes_every_setting_with_one_copy():
     finally:
         torch.Tensor.copy_ = real
     assert copies == [torch.Size([6])]
-    assert st.values.tolist() == [0.25, 2.0, -0.5, 0.0, 0.5, 1.0]
+    assert st.settings.tolist() == [0.25, 2.0, -0.5, 0.0, 0.5, 1.0]
     remove_safedig(pipe)
 
 
@@ -95,10 +95,10 @@ def test_an_sae_from_another_site_is_refused_unless_allowed(trained, used):
     s = _trained_at(*trained)
     with pytest.raises(ValueError, match=rf"trained at site '{trained[0]}:{trained[1]}' but is used at "
                                          rf"{used[0]}:{used[1]}"):
-        apply_safedig(pipe, SafeDIGConfig([SiteConfig(used[0], s, stream=used[1])]))
-    handle = apply_safedig(pipe, SafeDIGConfig([SiteConfig(used[0], s, stream=used[1], allow_other_site=True)]))
+        apply_safedig(pipe, SafeDIGConfig([SiteConfig(":".join(used), s)]))
+    handle = apply_safedig(pipe, SafeDIGConfig([SiteConfig(":".join(used), s, allow_other_site=True)]))
     handle.remove()
-    handle = apply_safedig(pipe, SafeDIGConfig([SiteConfig(trained[0], s, stream=trained[1])]))  # its own site
+    handle = apply_safedig(pipe, SafeDIGConfig([SiteConfig(":".join(trained), s)]))  # its own site
     handle.remove()
 
 
@@ -120,7 +120,7 @@ def test_set_site_takes_a_numpy_bool_mask():
     mask = np.zeros(64, dtype=bool)
     mask[[2, 9]] = True
     handle.set_site("transformer_blocks.0", harmful=mask)
-    assert handle.config().sites[0].harmful == [2, 9]
+    assert handle.config().sites[0].harmful == (2, 9)
     remove_safedig(pipe)
 
 
@@ -261,7 +261,7 @@ SWEEP = (
 
 
 def _must_refuse(model: str, site: str, stream: str, cfg: str) -> bool:
-    """The configurations that cannot steer: FLUX pipelines never batch CFG (cfg="cond"), and
+    """The configurations that cannot steer: FLUX pipelines never batch guidance (cfg="cond"), and
     SD3's last joint block has no text stream."""
     return (model == "flux" and cfg == "cond") or (model == "sd3" and site == "transformer_blocks.1"
                                                    and stream != "image")
@@ -283,7 +283,7 @@ def test_every_configuration_steers_or_raises(pipes, unsteered, model, site, str
     pipe = pipes[model]
     harmful_ids = {"sae": None, "given": HARM_A[:3], "empty": []}[harmful]
     # tau < 0 opens the gate for every token (also with an empty harmful set: pure Blend)
-    config = SafeDIGConfig([SiteConfig(site, sae(1), stream=stream, harmful=harmful_ids, beta=0.5, gamma=2.0,
+    config = SafeDIGConfig([SiteConfig(f"{site}:{stream}", sae(1), harmful=harmful_ids, beta=0.5, gamma=2.0,
                                        tau=-1.0, cfg=cfg)], use_fused_ops=fused, telemetry=telemetry)
     if _must_refuse(model, site, stream, cfg):
         with pytest.raises(ValueError, match=site if stream != "image" else "cfg"):

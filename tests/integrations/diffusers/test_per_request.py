@@ -13,11 +13,12 @@ import torch
 pytest.importorskip("diffusers")
 
 from _pipelines import EMB, HARM_B, STEPS, D, K, flux_pipe, sae, sd3_pipe  # noqa: E402
-from test_diffusers import Capture, add_hook  # noqa: E402
+from test_diffusers import Capture, add_hook, add_outer  # noqa: E402
 from torch._dynamo.testing import CompileCounterWithBackend  # noqa: E402
 
 from safedig_kernels import reference  # noqa: E402
 from safedig_kernels.integrations.diffusers import SafeDIGConfig, SiteConfig, apply_safedig  # noqa: E402
+from safedig_kernels.integrations.diffusers.state import CallInfo  # noqa: E402
 
 # Three requests, each unlike the sites' own values (beta 0.3, gamma 0.7, tau 0.0) in every strength.
 REQ = dict(beta=[0.5, 0.0, 1.0], gamma=[1.0, 2.0, -0.5], tau=[0.1, -1.0, 0.05])
@@ -29,8 +30,8 @@ def request(i: int, req: dict = REQ) -> dict:
 
 
 def flux_sites() -> list[SiteConfig]:
-    return [SiteConfig("transformer_blocks.0", sae(1, HARM_B), stream="text", **SITE),
-            SiteConfig("single_transformer_blocks.0", sae(2), stream="both", **SITE)]
+    return [SiteConfig("transformer_blocks.0:text", sae(1, HARM_B), **SITE),
+            SiteConfig("single_transformer_blocks.0:both", sae(2), **SITE)]
 
 
 def flux_inputs(batch: int, seed: int = 0) -> dict:
@@ -114,7 +115,7 @@ def test_a_disabled_request_is_bitwise_unsteered_and_telemetry_says_so():
         assert sum(rec["gated_fraction"]) / 3 == pytest.approx(call["gated_fraction"], abs=1e-6)
         assert sum(rec["mean_harm"]) / 3 == pytest.approx(call["mean_harm"], rel=1e-5, abs=1e-6)
     # The disabled request is still scored (h is computed for every row): it is only not steered.
-    assert any(g > 0 for g in per_request["single_transformer_blocks.0"][0]["gated_fraction"])
+    assert any(g > 0 for g in per_request["single_transformer_blocks.0:both"][0]["gated_fraction"])
 
     handle.clear_requests()
     handle.reset_telemetry()
@@ -129,14 +130,15 @@ def test_site_call_per_request_values_and_telemetry_against_the_reference():
     pipe = sd3_pipe()
     s0, s1 = sae(1), sae(2)
     handle = apply_safedig(pipe, SafeDIGConfig([
-        SiteConfig("transformer_blocks.0", s0, stream="image", cfg="cond", **SITE),
-        SiteConfig("transformer_blocks.1", s1, stream="image", **SITE)]))
+        SiteConfig("transformer_blocks.0", s0, cfg="cond", **SITE),
+        SiteConfig("transformer_blocks.1", s1, **SITE)]))
     handle.set_requests(**REQ, enabled=[True, True, False])
     x = torch.randn(6, 10, D, generator=torch.Generator().manual_seed(3))
     on = per_row([1.0, 1.0, 0.0])
-    for label, s_, rows in (("transformer_blocks.0", s0, slice(3, None)), ("transformer_blocks.1", s1, slice(None))):
-        st = handle._states[label]
-        st.clock.progress, st.clock.cfg_halves = torch.tensor(0.5), True
+    call = CallInfo(torch.tensor(0.5), torch.tensor(0), guided=True)
+    for label, s_, rows in (("transformer_blocks.0:image", s0, slice(3, None)),
+                            ("transformer_blocks.1:image", s1, slice(None))):
+        state, st = handle._sites[label]
         repeats = 2 if rows == slice(None) else 1
         beta, gamma, tau = (per_row(REQ[n], repeats) for n in ("beta", "gamma", "tau"))
         on_rows = on.repeat(repeats)
@@ -144,8 +146,8 @@ def test_site_call_per_request_values_and_telemetry_against_the_reference():
                                    beta * on_rows, gamma * on_rows, tau, K)
         expected = x.clone()
         expected[rows] = y_ref
-        assert torch.equal(st.steer(x), expected), label
-        st.clock.counter.add_(1)  # what the transformer's clock hook does after each call
+        assert torch.equal(st(x, call), expected), label
+        state.clock.counter.add_(1)  # what the transformer's call hook does at each call
         (rec,) = handle.request_telemetry()[label]
         h_req = h.reshape(repeats, 3, -1).transpose(0, 1).reshape(3, -1)  # request i: its row of each half
         assert rec["active"] == [True, True, False]
@@ -153,7 +155,7 @@ def test_site_call_per_request_values_and_telemetry_against_the_reference():
                                                       abs=1e-6)
         assert rec["mean_harm"] == pytest.approx(h_req.mean(1).tolist(), rel=1e-5, abs=1e-6)
         assert 0 < sum(rec["gated_fraction"]) < 3, "the gate must be open for some tokens and shut for others"
-    assert torch.equal(handle._states["transformer_blocks.0"].steer(x)[:3], x[:3])
+    assert torch.equal(handle._sites["transformer_blocks.0:image"][1](x, call)[:3], x[:3])
 
 
 def test_t5_site_takes_one_request_per_prompt():
@@ -170,7 +172,7 @@ def test_t5_site_takes_one_request_per_prompt():
     y_ref, _ = reference.steer(raw, s.W_enc, s.b_enc, s.W_dec, s.b_dec, s.harmful_mask,
                                *(per_row(REQ[n]) for n in ("beta", "gamma", "tau")), K)
     assert torch.equal(got, y_ref) and not torch.equal(got, raw)
-    with pytest.raises(RuntimeError, match=r"'text_encoder_2': 3 requests .* has 2"), torch.no_grad():
+    with pytest.raises(RuntimeError, match=r"'text_encoder_2:text': 3 requests .* has 2"), torch.no_grad():
         enc(ids[:2])
 
 
@@ -184,16 +186,16 @@ def test_sd3_pipeline_cfg_batch_applies_each_request_to_both_halves():
     tr = pipe.transformer
     raw = add_hook(tr.transformer_blocks[0], Capture(), "raw")
     handle = apply_safedig(pipe, SafeDIGConfig([
-        SiteConfig("transformer_blocks.0", sae(1), stream="both", cfg="cond", **SITE),
-        SiteConfig("transformer_blocks.1", sae(2), stream="image", **SITE)]))
-    out = add_hook(tr.transformer_blocks[0], Capture(), "out")
+        SiteConfig("transformer_blocks.0:both", sae(1), cfg="cond", **SITE),
+        SiteConfig("transformer_blocks.1", sae(2), **SITE)]))
+    out = add_outer(tr.transformer_blocks[0], Capture())
     handle.set_requests(**REQ)
     images = sd3_three_prompts(pipe)
     assert len(raw.calls) == STEPS and raw.calls[0][1].shape[0] == 6, "a CFG batch of 2 x 3 rows"
     for (rt, ri, _, _), (ot, oi, _, _) in zip(raw.calls, out.calls):
         assert torch.equal(ot[:3], rt[:3]) and torch.equal(oi[:3], ri[:3]), "cfg='cond': the uncond half is untouched"
     assert not torch.equal(out.calls[0][1][3:], raw.calls[0][1][3:])
-    records = handle.request_telemetry()["transformer_blocks.1"]
+    records = handle.request_telemetry()["transformer_blocks.1:image"]
     assert len(records) == STEPS and all(r["active"] == [True, True, True] for r in records)
 
     handle.clear_requests()
@@ -203,7 +205,7 @@ def test_sd3_pipeline_cfg_batch_applies_each_request_to_both_halves():
 
     # One prompt: the CFG batch has 2 rows, which 3 requests do not fit.
     handle.set_requests(**REQ)
-    with pytest.raises(RuntimeError, match=r"'transformer_blocks.0': 3 requests .* 2 x 3 rows.* has 2"):
+    with pytest.raises(RuntimeError, match=r"'transformer_blocks.0:both': 3 requests .* 2 x 3 = 6 rows.* has 2"):
         sd3_three_prompts(pipe, prompts=1)
 
 
@@ -223,23 +225,23 @@ def test_sd3_pipeline_cfg_batch_applies_each_request_to_both_halves():
     (dict(beta=[]), ValueError, "at least one"),
     (dict(), ValueError, "give beta, gamma, tau or enabled"),
     (dict(beta=[0.5] * 3, site="transformer_blocks.1"), ValueError, "no site"),
-    (dict(beta=[0.5] * 3, stream="text"), ValueError, "give site= too"),
-    (dict(tau=[0.0, 0.0, -1.0]), ValueError, r"set_requests\.tau\[0\] at site 'single_transformer_blocks\.0'.*"
-                                             r"never opens"),
+    (dict(beta=[0.5] * 3, site="transformer_blocks.0:both"), ValueError, "no site"),
+    (dict(tau=[0.0, 0.0, -1.0]), ValueError, r"set_requests\.tau\[0\] at site 'single_transformer_blocks\.0:image'"
+                                             r".*never opens"),
 ], ids=["beta-range", "gamma-nan", "tau-float32-inf", "tensor-nan", "tau-str", "beta-bool", "enabled-int",
-        "not-a-sequence", "2-d", "lengths", "empty", "nothing", "unknown-site", "stream-without-site",
+        "not-a-sequence", "2-d", "lengths", "empty", "nothing", "unknown-site", "other-stream",
         "gate-never-opens"])
 def test_set_requests_checks_everything_before_changing_anything(kwargs, exc, match):
     pipe = flux_pipe(num_layers=1, num_single_layers=1)
     handle = apply_safedig(pipe.transformer, SafeDIGConfig([
-        SiteConfig("transformer_blocks.0", sae(1), stream="text", **SITE),
+        SiteConfig("transformer_blocks.0:text", sae(1), **SITE),
         # an empty harmful set (pure Blend with tau < 0): a request's tau >= 0 would shut its gate for good
         SiteConfig("single_transformer_blocks.0", sae(2), harmful=[], beta=0.5, tau=-1.0)]))
     handle.set_requests(beta=[0.1, 0.2, 0.3])
-    before = {label: st.requests.clone() for label, st in handle._states.items()}
+    before = {label: st.requests.clone() for label, (_, st) in handle._sites.items()}
     with pytest.raises(exc, match=match):
         handle.set_requests(**kwargs)
-    for label, st in handle._states.items():
+    for label, (_, st) in handle._sites.items():
         torch.testing.assert_close(st.requests, before[label], rtol=0, atol=0, equal_nan=True,
                                    msg=f"{label} changed by a refused call")
 
@@ -248,14 +250,14 @@ def test_a_batch_that_does_not_match_the_requests_raises_naming_site_and_sizes()
     pipe = flux_pipe(num_layers=1, num_single_layers=1)
     handle = apply_safedig(pipe.transformer, SafeDIGConfig(flux_sites()))
     handle.set_requests(beta=[0.5, 0.5])
-    with pytest.raises(RuntimeError, match=r"site 'transformer_blocks\.0': 2 requests are set.* has 3"):
+    with pytest.raises(RuntimeError, match=r"site 'transformer_blocks\.0:text': 2 requests are set.* has 3"):
         run(pipe.transformer, batch=3)
     run(pipe.transformer, batch=2)
-    # Twice the requests is a CFG batch only where the pipeline says so: here it is 4 other images.
-    with pytest.raises(RuntimeError, match=r"2 requests are set.* must be 2 rows, but it has 4"):
+    # FLUX pipelines guide by separate calls, never by a [uncond; cond] batch: 4 rows are 4 other images.
+    with pytest.raises(RuntimeError, match=r"2 requests are set.* must be 2 rows .*not a guided batch.* has 4"):
         run(pipe.transformer, batch=4)
-    handle.clear_requests(site="transformer_blocks.0")
-    with pytest.raises(RuntimeError, match=r"'single_transformer_blocks\.0': 2 requests"):
+    handle.clear_requests(site="transformer_blocks.0:text")
+    with pytest.raises(RuntimeError, match=r"'single_transformer_blocks\.0:both': 2 requests"):
         run(pipe.transformer, batch=3)
     handle.clear_requests()
     run(pipe.transformer, batch=3)
@@ -281,14 +283,16 @@ def test_compiled_transformer_follows_request_changes_without_recompiling():
     counter = CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(tr, backend=counter, fullgraph=True)
     handle.set_requests(**REQ)
-    addresses = {label: st.requests.data_ptr() for label, st in handle._states.items()}
+    addresses = {label: st.requests.data_ptr() for label, (_, st) in handle._sites.items()}
     torch.testing.assert_close(run(compiled), eager["a"], rtol=1e-5, atol=1e-5)
+    frames = counter.frame_count  # the forward, and the transformer's call hook beside it
+    assert frames <= 2
     handle.reset_telemetry()
     handle.set_requests(**other)
     torch.testing.assert_close(run(compiled), eager["b"], rtol=1e-5, atol=1e-5)
     handle.set_requests(**REQ)
     torch.testing.assert_close(run(compiled), eager["a"], rtol=1e-5, atol=1e-5)
-    assert counter.frame_count == 1, f"compiled {counter.frame_count} times"
-    assert addresses == {label: st.requests.data_ptr() for label, st in handle._states.items()}, "written in place"
+    assert counter.frame_count == frames, f"recompiled: {counter.frame_count} frames compiled, {frames} at first"
+    assert addresses == {label: st.requests.data_ptr() for label, (_, st) in handle._sites.items()}, "written in place"
     for label, records in handle.request_telemetry().items():
         assert [r["active"] for r in records] == [[False, True, True], [True, True, True]], label
