@@ -25,13 +25,13 @@ import torch
 
 from .._io import dtype_from_name
 from ..integrations.diffusers.config import CFG_MODES
+from ..integrations.diffusers.families import family_of
 from ..integrations.diffusers.requests import pipeline_guides, row_layout
 from ..integrations.diffusers.runner import RunSettings, progress_bar_disabled, run_prompt
 from ..integrations.diffusers.sites import (
     BlockLayout,
     SiteSpec,
     call_timestep,
-    family_of,
     read_stream,
     resolve_site,
     split_target,

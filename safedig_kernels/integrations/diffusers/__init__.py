@@ -14,7 +14,8 @@ diffusers describes (FLUX.1, FLUX.2, SD3/SD3.5, Qwen-Image, Wan, HunyuanVideo, L
 
 The rooms, in the order a config travels: `config` (what the user asks for, and its JSON;
 imports no diffusers), `sites` (the one site model: which module, which stream of its output,
-from diffusers' block metadata; what differs per model family), `plan` (a config resolved
+from diffusers' block metadata), `families` (what differs per model family: timesteps, guidance
+batching, text widths), `plan` (a config resolved
 against one model, every value checked once), `requests` (the rule mapping a call's rows to
 requests and guidance halves), `state` (the modules holding SAEs, settings and telemetry inside
 the model), `hooks` (the torch module hooks that run them), `handle` (apply, change, read,

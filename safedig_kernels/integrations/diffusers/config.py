@@ -95,6 +95,7 @@ class SiteConfig:
             raise ValueError(f"SiteConfig.site: {e}") from None
         set_ = object.__setattr__  # frozen: normalise each field once, here
         set_(self, "site", spec.key)
+        set_(self, "_spec", spec)  # not a field: parsed once, here
         where = self.where
         if not isinstance(self.sae, (TopKSAE, str, os.PathLike)):
             raise TypeError(f"{where}.sae must be a TopKSAE, a checkpoint path or an hf:// name, "
@@ -123,7 +124,8 @@ class SiteConfig:
 
     @property
     def spec(self) -> SiteSpec:
-        return SiteSpec.parse(self.site, STEER_STREAMS)
+        """The site parsed: its module and stream."""
+        return self._spec
 
     @property
     def where(self) -> str:

@@ -30,8 +30,9 @@ from typing import Optional
 
 import torch
 
-from .requests import pipeline_guides
-from .sites import BlockLayout, Family, SiteSpec, call_timestep, hidden_states_of, read_stream, replace_streams
+from .families import Family
+from .requests import calling_pipeline, pipeline_guides
+from .sites import BlockLayout, SiteSpec, call_timestep, hidden_states_of, read_stream, replace_streams
 from .state import STATE_NAME, SiteSteering, SteeringState
 
 __all__ = ["TransformerCallHook", "EndCallHook", "BlockSteerHook", "TextEncoderCallHook", "TextEncoderSteerHook",
@@ -136,10 +137,13 @@ class TransformerCallHook:
         one that batches guidance; unknown otherwise."""
         if self.family.cfg == "separate":
             return False
-        pipeline = self.pipeline() if self.pipeline is not None else None
-        if pipeline is None or not self.family.cfg.startswith("batched") or not self.family.reads_guidance:
+        if not self.family.cfg.startswith("batched") or not self.family.reads_guidance:
             return None
-        return pipeline_guides(pipeline, kwargs)
+        if torch.compiler.is_compiling():  # traced: no stack to read, so the pipeline passed to apply_safedig
+            pipeline = self.pipeline() if self.pipeline is not None else None
+        else:
+            pipeline = calling_pipeline()  # None: the transformer called on its own
+        return None if pipeline is None else pipeline_guides(pipeline, kwargs)
 
 
 class EndCallHook:

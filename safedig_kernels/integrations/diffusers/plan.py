@@ -18,7 +18,8 @@ import torch
 from ...ops import as_harmful_mask
 from ...sae import TopKSAE
 from .config import SafeDIGConfig, SiteConfig, read_sae_source
-from .sites import Family, ResolvedSite, family_of, resolve_site, split_target
+from .families import Family, family_of
+from .sites import ResolvedSite, resolve_site, split_target
 
 __all__ = ["SitePlan", "SteeringPlan", "resolve", "check_sae_site", "check_gate_can_open"]
 
@@ -42,7 +43,7 @@ class SitePlan:
     dtype: torch.dtype             # what the SAE is placed in
     device: torch.device
     windowed: bool                 # a window other than (0, 1) can be read from this model's calls
-    family_cfg: str                # how the model's pipelines batch guidance (sites.Family.cfg)
+    family_cfg: str                # how the model's pipelines batch guidance (families.Family.cfg)
     sae_source: Optional[str]      # the checkpoint path or hf:// name the SAE was read from
     allow_other_site: bool
 
@@ -92,13 +93,19 @@ def _load(cfg: SiteConfig, loaded: dict[str, TopKSAE]) -> TopKSAE:
 
 
 def _placement(module: torch.nn.Module, sae: TopKSAE) -> tuple[torch.device, torch.dtype]:
-    """Where an SAE for `module` is placed: the module's device, and its dtype when the module
-    stores its weights in one the ops compute in (else the SAE's own dtype: layerwise casting
-    stores fp8 and computes in another, which only the activations tell)."""
-    for p in module.parameters():
-        if p.is_floating_point():
-            return p.device, (p.dtype if p.dtype in _COMPUTE_DTYPES else sae.dtype)
-    raise ValueError(f"{type(module).__name__} has no floating-point parameters to place the SAEs by")
+    """Where an SAE for `module` is placed: the module's device, and the dtype it computes in:
+    the compute dtype of diffusers' layerwise casting where that is on (its weights are stored
+    in another), else the dtype its weights are stored in when the ops compute in it, else the
+    SAE's own (the activations' dtype decides at each call)."""
+    device = next((p.device for p in module.parameters() if p.is_floating_point()), None)
+    if device is None:
+        raise ValueError(f"{type(module).__name__} has no floating-point parameters to place the SAEs by")
+    for m in module.modules():
+        hook = getattr(getattr(m, "_diffusers_hook", None), "hooks", {}).get("layerwise_casting")
+        if hook is not None and getattr(hook, "compute_dtype", None) in _COMPUTE_DTYPES:
+            return device, hook.compute_dtype
+    dtype = next(p.dtype for p in module.parameters() if p.is_floating_point())
+    return device, (dtype if dtype in _COMPUTE_DTYPES else sae.dtype)
 
 
 def _site_plan(cfg: SiteConfig, site: ResolvedSite, family: Family, pipeline, sae: TopKSAE) -> SitePlan:

@@ -1,7 +1,7 @@
 """Which rows of a transformer call are which request, and which are conditional: one rule,
 applied at every call from what that call shows, with nothing carried between pipeline calls.
 
-The rule (docs/workflow.md repeats it for users). A site sees a batch of `rows` rows.
+The rule (README.md, "Per request in a batch", says it for users). A site sees a batch of `rows` rows.
 
 - `n` requests are declared (`handle.set_requests`, one entry per image a pipeline call makes):
   `rows == n` is an unguided call, or one branch of guidance run as separate calls (FLUX true
@@ -12,18 +12,23 @@ The rule (docs/workflow.md repeats it for users). A site sees a batch of `rows` 
 - A family whose pipelines batch `[cond; uncond]` (Z-Image, DiT: `Family.cfg ==
   "batched_cond_first"`) has its conditional rows first; the rest of the rule is the same.
 - A model whose pipelines guide by separate calls (FLUX true CFG) or by a guidance embedding
-  (`Family.cfg` "separate" or "none") never sees a guided batch: every call has `n` rows.
-- Where the model's pipelines batch guidance as `[uncond; cond]` (`Family.cfg == "batched"`) and
-  the pipeline was passed to `apply_safedig`, the call also reads whether that pipeline guides
-  right now (`do_classifier_free_guidance`, which the pipeline sets at the start of each of its
-  calls; SD3's extra skip-layer call is conditional only). A guided call must then have `2n`
-  rows (an even number without requests): one prompt with two requests declared is refused
-  rather than read as two unguided rows, which would steer the negative prompt's row.
-- A `cfg="cond"` site with no requests on a call whose guidance is unknown (no pipeline, or the
-  pipeline is not in a call) is refused: it cannot tell which rows are conditional.
+  (`Family.cfg == "separate"`) never sees a guided batch: every call has `n` rows.
+- Where the model's pipelines batch guidance as `[uncond; cond]` (`Family.cfg == "batched"`),
+  the call also reads whether the pipeline running it guides right now
+  (`do_classifier_free_guidance`, which a pipeline sets at the start of each of its calls; SD3's
+  extra skip-layer call is conditional only). The pipeline running it is the one whose
+  `__call__` is on the call stack (`calling_pipeline`): a second pipeline built from the same
+  components is read, not the one passed to `apply_safedig`. Where the stack cannot be read (the
+  transformer compiled whole traces this), the pipeline passed to `apply_safedig` is read. A
+  guided call must then have `2n` rows (an even number without requests): one prompt with two
+  requests declared is refused rather than read as two unguided rows, which would steer the
+  negative prompt's row.
+- A `cfg="cond"` site with no requests on a call whose guidance is unknown (no pipeline running
+  it, none passed, or one that never ran) is refused: it cannot tell which rows are conditional.
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -31,7 +36,7 @@ import torch
 
 from ..._checks import strength
 
-__all__ = ["REQUEST_ROWS", "RowLayout", "row_layout", "pipeline_guides", "request_column"]
+__all__ = ["REQUEST_ROWS", "RowLayout", "row_layout", "pipeline_guides", "calling_pipeline", "request_column"]
 
 # Rows of a site's per-request table; a NaN strength means "this site's own value", so a later
 # set_site still reaches the requests that left it unset.
@@ -49,10 +54,15 @@ class RowLayout:
 
 
 def row_layout(rows: int, requests: Optional[int], guided: Optional[bool], site: str,
-               cfg: str = "batched") -> RowLayout:
+               cfg: str = "batched", need_cond: bool = False) -> RowLayout:
     """The rule of the module docstring for one site call; `cfg` is the model family's
-    (`sites.Family.cfg`): a guided batch is `[cond; uncond]` for "batched_cond_first"."""
+    (`families.Family.cfg`): a guided batch is `[cond; uncond]` for "batched_cond_first".
+    `need_cond`: the caller steers the conditional rows only (`cfg="cond"`)."""
     half = None
+    if requests is None and need_cond and guided is None:
+        raise RuntimeError(f"SafeDIG site {site!r} (cfg='cond') cannot tell which rows of this call are conditional: "
+                           f"no pipeline is running it (or the one passed to apply_safedig never ran). Call the "
+                           f"transformer from its pipeline, or declare the requests (set_requests)")
     if requests is None:
         if not guided:
             return RowLayout(1, slice(None))
@@ -87,6 +97,24 @@ def pipeline_guides(pipeline, kwargs: dict) -> Optional[bool]:
         return bool(pipeline.do_classifier_free_guidance)
     except AttributeError:  # not guided by CFG, or never called (its guidance scale is not set)
         return None
+
+
+def calling_pipeline(limit: int = 64):
+    """The diffusers pipeline whose `__call__` is running on this thread's stack (the innermost),
+    or None: how a transformer call knows which pipeline made it without any pipeline method
+    replaced. Eager only (a traced frame has no stack to read)."""
+    from diffusers import DiffusionPipeline
+
+    frame = sys._getframe(1)
+    for _ in range(limit):
+        if frame is None:
+            return None
+        if frame.f_code.co_name == "__call__":
+            owner = frame.f_locals.get("self")
+            if isinstance(owner, DiffusionPipeline):
+                return owner
+        frame = frame.f_back
+    return None
 
 
 def request_column(value, name: str) -> list[float]:

@@ -14,9 +14,9 @@ not describe can be described the same way (`TransformerBlockRegistry.register`,
 name (`text_encoder_2` in FLUX pipelines, `text_encoder_3` in SD3 ones): its
 `last_hidden_state` is its one stream, `text`.
 
-What the registry does not say lives in `FAMILIES`, per transformer class: how the `timestep`
-its pipelines pass maps to schedule progress `p = 1 - sigma` (the steering window is in `p`),
-and how those pipelines batch classifier-free guidance.
+What the registry does not say lives in `families.py`, per transformer class: how the
+`timestep` its pipelines pass maps to schedule progress `p = 1 - sigma` (the steering window is
+in `p`), and how those pipelines batch classifier-free guidance.
 
 Imports diffusers only inside functions, so the workflow's store can parse sites without it.
 """
@@ -26,11 +26,13 @@ import functools
 import inspect
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 
-__all__ = ["STREAMS", "STEER_STREAMS", "SiteSpec", "Family", "FAMILIES", "family_of", "BlockLayout",
+from .families import WRONG_METADATA, family_of
+
+__all__ = ["STREAMS", "STEER_STREAMS", "SiteSpec", "BlockLayout",
            "block_layout", "block_stacks", "split_target", "ResolvedSite", "resolve_site", "text_encoders",
            "read_stream", "replace_streams", "call_timestep", "hidden_states_of", "unsupported_model_message"]
 
@@ -83,100 +85,6 @@ class SiteSpec:
         return self.key
 
 
-# -- model families ---------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Family:
-    """What steering needs to know about a transformer class beyond diffusers' block metadata,
-    read from diffusers' pipelines (and checked on tiny models: tests/_families.py).
-
-    `progress`: schedule progress `p` of one timestep value as its pipelines pass it (0 at pure
-    noise, 1 at the clean image; `1 - sigma` for flow matching, `1 - t / 1000` for discrete
-    DDPM-style timesteps); None: not known, so only the whole schedule can be a window.
-    `timestep_arg`: the forward argument holding it. `cfg`: how its pipelines run
-    classifier-free guidance: `"separate"` (one call per branch, as FLUX true CFG, or one call
-    with a guidance embedding), `"batched"` (one call on `[uncond; cond]`), `"batched_cond_first"`
-    (one call on `[cond; uncond]`), `"unknown"`. `reads_guidance`: a batched call's pipeline says
-    through `do_classifier_free_guidance` whether each call is guided (False where it batches
-    only some steps, as Z-Image after `cfg_truncation`). `text_width`: the text stream's width
-    where it is not the blocks' inner width.
-    """
-
-    name: str
-    progress_of: Optional[Callable[[torch.Tensor], torch.Tensor]]
-    cfg: str
-    timestep_arg: str = "timestep"
-    reads_guidance: bool = True
-    text_width: Optional[Callable[[Any], Optional[int]]] = None
-
-    @property
-    def knows_progress(self) -> bool:
-        return self.progress_of is not None
-
-    def progress(self, timestep: torch.Tensor) -> torch.Tensor:
-        """Progress of a call (0-d fp32 on the timestep's device). A call whose timesteps differ
-        per sample or token (Wan 2.2 TI2V holds a clean first frame at t = 0) is as far along as
-        its noisiest entry."""
-        assert self.progress_of is not None
-        return self.progress_of(timestep.detach().to(torch.float32)).amin()
-
-
-def _sigma(t):          # timestep = sigma: FLUX.1, FLUX.2, Qwen-Image
-    return 1.0 - t
-
-
-def _per_mille(t):      # timestep = 1000 * sigma, or a discrete DDPM/DDIM step out of 1000
-    return 1.0 - t / 1000.0
-
-
-def _rising(t):         # timestep = 1 - sigma: Z-Image
-    return t
-
-
-def _rising_per_mille(t):  # timestep = 1000 * (1 - sigma): Mochi
-    return t / 1000.0
-
-
-# By class name, looked up along the class's MRO (a subclass keeps its parent's facts).
-FAMILIES: dict[str, Family] = {f.name: f for f in (
-    Family("FluxTransformer2DModel", _sigma, "separate"),
-    Family("Flux2Transformer2DModel", _sigma, "separate"),
-    Family("SD3Transformer2DModel", _per_mille, "batched", text_width=lambda c: c.caption_projection_dim),
-    Family("QwenImageTransformer2DModel", _sigma, "separate"),
-    Family("WanTransformer3DModel", _per_mille, "separate"),
-    Family("WanVACETransformer3DModel", _per_mille, "separate"),
-    Family("HunyuanVideoTransformer3DModel", _per_mille, "separate"),
-    Family("HunyuanVideoFramepackTransformer3DModel", _per_mille, "separate"),
-    Family("LTXVideoTransformer3DModel", _per_mille, "batched"),
-    Family("CogVideoXTransformer3DModel", _per_mille, "batched"),
-    Family("ZImageTransformer2DModel", _rising, "batched_cond_first", timestep_arg="t", reads_guidance=False),
-    Family("HunyuanImageTransformer2DModel", _per_mille, "separate"),
-    # CogView4's pipeline passes the unshifted t while its scheduler steps shifted sigmas: p here
-    # is 1 - t / 1000, the fraction of the unshifted schedule.
-    Family("CogView4Transformer2DModel", _per_mille, "separate"),
-    Family("MochiTransformer3DModel", _rising_per_mille, "batched", text_width=lambda c: c.pooled_projection_dim),
-    Family("MotifVideoTransformer3DModel", _per_mille, "separate"),
-    Family("Kandinsky5Transformer3DModel", _per_mille, "separate"),
-    Family("Cosmos3OmniTransformer", _per_mille, "separate", timestep_arg="vision_timesteps"),
-    Family("PixArtTransformer2DModel", _per_mille, "batched"),
-    Family("DiTTransformer2DModel", _per_mille, "batched_cond_first"),
-)}
-
-# Registrations diffusers gets wrong (diffusers 0.42.1, checked on tiny models in
-# tests/integrations/diffusers/test_families_build.py): BriaTransformerBlock returns
-# (encoder_hidden_states, hidden_states) but is registered with its image stream at index 0,
-# which is its text stream. Refused while diffusers still says so; a corrected registration of
-# one's own is taken as given.
-_WRONG_METADATA = {"BriaTransformerBlock": (0, None)}
-
-
-def family_of(transformer: torch.nn.Module) -> Family:
-    for cls in type(transformer).__mro__:
-        if cls.__name__ in FAMILIES:
-            return FAMILIES[cls.__name__]
-    return Family(type(transformer).__name__, None, "unknown")
-
-
 # -- blocks -----------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -203,7 +111,7 @@ def block_layout(block: torch.nn.Module) -> Optional[BlockLayout]:
         except ValueError:
             continue
         text = meta.return_encoder_hidden_states_index
-        if _WRONG_METADATA.get(cls.__name__) == (meta.return_hidden_states_index, text):
+        if WRONG_METADATA.get(cls.__name__) == (meta.return_hidden_states_index, text):
             raise TypeError(f"diffusers' block metadata for {cls.__name__} names its text stream as its image stream "
                             f"(it returns (encoder_hidden_states, hidden_states) but is registered with "
                             f"return_hidden_states_index=0), so SafeDIG would steer the wrong tokens. Register it "

@@ -89,7 +89,7 @@ class SiteSteering(torch.nn.Module):
         self.key = plan.key
         self.stream = plan.site.spec.stream
         self.cfg = plan.cfg
-        self.family_cfg = plan.family_cfg  # how the model's pipelines batch guidance (sites.Family.cfg)
+        self.family_cfg = plan.family_cfg  # how the model's pipelines batch guidance (families.Family.cfg)
         self.windowed = plan.windowed      # a window other than (0, 1) can be placed (set_site)
         self.site_on = True                # the site's own switch (set_site(enabled=))
         self.sae_source = plan.sae_source  # the path or hf:// name it came from (handle.config)
@@ -189,7 +189,7 @@ class SiteSteering(torch.nn.Module):
         else:
             p = torch.full((), float("nan"), dtype=torch.float32, device=x.device)
         n = requests.shape[1]
-        layout = row_layout(x.shape[0], n or None, call.guided, self.key, self.family_cfg)
+        layout = row_layout(x.shape[0], n or None, call.guided, self.key, self.family_cfg, self.cfg == "cond")
         rows = layout.cond if self.cfg == "cond" else slice(None)
         xs = x[rows]
         if n:
