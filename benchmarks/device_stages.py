@@ -643,7 +643,7 @@ def _ms(d) -> Optional[float]:
 
 
 def targets(doc: dict) -> list:
-    """Issue 10's spec §6 rows: (what, shape, measured, must, met)."""
+    """The spec §6 targets (docs/spec.md) as rows: (what, shape, measured, must, met)."""
     st = doc.get("stages", {})
     smoke = doc.get("env", {}).get("smoke")
     fused = {r["shape"]: r for r in st.get("fused", {}).get("rows", []) if "shape" in r}

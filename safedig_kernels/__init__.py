@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from . import _imports, checkpoints, ops, reference
+from . import checkpoints, ops, reference
 from .checkpoints import FORMAT_VERSION, SAEMetadata, SAEWeights
 from .ops import Harmful, Strength
 from .sae import TopKSAE, load_sae, random_sae, save_sae
@@ -47,16 +47,3 @@ def steer(x: torch.Tensor, sae: TopKSAE, *, beta: Optional[Strength] = None, gam
     """
     return sae.steer(x, beta=beta, gamma=gamma, tau=tau, harmful=harmful)
 
-
-def _keep_checkpoint_loaders_importable() -> None:
-    # Code written for 0.1 imported whole-SAE loaders from `checkpoints`, which is now the
-    # format layer under `sae` (returning SAEWeights). The package, above both, hands them the
-    # `sae` functions, so those imports keep working without an import cycle.
-    from . import sae
-
-    for name in ("load_sae", "save_sae", "load_safedig", "load_saelens", "load_sparsify"):
-        setattr(checkpoints, name, getattr(sae, name))
-
-
-_keep_checkpoint_loaders_importable()
-_imports.install()

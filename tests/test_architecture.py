@@ -154,23 +154,16 @@ def test_importing_the_library_never_imports_diffusers(statement):
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
-def test_old_import_paths_still_work_and_say_where_the_module_went():
-    code = """
-import warnings
-with warnings.catch_warnings(record=True) as seen:
-    warnings.simplefilter("always")
-    import safedig_kernels.training.store
-said = [str(w.message) for w in seen if w.category is DeprecationWarning]
-assert any("safedig_kernels.workflow.store" in m for m in said), said
-warnings.simplefilter("ignore", DeprecationWarning)
-from safedig_kernels.training import capture, train_sae
-from safedig_kernels.steering.routing import route
-from safedig_kernels.demo import DemoConfig
-from safedig_kernels.checkpoints import load_sae, save_sae
-from safedig_kernels.integrations import SafeDIGConfig, apply_safedig
-from safedig_kernels.integrations.diffusers import SiteConfig
-import safedig_kernels.training.store as old, safedig_kernels.workflow.store as new
-assert old is new and callable(capture) and route.__module__ == "safedig_kernels.workflow.route"
-"""
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+
+def test_the_format_layer_exports_formats_only():
+    # checkpoints/ sits under the SAE: what it exports is read into SAEWeights, never a TopKSAE,
+    # and no module path outside the package's own tree resolves (sys.meta_path holds no alias).
+    import importlib.util
+
+    import safedig_kernels.checkpoints as ckpt
+
+    assert [n for n in ckpt.__all__ if not hasattr(ckpt, n)] == []
+    assert [n for n in ("load_sae", "save_sae", "load_safedig", "load_saelens", "load_sparsify", "TopKSAE")
+            if hasattr(ckpt, n)] == []
+    assert [m for m in ("safedig_kernels.training", "safedig_kernels.steering", "safedig_kernels.demo")
+            if importlib.util.find_spec(m) is not None] == []

@@ -1,9 +1,9 @@
 """The bad-input catalogue: one case per class of bad input a careless or hostile user tried,
 each refused where the value enters, with the exception type and a message naming the argument.
 
-Classes (the fail-closed issue): strengths, harmful sets, SAE weights in memory, the SAE's site,
+Classes (README's "Fail closed"): strengths, harmful sets, SAE weights in memory, the SAE's site,
 handles, threads. Files, checkpoints, stores and CLI outputs are pinned next to their readers
-(tests/test_io.py, tests/test_checkpoints.py, tests/workflow, tests/cli); the classes that were
+(tests/test_io.py, tests/checkpoints, tests/workflow, tests/cli); the classes that were
 already handled keep their own tests (tests/ops/test_ops.py `BAD_STEER`, the integration's
 `test_fail_closed`), and a few of them are repeated here so the catalogue reads whole.
 """
@@ -114,7 +114,7 @@ CASES = [
      ValueError, "W_enc"),
     ("strength/load_state_dict-tau-nan", _load_strengths([0.5, 1.0, float("nan")]), ValueError, r"strengths \(tau\)"),
     ("strength/load_state_dict-beta-5", _load_strengths([5.0, 1.0, 0.0]), ValueError, r"strengths \(beta\)"),
-    # already handled before the issue, repeated for a whole catalogue
+    # refused before this catalogue existed and tested where they are refused; repeated so it reads whole
     ("handled/k-too-large", lambda: sk.TopKSAE(*_weights(), k=F + 1), ValueError, "k must satisfy"),
     ("handled/x-wrong-width", lambda: _sae().steer(torch.randn(4, D + 1)), ValueError, "W_enc"),
     ("handled/x-not-a-tensor", lambda: _sae().steer([[0.0] * D]), TypeError, "x"),

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_hub import offline  # noqa: F401  (the Hub cache fixture the checkpoints block reads)
+from _checkpoints import offline  # noqa: F401  (the Hub cache fixture the checkpoints block reads)
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
@@ -60,7 +60,9 @@ def _readme_diffusers(tmp_path, request):
 
 
 def _checkpoints_overview(tmp_path, request):
-    from test_checkpoints import (
+    from _checkpoints import (
+        _cache_repo,
+        _files,
         _lib_weights,
         _sae,
         _saelens_objects,
@@ -70,7 +72,6 @@ def _checkpoints_overview(tmp_path, request):
         _write_saelens,
         _write_sparsify,
     )
-    from test_hub import _cache_repo, _files
 
     cache = request.getfixturevalue("offline")
     _write_saelens(tmp_path / "saelens_run", _saelens_v6(), _lib_weights(), None)

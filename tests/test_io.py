@@ -6,7 +6,7 @@
   opened (reading a FIFO blocks forever), with an error naming the path and its kind;
 - a prompt file or steering config that is not UTF-8 names its file.
 
-The special-file helpers (`specials`, `SpecialFiles`) are shared with test_checkpoints.py. A
+The special-file helpers (`specials`, `SpecialFiles`) are shared with tests/checkpoints/. A
 reader that regresses into opening a FIFO fails its test after a timeout instead of hanging the
 suite: the call runs in a thread, and a blocked one is released by opening the FIFO's write end.
 """
@@ -52,7 +52,7 @@ needs_digit_limit = pytest.mark.skipif(not getattr(sys, "get_int_max_str_digits"
                                        reason="no int digit limit before Python 3.11")
 
 
-# -- special files, shared with test_checkpoints.py ------------------------------------------------
+# -- special files, shared with tests/checkpoints/test_checkpoint_files.py ---------------------------
 class SpecialFiles:
     """Makes FIFOs, sockets, directories and /dev/null links where a file is expected, and calls
     readers on them without ever hanging the test run."""

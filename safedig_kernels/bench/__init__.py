@@ -1,5 +1,5 @@
-"""Kernel benchmarks for the `safedig` ops (issue 6), shipped with the package so that
-`safedig bench` works from an installed wheel.
+"""Kernel benchmarks for the `safedig` ops (docs/benchmarks.md), shipped with the package so
+that `safedig bench` works from an installed wheel.
 
     safedig bench --quick --out out/bench      # GPU: the quick set, ~2 minutes
     safedig bench --out out/bench              # GPU: the full set; on a CPU: the CPU set

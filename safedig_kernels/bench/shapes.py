@@ -3,7 +3,7 @@
 Token counts come from each transformer's diffusers config and its pipeline's defaults (VAE
 downsampling, patch size, text length, classifier-free-guidance batch), so a row's `N` is the
 number of tokens a steering site really sees, not a round number. SAE widths are 4x-32x the
-site width, k from 32 to 128 (spec §4, issue 6).
+site width, k from 32 to 128 (spec §4).
 """
 from __future__ import annotations
 
@@ -165,8 +165,9 @@ def _cpu() -> list[Entry]:
 
 SETS = {"quick": _quick, "full": _full, "cpu": _cpu}
 GPU_SETS = ("quick", "full")
-# Wall-clock seconds after which a run starts no new row (issue 6: the full set in under ten
-# minutes on a GPU, --quick in about two); rows not reached are listed in every output.
+# Wall-clock seconds after which a run starts no new row, so the full set ends in under ten
+# minutes on a GPU and --quick in about two (docs/benchmarks.md); rows not reached are listed
+# in every output.
 DEFAULT_TIME_BUDGET_S = {"quick": 110.0, "full": 540.0, "cpu": None}
 
 

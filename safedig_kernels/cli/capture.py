@@ -74,8 +74,9 @@ prompts are skipped; nothing is duplicated or lost. Memory stays near --shard-mb
     p.add_argument("--max-tokens", type=int, default=None,
                    help="keep a seeded random subset of at most this many tokens per prompt, site and step")
     p.add_argument("--token-stride", type=int, default=1, help="keep every n-th token (before --max-tokens)")
-    p.add_argument("--cfg", choices=("cond", "all"), default="cond",
-                   help="record only the conditional CFG branch (default) or every batch row and call")
+    p.add_argument("--cfg", choices=("cond", "both"), default="cond",
+                   help="cond: record only the conditional CFG branch (default); both: every batch row and call "
+                        "(the words steering's cfg uses)")
     p.add_argument("--shard-mb", type=float, default=256.0, help="write a shard once this many MiB are buffered")
     p.add_argument("--no-resume", action="store_true", help="refuse to continue an existing capture directory")
     add_no_progress(p)

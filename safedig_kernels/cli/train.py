@@ -46,9 +46,9 @@ def check_arguments(args: argparse.Namespace):
         if args.batch_size > args.max_tokens:
             raise ValueError(f"--batch-size {args.batch_size} exceeds --max-tokens {args.max_tokens}: a batch cannot "
                              f"hold more tokens than training uses")
-    world = os.environ.get("WORLD_SIZE", "1")
-    if world.isdigit() and int(world) > 1 and args.batch_size % int(world):
-        raise ValueError(f"--batch-size {args.batch_size} must be divisible by the number of processes {world}")
+    num_ranks = os.environ.get("WORLD_SIZE", "1")  # what torchrun sets
+    if num_ranks.isdigit() and int(num_ranks) > 1 and args.batch_size % int(num_ranks):
+        raise ValueError(f"--batch-size {args.batch_size} must be divisible by the number of processes {num_ranks}")
     check_writable("--out", args.out)
     check_writable("--metrics", args.metrics)
     check_writable("--checkpoint-dir", args.checkpoint_dir, folder=True)
@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
         started = True
     try:
         rank = dist.get_rank() if dist.is_initialized() else 0
-        world = dist.get_world_size() if dist.is_initialized() else 1
+        num_ranks = dist.get_world_size() if dist.is_initialized() else 1
         store = ActivationStore(args.activations)
         site = SiteSpec.parse(args.site)
         # A tensor when there is no --memory-mb or the selection fits in it (every process loads it all,
@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
                              max_tokens=args.max_tokens)
         streamed = not isinstance(data, torch.Tensor)
         if streamed and rank == 0:
-            share = "each process reads its own share" if world > 1 else "one tensor at a time"
+            share = "each process reads its own share" if num_ranks > 1 else "one tensor at a time"
             print(f"{site.key}: {data.total_tokens} tokens x d={data.d} do not fit in --memory-mb {args.memory_mb}: "
                   f"streaming them from the shards ({share})")
         meta = SAEMetadata(model=str(store.config.get("model", "")), site=site.module,
@@ -104,15 +104,15 @@ def run(args: argparse.Namespace) -> int:
             summary = {"sae": str(args.out), "site": site.key, "tokens": tokens, "d": d,
                        "num_features": result.sae.num_features, "k": result.sae.k,
                        "activation_scale": result.activation_scale, "train": result.metrics, "eval": ev,
-                       "history": result.history, "resumed_from": result.resumed_from, "world_size": world,
+                       "history": result.history, "resumed_from": result.resumed_from, "num_ranks": num_ranks,
                        "streamed": result.data.get("stream")}
             write_json(args.metrics, summary)
             how = (f", streamed through a buffer of {result.data['stream']['buffer_tokens']} tokens per process"
                    if streamed else "")
             print(f"{args.out}: d={d} F={result.sae.num_features} k={result.sae.k} on {tokens} tokens "
-                  f"({world} process{'es' if world > 1 else ''}{how}); "
+                  f"({num_ranks} process{'es' if num_ranks > 1 else ''}{how}); "
                   f"FVU {ev['fvu']:.4f}, L0 {ev['l0']:.1f}, dead {ev['dead_fraction']:.1%}")
-        if world > 1:
+        if num_ranks > 1:
             # Ranks leave together: one tearing gloo down while rank 0 still saves can abort it.
             dist.barrier()
     finally:

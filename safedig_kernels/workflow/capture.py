@@ -7,9 +7,11 @@ hooks copy the chosen stream of each site's output (`sites.read_stream`, where d
 metadata says it is) at the chosen denoising
 steps into an `ActivationWriter` (see `store.py` for the directory format). Steps are counted from the
 `timestep` the transformer receives: a call with a new timestep starts a new step, a repeated one
-is another call in the same step (FLUX true-CFG calls the transformer twice per step). With
-`cfg="cond"` only the conditional branch is kept: the first call of a step, and the second half
-of a guided batch (SD3 concatenates [negative, positive]; the rule of `requests.py`).
+is another call in the same step (FLUX true-CFG calls the transformer twice per step). `cfg`
+names the CFG halves as a steering site's `cfg` does (integrations/diffusers/config.py):
+`"cond"` keeps only the conditional branch, the first call of a step and the conditional half of
+a guided batch (SD3 concatenates [negative, positive]; the rule of `requests.py`); `"both"`
+keeps every row of every call.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 
 from .._io import dtype_from_name
+from ..integrations.diffusers.config import CFG_MODES
 from ..integrations.diffusers.families import family_of
 from ..integrations.diffusers.requests import pipeline_guides, row_layout
 from ..integrations.diffusers.runner import RunSettings, progress_bar_disabled, run_prompt
@@ -45,8 +48,9 @@ class CaptureConfig:
 
     `steps`: denoising step indices to record (None: all). `dtype`: storage dtype name (None:
     the activations' own). `token_stride` keeps every n-th token, then `max_tokens` a seeded
-    random subset of at most that many tokens per (prompt, site, step). `shard_bytes` bounds the
-    memory held before a shard is written; it may differ between a run and its resume.
+    random subset of at most that many tokens per (prompt, site, step). `cfg`: `"cond"` (the
+    conditional branch only) or `"both"` (every row and call). `shard_bytes` bounds the memory
+    held before a shard is written; it may differ between a run and its resume.
     """
 
     sites: list[str]
@@ -84,8 +88,9 @@ class CaptureConfig:
             raise ValueError(f"max_tokens must be a positive int or None, got {self.max_tokens!r}")
         if not isinstance(self.token_stride, int) or self.token_stride < 1:
             raise ValueError(f"token_stride must be a positive int, got {self.token_stride!r}")
-        if self.cfg not in ("cond", "all"):
-            raise ValueError(f"cfg must be 'cond' (conditional branch only) or 'all', got {self.cfg!r}")
+        if self.cfg not in CFG_MODES:  # steering's words, with steering's meaning
+            raise ValueError(f"cfg must be 'cond' (the conditional branch only) or 'both' (every row and call), "
+                             f"got {self.cfg!r}")
         return sites
 
     def run_settings(self) -> RunSettings:

@@ -36,7 +36,7 @@ recovers a lost or corrupt manifest from the shards alone.
 Reading for training at scale: `ActivationStore.stream` selects the same tokens as `load` (the
 same per-entry subsample under `max_tokens`) but returns an `ActivationStream` that reads one
 tensor at a time (`safe_open(...).get_tensor`, checksum verified), never the whole site. Given
-`rank` and `world_size` it holds only that process's share of the entries (`partition_entries`:
+`rank` and `num_ranks` it holds only that process's share of the entries (`partition_entries`:
 disjoint, together all of them), so under torchrun each process reads only its own tokens.
 """
 from __future__ import annotations
@@ -175,6 +175,7 @@ def _shard_header(path: Path) -> dict[str, Any]:
     except json.JSONDecodeError as e:
         raise ShardError(f"shard {path}: its '{SHARD_META_KEY}' metadata is not valid JSON ({e.msg})") from None
     header["_tensors"] = tensors
+    header["config"] = _config_as_read(header.get("config"))
     return header
 
 
@@ -210,6 +211,19 @@ def _shard_index(name: str) -> int:
     return int(m.group(1)) if m else -1
 
 
+# Captures made before capture named its CFG halves as steering does (workflow/capture.py) record
+# cfg "all" for what is now "both": every row of every call. A store on disk is data, so it reads
+# as today's word, and a resume with cfg="both" continues it.
+_CFG_WORDS_OF_OLD_STORES = {"all": "both"}
+
+
+def _config_as_read(config: Any) -> Any:
+    """A capture config read from a manifest or shard header, in today's words."""
+    if isinstance(config, dict) and config.get("cfg") in _CFG_WORDS_OF_OLD_STORES:
+        return {**config, "cfg": _CFG_WORDS_OF_OLD_STORES[config["cfg"]]}
+    return config
+
+
 def _new_manifest(config: dict[str, Any]) -> dict[str, Any]:
     return {"format": FORMAT, "version": VERSION, "config": config, "completed": {}, "shards": []}
 
@@ -232,6 +246,7 @@ def _read_manifest(directory: Path) -> dict[str, Any]:
         if not isinstance(m.get(key), typ):
             raise ManifestError(f"activation manifest {path}: '{key}' must be a JSON {typ.__name__}, "
                                 f"got {type(m.get(key)).__name__}")
+    m["config"] = _config_as_read(m["config"])
     for i, s in enumerate(m["shards"]):
         if not isinstance(s, dict) or not {"file", "run", "entries"} <= set(s) or not isinstance(s["entries"], list):
             raise ManifestError(f"activation manifest {path}: shards[{i}] must have 'file', 'run' and a list "
@@ -552,23 +567,23 @@ class ActivationStore:
 
     def stream(self, site: Union[str, SiteSpec], labels: LabelSelector = None, steps: Optional[Iterable[int]] = None,
                max_tokens: Optional[int] = None, seed: int = 0, rank: int = 0,
-               world_size: int = 1) -> "ActivationStream":
+               num_ranks: int = 1) -> "ActivationStream":
         """The tokens `load` would return (same selection, same subsample under `max_tokens` and
         `seed`), as a stream that reads one tensor at a time; it holds process `rank`'s share of
-        the entries out of `world_size` (`partition_entries`). Reads nothing until iterated."""
-        for name, v in (("rank", rank), ("world_size", world_size), ("seed", seed)):
+        the entries out of `num_ranks` (`partition_entries`). Reads nothing until iterated."""
+        for name, v in (("rank", rank), ("num_ranks", num_ranks), ("seed", seed)):
             if not isinstance(v, int) or isinstance(v, bool):
                 raise ValueError(f"{name} must be an int, got {v!r}")
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"rank must be in [0, world_size) with world_size >= 1, got rank {rank} and "
-                             f"world_size {world_size}")
+        if num_ranks < 1 or not 0 <= rank < num_ranks:
+            raise ValueError(f"rank must be in [0, num_ranks) with num_ranks >= 1, got rank {rank} and "
+                             f"num_ranks {num_ranks}")
         if max_tokens is not None and (not isinstance(max_tokens, int) or isinstance(max_tokens, bool)
                                        or max_tokens < 1):
             raise ValueError(f"max_tokens must be a positive int or None, got {max_tokens!r}")
         key, es, quota = self._select(site, labels, steps, max_tokens)
         rows = [e.shape[0] for e in es] if quota is None else quota
         stream = ActivationStream(self.dir, key, self._widths[key], es, rows, None if quota is None else seed,
-                                  rank, world_size)
+                                  rank, num_ranks)
         logger.debug("%r", stream)
         return stream
 
@@ -583,28 +598,28 @@ def _identity(e: Entry) -> tuple[str, str, int, int]:
     return (e.prompt_id, e.site_key, e.step, e.call)  # unique within a store (checked when it is opened)
 
 
-def partition_entries(entries: Sequence[Entry], rank: int, world_size: int) -> list[Entry]:
-    """Process `rank`'s share of `entries` out of `world_size`, in the order given.
+def partition_entries(entries: Sequence[Entry], rank: int, num_ranks: int) -> list[Entry]:
+    """Process `rank`'s share of `entries` out of `num_ranks`, in the order given.
 
     Entries are ordered by a hash of their identity (prompt, site, step, call) and dealt out in
     turn, so the shares are disjoint, together hold every entry, differ in count by at most one,
     and do not follow the capture order (dealing in store order would hand all of one step, or
     of one label, to one process). The share depends only on the entries, not on shard files.
     """
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"rank must be in [0, world_size) with world_size >= 1, got rank {rank} and "
-                         f"world_size {world_size}")
-    owner = _deal(entries, world_size)
+    if num_ranks < 1 or not 0 <= rank < num_ranks:
+        raise ValueError(f"rank must be in [0, num_ranks) with num_ranks >= 1, got rank {rank} and "
+                         f"num_ranks {num_ranks}")
+    owner = _deal(entries, num_ranks)
     return [e for e, r in zip(entries, owner) if r == rank]
 
 
-def _deal(entries: Sequence[Entry], world_size: int) -> list[int]:
+def _deal(entries: Sequence[Entry], num_ranks: int) -> list[int]:
     """The process each entry goes to (see `partition_entries`)."""
     order = sorted(range(len(entries)),
                    key=lambda i: (zlib.crc32(json.dumps(_identity(entries[i])).encode()), _identity(entries[i])))
     owner = [0] * len(entries)
     for turn, i in enumerate(order):
-        owner[i] = turn % world_size
+        owner[i] = turn % num_ranks
     return owner
 
 
@@ -620,17 +635,17 @@ class ActivationStream:
     """
 
     def __init__(self, directory: Path, site_key: str, d: int, entries: Sequence[Entry], rows: Sequence[int],
-                 seed: Optional[int], rank: int, world_size: int):
+                 seed: Optional[int], rank: int, num_ranks: int):
         self.dir, self.site_key, self.d = directory, site_key, d
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.num_ranks = rank, num_ranks
         self._seed = seed  # None: every row of every entry is used
         self._rows = {(e.shard, e.key): int(r) for e, r in zip(entries, rows)}
         self._all = list(entries)
-        owner = _deal(self._all, world_size)
+        owner = _deal(self._all, num_ranks)
         self.entries = [e for e, r in zip(self._all, owner) if r == rank]  # partition_entries' share
         # Every share's size, known to every process from the manifest alone, so a share too small to
         # train on is refused by all processes alike instead of leaving the others in a collective.
-        self.share_tokens = [0] * world_size
+        self.share_tokens = [0] * num_ranks
         for e, r in zip(self._all, owner):
             self.share_tokens[r] += self.rows(e)
         self.num_tokens = self.share_tokens[rank]
@@ -641,7 +656,7 @@ class ActivationStream:
 
     def __repr__(self) -> str:
         return (f"ActivationStream({str(self.dir)!r}, site={self.site_key}, d={self.d}, rank={self.rank}/"
-                f"{self.world_size}, entries={len(self.entries)}/{len(self._all)}, tokens={self.num_tokens}/"
+                f"{self.num_ranks}, entries={len(self.entries)}/{len(self._all)}, tokens={self.num_tokens}/"
                 f"{self.total_tokens})")
 
     def rows(self, e: Entry) -> int:

@@ -15,7 +15,7 @@ residual. Decoder rows stay at unit norm: the gradient's component along each ro
 before the Adam step and the rows are renormalised after it.
 
 DDP: every rank holds the same data; step t draws one global batch (a slice of a seeded
-permutation per epoch) and each rank takes its contiguous `batch_size / world_size` part. The
+permutation per epoch) and each rank takes its contiguous `batch_size / num_ranks` part. The
 variances and firing counts are all-reduced, and each rank's loss is scaled so that DDP's
 gradient average equals the single-process gradient of the global batch: two processes train
 the same weights as one (up to float summation order).
@@ -37,15 +37,15 @@ stream computes thus:
   sums over a pass (all-reduced under DDP).
 - data fingerprint for resume: `ActivationStream.fingerprint()`, a CRC32 of the manifest
   records (recorded checksums, shapes, rows kept), so a resume reads nothing to check it; the
-  checkpoint also records the world size and buffer size, which the batch order depends on.
-- batch order: a pure function of (seed, rank, world size, buffer size, step), so resuming
+  checkpoint also records the number of ranks and the buffer size, which the batch order depends on.
+- batch order: a pure function of (seed, rank, number of ranks, buffer size, step), so resuming
   needs no saved RNG state and reads only the block the next step needs.
 
 What the buffer loses against a global shuffle: a batch mixes only the tokens of one block
 (about `buffer_tokens` consecutive tokens of an epoch's random entry order), not of the whole
 store, so tokens of one entry (one prompt, site and step) tend to share the batches of a block,
 and the blocks of an epoch are visited one after the other. Every token is still used once per
-epoch. The weights are deterministic for a seed, budget and world size, but differ from the
+epoch. The weights are deterministic for a seed, budget and number of ranks, but differ from the
 in-memory run and, under DDP, from the single-process streaming run: each process shuffles
 only its own share, so the global batches differ (the in-memory path still matches bit for bit).
 
@@ -58,7 +58,7 @@ Training checkpoint (`checkpoint_dir`), one pair per saved step, written tensors
                                  "tensors": "step-00000100.safetensors", "sha256": "...",
                                  "adam_step": 100, "activation_scale": s, "d": d, "num_features": F,
                                  "config": {...TrainConfig...}, "data": {"num_tokens": N, "checksum": ...},
-                                 "history": [...], "world_size": 2}
+                                 "history": [...], "num_ranks": 2}
 """
 from __future__ import annotations
 
@@ -223,21 +223,22 @@ class _TopKSAEModule(torch.nn.Module):
         return x_hat, aux, z, idx
 
 
-def _dist() -> tuple[int, int]:
+def _ranks() -> tuple[int, int]:
+    """(number of ranks, this process's rank) under torch.distributed; (1, 0) without it."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size(), dist.get_rank()
     return 1, 0
 
 
 def _all_reduce(t: torch.Tensor) -> torch.Tensor:
-    if _dist()[0] > 1:
+    if _ranks()[0] > 1:
         dist.all_reduce(t)
     return t
 
 
 def _all_reduce_host(t: torch.Tensor) -> torch.Tensor:
     """`_all_reduce` of a CPU tensor in place; NCCL reduces only CUDA tensors, so it goes through the GPU."""
-    if _dist()[0] > 1 and dist.get_backend() == "nccl":
+    if _ranks()[0] > 1 and dist.get_backend() == "nccl":
         t.copy_(_all_reduce(t.to(torch.device("cuda", torch.cuda.current_device()))).cpu())
         return t
     return _all_reduce(t)
@@ -349,9 +350,9 @@ class StreamBatches:
     def __init__(self, stream: ActivationStream, local_batch: int, buffer_tokens: int, seed: int):
         self.stream, self.local, self.seed = stream, local_batch, seed
         self.n = stream.num_tokens
-        small = min(range(stream.world_size), key=lambda r: stream.share_tokens[r])
+        small = min(range(stream.num_ranks), key=lambda r: stream.share_tokens[r])
         if local_batch > stream.share_tokens[small]:  # checked for every share, so every process stops here
-            raise ValueError(f"process {small} of {stream.world_size} holds {stream.share_tokens[small]} tokens of "
+            raise ValueError(f"process {small} of {stream.num_ranks} holds {stream.share_tokens[small]} tokens of "
                              f"the stream, fewer than its part of a batch ({local_batch} = batch_size / processes); "
                              f"lower batch_size or use fewer processes")
         if buffer_tokens < local_batch:
@@ -445,14 +446,14 @@ def training_data(store: ActivationStore, site: Union[str, SiteSpec], config: Tr
     from the manifest.
     """
     config.check()
-    world, rank = _dist()
+    num_ranks, rank = _ranks()
     steps = None if steps is None else list(steps)
     stream = store.stream(site, labels=labels, steps=steps, max_tokens=max_tokens, seed=config.seed, rank=rank,
-                          world_size=world)
+                          num_ranks=num_ranks)
     cfg = config.resolved(stream.d)
     item = dtype_from_name(cfg.dtype).itemsize
     need = (in_memory_bytes(stream.total_tokens, stream.d, cfg.scale_tokens)
-            + sae_training_bytes(stream.d, cfg.num_features, cfg.batch_size // world, item))
+            + sae_training_bytes(stream.d, cfg.num_features, cfg.batch_size // num_ranks, item))
     if config.memory_budget_mb is None or need <= config.memory_budget_mb * MiB:
         return store.load(site, labels=labels, steps=steps, max_tokens=max_tokens, seed=config.seed)
     logger.info("%s: %d tokens x d=%d need %.1f MiB in memory, more than memory_budget_mb=%d: streaming; this "
@@ -503,6 +504,18 @@ def save_train_checkpoint(directory: Union[str, Path], step: int, model: _TopKSA
     return d / f"{name}.json"
 
 
+# Checkpoints written before the DDP side was named by its ranks (the word "world" is the demo's:
+# workflow/world.py) record "world_size" where they now record "num_ranks". A checkpoint on disk is
+# data, so it still resumes.
+def _checkpoint_as_read(info: dict[str, Any]) -> dict[str, Any]:
+    """A training checkpoint's JSON info in today's keys."""
+    stream = info.get("data", {}).get("stream") if isinstance(info.get("data"), dict) else None
+    for doc in (info, stream):
+        if isinstance(doc, dict) and "world_size" in doc and "num_ranks" not in doc:
+            doc["num_ranks"] = doc.pop("world_size")
+    return info
+
+
 def latest_train_checkpoint(directory: Union[str, Path]) -> Optional[tuple[dict[str, Any], dict[str, torch.Tensor]]]:
     """(JSON info, tensors) of the newest complete, intact checkpoint in `directory`, or None.
     A damaged newer checkpoint is skipped with a warning, never deleted."""
@@ -519,7 +532,7 @@ def latest_train_checkpoint(directory: Union[str, Path]) -> Optional[tuple[dict[
             if not tpath.is_file() or _sha256(tpath) != info["sha256"]:
                 raise ValueError(f"training checkpoint {path}: its tensor file {tpath} is missing or does not "
                                  f"match the recorded sha256")
-            return info, load_file(str(tpath))
+            return _checkpoint_as_read(info), load_file(str(tpath))
         except (ValueError, KeyError, FileNotFoundError) as e:
             warnings.warn(f"skipping training checkpoint {path}: {e}")
     return None
@@ -592,16 +605,16 @@ def evaluate_sae(sae: TopKSAE, x: Union[torch.Tensor, ActivationStream], batch_t
     if isinstance(x, ActivationStream):
         if x.d != sae.d:
             raise ValueError(f"the stream has width d = {x.d}, the SAE d = {sae.d}")
-        world, rank = _dist()
-        if (x.rank, x.world_size) != (rank, world):
-            raise ValueError(f"the stream is share {x.rank} of {x.world_size}, but this is process {rank} of "
-                             f"{world}: make it with rank={rank}, world_size={world}")
+        num_ranks, rank = _ranks()
+        if (x.rank, x.num_ranks) != (rank, num_ranks):
+            raise ValueError(f"the stream is share {x.rank} of {x.num_ranks}, but this is process {rank} of "
+                             f"{num_ranks}: make it with rank={rank}, num_ranks={num_ranks}")
         sums = _EvalSums(sae)
         for _, t in x.read_many(x.entries):
             for xb in t.split(batch_tokens):
                 sums.add(xb)
             del t
-        if world > 1:
+        if num_ranks > 1:
             sums.all_reduce()
         if sums.n == 0:
             raise ValueError("the stream is empty; cannot evaluate an SAE on zero tokens")
@@ -639,16 +652,17 @@ def train_sae(data: Union[torch.Tensor, ActivationStream], config: TrainConfig, 
     else:
         N, d = data.shape
     cfg = config.resolved(d)
-    world, rank = _dist()
-    if cfg.batch_size % world:
-        raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the world size {world}")
+    num_ranks, rank = _ranks()
+    if cfg.batch_size % num_ranks:
+        raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the number of ranks {num_ranks}")
     dtype = dtype_from_name(cfg.dtype)
     device = torch.device(device) if device is not None else torch.device("cpu")
-    local = cfg.batch_size // world
+    local = cfg.batch_size // num_ranks
     if streaming:
-        if (data.rank, data.world_size) != (rank, world):
-            raise ValueError(f"data is share {data.rank} of {data.world_size} of a stream, but this is process "
-                             f"{rank} of {world}: make it with rank={rank}, world_size={world} (training_data does)")
+        if (data.rank, data.num_ranks) != (rank, num_ranks):
+            raise ValueError(f"data is share {data.rank} of {data.num_ranks} of a stream, but this is process "
+                             f"{rank} of {num_ranks}: make it with rank={rank}, num_ranks={num_ranks} "
+                             f"(training_data does)")
         if cfg.memory_budget_mb is None:
             raise ValueError("memory_budget_mb must be set to train from an ActivationStream: it sizes the shuffle "
                              "buffer (training_data returns a stream only when it is set)")
@@ -657,7 +671,7 @@ def train_sae(data: Union[torch.Tensor, ActivationStream], config: TrainConfig, 
         buffer_tokens = stream_buffer_tokens(data, cfg, local)
         batches = StreamBatches(data, local, buffer_tokens, cfg.seed)
         data_info = {"num_tokens": N, "d": d, "checksum": data.fingerprint(),
-                     "stream": {"world_size": world, "buffer_tokens": buffer_tokens}}
+                     "stream": {"num_ranks": num_ranks, "buffer_tokens": buffer_tokens}}
         logger.info("rank %d: streaming %d of %d tokens through a buffer of %d tokens (%.1f MiB, %d block(s) per "
                     "epoch) within memory_budget_mb=%d, of which the SAE's training takes about %.1f MiB", rank,
                     data.num_tokens, N, batches.buf.shape[0], batches.buf.numel() * 4 / MiB, batches.blocks,
@@ -694,12 +708,12 @@ def train_sae(data: Union[torch.Tensor, ActivationStream], config: TrainConfig, 
         history = list(info.get("history", []))
 
     ddp = model
-    if world > 1:
+    if num_ranks > 1:
         ddp = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     metrics: dict[str, float] = dict(history[-1]) if history else {}
     info_base = {"config": dataclasses.asdict(cfg), "activation_scale": scale, "d": d,
-                 "num_features": cfg.num_features, "data": data_info, "world_size": world}
+                 "num_features": cfg.num_features, "data": data_info, "num_ranks": num_ranks}
 
     bar = tqdm(range(start, cfg.steps), desc="train SAE", unit="step", disable=not progress or rank != 0,
                initial=start, total=cfg.steps)
@@ -712,12 +726,12 @@ def train_sae(data: Union[torch.Tensor, ActivationStream], config: TrainConfig, 
         x_hat, aux, z, idx = ddp(x, cfg.k, dead, k_aux)
         var_x, n_glob = _global_variance(x)
         err = (x - x_hat).pow(2).sum()
-        loss = err * world / var_x.to(dtype)
+        loss = err * num_ranks / var_x.to(dtype)
         aux_loss = torch.zeros((), dtype=dtype, device=device)
         if aux is not None:
             e = (x - x_hat).detach()
             var_e, _ = _global_variance(e)
-            aux_loss = cfg.aux_coef * (e - aux).pow(2).sum() * world / var_e.to(dtype)
+            aux_loss = cfg.aux_coef * (e - aux).pow(2).sum() * num_ranks / var_e.to(dtype)
         optimizer.zero_grad(set_to_none=True)
         (loss + aux_loss).backward()
         with torch.no_grad():
@@ -731,7 +745,7 @@ def train_sae(data: Union[torch.Tensor, ActivationStream], config: TrainConfig, 
             counts = torch.zeros(cfg.num_features, dtype=torch.float64, device=device)
             counts.index_add_(0, idx[on], torch.ones(int(on.sum()), dtype=torch.float64, device=device))
             stats = torch.cat([counts, torch.stack([err.detach().double(), on.sum().double(),
-                                                    aux_loss.detach().double() / world])])
+                                                    aux_loss.detach().double() / num_ranks])])
             stats = _all_reduce(stats)
             tokens_since_fired += n_glob
             tokens_since_fired[stats[:-3] > 0] = 0
@@ -749,7 +763,7 @@ def train_sae(data: Union[torch.Tensor, ActivationStream], config: TrainConfig, 
             save_train_checkpoint(checkpoint_dir, step + 1, model, optimizer, tokens_since_fired,
                                   dict(info_base, history=history), keep=cfg.keep_checkpoints)
     bar.close()
-    if world > 1:
+    if num_ranks > 1:
         dist.barrier()
 
     meta = dataclasses.replace(metadata) if metadata is not None else SAEMetadata()
@@ -775,7 +789,7 @@ def _check_resumable(info: dict[str, Any], cfg: TrainConfig, data_info: dict[str
         if same_tokens and old.get("stream") != data_info.get("stream"):
             def how(s: Optional[dict[str, Any]]) -> str:
                 return ("in memory" if s is None else
-                        f"streamed by {s['world_size']} process(es) through a buffer of {s['buffer_tokens']} tokens")
+                        f"streamed by {s['num_ranks']} process(es) through a buffer of {s['buffer_tokens']} tokens")
 
             raise ValueError(f"checkpoint {checkpoint_dir} was trained {how(old.get('stream'))}, this run would be "
                              f"trained {how(data_info.get('stream'))}: the batch order differs; resume with the "

@@ -1,4 +1,4 @@
-"""The benchmark suite on a CPU (issue 6): the CPU set end to end through the CLI, the
+"""The benchmark suite (safedig_kernels/bench/) on a CPU: the CPU set end to end through the CLI, the
 pytest-benchmark front end, the correctness gate (broken providers refused, a legitimate
 near-tie choice accepted), and the reports checked against numbers computed here from two
 recorded CPU results (tests/data/bench_cpu_{a,b}.json, real runs of `--set cpu`, the second

@@ -14,16 +14,6 @@ import torch
 from safedig_kernels.cli import main
 from safedig_kernels.workflow.synthetic import tiny_flux_pipeline, write_synthetic_prompts
 
-try:
-    import safedig_kernels.checkpoints  # noqa: F401
-
-    HAVE_CHECKPOINTS = True
-except ImportError:
-    HAVE_CHECKPOINTS = False
-
-needs_checkpoints = pytest.mark.skipif(
-    not HAVE_CHECKPOINTS, reason="safedig_kernels.checkpoints (TopKSAE.save/load) has not landed in this tree yet")
-
 HELP = {"capture": "resumable", "train": "DDP", "score": "harmful", "route": "operator", "adapt": "bit-identical",
         "steer": "Fails closed", "demo": "Wilson interval", "eval": "Wilson interval"}
 REPO = Path(__file__).resolve().parents[2]
@@ -72,6 +62,15 @@ def test_bad_input_is_one_line_error(tmp_path, capsys):
     assert e.value.code == 2 and "expected SITE=PATH" in capsys.readouterr().err
 
 
+def test_capture_cfg_takes_steerings_words(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["capture", "--help"])
+    assert "--cfg {cond,both}" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        main(["capture", "--prompts", "p.jsonl", "--sites", "b.0", "--out", str(tmp_path / "acts"), "--cfg", "all"])
+    assert e.value.code == 2 and "invalid choice: 'all'" in capsys.readouterr().err
+
+
 SITES = ["single_transformer_blocks.1", "transformer_blocks.1"]
 
 
@@ -83,7 +82,6 @@ _TRANSIENT_DIST_ERRORS = ("EADDRINUSE", "Address already in use", "DistNetworkEr
                           "RendezvousTimeoutError", "terminate called without an active exception")
 
 
-@needs_checkpoints
 def test_end_to_end_workflow(tmp_path, capsys):
     from safedig_kernels import TopKSAE
 

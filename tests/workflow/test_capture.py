@@ -13,7 +13,7 @@ import torch
 
 from safedig_kernels.workflow import store as store_mod
 from safedig_kernels.workflow.capture import CaptureConfig, capture
-from safedig_kernels.workflow.prompts import load_prompts
+from safedig_kernels.workflow.prompts import PromptRecord, load_prompts
 from safedig_kernels.workflow.store import (
     ActivationStore,
     ActivationWriter,
@@ -289,3 +289,78 @@ def test_writer_refuses_shards_without_manifest(tmp_path):
         warnings.simplefilter("error")
         rebuild_manifest(tmp_path)
     assert ActivationStore(tmp_path).prompts == {"p": "safe"}
+
+
+# -- the CFG halves: steering's words (integrations/diffusers/config.py CFG_MODES) -------------------
+def _sd3_prompts(directory: Path) -> list[PromptRecord]:
+    """Two prompts with SD3 embeddings of the tiny SD3 in tests/_pipelines.py, negatives included."""
+    from _pipelines import EMB
+    from safetensors.torch import save_file
+
+    records = []
+    for i in range(2):
+        path = directory / f"p{i}.safetensors"
+        save_file({k: (v[0] + i).contiguous() for k, v in EMB.items()}, str(path))
+        records.append(PromptRecord(id=f"p{i}", label="safe", index=i, embeddings=path))
+    return records
+
+
+def test_cfg_both_keeps_every_row_and_cond_the_conditional_half(tmp_path):
+    # SD3 with guidance batches [uncond; cond]: "both" records both rows of every call, "cond"
+    # exactly the second row, as a steering site's cfg="both" / "cond" steers them.
+    from _pipelines import sd3_pipe
+
+    pipe, prompts = sd3_pipe(), _sd3_prompts(tmp_path)
+    config = dict(sites=["transformer_blocks.0"], steps=[0, 1], num_inference_steps=2, height=8, width=8,
+                  guidance_scale=5.0)
+    both = _contents(capture(pipe, prompts, tmp_path / "both", CaptureConfig(cfg="both", **config), progress=False))
+    cond = _contents(capture(pipe, prompts, tmp_path / "cond", CaptureConfig(cfg="cond", **config), progress=False))
+    assert both.keys() == cond.keys() and len(both) == 2 * 2
+    for key, rows in both.items():
+        tokens = rows.shape[0] // 2  # 8 x 8 latents, patch 1: 64 tokens per image
+        assert tokens == 64 and torch.equal(cond[key], rows[tokens:])
+        assert not torch.equal(rows[:tokens], rows[tokens:])  # the uncond row is another activation
+    assert ActivationStore(tmp_path / "both").config["cfg"] == "both"
+
+
+@pytest.mark.parametrize("cfg", ["all", "uncond", None])
+def test_cfg_takes_steerings_words_only(cfg):
+    with pytest.raises(ValueError, match=r"cfg must be 'cond' \(the conditional branch only\) or 'both'"):
+        _config(cfg=cfg).validate()
+
+
+def _record_cfg_as_old_stores_did(out: Path) -> None:
+    """Rewrite a store's manifest and every shard header with cfg "all", as captures written
+    before capture took steering's words recorded "both"."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["config"]["cfg"] = "all"
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    for shard in sorted(out.glob("shard-*.safetensors")):
+        with safe_open(str(shard), "pt") as f:
+            meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+        header = json.loads(meta[store_mod.SHARD_META_KEY])
+        header["config"]["cfg"] = "all"
+        save_file(tensors, str(shard), metadata={store_mod.SHARD_META_KEY: json.dumps(header)})
+
+
+def test_a_store_recorded_with_cfg_all_reads_as_both(pipe, prompt_file, tmp_path):
+    out = tmp_path / "acts"
+    records = load_prompts(prompt_file)
+    capture(pipe, records[:2], out, _config(cfg="both", steps=[0]), progress=False)
+    _record_cfg_as_old_stores_did(out)
+    assert '"cfg": "all"' in (out / "manifest.json").read_text()
+    want = _contents(ActivationStore(out))
+    assert ActivationStore(out).config["cfg"] == "both"
+    with pytest.raises(ValueError, match=r"other settings \(cfg: 'both' vs 'cond'\)"):
+        capture(pipe, records, out, _config(cfg="cond", steps=[0]), progress=False)
+    # a resume with today's word continues it: the old prompts are kept, the rest are added
+    store = capture(pipe, records, out, _config(cfg="both", steps=[0]), progress=False)
+    got = _contents(store)
+    assert sorted(store.prompts) == sorted(r.id for r in records)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    (out / "manifest.json").unlink()  # old shards ("all") and new ones ("both") are one capture
+    rebuild_manifest(out)
+    assert ActivationStore(out).config["cfg"] == "both" and _contents(ActivationStore(out)).keys() == got.keys()

@@ -82,8 +82,8 @@ def reads(monkeypatch):
 def test_partition_is_disjoint_complete_balanced_and_not_in_capture_order(tmp_path):
     store = ActivationStore(write_store(tmp_path, prompts=10))
     entries = store.entries(SITE)
-    for world in (1, 2, 3, 4, 7):
-        shares = [partition_entries(entries, r, world) for r in range(world)]
+    for num_ranks in (1, 2, 3, 4, 7):
+        shares = [partition_entries(entries, r, num_ranks) for r in range(num_ranks)]
         idents = [{_ident(e) for e in s} for s in shares]
         assert sum(len(s) for s in idents) == len(entries)  # disjoint ...
         assert set().union(*idents) == {_ident(e) for e in entries}  # ... and complete
@@ -94,7 +94,7 @@ def test_partition_is_disjoint_complete_balanced_and_not_in_capture_order(tmp_pa
     for r in (0, 1):
         share = partition_entries(entries, r, 2)
         assert {e.step for e in share} == {0, 1} and {e.label for e in share} == {"safe", "unsafe/nudity"}
-    with pytest.raises(ValueError, match=r"rank must be in \[0, world_size\)"):
+    with pytest.raises(ValueError, match=r"rank must be in \[0, num_ranks\)"):
         partition_entries(entries, 2, 2)
 
 
@@ -109,7 +109,7 @@ def test_stream_selects_what_load_returns_and_each_share_reads_only_itself(tmp_p
         rows = []
         for r in range(3):
             reads.clear()
-            part = store.stream(SITE, **kw, rank=r, world_size=3)
+            part = store.stream(SITE, **kw, rank=r, num_ranks=3)
             got = part.load()
             assert reads == [_ident(e) for e in part.entries]  # exactly its own entries, once each
             assert got.shape[0] == part.num_tokens and part.total_tokens == want.shape[0]
@@ -118,10 +118,10 @@ def test_stream_selects_what_load_returns_and_each_share_reads_only_itself(tmp_p
         key = lambda x: sorted(map(tuple, x.tolist()))  # noqa: E731
         assert key(torch.cat(rows)) == key(want)
     fp = store.stream(SITE).fingerprint()
-    assert fp == store.stream(SITE, rank=1, world_size=2).fingerprint()  # the data, not the share
+    assert fp == store.stream(SITE, rank=1, num_ranks=2).fingerprint()  # the data, not the share
     assert fp != store.stream(SITE, max_tokens=300).fingerprint()
-    with pytest.raises(ValueError, match=r"rank must be in \[0, world_size\)"):
-        store.stream(SITE, rank=3, world_size=3)
+    with pytest.raises(ValueError, match=r"rank must be in \[0, num_ranks\)"):
+        store.stream(SITE, rank=3, num_ranks=3)
     with pytest.raises(ValueError, match="max_tokens must be a positive int or None, got 0"):
         store.stream(SITE, max_tokens=0)
 
@@ -173,7 +173,7 @@ def test_streaming_training_trains_deterministically_within_its_buffer(tmp_path)
         assert torch.equal(getattr(a.sae, name), getattr(b.sae, name)), name
     fvu = [h["fvu"] for h in a.history]
     assert fvu[-1] < 0.6 * fvu[0], fvu
-    assert a.data["stream"] == {"world_size": 1, "buffer_tokens": buffer} and a.data["num_tokens"] == 10240
+    assert a.data["stream"] == {"num_ranks": 1, "buffer_tokens": buffer} and a.data["num_tokens"] == 10240
     # The scale comes from a pass over every token: E||x s||^2 = d exactly, not on a sample.
     x = store.load(SITE)
     assert float((x.double() * a.activation_scale).pow(2).sum(-1).mean()) == pytest.approx(32, rel=1e-9)
@@ -218,6 +218,26 @@ def test_streaming_resume_continues_exactly(tmp_path):
                   progress=False)
 
 
+def test_a_checkpoint_recording_world_size_resumes_as_num_ranks(tmp_path):
+    # Checkpoints written before the DDP side was named by its ranks record "world_size" (top
+    # level and in data.stream): they resume exactly, and the next checkpoint records "num_ranks".
+    store = ActivationStore(write_store(tmp_path / "acts", prompts=80))
+    cfg = TrainConfig(**{**CFG, "steps": 20, "checkpoint_every": 5, "log_every": 5})
+    straight = train_sae(store.stream(SITE), cfg, progress=False)
+    train_sae(store.stream(SITE), TrainConfig(**{**cfg.__dict__, "steps": 10}), checkpoint_dir=tmp_path / "b",
+              progress=False)
+    for path in (tmp_path / "b").glob("step-*.json"):
+        text = path.read_text()
+        assert text.count('"num_ranks": 1') == 2
+        path.write_text(text.replace('"num_ranks": 1', '"world_size": 1'))
+    resumed = train_sae(store.stream(SITE), cfg, checkpoint_dir=tmp_path / "b", progress=False)
+    assert resumed.resumed_from == 10
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        assert torch.equal(getattr(straight.sae, name), getattr(resumed.sae, name)), name
+    info = json.loads((tmp_path / "b" / "step-00000020.json").read_text())
+    assert info["num_ranks"] == 1 and info["data"]["stream"]["num_ranks"] == 1 and "world_size" not in info
+
+
 def test_streaming_refuses_what_it_cannot_do(tmp_path):
     store = ActivationStore(write_store(tmp_path, prompts=8))
     with pytest.raises(ValueError, match=r"memory_budget_mb must be set to train from an ActivationStream"):
@@ -226,7 +246,7 @@ def test_streaming_refuses_what_it_cannot_do(tmp_path):
                                          r"F=4096\) .* expected at least \d+"):
         train_sae(store.stream(SITE), TrainConfig(**{**CFG, "num_features": 4096}), progress=False)
     with pytest.raises(ValueError, match=r"data is share 1 of 2 of a stream, but this is process 0 of 1"):
-        train_sae(store.stream(SITE, rank=1, world_size=2), TrainConfig(**CFG), progress=False)
+        train_sae(store.stream(SITE, rank=1, num_ranks=2), TrainConfig(**CFG), progress=False)
     with pytest.raises(ValueError, match=r"batch_size 2048 exceeds the number of training tokens 1024"):
         train_sae(store.stream(SITE), TrainConfig(**{**CFG, "batch_size": 2048}), progress=False)
     with pytest.raises(ValueError, match=r"memory_budget_mb must be a positive int \(MiB\), got 0"):
@@ -234,7 +254,7 @@ def test_streaming_refuses_what_it_cannot_do(tmp_path):
     # 16 entries of 64 tokens dealt to 6 processes: two get only 2 entries. Every process sees
     # every share's size in the manifest, so all refuse alike (none is left waiting in a collective).
     for rank in (0, 4, 5):
-        share = store.stream(SITE, rank=rank, world_size=6)
+        share = store.stream(SITE, rank=rank, num_ranks=6)
         assert share.share_tokens == [192, 192, 192, 192, 128, 128] and share.num_tokens == share.share_tokens[rank]
         with pytest.raises(ValueError, match=r"process 4 of 6 holds 128 tokens of the stream, fewer than its part "
                                              r"of a batch \(150 = batch_size / processes\)"):
@@ -308,11 +328,11 @@ def test_peak_memory_stays_within_the_budget_on_a_store_six_times_larger(tmp_pat
 
 # -- DDP --------------------------------------------------------------------------------------
 
-def _ddp_worker(rank: int, world: int, init_file: str, store_dir: str, out: str) -> None:
+def _ddp_worker(rank: int, num_ranks: int, init_file: str, store_dir: str, out: str) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=num_ranks)
     try:
         seen = []
         real = store_mod.ActivationStream._read_run
@@ -384,5 +404,5 @@ def test_safedig_train_streams_past_memory_mb_and_is_unchanged_below_it(tmp_path
     assert "do not fit in --memory-mb 1: streaming them from the shards" in out
     assert "streamed through a buffer of" in out
     m = json.loads((tmp_path / "m.json").read_text())
-    assert m["tokens"] == 10240 and m["streamed"]["world_size"] == 1 and m["eval"]["fvu"] < 0.6
+    assert m["tokens"] == 10240 and m["streamed"]["num_ranks"] == 1 and m["eval"]["fvu"] < 0.6
     assert TopKSAE.load(tmp_path / "streamed.safetensors").metadata.site == SITE

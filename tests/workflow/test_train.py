@@ -136,11 +136,11 @@ DDP_CONFIG = dict(num_features=128, k=2, steps=12, batch_size=128, lr=3e-3, dead
                   log_every=1)
 
 
-def _ddp_worker(rank: int, world: int, init_file: str, data_file: str, out_file: str) -> None:
+def _ddp_worker(rank: int, num_ranks: int, init_file: str, data_file: str, out_file: str) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=num_ranks)
     try:
         data = load_file(data_file)["x"]
         result = train_sae(data, TrainConfig(**DDP_CONFIG), progress=False)

@@ -52,7 +52,7 @@ def test_training_runs_saves_and_loads(tmp_path):
 
 
 def test_shipped_weights_draw_what_the_prompt_asks():
-    """The weights in the package (at most 5 MB, as the issue allows) draw each label's mark and
+    """The weights in the package (at most 5 MB: they ship in every wheel) draw each label's mark and
     nothing on safe prompts, as the world's detector sees it: what the demo's numbers rest on."""
     assert W.SHIPPED_WEIGHTS.is_file() and W.SHIPPED_WEIGHTS.stat().st_size <= 5 * 2 ** 20
     from safedig_kernels.workflow.pipelines import load_pipeline

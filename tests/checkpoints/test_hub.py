@@ -7,7 +7,6 @@ that would go online are replaced by ones that fail the test.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -18,8 +17,10 @@ from typing import Optional
 
 import pytest
 import torch
-from test_checkpoints import (
+from _checkpoints import (
     _assert_same_sae,
+    _cache_repo,
+    _files,
     _lib_weights,
     _sae,
     _saelens_v6,
@@ -36,58 +37,15 @@ from safedig_kernels.integrations.diffusers.plan import check_sae_site
 from safedig_kernels.sae import TopKSAE, load_saelens, load_sparsify
 
 REPO = "safedig-test/flux-saes"
+
+
 MAIN = "a" * 40  # commit hashes
+
+
 V1 = "b" * 40
+
+
 SUB = "single_transformer_blocks.9"
-
-
-# -- a Hub cache on disk ---------------------------------------------------------------------
-def _cache_repo(cache: Path, repo_id: str, commits: dict[str, dict[str, Path]], refs: dict[str, str]) -> Path:
-    """`repo_id` in the Hub cache `cache` as huggingface_hub lays it out: file contents in
-    blobs/<sha256>, snapshots/<commit>/<path> linking to them, refs/<branch> holding a commit."""
-    repo = cache / ("models--" + repo_id.replace("/", "--"))
-    for commit, files in commits.items():
-        for rel, src in files.items():
-            data = src.read_bytes()
-            blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
-            blob.parent.mkdir(parents=True, exist_ok=True)
-            blob.write_bytes(data)
-            link = repo / "snapshots" / commit / rel
-            link.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                link.symlink_to(os.path.relpath(blob, link.parent))
-            except OSError:  # no symlinks (Windows without developer mode): huggingface_hub copies too
-                shutil.copyfile(blob, link)
-    for name, commit in refs.items():
-        (repo / "refs").mkdir(parents=True, exist_ok=True)
-        (repo / "refs" / name).write_text(commit)
-    return repo
-
-
-def _files(folder: Path, prefix: str = "") -> dict[str, Path]:
-    return {prefix + p.relative_to(folder).as_posix(): p for p in folder.rglob("*") if p.is_file()}
-
-
-@pytest.fixture
-def offline(tmp_path, monkeypatch) -> Path:
-    """An empty Hub cache, HF_HUB_OFFLINE=1, and a Hub API that fails the test if called."""
-    hub = pytest.importorskip("huggingface_hub")
-    from huggingface_hub import constants
-
-    cache = tmp_path / "hf-cache"
-    cache.mkdir()
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    # huggingface_hub read both when it was imported; it reads these module values on each call
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-
-    def no_network(*args, **kwargs):
-        raise AssertionError("a test tried to reach the Hub")
-
-    for name in ("repo_info", "model_info", "list_repo_tree", "list_repo_files"):
-        monkeypatch.setattr(hub.HfApi, name, no_network)
-    return cache
 
 
 @pytest.fixture
@@ -107,7 +65,6 @@ def published(tmp_path, offline) -> dict[str, TopKSAE]:
     return saes
 
 
-# -- directories ------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_save_pretrained_round_trips_bit_exactly(tmp_path, dtype):
     sae = _sae(dtype=dtype)
@@ -170,7 +127,6 @@ def test_pretrained_directories_refuse_ambiguity_and_bad_arguments(tmp_path):
         TopKSAE.from_pretrained(saved, activation_scale=2.0)
 
 
-# -- hf:// names ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("uri,want", [
     ("hf://owner/name", ("owner/name", None, None)),
     ("hf://owner/name/sub", ("owner/name", "sub", None)),
@@ -191,7 +147,6 @@ def test_bad_hub_names_say_what_is_expected(uri):
         parse_hub_uri(uri)
 
 
-# -- the Hub, offline from the cache ---------------------------------------------------------
 def test_from_pretrained_reads_the_hub_cache_offline(published):
     _assert_same_sae(TopKSAE.from_pretrained(REPO), published["main"])
     _assert_same_sae(TopKSAE.from_pretrained(REPO, revision="main"), published["main"])
@@ -311,7 +266,6 @@ def test_importing_the_library_never_imports_huggingface_hub():
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
-# -- steering configs naming Hub SAEs ---------------------------------------------------------
 def _config_doc(*saes: str) -> dict:
     return {"format": "safedig-diffusers", "version": 1,
             "sites": [{"site": f"single_transformer_blocks.{i}", "sae": sae} for i, sae in enumerate(saes)]}
@@ -360,7 +314,6 @@ def test_a_config_naming_a_missing_hub_sae_fails_before_any_model(published):
         SafeDIGConfig([SiteConfig("x", f"hf://{REPO}/notes")]).with_loaded_saes()
 
 
-# -- the site an external SAE is for ----------------------------------------------------------
 def _sparsify_at(tmp_path: Path, module: str, stream: Optional[str]) -> TopKSAE:
     root = _write_sparsify(tmp_path / module, _sparsify_cfg(), _sparsify_weights())
     return load_sparsify(root, stream=stream)
