@@ -9,6 +9,7 @@
     safedig bench    benchmark the ops against the eager and compiled references: JSON, CSV, tables, plots
     safedig eval     unsafe rate judged by a detector, unsteered and steered; PSNR/SSIM of the safe images
     safedig demo     the whole workflow on the demo world, end to end and judged, on a CPU in about 3 minutes
+    safedig attack   white-box soft-prompt attack on a demo's steered pipelines: attack success rate by the detector
 
 Run `safedig <command> --help` for each.
 """
@@ -20,7 +21,7 @@ import logging
 import sys
 from typing import Iterator, Optional, Sequence
 
-from . import adapt, capture, demo, eval, route, score, steer, train
+from . import adapt, attack, capture, demo, eval, route, score, steer, train
 from ._options import FORMATTER
 
 
@@ -33,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("bench", add_help=False,
                    help="benchmark the ops (run, report, compare, results); `safedig bench --help`")
     demo.add_parser(sub)
+    attack.add_parser(sub)
     return parser
 
 
