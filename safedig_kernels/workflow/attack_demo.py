@@ -184,7 +184,7 @@ def run_attack(demo_dir: Union[str, Path], out_dir: Union[str, Path], budget: At
     rows = [(f"{r.id}", [images[c][phase][i] for c in COLUMNS for phase in ("before", "attacked")])
             for i, r in enumerate(chosen)]
     save_grid(rows, [f"{c} {p}" for c in COLUMNS for p in ("before", "attacked")], out / "grid.png",
-              image_scale(inputs.settings.height, inputs.settings.width, target=64))
+              image_scale(inputs.settings.height, inputs.settings.width))
     atomic_write_text(out / "attack.md", attack_markdown(result) + "\n")
     try:
         plot_attack(result, out / "attack.png")
