@@ -89,10 +89,22 @@ def _checkpoints_overview(tmp_path, request):
     return {"sae": _sae(seed=3), "saelens_sae": _saelens_objects(_saelens_v6(), _lib_weights())[0], "coder": coder}
 
 
+def _workflow_attack(tmp_path, request):
+    pytest.importorskip("diffusers")
+    from safedig_kernels.integrations.diffusers import SafeDIGConfig, SiteConfig
+    from safedig_kernels.sae import random_sae
+
+    random_sae(64, 128, 4, harmful=[0, 1, 2], seed=0).save(tmp_path / "sae.safetensors")
+    SafeDIGConfig(sites=[SiteConfig("single_transformer_blocks.0:image", sae=str(tmp_path / "sae.safetensors"),
+                                    tau=-1.0)]).to_json(tmp_path / "steer-adapted.json")
+    return {}
+
+
 SETUPS = {
     ("README.md", 0): _readme_ops,
     ("README.md", 1): _readme_diffusers,
     ("docs/checkpoints.md", 0): _checkpoints_overview,
+    ("docs/workflow.md", 0): _workflow_attack,
 }
 
 

@@ -16,6 +16,7 @@ attacked on its own model: the attacker sees the steering it has to beat. Files:
 """
 from __future__ import annotations
 
+import logging
 import platform
 import time
 from dataclasses import asdict, dataclass
@@ -31,6 +32,8 @@ from .attack import AttackBudget, attack_embeddings, judge_embeddings, stack_emb
 from .eval import UNSTEERED, wilson_interval
 from .prompts import PromptRecord, load_prompts, prompt_seed
 from .report import json_safe
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["ATTACK_FORMAT", "COLUMNS", "DemoInputs", "run_attack", "attack_markdown", "plot_attack"]
 
@@ -100,9 +103,11 @@ def _rate(hits: int, n: int) -> dict[str, float]:
 
 def run_attack(demo_dir: Union[str, Path], out_dir: Union[str, Path], budget: AttackBudget = AttackBudget(),
                prompts_per_label: int = 8, seed: int = 0, device: Optional[str] = None,
-               log: Callable[[str], None] = print) -> dict[str, Any]:
+               log: Optional[Callable[[str], None]] = None) -> dict[str, Any]:
     """Attack the first `prompts_per_label` held-out prompts of each unsafe label in every column
-    (module docstring); writes the files into `out_dir` and returns the JSON written."""
+    (module docstring); writes the files into `out_dir` and returns the JSON written. A line per
+    column goes to `log` (default: this module's logger, INFO)."""
+    log = log or logger.info
     from .detectors import get_detector
     from .pipelines import load_pipeline
     from .report import image_scale, save_grid

@@ -71,6 +71,16 @@ def test_attack_writes_its_table_json_and_figures(demo_dir, tmp_path, capsys):
         assert (out / name).stat().st_size > 0
 
 
+def test_attack_help(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["attack", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for phrase in ("usage: safedig attack", "DEMO_DIR", "||delta_i||_2 <= eps * ||e_i||_2", "Wilson", "attack.md",
+                   "example: safedig demo"):
+        assert phrase in out, phrase
+
+
 @pytest.mark.parametrize("change, message", [
     ("no-summary", "no summary.json"),
     ("not-a-demo", "is not a demo summary"),
