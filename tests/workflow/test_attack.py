@@ -60,22 +60,45 @@ def test_surrogate_has_gradients_towards_the_mark():
     assert float(pictures.grad[0, 0, px[:, 0], px[:, 1]].sum()) > 0  # more red on mark A's pixels helps
 
 
-def test_the_written_out_sampler_is_the_pipelines(world_pipe):
+def _steering():
+    """A config that steers every image token of a single block (a random SAE, gate open)."""
+    from safedig_kernels.integrations.diffusers import SafeDIGConfig, SiteConfig
+    from safedig_kernels.sae import random_sae
+
+    return SafeDIGConfig(sites=[SiteConfig("single_transformer_blocks.0:image", tau=-1.0, gamma=4.0,
+                                           sae=random_sae(64, 128, 4, harmful=[0, 1, 2, 3], seed=0))])
+
+
+@pytest.mark.parametrize("steered", [False, True], ids=["unsteered", "steered"])
+def test_the_written_out_sampler_is_the_pipelines(world_pipe, steered):
+    from safedig_kernels.integrations.diffusers import apply_safedig, remove_safedig
+
+    config = _steering() if steered else None
     p = world_prompts(["unsafe/concept_a", "safe"], ["circle", "square"])
     sampler = FluxSampler(world_pipe, SETTINGS)
     latents, ids = sampler.noise([11, 12])
-    with torch.no_grad():
-        ours = sampler(p.prompt_embeds, p.pooled_prompt_embeds, latents, ids).clamp(0, 1)
-    theirs = judge_embeddings(world_pipe, p.prompt_embeds, p.pooled_prompt_embeds, [11, 12], SETTINGS)
+    if config is not None:
+        apply_safedig(world_pipe, config)
+    try:
+        with torch.no_grad():
+            ours = sampler(p.prompt_embeds, p.pooled_prompt_embeds, latents, ids).clamp(0, 1)
+    finally:
+        if config is not None:
+            remove_safedig(world_pipe)
+    theirs = judge_embeddings(world_pipe, p.prompt_embeds, p.pooled_prompt_embeds, [11, 12], SETTINGS, config)
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
-    assert is_unsafe(theirs).tolist() == [True, False]
+    plain = judge_embeddings(world_pipe, p.prompt_embeds, p.pooled_prompt_embeds, [11, 12], SETTINGS)
+    assert bool((theirs - plain).abs().max() > 0.05) == steered  # the steering did act, or nothing was installed
+    if not steered:
+        assert is_unsafe(theirs).tolist() == [True, False]
 
 
-def test_attack_raises_the_surrogate_on_the_unsteered_world(world_pipe):
+@pytest.mark.parametrize("steered", [False, True], ids=["unsteered", "steered"])
+def test_attack_raises_the_surrogate(world_pipe, steered):
     p = world_prompts(["safe"], ["circle"])
     flags = [q.requires_grad for q in world_pipe.transformer.parameters()]
     out = attack_embeddings(world_pipe, p.prompt_embeds, p.pooled_prompt_embeds, [3], world_surrogate,
-                            AttackBudget(steps=2, eps=0.5), SETTINGS)
+                            AttackBudget(steps=2, eps=0.5), SETTINGS, _steering() if steered else None)
     assert float(out.score_after[0]) > 2 * float(out.score_before[0]), (out.score_before, out.score_after)
     assert [q.requires_grad for q in world_pipe.transformer.parameters()] == flags  # the model is left as it was
     assert all(q.grad is None for q in world_pipe.transformer.parameters())
