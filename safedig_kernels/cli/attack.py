@@ -15,6 +15,9 @@ def run(args: argparse.Namespace) -> int:
     budget = AttackBudget(steps=args.steps, eps=args.eps, restarts=args.restarts, step_size=args.step_size)
     inputs = DemoInputs.read(args.demo_dir)  # a directory that is no demo output fails here, before any work
     out = Path(args.out)
+    if out.resolve() == inputs.directory.resolve():
+        # the demo's own grid.png would be replaced; a folder inside DEMO_DIR is fine
+        raise ValueError(f"--out {out} is DEMO_DIR itself; choose another folder (e.g. {out / 'attack'})")
     check_writable("--out", out, folder=True)
     check_paths(inputs=[("DEMO_DIR", inputs.directory), ("DEMO_DIR's world weights", inputs.world)]
                 + [(f"DEMO_DIR's {name} config", p) for name, p in inputs.configs.items()],

@@ -118,3 +118,10 @@ def test_attack_refuses_a_bad_budget(demo_dir, tmp_path, capsys, args, message):
     assert main(["attack", str(demo_dir), "--out", str(tmp_path / "attack"), *args]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "attack").exists()
+
+
+def test_attack_refuses_to_write_into_the_demo_directory(demo_dir, capsys):
+    before = sorted(p.name for p in demo_dir.iterdir())
+    assert main(["attack", str(demo_dir), "--out", str(demo_dir)]) == 2
+    assert "is DEMO_DIR itself" in capsys.readouterr().err
+    assert sorted(p.name for p in demo_dir.iterdir()) == before
