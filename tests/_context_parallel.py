@@ -1,22 +1,30 @@
 """Steered runs of tiny FLUX models, the same in one process and on each rank of diffusers'
-Ulysses context parallelism: `tests/integrations/diffusers/test_context_parallel.py` runs
-`runs()` in its own process for the reference and starts this file once per rank:
+context parallelism. `tests/integrations/diffusers/test_context_parallel.py` (gloo, Ulysses, on
+the CPU) and the `context_parallel` stage of `benchmarks/device_stages.py` (NCCL, Ulysses and
+Ring, on 2 GPUs) run `runs()` in their own process for the reference and start this file once
+per rank (`launch`):
 
-    python tests/_context_parallel.py RANK WORLD_SIZE PORT OUT_DIR [README_BLOCK_FILE]
+    python tests/_context_parallel.py RANK WORLD_SIZE PORT OUT_DIR [--backend nccl] [--mode ring]
+        [--attention _native_cudnn] [--dtype bfloat16] [--readme BLOCK_FILE]
 
-Each rank joins a gloo group on 127.0.0.1:PORT, runs `runs()` in both orders of `apply_safedig`
-and `enable_parallelism`, then the README's context-parallel block, and saves what it saw to
-OUT_DIR/rank{RANK}.pt.
+Each rank joins the group on 127.0.0.1:PORT, runs `runs()` in both orders of `apply_safedig`
+and `enable_parallelism`, then (with --readme) the README's context-parallel block, and saves
+what it saw to OUT_DIR/rank{RANK}.pt.
 """
 from __future__ import annotations
 
 import contextlib
+import os
+import socket
+import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Optional
 from unittest import mock
 
 import torch
-from _pipelines import HARM_B, flux_pipe, generate, sae
+from _pipelines import EMB, HARM_B, STEPS, flux_pipe, sae
 
 from safedig_kernels.integrations.diffusers import SafeDIGConfig, SiteConfig, apply_safedig
 
@@ -36,13 +44,24 @@ def config() -> SafeDIGConfig:
                                 SiteConfig("single_transformer_blocks.0:both", sae(2), beta=0.3, gamma=0.7)])
 
 
-def transformer_inputs(batch: int) -> dict:
-    """16 image tokens and 8 text tokens per row: both split evenly over 2 ranks."""
+def transformer_inputs(batch: int, like: torch.Tensor) -> dict:
+    """16 image tokens and 8 text tokens per row (both split evenly over 2 ranks), on the device
+    and in the dtype of `like`."""
     g = torch.Generator().manual_seed(0)
-    return dict(hidden_states=torch.randn(batch, 16, 4, generator=g),
-                encoder_hidden_states=torch.randn(batch, 8, 16, generator=g),
-                pooled_projections=torch.randn(batch, 16, generator=g), timestep=torch.full((batch,), 0.5),
-                img_ids=torch.randn(16, 3, generator=g), txt_ids=torch.zeros(8, 3), return_dict=False)
+    kw = dict(device=like.device, dtype=like.dtype)
+    return dict(hidden_states=torch.randn(batch, 16, 4, generator=g).to(**kw),
+                encoder_hidden_states=torch.randn(batch, 8, 16, generator=g).to(**kw),
+                pooled_projections=torch.randn(batch, 16, generator=g).to(**kw),
+                timestep=torch.full((batch,), 0.5).to(**kw), img_ids=torch.randn(16, 3, generator=g).to(like.device),
+                txt_ids=torch.zeros(8, 3, device=like.device), return_dict=False)
+
+
+def generate(pipe, **kw) -> torch.Tensor:
+    """`_pipelines.generate`, with the prompt embeddings in the transformer's dtype."""
+    like = pipe.transformer.proj_out.weight
+    emb = {name: EMB[name].to(like.device, like.dtype) for name in ("prompt_embeds", "pooled_prompt_embeds")}
+    return pipe(num_inference_steps=STEPS, height=8, width=8, output_type="pt",
+                generator=torch.Generator().manual_seed(0), **emb, **kw).images
 
 
 def telemetry_views(handle, requests: bool = False) -> dict:
@@ -55,17 +74,18 @@ def runs(pipe, handle) -> dict:
     """Everything the tests compare, from a steered tiny FLUX pipeline: the transformer at several
     strengths, with per-request values, and the pipeline with two requests."""
     out = {}
+    like = pipe.transformer.proj_out.weight
     for beta, gamma in STRENGTHS:
         for site in handle.sites:
             handle.set_site(site, beta=beta, gamma=gamma)
         handle.reset_telemetry()
         with torch.no_grad():
-            out[f"strengths {beta} {gamma}"] = pipe.transformer(**transformer_inputs(2))[0]
+            out[f"strengths {beta} {gamma}"] = pipe.transformer(**transformer_inputs(2, like))[0]
         out[f"telemetry {beta} {gamma}"] = telemetry_views(handle)
     handle.set_requests(**REQUESTS)
     handle.reset_telemetry()
     with torch.no_grad():
-        out["requests"] = pipe.transformer(**transformer_inputs(3))[0]
+        out["requests"] = pipe.transformer(**transformer_inputs(3, like))[0]
     out["requests telemetry"] = telemetry_views(handle, requests=True)
     handle.set_requests(**PIPELINE_REQUESTS)
     handle.reset_telemetry()
@@ -101,11 +121,21 @@ def one_device_without_accelerator():
         yield
 
 
-def enable_ulysses(transformer, degree: int) -> None:
+def enable_context_parallel(transformer, degree: int, mode: str = "ulysses") -> None:
     from diffusers import ContextParallelConfig
 
     with one_device_without_accelerator():
-        transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=degree))
+        transformer.enable_parallelism(config=ContextParallelConfig(**{f"{mode}_degree": degree}))
+
+
+def steered_pipe(device: str = "cpu", dtype: torch.dtype = torch.float32, attention: str | None = None):
+    """The tiny FLUX pipeline `runs()` steers, where and how it runs."""
+    pipe = flux_pipe()
+    if (device, dtype) != ("cpu", torch.float32):
+        pipe.to(device, dtype)
+    if attention:
+        pipe.transformer.set_attention_backend(attention)
+    return pipe
 
 
 def _count_all_reduces(fn):
@@ -115,20 +145,36 @@ def _count_all_reduces(fn):
     return result, spy.call_count
 
 
-def main(rank: int, world: int, port: int, out_dir: Path, readme_block: Path | None) -> None:
-    import os
+def main(argv: list[str]) -> None:
+    import argparse
 
     import torch.distributed as dist
 
+    ap = argparse.ArgumentParser()
+    for name in ("rank", "world", "port"):
+        ap.add_argument(name, type=int)
+    ap.add_argument("out_dir", type=Path)
+    ap.add_argument("--backend", default="gloo")
+    ap.add_argument("--mode", default="ulysses", choices=("ulysses", "ring"))
+    ap.add_argument("--attention", default=None, help="an attention backend of diffusers, e.g. _native_cudnn")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--readme", type=Path, default=None, help="the README's context-parallel block, to run")
+    a = ap.parse_args(argv)
+    rank, world = a.rank, a.world
     torch.set_num_threads(1)
-    os.chdir(out_dir)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    os.chdir(a.out_dir)
+    device = "cpu"
+    if a.backend == "nccl":
+        torch.cuda.set_device(rank)
+        device = f"cuda:{rank}"
+    dist.init_process_group(a.backend, init_method=f"tcp://127.0.0.1:{a.port}", rank=rank, world_size=world)
+    where = dict(device=device, dtype=getattr(torch, a.dtype), attention=a.attention)
     seen = {}
     try:
         # apply_safedig first, then the split
-        pipe = flux_pipe()
+        pipe = steered_pipe(**where)
         handle = apply_safedig(pipe, config())
-        enable_ulysses(pipe.transformer, world)
+        enable_context_parallel(pipe.transformer, world, a.mode)
         seen["apply first"] = runs(pipe, handle)
         # how often a generation and a read communicate
         handle.reset_telemetry()
@@ -137,21 +183,83 @@ def main(rank: int, world: int, port: int, out_dir: Path, readme_block: Path | N
         seen["telemetry, group given"] = handle.telemetry(group=dist.group.WORLD)
         seen["telemetry, default group"] = handle.telemetry()
         # the split first, then apply_safedig
-        pipe = flux_pipe()
-        enable_ulysses(pipe.transformer, world)
+        pipe = steered_pipe(**where)
+        enable_context_parallel(pipe.transformer, world, a.mode)
         seen["split first"] = runs(pipe, apply_safedig(pipe, config()))
-        if readme_block is not None:
+        if a.readme is not None:
             namespace = {"__name__": "__readme__", "pipe": readme_pipe(), **readme_inputs()}
             with one_device_without_accelerator():
-                exec(compile(readme_block.read_text(), "README.md (context-parallel block)", "exec"), namespace)
+                exec(compile(a.readme.read_text(), "README.md (context-parallel block)", "exec"), namespace)
             seen["readme"] = {name: namespace[name] for name in ("image", "whole", "mine")}
             if rank == 0:  # the config the block built, for the one-process reference
-                seen["readme config"] = str(namespace["handle"].config().to_json(out_dir / "readme_config.json"))
-        torch.save(seen, out_dir / f"rank{rank}.pt")
+                seen["readme config"] = str(namespace["handle"].config().to_json(a.out_dir / "readme_config.json"))
+        torch.save(_to_cpu(seen), a.out_dir / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
+def _to_cpu(value):
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    return value
+
+
+def launch(out_dir: Path, timeout_s: float, world: int = 2, *args: str) -> tuple[list[Optional[dict]], str]:
+    """Start `world` ranks of this file (extra `args` for each), wait at most `timeout_s` for all
+    of them, kill what is left; returns what each rank saved (None where it saved nothing) and
+    the tail of the logs of the ranks that failed ("" when none did)."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(root), str(root / "tests"), os.environ.get("PYTHONPATH", "")])}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    logs = [open(out_dir / f"rank{r}.log", "w") for r in range(world)]
+    procs = [subprocess.Popen([sys.executable, __file__, str(r), str(world), str(port), str(out_dir), *args],
+                              env=env, stdout=logs[r], stderr=subprocess.STDOUT) for r in range(world)]
+    deadline = time.monotonic() + timeout_s
+    try:
+        for p in procs:
+            p.wait(timeout=max(1.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        for log in logs:
+            log.close()
+    failed = "\n".join(f"--- rank {r} (exit {p.returncode}):\n" + (out_dir / f"rank{r}.log").read_text()[-4000:]
+                       for r, p in enumerate(procs) if p.returncode != 0)
+    saved = [out_dir / f"rank{r}.pt" for r in range(world)]
+    return [torch.load(f, weights_only=False) if f.exists() else None for f in saved], failed
+
+
+def differences(seen: dict, reference: dict) -> dict:
+    """Largest differences between one rank's runs (both orders) and one process's: outputs,
+    whole-sequence telemetry statistics; and how far steering moved the reference (so a small
+    difference means something)."""
+    out = {"outputs": 0.0, "telemetry": 0.0, "records_match": True}
+    for order in ("apply first", "split first"):
+        for key, want in reference.items():
+            got = seen[order][key]
+            if "telemetry" not in key:
+                out["outputs"] = max(out["outputs"], float((got.float() - want.float()).abs().max()))
+                continue
+            for site, records in want["sequence"].items():
+                mine = got["sequence"].get(site, [])
+                out["records_match"] &= len(mine) == len(records)
+                for g, w in zip(mine, records):
+                    for name in ("gated_fraction", "mean_harm"):
+                        diff = torch.tensor(g[name], dtype=torch.float64) - torch.tensor(w[name], dtype=torch.float64)
+                        out["telemetry"] = max(out["telemetry"], float(diff.abs().max()))
+    out["steering_moved"] = float((reference["strengths 1.0 -0.5"].float()
+                                   - reference["strengths 0.0 0.0"].float()).abs().max())
+    return out
+
+
 if __name__ == "__main__":
-    rank, world, port = (int(a) for a in sys.argv[1:4])
-    main(rank, world, port, Path(sys.argv[4]), Path(sys.argv[5]) if len(sys.argv) > 5 else None)
+    main(sys.argv[1:])

@@ -10,11 +10,6 @@ backend that returns the log-sum-exp (flash, cuDNN) and NCCL needs GPUs: both ru
 """
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -46,12 +41,6 @@ def readme_block() -> str:
     return code
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
     """What each of the 2 ranks saw (`_context_parallel.main`)."""
@@ -59,32 +48,10 @@ def ranks(tmp_path_factory) -> list[dict]:
     block = out / "readme_block.py"
     block.write_text(readme_block())
     sae(9).save(out / cp.README_SAE)
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
-    port = _free_port()
-    logs = [open(out / f"rank{r}.log", "w") for r in range(WORLD)]
-    procs = [subprocess.Popen([sys.executable, str(REPO / "tests" / "_context_parallel.py"), str(r), str(WORLD),
-                               str(port), str(out), str(block)], env=env, stdout=logs[r], stderr=subprocess.STDOUT)
-             for r in range(WORLD)]
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        for p in procs:
-            p.wait(timeout=max(1.0, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        pass
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-        for log in logs:
-            log.close()
-    failed = [r for r, p in enumerate(procs) if p.returncode != 0]
-    if failed:
-        tails = "\n".join(f"--- rank {r} (exit {procs[r].returncode}):\n"
-                          + (out / f"rank{r}.log").read_text()[-4000:] for r in failed)
-        pytest.fail(f"context-parallel ranks {failed} failed or ran past {TIMEOUT_S} s:\n{tails}")
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    seen, failed = cp.launch(out, TIMEOUT_S, WORLD, "--readme", str(block))
+    if failed or any(s is None for s in seen):
+        pytest.fail(f"context-parallel ranks failed or ran past {TIMEOUT_S} s:\n{failed}")
+    return seen
 
 
 @pytest.fixture(scope="module")
@@ -110,6 +77,8 @@ def assert_same_records(got: dict, want: dict, what: str) -> None:
 def test_steered_outputs_equal_one_process(ranks, one_process):
     """Every rank gets the whole output, equal to one process's, in either order of
     apply_safedig and enable_parallelism."""
+    for rank, seen in enumerate(ranks):
+        print(f"rank {rank}:", cp.differences(seen, one_process))  # the numbers, for the log
     outputs = [k for k in one_process if "telemetry" not in k]
     assert len(outputs) == len(cp.STRENGTHS) + 2
     for order in ORDERS:
