@@ -89,10 +89,22 @@ def _checkpoints_overview(tmp_path, request):
     return {"sae": _sae(seed=3), "saelens_sae": _saelens_objects(_saelens_v6(), _lib_weights())[0], "coder": coder}
 
 
+def _scale_out_merge(tmp_path, request):
+    from _workflow import write_store
+
+    g = torch.Generator().manual_seed(0)
+    for machine, label in enumerate(["safe", "unsafe/nudity"]):
+        write_store(tmp_path / "captures" / f"node{machine}",
+                    {f"{label}-{i}": (label, {"single_transformer_blocks.9": torch.randn(8, 16, generator=g)})
+                     for i in range(4)})
+    return {}
+
+
 SETUPS = {
     ("README.md", 0): _readme_ops,
     ("README.md", 1): _readme_diffusers,
     ("docs/checkpoints.md", 0): _checkpoints_overview,
+    ("docs/scale-out.md", 0): _scale_out_merge,
 }
 # Blocks that need several processes: the test named reads the block from here and runs it on each.
 ELSEWHERE = {
@@ -116,3 +128,6 @@ def test_block_runs_as_written(where, tmp_path, monkeypatch, request):
     namespace = {"__name__": "__doc_example__", **SETUPS[where](tmp_path, request)}
     exec(compile(code, f"{where[0]} block {where[1]}", "exec"), namespace)
     assert namespace, "the block ran"
+    if where == ("docs/scale-out.md", 0):  # the merged store holds both machines' prompts, tokens and all
+        store = namespace["store"]
+        assert len(store.prompts) == 8 and store.load("single_transformer_blocks.9").shape == (64, 16)
