@@ -137,3 +137,26 @@ def test_readme_block_runs_on_each_rank(ranks):
     for seen in ranks:
         assert_same_records(seen["readme"]["whole"], handle.telemetry(), "README whole")
         assert seen["readme"]["mine"].keys() == seen["readme"]["whole"].keys()
+
+
+def test_one_process_reads_the_same_in_either_scope():
+    """Without a context-parallel group the sequence is this process's own: both scopes agree,
+    and no collective runs (no process group exists here)."""
+    pipe = flux_pipe()
+    handle = apply_safedig(pipe, cp.config())
+    with torch.no_grad():
+        pipe.transformer(**cp.transformer_inputs(2, pipe.transformer.proj_out.weight))
+    assert handle.telemetry() == handle.telemetry(scope="rank") and handle.telemetry()[handle.sites[0]]
+
+
+def test_bad_scope_and_group_are_refused():
+    pipe = flux_pipe()
+    handle = apply_safedig(pipe, cp.config())
+    with pytest.raises(ValueError, match=r"telemetry\(scope=...\): expected one of \('sequence', 'rank'\)"):
+        handle.telemetry(scope="global")
+    with pytest.raises(ValueError, match=r"request_telemetry\(scope=...\)"):
+        handle.request_telemetry(scope="ranks")
+    with pytest.raises(TypeError, match=r"telemetry\(group=...\): expected a torch.distributed.ProcessGroup"):
+        handle.telemetry(group=2)
+    with pytest.raises(ValueError, match="give one of them"):
+        handle.telemetry(scope="rank", group=object())
