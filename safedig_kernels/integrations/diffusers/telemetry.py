@@ -106,7 +106,8 @@ def _summed(rows: dict[str, torch.Tensor], names: tuple[str, ...], group) -> dic
         # of gated tokens that the fp32 fraction was made of.
         parts.append(torch.stack([(gated * tokens).round(), mean_h * finite, tokens, finite], 1))
     flat = torch.cat([p.flatten() for p in parts])
-    torch.distributed.all_reduce(flat, group=group)
+    if flat.numel():  # the same on every rank (same sites, same requests), so all skip together
+        torch.distributed.all_reduce(flat, group=group)
     out, start = {}, 0
     for (key, head), part in zip(rows.items(), parts):
         gated, mean_h, tokens, finite = flat[start: start + part.numel()].view_as(part).unbind(1)
