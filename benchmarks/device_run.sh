@@ -5,6 +5,8 @@
 #
 #   stage        cap (s)  what                                                        (benchmarks/device_stages.py)
 #   gpu_tests      140    every test marked `gpu` under tests/ (pytest -m gpu, junit XML, counts)
+#   context_parallel 60   2 GPUs or more: steered tiny FLUX on 2 ranks, Ulysses and Ring over NCCL, vs one GPU
+#                         (skipped in seconds with one GPU, so it sits early and costs a one-GPU run nothing)
 #   mm_addmm        30    x @ W_enc as torch.mm vs torch.addmm (bias epilogue), every spec §5 shape, bf16/fp16
 #   select_bias     50    the selection alone, fp32 bias added on load vs pre-activations holding it
 #   decode          30    _decode_steer alone on precomputed codes (β 0.5 all, β 0 all, β 0 10 % gated)
@@ -96,6 +98,7 @@ run_stage() {  # name cap
 }
 
 run_stage gpu_tests 140
+run_stage context_parallel 60
 run_stage mm_addmm 30
 run_stage select_bias 50
 run_stage decode 30

@@ -9,6 +9,11 @@ poisons its process) still leaves what finished, and the stages after it still r
 Stages (STAGES, in run order):
 
 - gpu_tests: every `gpu`-marked test under tests/ (pytest -m gpu; junit XML and counts);
+- context_parallel: with 2 GPUs or more, a steered tiny FLUX under diffusers' context parallelism
+  on 2 ranks over NCCL, Ulysses (fp32, native attention) and Ring (bf16, cuDNN attention, which
+  returns the log-sum-exp Ring needs), against one GPU (`tests/_context_parallel.py`): largest
+  output and telemetry differences, SafeDIG's all-reduces per generation and per read. Skipped
+  with fewer GPUs (in a few seconds); `--smoke` runs Ulysses on gloo on the CPU;
 - mm_addmm: the encoder GEMM `x @ W_enc` as torch.mm and as torch.addmm with the bias in the
   output dtype (the cuBLASLt bias epilogue) at every spec §5 shape, bf16 and fp16 (fp16 with fp32
   output where torch has `out_dtype`), median ms and addmm / mm;
@@ -57,8 +62,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("gpu_tests", "mm_addmm", "select_bias", "decode", "fused", "backward", "eager_n16", "spec_table",
-          "pipeline")
+STAGES = ("gpu_tests", "context_parallel", "mm_addmm", "select_bias", "decode", "fused", "backward", "eager_n16",
+          "spec_table", "pipeline")
 JSON_NAME, MD_NAME = "device_run.json", "device_run.md"
 # the spec §6 targets (docs/spec.md): (what, shape, must)
 TARGETS = (
@@ -525,6 +530,61 @@ def stage_pipeline(ctx: Ctx, rec: dict, save) -> None:
         rec["status"] = "failed"
 
 
+# (split, group backend, attention backend, dtype, largest output difference allowed against one GPU)
+CONTEXT_PARALLEL_RUNS = (("ulysses", "nccl", None, "float32", 1e-4),
+                         ("ring", "nccl", "_native_cudnn", "bfloat16", 5e-2))
+
+
+def stage_context_parallel(ctx: Ctx, rec: dict, save) -> None:
+    torch = ctx.torch
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if not ctx.smoke and gpus < 2:
+        rec.update(status="skipped", reason=f"needs 2 GPUs or more, found {gpus}")
+        return
+    try:
+        import diffusers  # noqa: F401
+    except ImportError:
+        rec.update(status="skipped", reason="diffusers is not installed: carry its wheels (WHEELS=.whl)")
+        return
+    sys.path.insert(0, str(ROOT / "tests"))
+    import _context_parallel as cp
+
+    from safedig_kernels.integrations.diffusers import apply_safedig
+
+    runs = (("ulysses", "gloo", None, "float32", 1e-5),) if ctx.smoke else CONTEXT_PARALLEL_RUNS
+    rec["rows"] = []
+    for mode, backend, attention, dtype, allowed in runs:
+        row = {"mode": mode, "backend": backend, "attention": attention or "native", "dtype": dtype}
+        rec["rows"].append(row)
+        if ctx.left() < 30:
+            row["skipped"] = "stage budget spent"
+            continue
+        try:
+            device = "cuda:0" if backend == "nccl" else "cpu"
+            pipe = cp.steered_pipe(device, getattr(torch, dtype), attention)
+            reference = cp._to_cpu(cp.runs(pipe, apply_safedig(pipe, cp.config())))
+            with tempfile.TemporaryDirectory() as tmp:
+                args = ["--backend", backend, "--mode", mode, "--dtype", dtype]
+                args += ["--attention", attention] if attention else []
+                seen, failed = cp.launch(Path(tmp), max(10.0, ctx.left() - 10), 2, *args)
+            if failed or any(s is None for s in seen):
+                raise RuntimeError(f"a rank failed: {failed[-600:]}")
+            for rank, s in enumerate(seen):
+                row[f"rank{rank}"] = dict(cp.differences(s, reference),
+                                          all_reduce_per_generation=s["all_reduce per generation"],
+                                          all_reduce_per_read=s["all_reduce per read"])
+            ok = all(row[f"rank{r}"]["outputs"] <= allowed and row[f"rank{r}"]["records_match"]
+                     and row[f"rank{r}"]["all_reduce_per_generation"] == 0
+                     and row[f"rank{r}"]["all_reduce_per_read"] == 1 for r in range(2))
+            row["allowed_output_difference"] = allowed
+            row["ok"] = ok
+            if not ok:
+                rec["status"] = "failed"
+        except Exception as e:  # recorded; the next run still goes
+            row["error"] = short_error(e)
+        save()
+
+
 def pipeline_overhead(rows: list) -> list:
     """Per (model, compile): steered step ÷ unsteered step - 1, for each steering mode."""
     base = {(r["model"], r["compile"]): r.get("ms_p50") for r in rows if r.get("steering") == "none"}
@@ -537,7 +597,8 @@ def pipeline_overhead(rows: list) -> list:
     return out
 
 
-RUNNERS = {"gpu_tests": stage_gpu_tests, "mm_addmm": stage_mm_addmm, "select_bias": stage_select_bias,
+RUNNERS = {"gpu_tests": stage_gpu_tests, "context_parallel": stage_context_parallel, "mm_addmm": stage_mm_addmm,
+           "select_bias": stage_select_bias,
            "decode": stage_decode, "fused": stage_fused, "backward": stage_backward, "eager_n16": stage_eager_n16,
            "spec_table": stage_spec_table, "pipeline": stage_pipeline}
 assert tuple(RUNNERS) == STAGES
@@ -758,6 +819,16 @@ def render(doc: dict) -> str:
     if pl.get("overhead"):
         L += ["", "Whole step, steered ÷ unsteered - 1 (4 sites; target ≤ 2 %): " + "; ".join(
             f"{o['model']} {o['compile']} {o['steering']} {o['overhead_pct']:+.1f} %" for o in pl["overhead"])]
+    cpr = [r for r in st.get("context_parallel", {}).get("rows", []) if "rank0" in r]
+    if cpr:
+        L += ["", "Context parallel, 2 ranks against one device (largest differences; SafeDIG all-reduces):", "",
+              "| split | group | attention | dtype | output | telemetry | steering moved | per generation | per read |",
+              "|---|---|---|---|---:|---:|---:|---:|---:|"]
+        for r in cpr:
+            worst = max((r[f"rank{i}"] for i in range(2)), key=lambda d: d["outputs"])
+            L.append(f"| {r['mode']} | {r['backend']} | {r['attention']} | {r['dtype']} | {worst['outputs']:.2e} | "
+                     f"{worst['telemetry']:.2e} | {worst['steering_moved']:.3f} | "
+                     f"{worst['all_reduce_per_generation']} | {worst['all_reduce_per_read']} |")
     L += ["", "Spec §6 targets (docs/spec.md):", "", "| target | shape | measured | must | met |",
           "|---|---|---:|---:|---|"]
     for what, shape, v, must, met in targets(doc):

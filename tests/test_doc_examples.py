@@ -100,18 +100,37 @@ def _workflow_attack(tmp_path, request):
     return {}
 
 
+def _scale_out_merge(tmp_path, request):
+    from _workflow import write_store
+
+    g = torch.Generator().manual_seed(0)
+    for machine, label in enumerate(["safe", "unsafe/nudity"]):
+        write_store(tmp_path / "captures" / f"node{machine}",
+                    {f"{label}-{i}": (label, {"single_transformer_blocks.9": torch.randn(8, 16, generator=g)})
+                     for i in range(4)})
+    return {}
+
+
 SETUPS = {
     ("README.md", 0): _readme_ops,
     ("README.md", 1): _readme_diffusers,
     ("docs/checkpoints.md", 0): _checkpoints_overview,
     ("docs/workflow.md", 0): _workflow_attack,
+    ("docs/scale-out.md", 0): _scale_out_merge,
+}
+# Blocks that need several processes: the test named reads the block from here and runs it on each.
+ELSEWHERE = {
+    ("README.md", 2): "tests/integrations/diffusers/test_context_parallel.py",
 }
 
 
 def test_every_block_has_a_setup():
     found = {(f, i) for f, i, _ in blocks()}
-    assert found == set(SETUPS), f"blocks without a setup: {sorted(found - set(SETUPS))}; " \
-                                 f"setups without a block: {sorted(set(SETUPS) - found)}"
+    known = set(SETUPS) | set(ELSEWHERE)
+    assert found == known, f"blocks without a setup: {sorted(found - known)}; " \
+                           f"setups without a block: {sorted(known - found)}"
+    for where, test in ELSEWHERE.items():
+        assert (REPO / test).is_file() and "ELSEWHERE" in (REPO / test).read_text(), f"{where}: {test} must run it"
 
 
 @pytest.mark.parametrize("where", sorted(SETUPS), ids=lambda w: f"{w[0]}#{w[1]}")
@@ -121,3 +140,6 @@ def test_block_runs_as_written(where, tmp_path, monkeypatch, request):
     namespace = {"__name__": "__doc_example__", **SETUPS[where](tmp_path, request)}
     exec(compile(code, f"{where[0]} block {where[1]}", "exec"), namespace)
     assert namespace, "the block ran"
+    if where == ("docs/scale-out.md", 0):  # the merged store holds both machines' prompts, tokens and all
+        store = namespace["store"]
+        assert len(store.prompts) == 8 and store.load("single_transformer_blocks.9").shape == (64, 16)

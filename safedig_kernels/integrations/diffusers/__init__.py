@@ -18,7 +18,8 @@ from diffusers' block metadata), `families` (what differs per model family: time
 batching, text widths), `plan` (a config resolved
 against one model, every value checked once), `requests` (the rule mapping a call's rows to
 requests and guidance halves), `state` (the modules holding SAEs, settings and telemetry inside
-the model), `hooks` (the torch module hooks that run them), `handle` (apply, change, read,
+the model), `hooks` (the torch module hooks that run them), `telemetry` (reading what the sites
+recorded, per rank or summed over a context-parallel group), `handle` (apply, change, read,
 remove), `runner` (one prompt through a pipeline, latents to images).
 
 Names are imported on first use, so `config` and `sites` work where diffusers is not

@@ -2,7 +2,6 @@
 `SafeDIGHandle`, `safedig_handle`, `remove_safedig`, `check_config`."""
 from __future__ import annotations
 
-import warnings
 from typing import Any, Optional, Sequence, Union
 
 import torch
@@ -16,6 +15,7 @@ from .plan import SteeringPlan, check_gate_can_open, resolve
 from .requests import REQUEST_ROWS, request_column
 from .sites import STEER_STREAMS, SiteSpec, split_target, text_encoders
 from .state import STATE_NAME, SiteSteering, SteeringState
+from .telemetry import telemetry_group, written_rows
 
 __all__ = ["SafeDIGHandle", "apply_safedig", "remove_safedig", "check_config", "safedig_handle"]
 
@@ -280,36 +280,40 @@ class SafeDIGHandle:
         return sae
 
     # telemetry --------------------------------------------------------------------------
-    def telemetry(self) -> dict[str, list[dict[str, Any]]]:
+    def telemetry(self, scope: str = "sequence", group=None) -> dict[str, list[dict[str, Any]]]:
         """Per site, one record per call of its model since the last reset (transformer sites:
         per denoiser call, i.e. per step, or two per step for FLUX true CFG; text-encoder sites:
         per prompt encoding): `step`, `progress` (1 - sigma; NaN for text encoders and models
         whose timesteps SafeDIG does not know), `active`, `gated_fraction` (tokens with h > tau),
         `mean_harm` (mean finite h). With requests set, `active` means some request was steered.
-        Syncs the device."""
+        Syncs the device.
+
+        `scope="sequence"` (default): over the whole sequence. On a transformer split over
+        context-parallel ranks (diffusers' `enable_parallelism`), or over `group` when given (a
+        `torch.distributed.ProcessGroup` splitting the sequence some other way), this sums over
+        the ranks with one all-reduce, so every rank of the group must call it (`telemetry.py`).
+        `scope="rank"`: this rank's own tokens, with no communication."""
         self._live()
+        rows = written_rows(self._sites, False, telemetry_group(self._installed[0][0], scope, group, "telemetry"))
         return {key: [{"step": step, "progress": progress, "active": active == 1.0, "gated_fraction": gated,
                        "mean_harm": mean_h}
-                      for _, step, (_, progress, active, gated, mean_h) in self._written_rows(key)]
-                for key in self._sites}
+                      for step, (_, progress, active, gated, mean_h, *_), _ in records]
+                for key, records in rows.items()}
 
-    def request_telemetry(self) -> dict[str, list[dict[str, Any]]]:
+    def request_telemetry(self, scope: str = "sequence", group=None) -> dict[str, list[dict[str, Any]]]:
         """Per site, one record per call that ran with requests set (`set_requests`), since the
         last reset: `step`, `progress` as in `telemetry()`, and one entry per request in
         `active` (bools: in window, switched on, enabled, a non-zero strength),
         `gated_fraction` and `mean_harm` (over that request's rows: both halves of a guided
         batch, or the cond half with `cfg="cond"`). Sites that never had requests have no
         records; a new number of requests starts over (the records for the old number are
-        dropped). Syncs the device."""
+        dropped). Syncs the device. `scope` and `group` as in `telemetry()`."""
         self._live()
-        out: dict[str, list[dict[str, Any]]] = {}
-        for key, (_, st) in self._sites.items():
-            rows = self._written_rows(key, requests=True)
-            progress = st.telemetry[:, 1].tolist() if rows else []
-            out[key] = [{"step": step, "progress": progress[i], "active": [a == 1.0 for a in active],
-                         "gated_fraction": gated, "mean_harm": mean_h}
-                        for i, step, (_, active, gated, mean_h) in rows]
-        return out
+        group = telemetry_group(self._installed[0][0], scope, group, "request_telemetry")
+        return {key: [{"step": step, "progress": progress, "active": [a == 1.0 for a in active],
+                       "gated_fraction": gated, "mean_harm": mean_h}
+                      for step, (_, active, gated, mean_h, *_), progress in records]
+                for key, records in written_rows(self._sites, True, group).items()}
 
     def reset_telemetry(self) -> None:
         self._live()
@@ -341,26 +345,6 @@ class SafeDIGHandle:
             read = f" (read as {key!r}: a module alone is its default stream)" if key != site else ""
             raise ValueError(f"no site {site!r}{read}; sites: {list(self._sites)}")
         return self._sites[key]
-
-    def _written_rows(self, key: str, requests: bool = False) -> list[tuple]:
-        """(row index, step, row as lists) of each row of a site's telemetry buffer (per call, or
-        per request: `requests`) written by a call since the last reset."""
-        state, st = self._sites[key]
-        if st.telemetry is None:
-            raise RuntimeError("telemetry is off (SafeDIGConfig.telemetry=False)")
-        buffer = st.request_telemetry if requests else st.telemetry
-        if buffer.shape[-1] == 0:
-            return []
-        calls = int(state.clock.counter)
-        cap = buffer.shape[0]
-        if not requests and calls > cap:  # said once, by telemetry()
-            warnings.warn(f"SafeDIG telemetry for {key!r}: {calls} calls but room for {cap}; the last row "
-                          f"holds the latest call. Raise telemetry_capacity or call reset_telemetry() more often.")
-        head = buffer[: min(calls, cap)].cpu()
-        # the first entry, "written", is 0 where the site did not run in that call (e.g. skip_layers)
-        written = (head.flatten(1)[:, 0] == 1.0).tolist()
-        steps = [i if i < cap - 1 else calls - 1 for i in range(len(written))]
-        return [(i, step, row) for i, (step, row, w) in enumerate(zip(steps, head.tolist(), written)) if w]
 
     def _sync_switches(self) -> None:
         for _, st in self._sites.values():

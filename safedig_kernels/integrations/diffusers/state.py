@@ -32,10 +32,12 @@ __all__ = ["CallInfo", "Clock", "SiteSteering", "SteeringState", "TELEMETRY_COLU
 
 STATE_NAME = "safedig"  # the child module of a steered root
 # Telemetry columns, per site and call: row written?, schedule progress, steering active (in
-# window, switched on, a non-zero strength), fraction of tokens with h > tau, mean finite h.
-TELEMETRY_COLUMNS = ("written", "progress", "active", "gated_fraction", "mean_harm")
+# window, switched on, a non-zero strength), fraction of tokens with h > tau, mean finite h, and
+# the counts those two are over (tokens, finite tokens), which make the statistics of a sequence
+# split over context-parallel ranks exact sums over ranks (telemetry.py).
+TELEMETRY_COLUMNS = ("written", "progress", "active", "gated_fraction", "mean_harm", "tokens", "finite_tokens")
 # Per-request telemetry rows, per site and call, one column per request.
-REQUEST_TELEMETRY_ROWS = ("written", "active", "gated_fraction", "mean_harm")
+REQUEST_TELEMETRY_ROWS = ("written", "active", "gated_fraction", "mean_harm", "tokens", "finite_tokens")
 _SETTINGS = ("beta", "gamma", "tau", "window_start", "window_end", "switch")
 _FLOAT32_BUFFERS = ("enc_bias", "settings", "requests", "telemetry", "request_telemetry")
 
@@ -233,8 +235,8 @@ class SiteSteering(torch.nn.Module):
     def _record(self, h, p, tau, active, row) -> None:
         # Statistics of detached values: telemetry is never part of an autograd graph.
         h = h.detach()
-        gated, mean_h = _gate_stats(h.flatten(), tau if tau.dim() == 0 else tau.view(-1, 1).expand_as(h).flatten())
-        entry = torch.stack([torch.ones_like(p), p.to(torch.float32), active, gated, mean_h])
+        stats = _gate_stats(h.flatten(), tau if tau.dim() == 0 else tau.view(-1, 1).expand_as(h).flatten())
+        entry = torch.stack([torch.ones_like(p), p.to(torch.float32), active, *stats])
         self.telemetry.index_copy_(0, row.view(1), entry.view(1, -1))
 
     def _record_requests(self, h, tau, active, row) -> None:
@@ -244,17 +246,17 @@ class SiteSteering(torch.nn.Module):
             return
         # h [groups * n, T], rows [group 0 requests; group 1 requests]: one row of tokens per request
         per_request = h.detach().reshape(-1, n, h.shape[-1]).transpose(0, 1).reshape(n, -1)
-        gated, mean_h = _gate_stats(per_request, tau.view(n, 1))
-        entry = torch.stack([torch.ones_like(active), active, gated, mean_h])
+        entry = torch.stack([torch.ones_like(active), active, *_gate_stats(per_request, tau.view(n, 1))])
         buffer.index_copy_(0, row.view(1), entry.unsqueeze(0))
 
 
-def _gate_stats(h: torch.Tensor, tau: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _gate_stats(h: torch.Tensor, tau: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Over the last dim of `h`: the fraction with h > tau (a NaN h, a non-finite token, is never
-    gated) and the mean of the finite h."""
+    gated), the mean of the finite h, and the numbers of tokens and of finite tokens (fp32)."""
     finite = torch.isfinite(h)
-    mean_h = torch.where(finite, h, 0.0).sum(-1) / finite.sum(-1).clamp_min(1)
-    return (h > tau).to(torch.float32).mean(-1), mean_h
+    n_finite = finite.sum(-1).to(torch.float32)
+    mean_h = torch.where(finite, h, 0.0).sum(-1) / n_finite.clamp_min(1)
+    return (h > tau).to(torch.float32).mean(-1), mean_h, torch.full_like(mean_h, h.shape[-1]), n_finite
 
 
 class SteeringState(torch.nn.Module):
