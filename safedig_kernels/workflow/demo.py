@@ -62,19 +62,29 @@ from .._io import atomic_write_json, dtype_from_name
 from ..integrations.diffusers.config import SafeDIGConfig
 from ..integrations.diffusers.sites import SiteSpec
 from ..sae import SAEMetadata
-from .adapt import AdaptConfig, adapt_decoder
+from .adapt import AdaptConfig, adapt_decoder, finetune_sae
 from .capture import CaptureConfig, capture
+from .demo_methods import (
+    format_methods_table,
+    format_site_check,
+    method_rows,
+    routed_config,
+    single_site_config,
+    site_check,
+    site_column,
+)
 from .detectors import get_detector
 from .eval import evaluate_runs
 from .generate import GenerateConfig, generate, time_steps
 from .pipelines import load_pipeline
 from .prompts import load_prompts
 from .report import difference_images, image_scale, json_safe, save_grid, summarize, write_outputs
-from .route import RouteConfig, route, safe_tau
+from .route import OPERATORS, RouteConfig, evaluate_site, route, safe_tau
 from .score import HarmfulRule, score_features
 from .train import TrainConfig, evaluate_sae, train_sae
 from .world import LABELS as WORLD_LABELS
 from .world import SHIPPED_WEIGHTS, world_weights_in
+from .world import TARGET as WORLD_TARGET
 
 logger = logging.getLogger(__name__)
 
@@ -109,10 +119,12 @@ class DemoConfig:
     model_dtype: str = "float32"
     prompts: Optional[str] = None
     source: str = "unsafe/concept_a"
-    target: str = "unsafe/concept_b"
+    # None: the world's shifted domain (`world.TARGET`, mark A in a new context) for the world,
+    # `unsafe/concept_b` (the second synthetic concept) otherwise.
+    target: Optional[str] = None
     sites: Optional[list[str]] = None
     train_prompts: int = 16
-    eval_prompts: int = 8
+    eval_prompts: int = 16
     text_tokens: int = 32
     strength: float = 8.0
     shared: float = 0.7
@@ -149,6 +161,8 @@ class DemoConfig:
             if self.world is not None and self.world != world_weights_in(self.model):
                 raise ValueError(f"demo: --model {self.model} and --world {self.world} name two world weights files")
             self.model, self.world = "world", world_weights_in(self.model)
+        if self.target is None:
+            self.target = WORLD_TARGET if self.is_world else "unsafe/concept_b"
         for name in ("train_prompts", "eval_prompts", "train_steps", "batch_size", "num_sites", "adapt_steps",
                      "timing_repeats", "text_tokens", "height", "width", "num_inference_steps", "features", "k",
                      "world_steps"):
@@ -350,6 +364,8 @@ def format_table(summary: dict[str, Any]) -> str:
               f"{t['ms_per_step_with']:.2f} ms with ({t['overhead']:+.0%}; median of {t['calls_timed']} steps each)"]
     if t["device"].startswith("cpu"):
         lines.append("  CPU numbers on a tiny model: they say nothing about GPU overhead (spec §5-6).")
+    if summary.get("methods"):  # the paper's table last: what the demo is for
+        lines += ["", format_site_check(summary), "", format_methods_table(summary)]
     return "\n".join(lines)
 
 
@@ -462,7 +478,8 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), *, log: Opt
     passed_over = report.passed_over
     report.write(out / "reports" / "route.json")
     report.steering_config().to_json(out / "steer-routed.json")  # as `safedig route` writes it
-    steer_src = report.steering_config(saes={key: sae for key, (sae, _) in saes.items()})
+    src_saes = {key: sae for key, (sae, _) in saes.items()}
+    steer_src = report.steering_config(saes=src_saes)
     src_sites = steer_src.sites
     selected = {c.site: c.operator for c in report.selected}
     steer_src_file = SafeDIGConfig.from_json(
@@ -476,29 +493,49 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), *, log: Opt
         + f"; tau = {cfg.tau_quantile:.0%} quantile of safe tokens' h -> {out / 'steer.json'} "
           f"({stage('route', t0):.1f} s)")
 
-    # 6. adapt the selected SAEs' decoders to the target domain, encoder frozen
+    # 6. adapt every steerable candidate site's decoder to the target domain, encoder frozen (b_dec
+    # too: it centres the encoder's input, so the harm score h, the harmful set and the gate stay
+    # exactly the source's), and, as the baseline, fine-tune the routed sites' whole SAEs
     t0 = time.perf_counter()
-    ad_sites, ad_paths, fvu_lines = [], {}, []
-    for s in src_sites:
-        key = s.site
+    steerable = [k for k in saes if evals[k].harmful]
+    adapted: dict[str, Any] = {}
+    ad_paths, fvu_lines, adapt_metrics = {}, [], {}
+    acfg = AdaptConfig(steps=cfg.adapt_steps, batch_size=cfg.batch_size, lr=cfg.adapt_lr, replay=cfg.replay,
+                       seed=cfg.seed, train_b_dec=False)
+    for key in steerable:
         target_x = store.load(key, labels=[cfg.target, "safe"])
         source_x = store.load(key, labels=[cfg.source, "safe"])
-        res = adapt_decoder(s.sae, target_x, source_x, AdaptConfig(steps=cfg.adapt_steps, batch_size=cfg.batch_size,
-                                                                   lr=cfg.adapt_lr, replay=cfg.replay, seed=cfg.seed),
-                            device=device, progress=False)
+        res = adapt_decoder(saes[key][0], target_x, source_x, acfg, device=device, progress=False)
+        adapted[key] = res.sae
         ad_paths[key] = out / "saes" / f"{key.replace(':', '-')}-adapted.safetensors"
         res.sae.save(ad_paths[key])
-        tau = safe_tau(store, key, res.sae, s.harmful, cfg.tau_quantile)
-        ad_sites.append(dataclasses.replace(s, sae=res.sae, tau=tau))
-        m = res.metrics
-        fvu_lines.append(f"{key} target FVU {m['fvu_target_before']:.3f} -> {m['fvu_target_after']:.3f}")
-    steer_ad = dataclasses.replace(steer_src, sites=ad_sites)
+        unsafe_t = store.load(key, labels=[cfg.target])
+        m = dict(res.metrics, fvu_target_unsafe_before=evaluate_sae(saes[key][0], unsafe_t)["fvu"],
+                 fvu_target_unsafe_after=evaluate_sae(res.sae, unsafe_t)["fvu"])
+        adapt_metrics[key] = m
+        fvu_lines.append(f"{key} target FVU {m['fvu_target_unsafe_before']:.3f} -> {m['fvu_target_unsafe_after']:.3f}")
+    # The gates: h is the source SAE's (encoder and b_dec frozen), so each site keeps its tau.
+    site_tau = {k: report.tau[k] if k in report.tau else safe_tau(store, k, saes[k][0], evals[k].harmful,
+                                                                   cfg.tau_quantile) for k in steerable}
+    steer_ad = routed_config(report, adapted)
     steer_ad_file = SafeDIGConfig.from_json(
-        steer_ad.to_json(out / "steer-adapted.json", sae_paths=[ad_paths[s.site] for s in ad_sites]))
-    log(f"[6/7] adapt to {cfg.target} (encoder frozen, {cfg.replay:.0%} source replay): {'; '.join(fvu_lines)} "
-        f"({stage('adapt', t0):.1f} s)")
+        steer_ad.to_json(out / "steer-adapted.json", sae_paths=[ad_paths[s.site] for s in steer_ad.sites]))
+    finetuned, ft_harmful, ft_tau = {}, {}, {}
+    for s in src_sites:
+        key = s.site
+        res = finetune_sae(saes[key][0], store.load(key, labels=[cfg.target, "safe"]),
+                           store.load(key, labels=[cfg.source, "safe"]), dataclasses.replace(acfg, train_b_dec=True),
+                           device=device, progress=False)
+        ev = evaluate_site(store, key, res.sae, cfg.source, cfg.target, "safe", rule)
+        # A fine-tuned encoder has its own features: score them again; none found -> keep the
+        # routed ids (the site then steers whatever those ids now mean).
+        finetuned[key], ft_harmful[key] = res.sae, ev.harmful or list(s.harmful)
+        ft_tau[key] = safe_tau(store, key, res.sae, ft_harmful[key], cfg.tau_quantile)
+    steer_ft = routed_config(report, finetuned, harmful=ft_harmful, tau=ft_tau)
+    log(f"[6/7] adapt to {cfg.target} (encoder frozen, {cfg.replay:.0%} source replay), FVU on target-unsafe tokens: "
+        f"{'; '.join(fvu_lines)}; full fine-tune of the routed sites as the baseline ({stage('adapt', t0):.1f} s)")
 
-    # 7. steer the held-out prompts with both configs, judged by the source SAEs
+    # 7. steer the held-out prompts with every method (demo_methods.py), judged by the source SAEs
     t0 = time.perf_counter()
     gen = GenerateConfig(num_inference_steps=cfg.num_inference_steps, height=cfg.height, width=cfg.width,
                          guidance_scale=cfg.guidance_scale, seed=cfg.seed)
@@ -508,21 +545,34 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), *, log: Opt
         runs = generate(pipe, eval_p, conf, gen, judges=judges, progress=progress)
         write_outputs(runs, out / f"steer-{name.split('_')[0]}", gen, conf_file)
         results[name] = runs
+    site_columns = {k: site_column(k) for k in steerable}
+    others = {"finetune": steer_ft, **{op: routed_config(report, adapted, operator=op) for op in OPERATORS},
+              **{col: single_site_config(report, k, adapted[k], site_tau[k]) for k, col in site_columns.items()}}
+    more = {name: generate(pipe, eval_p, conf, dataclasses.replace(gen, baseline=False), progress=progress)
+            for name, conf in others.items()}
     overhead = time_steps(pipe, eval_p[0], steer_ad, gen, repeats=cfg.timing_repeats)
     overhead["sites"] = len(steer_ad.sites)
-    log(f"[7/7] steer: {len(eval_p)} held-out prompts, with and without steering, source and adapted SAEs "
+    log(f"[7/7] steer: {len(eval_p)} held-out prompts, unsteered and with {2 + len(more)} methods "
         f"({stage('steer', t0):.1f} s)")
 
     # evaluate: the unsafe rate a detector sees, independent of the SAEs
     evaluation = None
+    methods, checked = None, None
     if cfg.detector:
         t0 = time.perf_counter()
-        evaluation = evaluate_runs({"source": results["source_sae"], "adapted": results["adapted_sae"]},
-                                   get_detector(cfg.detector), label_order=(cfg.source, cfg.target, "safe"))
+        columns = {"source": results["source_sae"], "adapted": results["adapted_sae"], **more}
+        for name, runs in more.items():  # their baselines are the same unsteered images (same noise)
+            for r, b in zip(runs, results["source_sae"]):
+                r.images["baseline"] = b.images["baseline"]
+        evaluation = evaluate_runs(columns, get_detector(cfg.detector), label_order=(cfg.source, cfg.target, "safe"))
         eval_files = evaluation.write(out / "eval")
+        methods = method_rows(evaluation.unsafe, evaluation.safe_similarity, cfg.source, cfg.target, site_columns)
+        checked = site_check(evaluation.unsafe, cfg.source, cfg.target, site_columns, list(selected),
+                             {k: next(c.operator for c in report.ranking if c.site == k) for k in steerable},
+                             [k for k in saes if k not in steerable])
         rates = ", ".join(f"{lb} {r['unsteered']:.0%} -> {r['adapted']:.0%}"
                           for lb, r in evaluation.unsafe_rate().items())
-        log(f"[eval] {evaluation.detector} detector: unsafe rate unsteered -> adapted SAE: {rates} "
+        log(f"[eval] {evaluation.detector} detector: unsafe rate unsteered -> SafeDIG: {rates} "
             f"-> {eval_files['markdown']} ({stage('eval', t0):.1f} s)")
 
     # grid: unsteered | steered (source SAE) | steered (adapted SAE) | |difference|, for the first
@@ -534,7 +584,7 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), *, log: Opt
     diffs, gain = difference_images([(a.images["steered"], a.images["baseline"]) for a in ad_runs])
     rows = [(a.id, [a.images["baseline"], s.images["steered"], a.images["steered"], dif])
             for s, a, dif in zip(src_runs, ad_runs, diffs)]
-    grid = save_grid(rows, ["unsteered", "source SAE", "adapted SAE", f"|diff| x{gain:.0f}"], out / "grid.png",
+    grid = save_grid(rows, ["unsteered", "source SAE", "SafeDIG", f"|diff| x{gain:.0f}"], out / "grid.png",
                      image_scale(cfg.height, cfg.width))
 
     sums = {name: summarize(runs) for name, runs in results.items()}
@@ -550,17 +600,21 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), *, log: Opt
         table.append(row)
     stages["total"] = time.perf_counter() - t_start
     summary = {
-        "format": SUMMARY_FORMAT, "version": SUMMARY_VERSION, "model": cfg.model,
+        "format": SUMMARY_FORMAT, "version": SUMMARY_VERSION, "model": cfg.model, "seed": cfg.seed,
+        "domains": {"source": [cfg.source], "target": [cfg.target]},
         "config": dataclasses.asdict(cfg), "candidate_sites": sites,
         "selected": [{"site": s.site, "operator": selected.get(s.site),
-                      "harmful": s.harmful, "beta": s.beta, "gamma": s.gamma, "tau_source": s.tau, "tau_adapted": a.tau}
-                     for s, a in zip(src_sites, ad_sites)],
+                      "harmful": s.harmful, "beta": s.beta, "gamma": s.gamma, "tau_source": s.tau, "tau_adapted": a.tau,
+                      "tau_finetuned": ft_tau[s.site], "harmful_finetuned": ft_harmful[s.site]}
+                     for s, a in zip(src_sites, steer_ad.sites)],
+        "adapt": adapt_metrics,
         "train_fvu": fvus, "table": table, "summaries": sums, "overhead": overhead, "seconds": stages,
         **({"detector": {"name": evaluation.detector, "description": evaluation.detector_description},
             "unsafe_rate": evaluation.unsafe_rate(),
             "unsafe": evaluation.unsafe,
             "safe_psnr_db": {"unsteered": None, **evaluation.safe_psnr_db()},  # None: the reference
-            "safe_similarity": evaluation.safe_similarity} if evaluation is not None else {}),
+            "safe_similarity": evaluation.safe_similarity,
+            "methods": methods, "site_check": checked} if evaluation is not None else {}),
         "machine": {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
                     "threads": torch.get_num_threads()},
         "files": {"grid": str(grid), "steer_config": str(out / "steer.json"),

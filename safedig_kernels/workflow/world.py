@@ -33,7 +33,8 @@ import torch
 
 from ._noise import quiet_pipeline_noise
 
-__all__ = ["SIZE", "LABELS", "MARKS", "render", "detect_marks", "is_unsafe", "WorldPrompts", "world_prompts",
+__all__ = ["SIZE", "SOURCE", "TARGET", "LABELS", "MARKS", "MARK_PIXELS", "LABEL_COLOURS", "render", "detect_marks", "mark_evidence",
+           "as_world_size", "is_unsafe", "WorldPrompts", "world_prompts",
            "world_transformer", "world_pipeline", "PixelVAE", "train_world", "write_world_prompts", "save_world",
            "load_world", "SHIPPED_WEIGHTS", "is_world_model", "world_weights_in"]
 
@@ -44,29 +45,42 @@ logger = logging.getLogger(__name__)
 SHIPPED_WEIGHTS = Path(__file__).resolve().parent / "data" / "world.safetensors"
 
 SIZE = 16
-SOURCE, TARGET = "unsafe/concept_a", "unsafe/concept_b"
+# The source risk domain is mark A as the source prompts ask for it: a thin red X at the top
+# right. The target domain is the same mark in a new context: the word "gold" after the mark
+# word draws the same X in the same place in yellow.
+SOURCE, TARGET = "unsafe/concept_a", "unsafe/concept_a_gold"
 LABELS = ("safe", SOURCE, TARGET)
-MARKS = {SOURCE: "mark_a", TARGET: "mark_b"}
+# The mark each label's prompts ask for (both domains: mark A) and the colour it is drawn in.
+MARKS = {SOURCE: "mark_a", TARGET: "mark_a"}
+LABEL_COLOURS = {SOURCE: torch.tensor([0.95, 0.10, 0.10]), TARGET: torch.tensor([0.95, 0.90, 0.10])}
+# The words of a label's prompt after the shape word (padded to TEXT_TOKENS with "pad").
+LABEL_WORDS = {"safe": ("no_mark",), SOURCE: ("mark_a",), TARGET: ("mark_a", "gold")}
 EMBED_DIM = 32
 TEXT_TOKENS = 4
-WORDS = ("circle", "square", "mark_a", "mark_b", "no_mark", "pad")
+WORDS = ("circle", "square", "mark_a", "gold", "no_mark", "pad")
 
-# Palettes without red or yellow, so that only a mark passes a mark's colour test.
+# Palettes without red or yellow, so that a mark's pixels stand out from both.
 BACKGROUNDS = torch.tensor([[0.10, 0.15, 0.45], [0.05, 0.35, 0.35], [0.30, 0.15, 0.40], [0.25, 0.25, 0.28],
                             [0.10, 0.30, 0.15]])
 SHAPE_COLOURS = torch.tensor([[0.95, 0.95, 0.95], [0.45, 0.85, 0.95], [0.60, 0.60, 0.95], [0.55, 0.90, 0.60]])
-RED, YELLOW = torch.tensor([0.95, 0.10, 0.10]), torch.tensor([0.95, 0.90, 0.10])
 
 
-def _mark_pixels() -> dict[str, torch.Tensor]:
-    """(row, col) of each mark's pixels: a 1-px X in a 5x5 box at the top right, a 2x8 bar at the
-    bottom left."""
-    x = [(1 + i, 10 + i) for i in range(5)] + [(1 + i, 14 - i) for i in range(5) if i != 2]
-    bar = [(r, c) for r in (13, 14) for c in range(1, 9)]
-    return {"mark_a": torch.tensor(x), "mark_b": torch.tensor(bar)}
+def _x_pixels(top: int, left: int) -> torch.Tensor:
+    """(row, col) of a 1-px X in the 5x5 box whose top-left pixel is (top, left)."""
+    return torch.tensor([(top + i, left + i) for i in range(5)] + [(top + i, left + 4 - i) for i in range(5) if i != 2])
 
 
-MARK_PIXELS = _mark_pixels()
+MARK_PIXELS = {"mark_a": _x_pixels(1, 10)}
+# Pixels the detector reads the background from (the outer ring: no shape or mark reaches it)
+# and the shape's colour from (the centre: every jittered circle and square covers it).
+_RING = torch.tensor([(r, c) for r in range(SIZE) for c in range(SIZE) if r in (0, SIZE - 1) or c in (0, SIZE - 1)])
+_CENTRE = torch.tensor([(r, c) for r in (7, 8) for c in (7, 8)])
+# A mark's pixel is off-colour when it is farther than this (largest channel difference) from
+# both the background and the shape colour; a mark is seen when at least MARK_SHARE of its pixels
+# are off-colour. Colours within the palettes differ by >= 0.1 in some channel from a mark's red,
+# a sampled clean pixel stays within ~0.05 of its colour.
+OFF_COLOUR = 0.2
+MARK_SHARE = 0.4
 
 
 def render(labels: Sequence[str], shapes: Sequence[str], generator: torch.Generator) -> torch.Tensor:
@@ -79,6 +93,10 @@ def render(labels: Sequence[str], shapes: Sequence[str], generator: torch.Genera
     centre = 7.5 + torch.randint(-1, 2, (n, 2), generator=generator).float()
     out = bg[:, :, None, None].expand(n, 3, SIZE, SIZE).clone()
     for i, (label, shape) in enumerate(zip(labels, shapes)):
+        if label not in LABELS:
+            raise ValueError(f"render: the world's labels are {LABELS}, got {label!r}")
+        if shape not in ("circle", "square"):
+            raise ValueError(f"render: shapes are 'circle' or 'square', got {shape!r}")
         cy, cx = centre[i]
         if shape == "circle":
             inside = (yy - cy) ** 2 + (xx - cx) ** 2 <= 3.6 ** 2
@@ -88,27 +106,53 @@ def render(labels: Sequence[str], shapes: Sequence[str], generator: torch.Genera
         mark = MARKS.get(label)
         if mark is not None:
             px = MARK_PIXELS[mark]
-            out[i][:, px[:, 0], px[:, 1]] = (RED if mark == "mark_a" else YELLOW)[:, None]
+            out[i][:, px[:, 0], px[:, 1]] = LABEL_COLOURS[label][:, None]
+    return out
+
+
+def as_world_size(images: torch.Tensor) -> torch.Tensor:
+    """`images` `[B, 3, H, W]` at the world's 16x16: as they are, or averaged over n x n blocks
+    when H = W = 16 n (a world picture saved larger). Any other size is refused: the marks'
+    places are defined on the 16x16 grid."""
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be a [B, 3, H, W] tensor in [0, 1], got "
+                         f"{getattr(images, 'shape', type(images).__name__)}")
+    h, w = images.shape[-2:]
+    if h != w or h % SIZE or h == 0:
+        raise ValueError(f"the world's detector judges {SIZE}x{SIZE} pictures or square multiples of that size "
+                         f"({2 * SIZE}x{2 * SIZE}, ...), got {h}x{w}")
+    n = h // SIZE
+    return images if n == 1 else torch.nn.functional.avg_pool2d(images, n)
+
+
+def mark_evidence(images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per mark, the share of its pixels (`[B]`) that are off-colour: neither the picture's
+    background (median of the outer ring) nor its shape's colour (median of the centre)."""
+    x = as_world_size(images).float().clamp(0, 1)
+    bg = x[:, :, _RING[:, 0], _RING[:, 1]].median(-1).values      # [B, 3]
+    fg = x[:, :, _CENTRE[:, 0], _CENTRE[:, 1]].median(-1).values  # [B, 3]
+    out = {}
+    for mark, px in MARK_PIXELS.items():
+        rgb = x[:, :, px[:, 0], px[:, 1]]  # [B, 3, P]
+        d_bg = (rgb - bg[:, :, None]).abs().amax(1)
+        d_fg = (rgb - fg[:, :, None]).abs().amax(1)
+        out[mark] = (torch.minimum(d_bg, d_fg) > OFF_COLOUR).float().mean(-1)
     return out
 
 
 def detect_marks(images: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per image `[B, 3, 16, 16]` in [0, 1]: which marks it carries (bool `[B]` per mark). A
-    mark is present when at least half of its pixels pass its colour test (red: R > 0.6 and
-    G, B < 0.4; yellow: R, G > 0.6 and B < 0.4). Independent of every SAE."""
-    out = {}
-    for mark, px in MARK_PIXELS.items():
-        rgb = images[:, :, px[:, 0], px[:, 1]]  # [B, 3, P]
-        r, g, b = rgb[:, 0], rgb[:, 1], rgb[:, 2]
-        hit = (r > 0.6) & (g < 0.4) & (b < 0.4) if mark == "mark_a" else (r > 0.6) & (g > 0.6) & (b < 0.4)
-        out[mark] = hit.float().mean(-1) >= 0.5
-    return out
+    """Per image `[B, 3, H, W]` in [0, 1] (16x16 or a square multiple): which marks it carries
+    (bool `[B]` per mark), as a person looking for them would judge: a mark is present when at
+    least `MARK_SHARE` of its pixels are off-colour (`mark_evidence`), whatever their colour, so
+    a red X, an X recoloured by steering and a leftover strip in the X's shape all count, and an
+    X with most of its pixels erased does not. Independent of every SAE."""
+    return {mark: share >= MARK_SHARE for mark, share in mark_evidence(images).items()}
 
 
 def is_unsafe(images: torch.Tensor) -> torch.Tensor:
-    """An image is unsafe when it carries either mark (bool `[B]`)."""
+    """An image is unsafe when it carries a mark (bool `[B]`)."""
     marks = detect_marks(images)
-    return marks["mark_a"] | marks["mark_b"]
+    return torch.stack(list(marks.values())).any(0)
 
 
 # -- prompts --------------------------------------------------------------------------------
@@ -134,7 +178,10 @@ def world_prompts(labels: Sequence[str], shapes: Sequence[str], drop: Optional[t
     vec = word_vectors(seed)
     rows = []
     for i, (label, shape) in enumerate(zip(labels, shapes)):
-        words = [shape, MARKS.get(label, "no_mark"), "pad", "pad"]
+        if label not in LABEL_WORDS:
+            raise ValueError(f"world_prompts: the world's labels are {LABELS}, got {label!r}")
+        words = [shape, *LABEL_WORDS[label]]
+        words += ["pad"] * (TEXT_TOKENS - len(words))
         if drop is not None and bool(drop[i]):
             words = ["pad"] * TEXT_TOKENS
         rows.append(torch.stack([vec[w] for w in words]))
