@@ -22,7 +22,7 @@ def _demo_config(args: argparse.Namespace):
     from ..workflow.demo import DemoConfig
 
     fields = dict(device=args.device, model_dtype=args.model_dtype, prompts=args.prompts, sites=args.sites,
-                  seed=args.seed)
+                  seed=args.seed, train_world=args.train_world)
     for name in ("model", "world", "world_steps", "detector", "source", "target", "height", "width",
                  "num_inference_steps", "features", "k", "train_steps", "num_sites", "eval_prompts", "train_prompts",
                  "timing_repeats"):
@@ -119,6 +119,8 @@ capture, 4d-wide SAEs with k = 32 and candidate sites spread over the blocks (--
     p.add_argument("--world", default=None,
                    help="world weights to use instead of training them (a previous demo's world/world.safetensors)")
     p.add_argument("--world-steps", type=int, default=None, help="training steps of the world's transformer (800)")
+    p.add_argument("--train-world", action="store_true",
+                   help="train the world's transformer even where the shipped weights match --seed and --world-steps")
     p.add_argument("--detector", default=None,
                    help="detector judging the images: world (default for the world), nudenet (the [eval] extra); "
                         "none by default for other models")

@@ -83,7 +83,7 @@ from .route import OPERATORS, RouteConfig, evaluate_site, route, safe_tau
 from .score import HarmfulRule, score_features
 from .train import TrainConfig, evaluate_sae, train_sae
 from .world import LABELS as WORLD_LABELS
-from .world import SHIPPED_WEIGHTS, world_weights_in
+from .world import SHIPPED_WEIGHTS, WORLD_VERSION, world_weights_in
 from .world import TARGET as WORLD_TARGET
 
 logger = logging.getLogger(__name__)
@@ -114,6 +114,8 @@ class DemoConfig:
     model: str = "world"
     world: Optional[str] = None
     world_steps: int = 800
+    # Train the world here even when the shipped weights were trained with this seed and steps.
+    train_world: bool = False
     detector: Optional[str] = None
     device: Optional[str] = None
     model_dtype: str = "float32"
@@ -139,13 +141,15 @@ class DemoConfig:
     batch_size: int = 512
     lr: Optional[float] = None
     top_n: int = 8
-    min_ratio: float = 10.0
+    # None: 4 for the world (its mark's features share tokens with colour features, so a 10x
+    # rule kept only one or two per site and steering left strips of the X), 10 otherwise.
+    min_ratio: Optional[float] = None
     # None: 0.1 for the tiny FLUX, whose concept is on every token of an unsafe prompt, so a
     # feature firing on fewer than 10% of unsafe tokens is not it (with 0.01, rare image-stream
-    # features slipped in by chance); 0.03 for the world, whose marks cover about 10% of the
+    # features slipped in by chance); 0.02 for the world, whose marks cover about 10% of the
     # image tokens and only once drawn (with 0.1, no image-stream site had a harmful feature).
     min_freq: Optional[float] = None
-    num_sites: int = 2
+    num_sites: Optional[int] = None  # None: 3 for the world, 2 otherwise
     beta: float = 1.0
     gamma: float = 1.0
     tau_quantile: float = 0.99
@@ -206,9 +210,11 @@ class DemoConfig:
         return dataclasses.replace(
             self, height=self.height or (16 if tiny else 512), width=self.width or (16 if tiny else 512),
             num_inference_steps=self.num_inference_steps or (16 if world else 4 if tiny else 8),
-            features=self.features or 4 * d, k=self.k or (8 if world else 4 if tiny else 32),
+            features=self.features or 4 * d, k=self.k or (4 if tiny else 32),
+            min_ratio=self.min_ratio if self.min_ratio is not None else 4.0 if world else 10.0,
+            num_sites=self.num_sites or (3 if world else 2),
             lr=self.lr or (1e-2 if tiny else None), detector=self.detector or ("world" if world else None),
-            min_freq=self.min_freq if self.min_freq is not None else 0.03 if world else 0.1,
+            min_freq=self.min_freq if self.min_freq is not None else 0.02 if world else 0.1,
             adapt_lr=self.adapt_lr or (1e-2 if tiny else 1e-3),
             # A 1024-token image at width 3072 is 12 MB per site, step and prompt in float32.
             max_tokens=self.max_tokens if self.max_tokens is not None or tiny else 256)
@@ -396,8 +402,13 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), *, log: Opt
     t0 = time.perf_counter()
     device = torch.device(config.device) if config.device else torch.device("cuda" if torch.cuda.is_available()
                                                                              else "cpu")
-    world_note = ""
+    world_note, world_trained = "", False
     if config.is_world:
+        if config.world is None and not config.train_world and shipped_world_matches(config.seed,
+                                                                                      config.world_steps):
+            # The shipped weights were trained with this seed, step count and world: use them.
+            config = dataclasses.replace(config, world=str(SHIPPED_WEIGHTS))
+        world_trained = config.world is None
         pipe, world_note = _world_pipeline(config, out, device, model_dtype, log)
     else:
         pipe = load_pipeline(config.model, device=device, dtype=model_dtype)
@@ -601,6 +612,8 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), *, log: Opt
     stages["total"] = time.perf_counter() - t_start
     summary = {
         "format": SUMMARY_FORMAT, "version": SUMMARY_VERSION, "model": cfg.model, "seed": cfg.seed,
+        "world": {"trained_here": world_trained, "weights": world_note and str(cfg.world or out / "world" /
+                                                                                 "world.safetensors")},
         "domains": {"source": [cfg.source], "target": [cfg.target]},
         "config": dataclasses.asdict(cfg), "candidate_sites": sites,
         "selected": [{"site": s.site, "operator": selected.get(s.site),
@@ -627,6 +640,17 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), *, log: Opt
     summary["files"]["summary"] = str(out / "summary.json")
     atomic_write_json(out / "summary.json", json_safe(summary))
     return summary
+
+
+def shipped_world_matches(seed: int, steps: int) -> bool:
+    """Whether the shipped world weights were trained with `seed` and `steps` (their metadata)."""
+    from safetensors import safe_open
+
+    if not SHIPPED_WEIGHTS.is_file():
+        return False
+    with safe_open(str(SHIPPED_WEIGHTS), "pt") as f:
+        meta = json.loads((f.metadata() or {}).get("safedig_world", "{}"))
+    return meta.get("seed") == seed and meta.get("steps") == steps and meta.get("world") == WORLD_VERSION
 
 
 def _world_pipeline(cfg: DemoConfig, out: Path, device: torch.device, dtype: torch.dtype,

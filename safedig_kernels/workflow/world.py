@@ -1,12 +1,13 @@
 """The demo world: synthetic pictures a tiny FLUX-architecture transformer learns to draw on a CPU,
-with two visual marks that steering should remove and a detector that sees them without any SAE.
+with one harmful visual concept in two contexts and a detector that sees it without any SAE.
 
-An image is 16x16 RGB: a background colour, a circle or a square near the centre, and at most one
-mark: mark A (the source-domain "unsafe" concept, label `unsafe/concept_a`) a thin red X in the
-top-right corner, mark B (the shifted target-domain concept, `unsafe/concept_b`) a yellow bar in
-the bottom-left; safe images carry no mark. Neither mark's colour is in any palette.
+An image is 16x16 RGB: a background colour, a circle or a square near the centre, and maybe
+mark A, a thin red X in the top-right corner. The source risk domain (`unsafe/concept_a`, words
+`mark_a`) draws the X; the target domain (`unsafe/concept_a_gold`, words `mark_a gold`) is the
+same concept in a new context: the X gilded, a yellow pixel beside each of its pixels. Safe
+images carry no mark. No palette colour is red or yellow.
 
-A prompt is four word embeddings `[shape, mark, pad, pad]` (fixed random 32-d vectors, seeded),
+A prompt is four word embeddings `[shape, words..., pad]` (fixed random 32-d vectors, seeded),
 its pooled embedding their mean. The transformer draws pixels directly: the image in [-1, 1] is
 the latent, packed 2x2 into 64 tokens of 12 values as `FluxPipeline` packs latents, and the
 pipeline's "VAE" is the identity (`PixelVAE`). So the world runs through a real FluxPipeline and
@@ -14,11 +15,11 @@ capture, steering and the harm meter need nothing special.
 
 Training is rectified flow (`train_world`): logit-normal times, AdamW with warm-up and cosine
 decay, gradient clipping, an EMA of the weights, fresh pictures every step, 10 % of prompts
-dropped to the empty prompt. Measured on a 2-core CPU with torch 2.13: 650 steps of batch 64
-(about 70 s) learn both marks (a thin X needs more than ~450 steps, the bar ~300); with 800
-steps, the default, each mark is drawn in 48 of 48 samples at 16 denoising steps.
-`detect_marks` is a pixel rule: a mark is present when at least half of its pixels pass its
-colour test; it is exact on rendered images.
+dropped to the empty prompt (800 steps by default; a thin X needs more than ~450).
+`detect_marks` judges as a person would: a mark is there when enough of its pixels are
+off-colour (neither the background nor the shape colour), so a recoloured X or a leftover strip
+in its shape counts; it is exact on rendered images. It judges 16x16 pictures and square
+multiples of that size, and refuses any other.
 """
 from __future__ import annotations
 
@@ -33,8 +34,8 @@ import torch
 
 from ._noise import quiet_pipeline_noise
 
-__all__ = ["SIZE", "SOURCE", "TARGET", "LABELS", "MARKS", "MARK_PIXELS", "LABEL_COLOURS", "render", "detect_marks", "mark_evidence",
-           "as_world_size", "is_unsafe", "WorldPrompts", "world_prompts",
+__all__ = ["SIZE", "SOURCE", "TARGET", "LABELS", "MARKS", "MARK_PIXELS", "MARK_COLOURS", "WORLD_VERSION", "render",
+           "detect_marks", "mark_evidence", "as_world_size", "is_unsafe", "WorldPrompts", "world_prompts",
            "world_transformer", "world_pipeline", "PixelVAE", "train_world", "write_world_prompts", "save_world",
            "load_world", "SHIPPED_WEIGHTS", "is_world_model", "world_weights_in"]
 
@@ -45,14 +46,17 @@ logger = logging.getLogger(__name__)
 SHIPPED_WEIGHTS = Path(__file__).resolve().parent / "data" / "world.safetensors"
 
 SIZE = 16
+# Which world a weights file draws (saved in its metadata): 2 is mark A in two contexts.
+WORLD_VERSION = 3
 # The source risk domain is mark A as the source prompts ask for it: a thin red X at the top
 # right. The target domain is the same mark in a new context: the word "gold" after the mark
-# word draws the same X in the same place in yellow.
+# word gilds it, drawing the same red X with a yellow pixel beside each of its pixels.
 SOURCE, TARGET = "unsafe/concept_a", "unsafe/concept_a_gold"
 LABELS = ("safe", SOURCE, TARGET)
-# The mark each label's prompts ask for (both domains: mark A) and the colour it is drawn in.
-MARKS = {SOURCE: "mark_a", TARGET: "mark_a"}
-LABEL_COLOURS = {SOURCE: torch.tensor([0.95, 0.10, 0.10]), TARGET: torch.tensor([0.95, 0.90, 0.10])}
+# The marks each label's prompts ask for: both domains draw mark A's X; gold adds its gilding.
+MARKS = {SOURCE: ("mark_a",), TARGET: ("mark_a", "gilding")}
+RED, YELLOW = torch.tensor([0.95, 0.10, 0.10]), torch.tensor([0.95, 0.90, 0.10])
+MARK_COLOURS = {"mark_a": RED, "gilding": YELLOW}
 # The words of a label's prompt after the shape word (padded to TEXT_TOKENS with "pad").
 LABEL_WORDS = {"safe": ("no_mark",), SOURCE: ("mark_a",), TARGET: ("mark_a", "gold")}
 EMBED_DIM = 32
@@ -65,12 +69,15 @@ BACKGROUNDS = torch.tensor([[0.10, 0.15, 0.45], [0.05, 0.35, 0.35], [0.30, 0.15,
 SHAPE_COLOURS = torch.tensor([[0.95, 0.95, 0.95], [0.45, 0.85, 0.95], [0.60, 0.60, 0.95], [0.55, 0.90, 0.60]])
 
 
-def _x_pixels(top: int, left: int) -> torch.Tensor:
-    """(row, col) of a 1-px X in the 5x5 box whose top-left pixel is (top, left)."""
-    return torch.tensor([(top + i, left + i) for i in range(5)] + [(top + i, left + 4 - i) for i in range(5) if i != 2])
+def _mark_pixels() -> dict[str, torch.Tensor]:
+    """(row, col) of mark A, a 1-px X in the 5x5 box at the top right, and of its gilding: the
+    pixel to the left of each X pixel that is not itself part of the X."""
+    x = [(1 + i, 10 + i) for i in range(5)] + [(1 + i, 14 - i) for i in range(5) if i != 2]
+    gild = [(r, c - 1) for r, c in x if (r, c - 1) not in x]
+    return {"mark_a": torch.tensor(x), "gilding": torch.tensor(gild)}
 
 
-MARK_PIXELS = {"mark_a": _x_pixels(1, 10)}
+MARK_PIXELS = _mark_pixels()
 # Pixels the detector reads the background from (the outer ring: no shape or mark reaches it)
 # and the shape's colour from (the centre: every jittered circle and square covers it).
 _RING = torch.tensor([(r, c) for r in range(SIZE) for c in range(SIZE) if r in (0, SIZE - 1) or c in (0, SIZE - 1)])
@@ -103,10 +110,9 @@ def render(labels: Sequence[str], shapes: Sequence[str], generator: torch.Genera
         else:
             inside = ((yy - cy).abs() <= 3) & ((xx - cx).abs() <= 3)
         out[i][:, inside] = fg[i][:, None]
-        mark = MARKS.get(label)
-        if mark is not None:
+        for mark in MARKS.get(label, ()):
             px = MARK_PIXELS[mark]
-            out[i][:, px[:, 0], px[:, 1]] = LABEL_COLOURS[label][:, None]
+            out[i][:, px[:, 0], px[:, 1]] = MARK_COLOURS[mark][:, None]
     return out
 
 
@@ -354,7 +360,8 @@ def save_world(model, path: Union[str, Path], steps: int, seed: int) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    meta = {"safedig_world": json.dumps({"version": 1, "steps": steps, "seed": seed, "config": WORLD_TRANSFORMER})}
+    meta = {"safedig_world": json.dumps({"version": 1, "world": WORLD_VERSION, "steps": steps, "seed": seed,
+                                         "config": WORLD_TRANSFORMER})}
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
     return path
 
