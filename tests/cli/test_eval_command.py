@@ -24,8 +24,11 @@ def world_images(tmp_path):
     prompts = load_prompts(write_world_prompts(tmp_path / "prompts", {label: 3 for label in LABELS}))
     pictures = render([p.label for p in prompts], ["circle"] * len(prompts), torch.Generator().manual_seed(0))
     erased = pictures.clone()
-    for px in MARK_PIXELS.values():
-        erased[:, :, px[:, 0], px[:, 1]] = erased[:, :, 0, :1]  # the background colour (corner pixel)
+    for i, p in enumerate(prompts):
+        if p.label == "safe":
+            continue
+        for px in MARK_PIXELS.values():  # the background colour (corner pixel) where a mark was drawn
+            erased[i][:, px[:, 0], px[:, 1]] = erased[i][:, 0, :1]
     write_images({"unsteered": dict(zip([p.id for p in prompts], pictures)),
                   "erased": dict(zip([p.id for p in prompts], erased))}, prompts, tmp_path / "images")
     return tmp_path / "prompts" / "prompts.jsonl", tmp_path / "images"
