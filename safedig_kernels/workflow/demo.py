@@ -3,26 +3,30 @@ detector that knows nothing of the SAEs.
 
 On the default (`--model world`) everything is made in code, seeded, and runs on a CPU:
 
-0. **world**: train the demo world's transformer (`world.py`: a tiny FluxTransformer2DModel
-   drawing 16x16 pictures of a circle or a square; a prompt for mark A adds a red X, one for
-   mark B a yellow bar), or load weights (`world`; `--quick` takes the shipped ones);
-1. **prompts**: the world's prompt embeddings (a shape word and a mark word, none for safe
-   prompts). The source risk domain is `unsafe/concept_a` (mark A), the target
-   `unsafe/concept_b` (mark B), a different mark in another corner. Each label has
-   `train_prompts` prompts for capture and `eval_prompts` held out for steering;
+0. **world**: the demo world's transformer (`world.py`: a tiny FluxTransformer2DModel drawing
+   16x16 pictures of a circle or a square; a prompt for mark A adds a red X, one for mark A
+   "gold" the same X gilded with yellow): the shipped weights when they were trained with this
+   seed and step count, else trained here (or `world` names weights);
+1. **prompts**: the world's prompt embeddings. The source risk domain is `unsafe/concept_a`
+   (the X), the target `unsafe/concept_a_gold` (the same concept in a new context: gilded).
+   Each label has `train_prompts` prompts for capture and `eval_prompts` held out;
 2. **capture** every candidate site (`capture`), 3. **train** a TopK SAE per site on the
    source domain (`train_sae`), 4. **score** its harmful features (`score_features`),
 5. **route** (site, operator) pairs by robustness to the source -> target shift (`route`) and
-   write the steering config; the gate threshold of each selected site is then set to the
-   `tau_quantile` quantile of the harm score over the captured safe tokens, so that about
-   1 - tau_quantile of safe tokens are steered;
-6. **adapt** each selected SAE's decoder to the target with the encoder frozen (`adapt_decoder`);
-7. **steer** the held-out prompts with the routed config (source SAEs) and the adapted one
-   (`generate`), each against the unsteered run from the same noise, and time a
-   denoising step with and without steering;
-eval. **judge** every image with `detector` (`detectors.py`; the world's pixel rule by default):
-   the unsafe rate per label and column with its Wilson interval, PSNR and SSIM of the steered
-   safe images against the unsteered ones (`eval.evaluate_runs`, as `safedig eval` does).
+   write the steering config; a site steers the union of the harmful sets found on the source
+   and, with the same frozen encoder, on the target; the gate threshold of each selected site
+   is the `tau_quantile` quantile of the harm score over the captured safe tokens;
+6. **adapt** every steerable site's decoder to the target with the encoder frozen
+   (`adapt_decoder`; `b_dec` frozen too, since it centres the encoder's input: the harm score,
+   and so the harmful set and the gate, stay exactly the source's), and fine-tune the routed
+   sites' whole SAEs as the baseline (`finetune_sae`, harmful set re-scored, gate recalibrated);
+7. **steer** the held-out prompts with every method of `demo_methods.py` (source SAEs, SafeDIG,
+   full fine-tune, each steerable site alone, each operator alone), each against the unsteered
+   run from the same noise, and time a denoising step with and without steering;
+eval. **judge** every image with `detector` (`detectors.py`; the world's own by default): the
+   unsafe rate per label and column with its Wilson interval, PSNR and SSIM of the steered safe
+   images against the unsteered ones (`eval.evaluate_runs`, as `safedig eval` does), and the
+   paper-shaped table and routing check (`demo_methods.method_rows`, `site_check`).
 
 Every number in the table comes from this run. The harm score is spec §2's `h` of the tokens
 each steered site passes on, measured for every column with the *source* SAE's encoder and the
@@ -64,9 +68,8 @@ from ..integrations.diffusers.sites import SiteSpec
 from ..sae import SAEMetadata
 from .adapt import AdaptConfig, adapt_decoder, finetune_sae
 from .capture import CaptureConfig, capture
-from .demo_methods import (
-    format_methods_table,
-    format_site_check,
+from .demo_methods import (  # noqa: F401 (format_table: `safedig demo` prints it from here)
+    format_table,
     method_rows,
     routed_config,
     single_site_config,
@@ -301,78 +304,6 @@ def _write_prompt_files(cfg: DemoConfig, directory: Path, embed_dim: int, pooled
         paths.append(p)
     all_path.unlink()
     return paths[0], paths[1]
-
-
-def _fmt_rel(after: float, before: float) -> str:
-    if not (math.isfinite(after) and math.isfinite(before)) or before == 0:
-        return "n/a"
-    return f"{(after - before) / before:+.0%}"
-
-
-def _unsafe_rate_lines(summary: dict[str, Any], names: list[str], w: int) -> list[str]:
-    """The detector's verdict: unsafe rate per label and column with its 95 % Wilson interval,
-    then how far steering moved the safe images (PSNR, SSIM against the unsteered ones)."""
-    columns = (("unsteered", "unsteered"), ("source", "steered, source SAE"), ("adapted", "steered, adapted SAE"))
-    det = summary["detector"]
-    n = max(r["prompts"] for r in summary["table"])
-    lines = [f"Unsafe rate of the final images judged by the `{det['name']}` detector, independent of the SAEs; "
-             f"{n} held-out",
-             f"prompts per row; 95 % Wilson interval in brackets. Detector: {det['description']}.", "",
-             f"{'prompts':<{w}} " + " | ".join(f"{title:^20}" for _, title in columns)]
-    for name, row in zip(names, summary["table"]):
-        cells = summary["unsafe"][row["label"]]
-        texts = [f"{c['rate']:.0%} [{c['low']:.0%}, {c['high']:.0%}]" for c in (cells[k] for k, _ in columns)]
-        lines.append(f"{name:<{w}} " + " | ".join(f"{t:^20}" for t in texts))
-    sim = summary["safe_similarity"]
-    lines += ["", "Safe images, steered against unsteered (same noise): "
-              + "; ".join(f"{title.split(', ')[1]} PSNR {_fmt_psnr(sim[k]['psnr_db'])}, SSIM {sim[k]['ssim']:.4f}"
-                          for k, title in columns[1:] if k in sim), ""]
-    return lines
-
-
-def _fmt_psnr(db: float) -> str:
-    return "inf (identical)" if math.isinf(db) else f"{db:.1f} dB"
-
-
-def format_table(summary: dict[str, Any]) -> str:
-    """The before/after table printed at the end of the demo (from `summary.json`'s content)."""
-    rows = summary["table"]
-    c = summary["config"]
-    role = {c["source"]: "  (source)", c["target"]: "  (target)"}
-    names = [f"{r['label']}{role.get(r['label'], '')}" for r in rows]
-    w = max(28, *(len(n) for n in names))
-    n = max(r["prompts"] for r in rows)
-    lines = _unsafe_rate_lines(summary, names, w) if "unsafe" in summary else []
-    lines += ["Harm score h (spec §2) of the activations leaving the steered sites, mean per token and step,",
-             f"judged by the source SAE; {n} held-out prompts per row. Gate: share of tokens over tau (steered).",
-             "",
-             f"{'':<{w}} {'unsteered':>9} | {'steered, source SAE':^22} | {'steered, adapted SAE':^22}",
-             f"{'prompts':<{w}} {'h':>9} | {'h':>8} {'change':>7} {'gate':>5} | {'h':>8} {'change':>7} {'gate':>5}"]
-    for name, r in zip(names, rows):
-        base = r["harm_unsteered"]
-        cells = [f"{x['harm']:>8.3f} {_fmt_rel(x['harm'], base):>7} {x['gated_fraction']:>5.0%}"
-                 for x in (r["source_sae"], r["adapted_sae"])]
-        lines.append(f"{name:<{w}} {base:>9.3f} | {cells[0]} | {cells[1]}")
-    lines += ["",
-              "Final latents moved by steering, ||z_steered - z_unsteered|| / ||z_unsteered|| (same noise):",
-              "",
-              f"{'':<{w}} {'':>9} | {'steered, source SAE':^22} | {'steered, adapted SAE':^22}",
-              f"{'prompts':<{w}} {'':>9} | {'mean':>10} {'max':>11} | {'mean':>10} {'max':>11}"]
-    for name, r in zip(names, rows):
-        cells = [f"{x['latents_moved']:>10.3%} {x['latents_moved_max']:>11.3%}"
-                 for x in (r["source_sae"], r["adapted_sae"])]
-        lines.append(f"{name:<{w}} {'':>9} | {cells[0]} | {cells[1]}")
-    t = summary["overhead"]
-    lines += ["",
-              f"Steering overhead, {t['device']} ({t['threads']} thread(s), {t['dtype']}, this machine, "
-              f"{summary['model']}, {t['sites']} site(s)):",
-              f"  {t['ms_per_step_without']:.2f} ms per denoising step without steering, "
-              f"{t['ms_per_step_with']:.2f} ms with ({t['overhead']:+.0%}; median of {t['calls_timed']} steps each)"]
-    if t["device"].startswith("cpu"):
-        lines.append("  CPU numbers on a tiny model: they say nothing about GPU overhead (spec §5-6).")
-    if summary.get("methods"):  # the paper's table last: what the demo is for
-        lines += ["", format_site_check(summary), "", format_methods_table(summary)]
-    return "\n".join(lines)
 
 
 def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), *, log: Optional[Callable[[str], None]] = None,

@@ -1,5 +1,5 @@
-"""The methods `safedig demo` compares, as steering configs, and the paper-shaped table of their
-results (`demo.py` runs them; `eval.py` judges their images).
+"""The methods `safedig demo` compares, as steering configs, the paper-shaped table of their
+results, and the demo's whole printout (`demo.py` runs them; `eval.py` judges their images).
 
 Every method steers the held-out prompts from the same noise; each is one column of images:
 
@@ -26,7 +26,8 @@ from ..sae import TopKSAE
 from .eval import wilson_interval
 from .route import OPERATORS, RoutingReport, operator_strengths
 
-__all__ = ["site_column", "routed_config", "single_site_config", "method_rows", "site_check", "format_methods_table",
+__all__ = ["format_table", "site_column", "routed_config", "single_site_config", "method_rows", "site_check",
+           "format_methods_table",
            "format_site_check", "methods_markdown"]
 
 FIXED = ("source", "adapted", "finetune")
@@ -155,4 +156,78 @@ def format_site_check(summary: Mapping[str, Any]) -> str:
             continue
         lines.append(f"| {r['rank']} | {r['site']} | {r['operator']} | {r['target_rate']:.0%} | {r['source_rate']:.0%} "
                      f"| {'yes' if r['routed'] else ''} |")
+    return "\n".join(lines)
+
+
+# -- the whole printout of `safedig demo` -------------------------------------------------------
+
+def _fmt_rel(after: float, before: float) -> str:
+    if not (math.isfinite(after) and math.isfinite(before)) or before == 0:
+        return "n/a"
+    return f"{(after - before) / before:+.0%}"
+
+
+def _unsafe_rate_lines(summary: dict[str, Any], names: list[str], w: int) -> list[str]:
+    """The detector's verdict: unsafe rate per label and column with its 95 % Wilson interval,
+    then how far steering moved the safe images (PSNR, SSIM against the unsteered ones)."""
+    columns = (("unsteered", "unsteered"), ("source", "steered, source SAE"), ("adapted", "steered, adapted SAE"))
+    det = summary["detector"]
+    n = max(r["prompts"] for r in summary["table"])
+    lines = [f"Unsafe rate of the final images judged by the `{det['name']}` detector, independent of the SAEs; "
+             f"{n} held-out",
+             f"prompts per row; 95 % Wilson interval in brackets. Detector: {det['description']}.", "",
+             f"{'prompts':<{w}} " + " | ".join(f"{title:^20}" for _, title in columns)]
+    for name, row in zip(names, summary["table"]):
+        cells = summary["unsafe"][row["label"]]
+        texts = [f"{c['rate']:.0%} [{c['low']:.0%}, {c['high']:.0%}]" for c in (cells[k] for k, _ in columns)]
+        lines.append(f"{name:<{w}} " + " | ".join(f"{t:^20}" for t in texts))
+    sim = summary["safe_similarity"]
+    lines += ["", "Safe images, steered against unsteered (same noise): "
+              + "; ".join(f"{title.split(', ')[1]} PSNR {_fmt_psnr(sim[k]['psnr_db'])}, SSIM {sim[k]['ssim']:.4f}"
+                          for k, title in columns[1:] if k in sim), ""]
+    return lines
+
+
+def _fmt_psnr(db: float) -> str:
+    return "inf (identical)" if math.isinf(db) else f"{db:.1f} dB"
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    """The before/after table printed at the end of the demo (from `summary.json`'s content)."""
+    rows = summary["table"]
+    c = summary["config"]
+    role = {c["source"]: "  (source)", c["target"]: "  (target)"}
+    names = [f"{r['label']}{role.get(r['label'], '')}" for r in rows]
+    w = max(28, *(len(n) for n in names))
+    n = max(r["prompts"] for r in rows)
+    lines = _unsafe_rate_lines(summary, names, w) if "unsafe" in summary else []
+    lines += ["Harm score h (spec §2) of the activations leaving the steered sites, mean per token and step,",
+             f"judged by the source SAE; {n} held-out prompts per row. Gate: share of tokens over tau (steered).",
+             "",
+             f"{'':<{w}} {'unsteered':>9} | {'steered, source SAE':^22} | {'steered, adapted SAE':^22}",
+             f"{'prompts':<{w}} {'h':>9} | {'h':>8} {'change':>7} {'gate':>5} | {'h':>8} {'change':>7} {'gate':>5}"]
+    for name, r in zip(names, rows):
+        base = r["harm_unsteered"]
+        cells = [f"{x['harm']:>8.3f} {_fmt_rel(x['harm'], base):>7} {x['gated_fraction']:>5.0%}"
+                 for x in (r["source_sae"], r["adapted_sae"])]
+        lines.append(f"{name:<{w}} {base:>9.3f} | {cells[0]} | {cells[1]}")
+    lines += ["",
+              "Final latents moved by steering, ||z_steered - z_unsteered|| / ||z_unsteered|| (same noise):",
+              "",
+              f"{'':<{w}} {'':>9} | {'steered, source SAE':^22} | {'steered, adapted SAE':^22}",
+              f"{'prompts':<{w}} {'':>9} | {'mean':>10} {'max':>11} | {'mean':>10} {'max':>11}"]
+    for name, r in zip(names, rows):
+        cells = [f"{x['latents_moved']:>10.3%} {x['latents_moved_max']:>11.3%}"
+                 for x in (r["source_sae"], r["adapted_sae"])]
+        lines.append(f"{name:<{w}} {'':>9} | {cells[0]} | {cells[1]}")
+    t = summary["overhead"]
+    lines += ["",
+              f"Steering overhead, {t['device']} ({t['threads']} thread(s), {t['dtype']}, this machine, "
+              f"{summary['model']}, {t['sites']} site(s)):",
+              f"  {t['ms_per_step_without']:.2f} ms per denoising step without steering, "
+              f"{t['ms_per_step_with']:.2f} ms with ({t['overhead']:+.0%}; median of {t['calls_timed']} steps each)"]
+    if t["device"].startswith("cpu"):
+        lines.append("  CPU numbers on a tiny model: they say nothing about GPU overhead (spec §5-6).")
+    if summary.get("methods"):  # the paper's table last: what the demo is for
+        lines += ["", format_site_check(summary), "", format_methods_table(summary)]
     return "\n".join(lines)
