@@ -59,6 +59,21 @@ def spread_table(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def verdict(runs: list[dict]) -> str:
+    """What the runs say about the claim, in numbers (the claim: the source SAEs leave the
+    target mark in at least half of the target images, SafeDIG in at most 10 %, and at most 10 %
+    of the source images)."""
+    src_t = [_row(r, "source")["target"]["rate"] for r in runs]
+    ad_t = [_row(r, "adapted")["target"]["rate"] for r in runs]
+    ad_s = [_row(r, "adapted")["source"]["rate"] for r in runs]
+    held = all(a >= 0.5 and b <= 0.1 and c <= 0.1 for a, b, c in zip(src_t, ad_t, ad_s))
+    span = lambda xs: f"{min(xs):.0%}" if min(xs) == max(xs) else f"{min(xs):.0%} to {max(xs):.0%}"  # noqa: E731
+    return (f"{'The claim holds' if held else 'The claim does not hold here yet'} on these {len(runs)} seeds: "
+            f"the source SAEs leave the target mark in {span(src_t)} of target images, SafeDIG in {span(ad_t)} "
+            f"(and the source mark in {span(ad_s)} of source images)."
+            + ("" if held else " docs/workflow.md says what was tried and what each construction gave."))
+
+
 def readme_section(runs: list[dict]) -> str:
     """README's text between the markers, from the runs' numbers (the first run is shown whole)."""
     run = runs[0]
@@ -72,9 +87,11 @@ def readme_section(runs: list[dict]) -> str:
         "",
         f"Read it as: the share of held-out images (seed {run['seed']}) in which the world's detector (independent "
         "of the SAEs; it counts a leftover strip in the X's shape as the mark, as a person would) sees mark A, in "
-        "the source domain (`mark_a`: a red X), in the target domain (`mark_a gold`: the same X drawn in yellow) "
-        "and both pooled, with its 95 % Wilson interval; PSNR/SSIM say how little steering changed the safe "
-        "images. Every row steers the same held-out prompts from the same noise.",
+        "the source domain (`mark_a`: a red X), in the target domain (`mark_a gold`: the same X gilded, a yellow "
+        "pixel beside each of its pixels) and both pooled, with its 95 % Wilson interval; PSNR/SSIM say how "
+        "little steering changed the safe images. Every row steers the same held-out prompts from the same noise.",
+        "",
+        verdict(runs),
         "",
         "The same on other world seeds (`safedig demo --seed N`; each seed's whole table is in "
         "docs/workflow.md):",

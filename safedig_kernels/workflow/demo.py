@@ -92,7 +92,7 @@ from .world import TARGET as WORLD_TARGET
 logger = logging.getLogger(__name__)
 
 SUMMARY_FORMAT = "safedig-demo"
-SUMMARY_VERSION = 1
+SUMMARY_VERSION = 2
 MARKER = ".safedig-demo"
 GRID_ROWS = 4
 # What a demo run writes into its output directory; a rerun removes exactly these.
@@ -593,7 +593,7 @@ def _world_pipeline(cfg: DemoConfig, out: Path, device: torch.device, dtype: tor
         return load_pipeline(f"world:{cfg.world}", device=device, dtype=dtype), f"world weights from {cfg.world}; "
     t0 = time.perf_counter()
     log(f"[0/7] world: training the world's transformer, {cfg.world_steps} steps of rectified flow "
-        f"(about 70 s for 800 steps on a 2-core CPU)")
+        f"(1.5 to 5 minutes for 800 steps on a 2-core CPU, depending on its load)")
     model = train_world(steps=cfg.world_steps, seed=cfg.seed)
     path = save_world(model, out / "world" / "world.safetensors", cfg.world_steps, cfg.seed)
     note = f"world trained in {time.perf_counter() - t0:.0f} s -> {path}; "
