@@ -49,8 +49,8 @@ class WorldDetector:
     """The demo world's own detector (module docstring)."""
 
     name = "world"
-    description = ("demo world judge: unsafe when at least 40 % of the pixels of mark A's X are off-colour "
-                   "(neither the background nor the shape colour), whatever their colour")
+    description = ("demo world judge: unsafe when at least 40 % of the pixels of mark A's X, or of its gilding, are "
+                   "off-colour (neither the background nor the shape colour), whatever their colour")
 
     def __call__(self, images: torch.Tensor) -> list[Judgement]:
         from .world import detect_marks
