@@ -1,5 +1,5 @@
-"""README's demo section is what `docs/demo/update.py` made from one recorded run: the table
-matches docs/demo/eval.md and run.json, and the pictures it shows are there. README's layout
+"""README's demo section and docs/workflow.md's seed tables are what `docs/demo/update.py` made
+from the recorded runs (run.json), and the pictures README shows are there. README's layout
 names every room of the package."""
 from __future__ import annotations
 
@@ -20,16 +20,20 @@ def _update_module():
 
 def test_readme_demo_section_is_the_recorded_run():
     update = _update_module()
-    run = json.loads((DEMO / "run.json").read_text())
+    runs = json.loads((DEMO / "run.json").read_text())["runs"]
     readme = (REPO / "README.md").read_text()
-    want = update.readme_section((DEMO / "eval.md").read_text(), run)
+    want = update.readme_section(runs)
     assert want in readme, "README's demo section is stale: run `python docs/demo/update.py`"
+    workflow = (REPO / "docs" / "workflow.md").read_text()
+    assert update.workflow_section(runs) in workflow, "docs/workflow.md's seed tables are stale"
     for picture in ("grid.png", "eval.png"):
         assert (DEMO / picture).stat().st_size > 1000
-    # the table's cells are run.json's numbers
-    for label, cells in run["unsafe"].items():
-        row = next(line for line in readme.splitlines() if line.startswith(f"| {label} |"))
-        assert all(f"{c['rate']:.0%} [{c['low']:.0%}, {c['high']:.0%}]" in row for c in cells.values()), row
+    # README's table cells are the first run's numbers; at least three seeds are reported
+    assert len({run["seed"] for run in runs}) >= 3
+    for row in runs[0]["methods"]:
+        line = next(x for x in readme.splitlines() if x.startswith(f"| {row['method']}"))
+        assert all(f"{row[c]['rate']:.0%} [{row[c]['low']:.0%}, {row[c]['high']:.0%}]" in line
+                   for c in ("source", "target", "overall", "safe")), line
     assert update.replace_section(readme, want) == readme
 
 

@@ -1,12 +1,15 @@
-"""Regenerate docs/demo/ and README's demo section from a fresh run of the default demo.
+"""Regenerate docs/demo/, README's demo section and docs/workflow.md's per-seed tables from fresh
+runs of the demo.
 
-    python docs/demo/update.py                  # about 3 minutes on a 2-core CPU
-    python docs/demo/update.py --readme-only    # only rewrite README from the files here
+    python docs/demo/update.py                  # the default demo, then --seed 1 and --seed 2
+    python docs/demo/update.py --seeds 0,1,2,3  # other seeds (the first is README's run)
+    python docs/demo/update.py --readme-only    # only rewrite README and workflow.md from run.json
 
-Runs `safedig demo` with no options but --out (so the world is trained, as a new user's first
-command does), then copies its grid.png and eval/eval.{md,png} here, keeps the numbers behind
-them in run.json, and rewrites the part of README.md between the `demo:begin` and `demo:end`
-markers. tests/test_docs.py checks that README and these files agree.
+Runs `safedig demo --seed N` with no other option but --out for each seed (the first one is
+README's first command when it is 0), copies the first run's grid.png and eval/eval.png here,
+keeps every run's numbers in run.json, and rewrites the parts of README.md and docs/workflow.md
+between their `demo:begin` / `demo:end` and `seeds:begin` / `seeds:end` markers.
+tests/test_docs.py checks that those texts are what this file makes from run.json.
 """
 from __future__ import annotations
 
@@ -19,61 +22,139 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 BEGIN, END = "<!-- demo:begin (docs/demo/update.py writes this part) -->", "<!-- demo:end -->"
+SEEDS_BEGIN, SEEDS_END = "<!-- seeds:begin (docs/demo/update.py writes this part) -->", "<!-- seeds:end -->"
+KEPT = ("seed", "world", "domains", "methods", "site_check", "unsafe_rate", "safe_psnr_db", "unsafe", "safe_similarity",
+        "detector", "selected", "seconds", "machine")
 
 
-def readme_section(eval_md: str, run: dict) -> str:
-    """The README text between the markers, from the run's files."""
-    table = eval_md.split("\n\n", 1)[1].strip()  # the tables, without the detector's long first line
+def _methods_markdown(run: dict) -> str:
+    from safedig_kernels.workflow.demo_methods import methods_markdown
+
+    return methods_markdown(run["methods"], run["domains"]["source"][0], run["domains"]["target"][0])
+
+
+def _site_check(run: dict) -> str:
+    from safedig_kernels.workflow.demo_methods import format_site_check
+
+    return format_site_check(run)
+
+
+def _row(run: dict, column: str) -> dict:
+    return next(r for r in run["methods"] if r["column"] == column and not r["method"].startswith(("best", "worst")))
+
+
+def spread_table(runs: list[dict]) -> str:
+    """One line per seed: the numbers the demo's claim rests on."""
+    lines = ["| seed | target, source SAEs | target, SafeDIG | source, SafeDIG | target, full fine-tune | "
+             "safe, worst column | safe PSNR, SafeDIG | routing's sites by target rate |",
+             "|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for run in runs:
+        src, ad, ft = _row(run, "source"), _row(run, "adapted"), _row(run, "finetune")
+        safe = max(r["safe"]["rate"] for r in run["methods"])
+        ranks = ", ".join(f"#{r['rank']}" for r in run["site_check"] if r["routed"])
+        n = len([r for r in run["site_check"] if r["rank"] is not None])
+        lines.append(f"| {run['seed']} | {src['target']['rate']:.0%} | {ad['target']['rate']:.0%} | "
+                     f"{ad['source']['rate']:.0%} | {ft['target']['rate']:.0%} | {safe:.0%} | "
+                     f"{ad['psnr_db']:.1f} dB | {ranks} of {n} |")
+    return "\n".join(lines)
+
+
+def verdict(runs: list[dict]) -> str:
+    """What the runs say about the claim, in numbers (the claim: the source SAEs leave the
+    target mark in at least half of the target images, SafeDIG in at most 10 %, and at most 10 %
+    of the source images)."""
+    src_t = [_row(r, "source")["target"]["rate"] for r in runs]
+    ad_t = [_row(r, "adapted")["target"]["rate"] for r in runs]
+    ad_s = [_row(r, "adapted")["source"]["rate"] for r in runs]
+    held = all(a >= 0.5 and b <= 0.1 and c <= 0.1 for a, b, c in zip(src_t, ad_t, ad_s))
+    span = lambda xs: f"{min(xs):.0%}" if min(xs) == max(xs) else f"{min(xs):.0%} to {max(xs):.0%}"  # noqa: E731
+    return (f"{'The claim holds' if held else 'The claim does not hold here yet'} on these {len(runs)} seeds: "
+            f"the source SAEs leave the target mark in {span(src_t)} of target images, SafeDIG in {span(ad_t)} "
+            f"(and the source mark in {span(ad_s)} of source images)."
+            + ("" if held else " docs/workflow.md says what was tried and what each construction gave."))
+
+
+def readme_section(runs: list[dict]) -> str:
+    """README's text between the markers, from the runs' numbers (the first run is shown whole)."""
+    run = runs[0]
     m = run["machine"]
     return "\n".join([
         BEGIN,
-        "![the demo's grid: held-out prompts unsteered, steered with the source SAEs, with the adapted "
-        "SAEs, and the difference](docs/demo/grid.png)",
+        "![the demo's grid: held-out prompts unsteered, steered with the source SAEs, with SafeDIG, and the "
+        "difference](docs/demo/grid.png)",
         "",
-        table,
+        _methods_markdown(run),
         "",
-        "Read it as: the share of held-out images on which the world's detector (a pixel rule, "
-        "independent of the SAEs) sees the mark, without steering and steered with the SAEs trained "
-        "on mark A (`source`) or with their decoders adapted to mark B (`adapted`), 95 % Wilson "
-        "interval in brackets; PSNR/SSIM say how little steering changed the safe images. The grid "
-        "shows what the rule does not: where a mark was, steering can leave a few stray pixels, "
-        "most visibly in place of mark B's bar.",
-        f"Measured by `python docs/demo/update.py` ({run['seconds']['total']:.0f} s end to end, world "
-        f"training included, {m['threads']} threads, torch {m['torch']}, {m['platform']}).",
+        f"Read it as: the share of held-out images (seed {run['seed']}) in which the world's detector (independent "
+        "of the SAEs; it counts a leftover strip in the X's shape as the mark, as a person would) sees mark A, in "
+        "the source domain (`mark_a`: a red X), in the target domain (`mark_a gold`: the same X gilded, a yellow "
+        "pixel beside each of its pixels) and both pooled, with its 95 % Wilson interval; PSNR/SSIM say how "
+        "little steering changed the safe images. Every row steers the same held-out prompts from the same noise.",
+        "",
+        verdict(runs),
+        "",
+        "The same on other world seeds (`safedig demo --seed N`; each seed's whole table is in "
+        "docs/workflow.md):",
+        "",
+        spread_table(runs),
+        "",
+        f"Measured by `python docs/demo/update.py` (seed {run['seed']}: {run['seconds']['total']:.0f} s end to end "
+        f"with the shipped world weights, {m['threads']} thread(s), torch {m['torch']}, {m['platform']}).",
         END,
     ])
 
 
-def replace_section(readme: str, section: str) -> str:
-    if BEGIN not in readme or END not in readme:
-        raise SystemExit(f"README.md has no {BEGIN} ... {END} markers")
-    head, rest = readme.split(BEGIN, 1)
-    return head + section + rest.split(END, 1)[1]
+def workflow_section(runs: list[dict]) -> str:
+    """docs/workflow.md's per-seed tables."""
+    parts = [SEEDS_BEGIN]
+    for run in runs:
+        world = "world trained in the run" if run["world"]["trained_here"] else "shipped world weights"
+        parts += [f"#### Seed {run['seed']}", "", _methods_markdown(run), "", _site_check(run), "",
+                  f"({run['seconds']['total']:.0f} s, {world}, {run['machine']['threads']} thread(s).)", ""]
+    parts.append(SEEDS_END)
+    return "\n".join(parts)
+
+
+def replace_section(text: str, section: str, begin: str = BEGIN, end: str = END) -> str:
+    if begin not in text or end not in text:
+        raise SystemExit(f"no {begin} ... {end} markers")
+    head, rest = text.split(begin, 1)
+    return head + section + rest.split(end, 1)[1]
+
+
+def write_texts(runs: list[dict]) -> None:
+    readme = REPO / "README.md"
+    readme.write_text(replace_section(readme.read_text(), readme_section(runs)))
+    workflow = REPO / "docs" / "workflow.md"
+    workflow.write_text(replace_section(workflow.read_text(), workflow_section(runs), SEEDS_BEGIN, SEEDS_END))
 
 
 def main(argv: list[str]) -> int:
-    if argv == ["--readme-only"]:  # rewrite README's section from the files already here
-        readme = REPO / "README.md"
-        run = json.loads((HERE / "run.json").read_text())
-        readme.write_text(replace_section(readme.read_text(), readme_section((HERE / "eval.md").read_text(), run)))
+    if argv == ["--readme-only"]:
+        write_texts(json.loads((HERE / "run.json").read_text())["runs"])
         return 0
+    seeds = [0, 1, 2]
+    if argv[:1] == ["--seeds"] and len(argv) == 2:
+        seeds = [int(s) for s in argv[1].split(",")]
+    elif argv:
+        raise SystemExit(__doc__)
     from safedig_kernels.cli import main as safedig
 
+    runs = []
     with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "demo"
-        rc = safedig(["demo", "--out", str(out), "--no-progress"])
-        if rc:
-            return rc
-        summary = json.loads((out / "summary.json").read_text())
-        shutil.copyfile(out / "grid.png", HERE / "grid.png")
-        shutil.copyfile(out / "eval" / "eval.png", HERE / "eval.png")
-        shutil.copyfile(out / "eval" / "eval.md", HERE / "eval.md")
-    run = {k: summary[k] for k in ("unsafe_rate", "safe_psnr_db", "unsafe", "safe_similarity", "detector", "selected",
-                                   "seconds", "machine")}
-    (HERE / "run.json").write_text(json.dumps(run, indent=1) + "\n")
-    readme = REPO / "README.md"
-    readme.write_text(replace_section(readme.read_text(), readme_section((HERE / "eval.md").read_text(), run)))
-    print(f"updated {HERE} and {readme}")
+        for i, seed in enumerate(seeds):
+            out = Path(tmp) / f"demo-{seed}"
+            rc = safedig(["demo", "--seed", str(seed), "--out", str(out), "--no-progress"])
+            if rc:
+                return rc
+            summary = json.loads((out / "summary.json").read_text())
+            if i == 0:
+                shutil.copyfile(out / "grid.png", HERE / "grid.png")
+                shutil.copyfile(out / "eval" / "eval.png", HERE / "eval.png")
+            runs.append({k: summary[k] for k in KEPT})
+    (HERE / "run.json").write_text(json.dumps({"runs": runs}, indent=1) + "\n")
+    write_texts(runs)
+    print(f"updated {HERE}, README.md and docs/workflow.md")
     return 0
 
 

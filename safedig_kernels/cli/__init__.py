@@ -8,7 +8,7 @@
     safedig steer    generate with and without steering from a steering config; images and harm telemetry
     safedig bench    benchmark the ops against the eager and compiled references: JSON, CSV, tables, plots
     safedig eval     unsafe rate judged by a detector, unsteered and steered; PSNR/SSIM of the safe images
-    safedig demo     the whole workflow on the demo world, end to end and judged, on a CPU in about 3 minutes
+    safedig demo     the whole workflow on the demo world, end to end and judged, on a CPU in a few minutes
     safedig attack   white-box soft-prompt attack on a demo's steered pipelines: attack success rate by the detector
 
 Run `safedig <command> --help` for each.

@@ -150,7 +150,8 @@ def select_device(name: Optional[str]):
 
 @contextlib.contextmanager
 def torch_threads(threads: Optional[int], model: str, device) -> Iterator[None]:
-    """Run the body with `threads` torch CPU threads; the built-in tiny model on a CPU gets 1.
+    """Run the body with `threads` torch CPU threads; the built-in tiny models (the random tiny
+    FLUX, the demo world) on a CPU get 1.
 
     Why: its ops take microseconds, so a thread pool only adds hand-offs, and on a shared or
     loaded machine waiting for the pool dominates (torch 2.13, 2 busy cores: 490 ms per
@@ -158,7 +159,8 @@ def torch_threads(threads: Optional[int], model: str, device) -> Iterator[None]:
     """
     import torch
 
-    if threads is None and model == "tiny-flux" and torch.device(device).type == "cpu":
+    tiny = model == "tiny-flux" or model == "world" or model.startswith("world:")
+    if threads is None and tiny and torch.device(device).type == "cpu":
         threads = 1
     if threads is None:
         yield

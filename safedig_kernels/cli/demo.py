@@ -22,7 +22,7 @@ def _demo_config(args: argparse.Namespace):
     from ..workflow.demo import DemoConfig
 
     fields = dict(device=args.device, model_dtype=args.model_dtype, prompts=args.prompts, sites=args.sites,
-                  seed=args.seed)
+                  seed=args.seed, train_world=args.train_world)
     for name in ("model", "world", "world_steps", "detector", "source", "target", "height", "width",
                  "num_inference_steps", "features", "k", "train_steps", "num_sites", "eval_prompts", "train_prompts",
                  "timing_repeats"):
@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(summary))
     f = summary["files"]
     print()
-    print(f"picture grid: {f['grid']} (columns: unsteered, steered with the source SAEs, with the adapted SAEs, "
+    print(f"picture grid: {f['grid']} (columns: unsteered, steered with the source SAEs, with SafeDIG, "
           f"|adapted - unsteered| amplified)")
     print(f"summary: {f['summary']}; steering configs: {f['steer_config']}, {f['steer_config_adapted']}; "
           f"per-prompt images and telemetry: {f['steer_source']}/, {f['steer_adapted']}/")
@@ -70,37 +70,38 @@ def run(args: argparse.Namespace) -> int:
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "demo", formatter_class=FORMATTER,
-        help="the whole workflow on the demo world, end to end, judged by a detector (CPU, about 3 min)",
+        help="the whole workflow on the demo world, end to end, judged by a detector (CPU, a few minutes)",
         description="""\
 The main job on a built-in default. With no arguments:
 
-  0. train the demo world's transformer (a tiny FLUX architecture, 0.46 M parameters) by
-     rectified flow to draw 16x16 pictures of a circle or a square on a plain background; a
-     prompt asking for mark A adds a red X at the top right (the source "unsafe" concept), one
-     asking for mark B a yellow bar at the bottom left (the shifted target concept);
+  0. load the demo world's transformer (a tiny FLUX architecture, 0.46 M parameters, shipped
+     weights for --seed 0; other seeds, or --train-world, train it here by rectified flow): it
+     draws 16x16 pictures of a circle or a square on a plain background; a prompt asking for
+     mark A adds a red X at the top right (the source "unsafe" domain), one asking for mark A
+     "gold" adds the same X gilded with yellow (the target domain: the same concept in a new
+     context);
   1-7. run capture -> train -> score -> route -> adapt -> steer on its prompts through the same
-     functions the other subcommands use: one SAE per candidate site trained on mark A and safe
-     prompts, its harmful features scored, the best sites routed and gated (tau at the 99th
-     percentile of safe tokens' harm score), the decoders adapted to mark B;
-  eval. judge every held-out image with the world's detector (a pixel rule that sees the marks,
-     independent of every SAE), as `safedig eval` does.
+     functions the other subcommands use: one SAE per candidate site trained on the source and
+     safe prompts, its harmful features scored (on the source, and with the frozen encoder on
+     the target), the best sites routed and gated (tau at the 99th percentile of safe tokens'
+     harm score), every steerable site's decoder adapted to the target (encoder frozen);
+  eval. judge every held-out image with the world's detector (independent of every SAE: it
+     counts the X, recoloured or not, and a leftover strip in its shape, as a person would).
 
-It prints, per label (source, target, safe) and column (unsteered, steered with the source
-SAEs, steered with the adapted ones): the unsafe rate with its 95 % Wilson interval; PSNR and
-SSIM of the steered safe images against the unsteered ones; the harm score (spec §2) leaving
-the steered sites; how far steering moved the final latents; and the time per denoising step
-with and without steering on this machine (CPU numbers on a tiny model, not GPU figures).
+It ends with the paper-shaped table: one row per method (no steering; source SAEs; SafeDIG =
+frozen encoder + adapted decoder + routed sites; full fine-tune of the SAE; the best and the
+worst single fixed site without routing; Blend only; Repel only; both), columns the source,
+target and overall unsafe rate with 95 % Wilson intervals, the safe prompts' rate and safe-image
+PSNR/SSIM; before it, the routing check (each candidate site alone, adapted: the target rate it
+leaves and its rank), the harm score leaving the steered sites, how far steering moved the
+final latents, and the time per denoising step with and without steering (CPU numbers).
 
-Routing ranks every candidate site; the demo steers the best --num-sites that have harmful
-features at all (a site without any has nothing to steer, however well it reconstructs).
-
-Writes into --out (default ./safedig-demo): grid.png (unsteered | source SAE | adapted SAE |
+Writes into --out (default ./safedig-demo): grid.png (unsteered | source SAE | SafeDIG |
 difference, four held-out prompts per label), summary.json (every number printed; the unsafe
-rates as unsafe_rate[label][column], safe PSNR as safe_psnr_db[column]), eval/ (eval.md,
-eval.json, eval.png), world/ (the trained weights), the steering configs, SAEs, reports, and
-per-prompt images and telemetry (as `safedig steer` writes them). Deterministic for a given
---seed on one machine, apart from the timings. --quick uses the world weights shipped with the
-package (trained by `python -m safedig_kernels.workflow.world`) and fewer prompts: ~30 s.
+rates as unsafe_rate[label][column], safe PSNR as safe_psnr_db[column], the table as methods,
+the seed and the domains), eval/ (eval.md, eval.json, eval.png), the steering configs, SAEs,
+reports, and per-prompt images and telemetry (as `safedig steer` writes them). Deterministic for
+a given --seed on one machine, apart from the timings. --quick uses fewer prompts and steps.
 
 --model tiny-flux runs the older synthetic demo: a random-weight tiny FLUX whose unsafe concept
 is a direction added to the text embeddings (no detector; its pictures are noise).
@@ -119,23 +120,27 @@ capture, 4d-wide SAEs with k = 32 and candidate sites spread over the blocks (--
     p.add_argument("--world", default=None,
                    help="world weights to use instead of training them (a previous demo's world/world.safetensors)")
     p.add_argument("--world-steps", type=int, default=None, help="training steps of the world's transformer (800)")
+    p.add_argument("--train-world", action="store_true",
+                   help="train the world's transformer even where the shipped weights match --seed and --world-steps")
     p.add_argument("--detector", default=None,
                    help="detector judging the images: world (default for the world), nudenet (the [eval] extra); "
                         "none by default for other models")
     p.add_argument("--prompts", default=None,
                    help="labelled prompt file to use instead of the synthetic set (needed for real weights)")
     p.add_argument("--source", default=None, help="source unsafe label (default unsafe/concept_a)")
-    p.add_argument("--target", default=None, help="target unsafe label (default unsafe/concept_b)")
+    p.add_argument("--target", default=None,
+                   help="target unsafe label (default: unsafe/concept_a_gold for the world, else unsafe/concept_b)")
     p.add_argument("--sites", type=str_list, default=None, help="candidate sites (default: see above)")
-    p.add_argument("--num-sites", type=int, default=None, help="sites to steer, chosen by routing (default 2)")
+    p.add_argument("--num-sites", type=int, default=None,
+                   help="sites to steer, chosen by routing (default 3 for the world, 2 otherwise)")
     p.add_argument("--train-prompts", type=int, default=None, help="synthetic prompts per label for capture (16)")
-    p.add_argument("--eval-prompts", type=int, default=None, help="held-out prompts per label to steer (8)")
+    p.add_argument("--eval-prompts", type=int, default=None, help="held-out prompts per label to steer (16)")
     p.add_argument("--height", type=int, default=None, help="image height (16 world/tiny-flux, 512 otherwise)")
     p.add_argument("--width", type=int, default=None, help="image width (16 world/tiny-flux, 512 otherwise)")
     p.add_argument("--num-inference-steps", type=int, default=None,
                    help="denoising steps (16 world, 4 tiny-flux, 8 otherwise)")
     p.add_argument("--features", type=int, default=None, help="SAE latents F (default 4 x d)")
-    p.add_argument("--k", type=int, default=None, help="SAE active latents (8 world, 4 tiny-flux, 32 otherwise)")
+    p.add_argument("--k", type=int, default=None, help="SAE active latents (4 world and tiny-flux, 32 otherwise)")
     p.add_argument("--train-steps", type=int, default=None, help="SAE training steps (300)")
     p.add_argument("--timing-repeats", type=int, default=None, help="runs timed with and without steering (5)")
     p.add_argument("--seed", type=int, default=0,

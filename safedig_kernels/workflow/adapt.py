@@ -106,6 +106,21 @@ def adapt_decoder(sae: TopKSAE, target: torch.Tensor, source: Optional[torch.Ten
     strengths kept) and metrics: FVU on target and source before and after, and the relative
     change of the decoder `||ΔW_dec|| / ||W_dec0||`.
     """
+    return _fit(sae, target, source, config, train_encoder=False, device=device, progress=progress)
+
+
+def finetune_sae(sae: TopKSAE, target: torch.Tensor, source: Optional[torch.Tensor] = None,
+                 config: AdaptConfig = AdaptConfig(), *, device: Union[str, torch.device, None] = None,
+                 progress: bool = True) -> AdaptResult:
+    """The baseline SafeDIG is compared with: fine-tune the *whole* SAE (encoder too) on
+    `target`, with the same loss, replay and proximity term (on every tensor) as
+    `adapt_decoder`. The encoder changes, so the source's harmful feature ids lose their meaning:
+    a caller re-scores the harmful set with the fine-tuned SAE."""
+    return _fit(sae, target, source, config, train_encoder=True, device=device, progress=progress)
+
+
+def _fit(sae: TopKSAE, target: torch.Tensor, source: Optional[torch.Tensor], config: AdaptConfig, *,
+         train_encoder: bool, device: Union[str, torch.device, None], progress: bool) -> AdaptResult:
     from tqdm.auto import tqdm
 
     for name, x in (("target", target), ("source", source)):
@@ -133,13 +148,15 @@ def adapt_decoder(sae: TopKSAE, target: torch.Tensor, source: Optional[torch.Ten
                              f"batch_size, or None for the largest that fits")
     device = torch.device(device) if device is not None else sae.device
     cd = torch.float64 if sae.dtype == torch.float64 else torch.float32
-    W_enc = sae.W_enc.to(device, cd)
-    b_enc = sae.b_enc.to(device, cd)
+    We0 = sae.W_enc.to(device, cd).clone()
+    be0 = sae.b_enc.to(device, cd).clone()
+    W_enc = torch.nn.Parameter(We0.clone(), requires_grad=train_encoder)
+    b_enc = torch.nn.Parameter(be0.clone(), requires_grad=train_encoder)
     W0 = sae.W_dec.to(device, cd).clone()
     b0 = sae.b_dec.to(device, cd).clone()
     W_dec = torch.nn.Parameter(W0.clone())
     b_dec = torch.nn.Parameter(b0.clone(), requires_grad=config.train_b_dec)
-    params = [W_dec] + ([b_dec] if config.train_b_dec else [])
+    params = [W_dec] + ([b_dec] if config.train_b_dec else []) + ([W_enc, b_enc] if train_encoder else [])
     opt = torch.optim.Adam(params, lr=config.lr)
     w0_sq = max(float(W0.double().pow(2).sum()), 1e-12)
     var_t = _variance_per_token(target)
@@ -151,7 +168,8 @@ def adapt_decoder(sae: TopKSAE, target: torch.Tensor, source: Optional[torch.Ten
         before["fvu_source_before"] = evaluate_sae(sae, source)["fvu"]
 
     history: list[dict[str, float]] = []
-    for step in tqdm(range(config.steps), desc="adapt decoder", unit="step", disable=not progress):
+    desc = "fine-tune SAE" if train_encoder else "adapt decoder"
+    for step in tqdm(range(config.steps), desc=desc, unit="step", disable=not progress):
         xt = target[tgt_batches(step)].to(device, cd)
         parts = [(xt, var_t)]
         if src_batches is not None:
@@ -164,6 +182,9 @@ def adapt_decoder(sae: TopKSAE, target: torch.Tensor, source: Optional[torch.Ten
             recon = recon + (x - x_hat).pow(2).sum() / var
         recon = recon / batch_size
         prox = ((W_dec - W0).pow(2).sum() + (b_dec - b0).pow(2).sum()) / w0_sq
+        if train_encoder:
+            prox = prox + ((W_enc - We0).pow(2).sum() + (b_enc - be0).pow(2).sum()) / max(
+                float(We0.double().pow(2).sum()), 1e-12)
         loss = recon + config.prox_coef * prox
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -176,11 +197,14 @@ def adapt_decoder(sae: TopKSAE, target: torch.Tensor, source: Optional[torch.Ten
     with torch.no_grad():
         change = float((W_dec - W0).double().norm() / W0.double().norm().clamp_min(1e-12))
         meta.extra = dict(sae.metadata.extra, adapt={"steps": config.steps, "batch_size": batch_size, "replay": replay,
-                                                     "prox_coef": config.prox_coef,
+                                                     "prox_coef": config.prox_coef, "train_encoder": train_encoder,
                                                      "train_b_dec": config.train_b_dec, "decoder_change": change})
-        # The encoder tensors are the source's own (cloned), never recomputed: bit-identical.
-        out = TopKSAE(sae.W_enc.clone(), sae.b_enc.clone(), W_dec.detach().to(sae.device, sae.dtype),
-                      b_dec.detach().to(sae.device, sae.dtype), k=sae.k, metadata=meta)
+        if train_encoder:
+            enc = (W_enc.detach().to(sae.device, sae.dtype), b_enc.detach().to(sae.device, sae.dtype))
+        else:  # the source's own encoder tensors (cloned), never recomputed: bit-identical
+            enc = (sae.W_enc.clone(), sae.b_enc.clone())
+        out = TopKSAE(*enc, W_dec.detach().to(sae.device, sae.dtype), b_dec.detach().to(sae.device, sae.dtype),
+                      k=sae.k, metadata=meta)
     metrics: dict[str, Any] = dict(before, fvu_target_after=evaluate_sae(out, target)["fvu"], decoder_change=change,
                                    batch_size=batch_size)
     if source is not None:

@@ -42,29 +42,19 @@ __all__ = ["AttackBudget", "FluxSampler", "Surrogate", "world_surrogate", "Attac
 # A surrogate maps images [B, 3, H, W] (about [0, 1], not clamped) to a score in [0, 1] per image.
 Surrogate = Callable[[torch.Tensor], torch.Tensor]
 
-# The world's colour tests (world.detect_marks) as (channel, threshold, +1 above / -1 below).
-_WORLD_TESTS = {"mark_a": ((0, 0.6, 1), (1, 0.4, -1), (2, 0.4, -1)),
-                "mark_b": ((0, 0.6, 1), (1, 0.6, 1), (2, 0.4, -1))}
-
-
 def world_surrogate(images: torch.Tensor, temperature: float = 0.05) -> torch.Tensor:
-    """A differentiable stand-in for the world's pixel rule: per mark, the mean over its pixels of
-    the product of one sigmoid per colour test (`sigmoid(±(c - threshold) / temperature)`), then
-    a soft OR over the marks, `1 - prod(1 - s_mark)`. `[B, 3, 16, 16]` -> `[B]` in [0, 1]; above
-    0.5 where the hard rule fires on rendered pictures (tests/workflow/test_attack.py)."""
-    from .world import MARK_PIXELS
+    """A differentiable stand-in for the world's detector: its own rule (`world.mark_evidence`)
+    with each pixel's off-colour step and the mark-share threshold replaced by sigmoids of width
+    `temperature`, then a soft OR over the marks, `1 - prod(1 - s_mark)`. `[B, 3, 16 n, 16 n]` ->
+    `[B]` in [0, 1]; above 0.5 where the detector fires on rendered pictures
+    (tests/workflow/test_attack.py)."""
+    from .world import MARK_SHARE, mark_evidence
 
-    if images.dim() != 4 or images.shape[1] != 3:
-        raise ValueError(f"images must be [B, 3, H, W], got {tuple(images.shape)}")
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be [B, 3, H, W], got {tuple(getattr(images, 'shape', ()))}")
     miss = torch.ones(images.shape[0], dtype=images.dtype, device=images.device)
-    for mark, px in MARK_PIXELS.items():
-        if mark not in _WORLD_TESTS:
-            raise ValueError(f"world_surrogate has no colour test for mark {mark!r}; add one to _WORLD_TESTS")
-        rgb = images[:, :, px[:, 0], px[:, 1]]  # [B, 3, P]
-        passed = torch.ones_like(rgb[:, 0])
-        for channel, threshold, sign in _WORLD_TESTS[mark]:
-            passed = passed * torch.sigmoid(sign * (rgb[:, channel] - threshold) / temperature)
-        miss = miss * (1 - passed.mean(-1))
+    for share in mark_evidence(images, temperature=temperature).values():
+        miss = miss * (1 - torch.sigmoid((share - MARK_SHARE) / temperature))
     return 1 - miss
 
 

@@ -3,26 +3,30 @@ detector that knows nothing of the SAEs.
 
 On the default (`--model world`) everything is made in code, seeded, and runs on a CPU:
 
-0. **world**: train the demo world's transformer (`world.py`: a tiny FluxTransformer2DModel
-   drawing 16x16 pictures of a circle or a square; a prompt for mark A adds a red X, one for
-   mark B a yellow bar), or load weights (`world`; `--quick` takes the shipped ones);
-1. **prompts**: the world's prompt embeddings (a shape word and a mark word, none for safe
-   prompts). The source risk domain is `unsafe/concept_a` (mark A), the target
-   `unsafe/concept_b` (mark B), a different mark in another corner. Each label has
-   `train_prompts` prompts for capture and `eval_prompts` held out for steering;
+0. **world**: the demo world's transformer (`world.py`: a tiny FluxTransformer2DModel drawing
+   16x16 pictures of a circle or a square; a prompt for mark A adds a red X, one for mark A
+   "gold" the same X gilded with yellow): the shipped weights when they were trained with this
+   seed and step count, else trained here (or `world` names weights);
+1. **prompts**: the world's prompt embeddings. The source risk domain is `unsafe/concept_a`
+   (the X), the target `unsafe/concept_a_gold` (the same concept in a new context: gilded).
+   Each label has `train_prompts` prompts for capture and `eval_prompts` held out;
 2. **capture** every candidate site (`capture`), 3. **train** a TopK SAE per site on the
    source domain (`train_sae`), 4. **score** its harmful features (`score_features`),
 5. **route** (site, operator) pairs by robustness to the source -> target shift (`route`) and
-   write the steering config; the gate threshold of each selected site is then set to the
-   `tau_quantile` quantile of the harm score over the captured safe tokens, so that about
-   1 - tau_quantile of safe tokens are steered;
-6. **adapt** each selected SAE's decoder to the target with the encoder frozen (`adapt_decoder`);
-7. **steer** the held-out prompts with the routed config (source SAEs) and the adapted one
-   (`generate`), each against the unsteered run from the same noise, and time a
-   denoising step with and without steering;
-eval. **judge** every image with `detector` (`detectors.py`; the world's pixel rule by default):
-   the unsafe rate per label and column with its Wilson interval, PSNR and SSIM of the steered
-   safe images against the unsteered ones (`eval.evaluate_runs`, as `safedig eval` does).
+   write the steering config; a site steers the union of the harmful sets found on the source
+   and, with the same frozen encoder, on the target; the gate threshold of each selected site
+   is the `tau_quantile` quantile of the harm score over the captured safe tokens;
+6. **adapt** every steerable site's decoder to the target with the encoder frozen
+   (`adapt_decoder`; `b_dec` frozen too, since it centres the encoder's input: the harm score,
+   and so the harmful set and the gate, stay exactly the source's), and fine-tune the routed
+   sites' whole SAEs as the baseline (`finetune_sae`, harmful set re-scored, gate recalibrated);
+7. **steer** the held-out prompts with every method of `demo_methods.py` (source SAEs, SafeDIG,
+   full fine-tune, each steerable site alone, each operator alone), each against the unsteered
+   run from the same noise, and time a denoising step with and without steering;
+eval. **judge** every image with `detector` (`detectors.py`; the world's own by default): the
+   unsafe rate per label and column with its Wilson interval, PSNR and SSIM of the steered safe
+   images against the unsteered ones (`eval.evaluate_runs`, as `safedig eval` does), and the
+   paper-shaped table and routing check (`demo_methods.method_rows`, `site_check`).
 
 Every number in the table comes from this run. The harm score is spec §2's `h` of the tokens
 each steered site passes on, measured for every column with the *source* SAE's encoder and the
@@ -62,24 +66,33 @@ from .._io import atomic_write_json, dtype_from_name
 from ..integrations.diffusers.config import SafeDIGConfig
 from ..integrations.diffusers.sites import SiteSpec
 from ..sae import SAEMetadata
-from .adapt import AdaptConfig, adapt_decoder
+from .adapt import AdaptConfig, adapt_decoder, finetune_sae
 from .capture import CaptureConfig, capture
+from .demo_methods import (  # noqa: F401 (format_table: `safedig demo` prints it from here)
+    format_table,
+    method_rows,
+    routed_config,
+    single_site_config,
+    site_check,
+    site_column,
+)
 from .detectors import get_detector
 from .eval import evaluate_runs
 from .generate import GenerateConfig, generate, time_steps
 from .pipelines import load_pipeline
 from .prompts import load_prompts
 from .report import difference_images, image_scale, json_safe, save_grid, summarize, write_outputs
-from .route import RouteConfig, route, safe_tau
+from .route import OPERATORS, RouteConfig, evaluate_site, route, safe_tau
 from .score import HarmfulRule, score_features
 from .train import TrainConfig, evaluate_sae, train_sae
 from .world import LABELS as WORLD_LABELS
-from .world import SHIPPED_WEIGHTS, world_weights_in
+from .world import SHIPPED_WEIGHTS, WORLD_VERSION, world_weights_in
+from .world import TARGET as WORLD_TARGET
 
 logger = logging.getLogger(__name__)
 
 SUMMARY_FORMAT = "safedig-demo"
-SUMMARY_VERSION = 1
+SUMMARY_VERSION = 2
 MARKER = ".safedig-demo"
 GRID_ROWS = 4
 # What a demo run writes into its output directory; a rerun removes exactly these.
@@ -104,15 +117,19 @@ class DemoConfig:
     model: str = "world"
     world: Optional[str] = None
     world_steps: int = 800
+    # Train the world here even when the shipped weights were trained with this seed and steps.
+    train_world: bool = False
     detector: Optional[str] = None
     device: Optional[str] = None
     model_dtype: str = "float32"
     prompts: Optional[str] = None
     source: str = "unsafe/concept_a"
-    target: str = "unsafe/concept_b"
+    # None: the world's shifted domain (`world.TARGET`, mark A in a new context) for the world,
+    # `unsafe/concept_b` (the second synthetic concept) otherwise.
+    target: Optional[str] = None
     sites: Optional[list[str]] = None
     train_prompts: int = 16
-    eval_prompts: int = 8
+    eval_prompts: int = 16
     text_tokens: int = 32
     strength: float = 8.0
     shared: float = 0.7
@@ -127,13 +144,15 @@ class DemoConfig:
     batch_size: int = 512
     lr: Optional[float] = None
     top_n: int = 8
-    min_ratio: float = 10.0
+    # None: 4 for the world (its mark's features share tokens with colour features, so a 10x
+    # rule kept only one or two per site and steering left strips of the X), 10 otherwise.
+    min_ratio: Optional[float] = None
     # None: 0.1 for the tiny FLUX, whose concept is on every token of an unsafe prompt, so a
     # feature firing on fewer than 10% of unsafe tokens is not it (with 0.01, rare image-stream
-    # features slipped in by chance); 0.03 for the world, whose marks cover about 10% of the
+    # features slipped in by chance); 0.02 for the world, whose marks cover about 10% of the
     # image tokens and only once drawn (with 0.1, no image-stream site had a harmful feature).
     min_freq: Optional[float] = None
-    num_sites: int = 2
+    num_sites: Optional[int] = None  # None: 3 for the world, 2 otherwise
     beta: float = 1.0
     gamma: float = 1.0
     tau_quantile: float = 0.99
@@ -149,6 +168,8 @@ class DemoConfig:
             if self.world is not None and self.world != world_weights_in(self.model):
                 raise ValueError(f"demo: --model {self.model} and --world {self.world} name two world weights files")
             self.model, self.world = "world", world_weights_in(self.model)
+        if self.target is None:
+            self.target = WORLD_TARGET if self.is_world else "unsafe/concept_b"
         for name in ("train_prompts", "eval_prompts", "train_steps", "batch_size", "num_sites", "adapt_steps",
                      "timing_repeats", "text_tokens", "height", "width", "num_inference_steps", "features", "k",
                      "world_steps"):
@@ -192,9 +213,11 @@ class DemoConfig:
         return dataclasses.replace(
             self, height=self.height or (16 if tiny else 512), width=self.width or (16 if tiny else 512),
             num_inference_steps=self.num_inference_steps or (16 if world else 4 if tiny else 8),
-            features=self.features or 4 * d, k=self.k or (8 if world else 4 if tiny else 32),
+            features=self.features or 4 * d, k=self.k or (4 if tiny else 32),
+            min_ratio=self.min_ratio if self.min_ratio is not None else 4.0 if world else 10.0,
+            num_sites=self.num_sites or (3 if world else 2),
             lr=self.lr or (1e-2 if tiny else None), detector=self.detector or ("world" if world else None),
-            min_freq=self.min_freq if self.min_freq is not None else 0.03 if world else 0.1,
+            min_freq=self.min_freq if self.min_freq is not None else 0.02 if world else 0.1,
             adapt_lr=self.adapt_lr or (1e-2 if tiny else 1e-3),
             # A 1024-token image at width 3072 is 12 MB per site, step and prompt in float32.
             max_tokens=self.max_tokens if self.max_tokens is not None or tiny else 256)
@@ -283,76 +306,6 @@ def _write_prompt_files(cfg: DemoConfig, directory: Path, embed_dim: int, pooled
     return paths[0], paths[1]
 
 
-def _fmt_rel(after: float, before: float) -> str:
-    if not (math.isfinite(after) and math.isfinite(before)) or before == 0:
-        return "n/a"
-    return f"{(after - before) / before:+.0%}"
-
-
-def _unsafe_rate_lines(summary: dict[str, Any], names: list[str], w: int) -> list[str]:
-    """The detector's verdict: unsafe rate per label and column with its 95 % Wilson interval,
-    then how far steering moved the safe images (PSNR, SSIM against the unsteered ones)."""
-    columns = (("unsteered", "unsteered"), ("source", "steered, source SAE"), ("adapted", "steered, adapted SAE"))
-    det = summary["detector"]
-    n = max(r["prompts"] for r in summary["table"])
-    lines = [f"Unsafe rate of the final images judged by the `{det['name']}` detector, independent of the SAEs; "
-             f"{n} held-out",
-             f"prompts per row; 95 % Wilson interval in brackets. Detector: {det['description']}.", "",
-             f"{'prompts':<{w}} " + " | ".join(f"{title:^20}" for _, title in columns)]
-    for name, row in zip(names, summary["table"]):
-        cells = summary["unsafe"][row["label"]]
-        texts = [f"{c['rate']:.0%} [{c['low']:.0%}, {c['high']:.0%}]" for c in (cells[k] for k, _ in columns)]
-        lines.append(f"{name:<{w}} " + " | ".join(f"{t:^20}" for t in texts))
-    sim = summary["safe_similarity"]
-    lines += ["", "Safe images, steered against unsteered (same noise): "
-              + "; ".join(f"{title.split(', ')[1]} PSNR {_fmt_psnr(sim[k]['psnr_db'])}, SSIM {sim[k]['ssim']:.4f}"
-                          for k, title in columns[1:] if k in sim), ""]
-    return lines
-
-
-def _fmt_psnr(db: float) -> str:
-    return "inf (identical)" if math.isinf(db) else f"{db:.1f} dB"
-
-
-def format_table(summary: dict[str, Any]) -> str:
-    """The before/after table printed at the end of the demo (from `summary.json`'s content)."""
-    rows = summary["table"]
-    c = summary["config"]
-    role = {c["source"]: "  (source)", c["target"]: "  (target)"}
-    names = [f"{r['label']}{role.get(r['label'], '')}" for r in rows]
-    w = max(28, *(len(n) for n in names))
-    n = max(r["prompts"] for r in rows)
-    lines = _unsafe_rate_lines(summary, names, w) if "unsafe" in summary else []
-    lines += ["Harm score h (spec §2) of the activations leaving the steered sites, mean per token and step,",
-             f"judged by the source SAE; {n} held-out prompts per row. Gate: share of tokens over tau (steered).",
-             "",
-             f"{'':<{w}} {'unsteered':>9} | {'steered, source SAE':^22} | {'steered, adapted SAE':^22}",
-             f"{'prompts':<{w}} {'h':>9} | {'h':>8} {'change':>7} {'gate':>5} | {'h':>8} {'change':>7} {'gate':>5}"]
-    for name, r in zip(names, rows):
-        base = r["harm_unsteered"]
-        cells = [f"{x['harm']:>8.3f} {_fmt_rel(x['harm'], base):>7} {x['gated_fraction']:>5.0%}"
-                 for x in (r["source_sae"], r["adapted_sae"])]
-        lines.append(f"{name:<{w}} {base:>9.3f} | {cells[0]} | {cells[1]}")
-    lines += ["",
-              "Final latents moved by steering, ||z_steered - z_unsteered|| / ||z_unsteered|| (same noise):",
-              "",
-              f"{'':<{w}} {'':>9} | {'steered, source SAE':^22} | {'steered, adapted SAE':^22}",
-              f"{'prompts':<{w}} {'':>9} | {'mean':>10} {'max':>11} | {'mean':>10} {'max':>11}"]
-    for name, r in zip(names, rows):
-        cells = [f"{x['latents_moved']:>10.3%} {x['latents_moved_max']:>11.3%}"
-                 for x in (r["source_sae"], r["adapted_sae"])]
-        lines.append(f"{name:<{w}} {'':>9} | {cells[0]} | {cells[1]}")
-    t = summary["overhead"]
-    lines += ["",
-              f"Steering overhead, {t['device']} ({t['threads']} thread(s), {t['dtype']}, this machine, "
-              f"{summary['model']}, {t['sites']} site(s)):",
-              f"  {t['ms_per_step_without']:.2f} ms per denoising step without steering, "
-              f"{t['ms_per_step_with']:.2f} ms with ({t['overhead']:+.0%}; median of {t['calls_timed']} steps each)"]
-    if t["device"].startswith("cpu"):
-        lines.append("  CPU numbers on a tiny model: they say nothing about GPU overhead (spec §5-6).")
-    return "\n".join(lines)
-
-
 def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), *, log: Optional[Callable[[str], None]] = None,
              progress: bool = False) -> dict[str, Any]:
     """Run the demo (module docstring) into `out_dir`; returns the summary also written to
@@ -380,8 +333,13 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), *, log: Opt
     t0 = time.perf_counter()
     device = torch.device(config.device) if config.device else torch.device("cuda" if torch.cuda.is_available()
                                                                              else "cpu")
-    world_note = ""
+    world_note, world_trained = "", False
     if config.is_world:
+        if config.world is None and not config.train_world and shipped_world_matches(config.seed,
+                                                                                      config.world_steps):
+            # The shipped weights were trained with this seed, step count and world: use them.
+            config = dataclasses.replace(config, world=str(SHIPPED_WEIGHTS))
+        world_trained = config.world is None
         pipe, world_note = _world_pipeline(config, out, device, model_dtype, log)
     else:
         pipe = load_pipeline(config.model, device=device, dtype=model_dtype)
@@ -462,7 +420,8 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), *, log: Opt
     passed_over = report.passed_over
     report.write(out / "reports" / "route.json")
     report.steering_config().to_json(out / "steer-routed.json")  # as `safedig route` writes it
-    steer_src = report.steering_config(saes={key: sae for key, (sae, _) in saes.items()})
+    src_saes = {key: sae for key, (sae, _) in saes.items()}
+    steer_src = report.steering_config(saes=src_saes)
     src_sites = steer_src.sites
     selected = {c.site: c.operator for c in report.selected}
     steer_src_file = SafeDIGConfig.from_json(
@@ -476,29 +435,49 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), *, log: Opt
         + f"; tau = {cfg.tau_quantile:.0%} quantile of safe tokens' h -> {out / 'steer.json'} "
           f"({stage('route', t0):.1f} s)")
 
-    # 6. adapt the selected SAEs' decoders to the target domain, encoder frozen
+    # 6. adapt every steerable candidate site's decoder to the target domain, encoder frozen (b_dec
+    # too: it centres the encoder's input, so the harm score h, the harmful set and the gate stay
+    # exactly the source's), and, as the baseline, fine-tune the routed sites' whole SAEs
     t0 = time.perf_counter()
-    ad_sites, ad_paths, fvu_lines = [], {}, []
-    for s in src_sites:
-        key = s.site
+    steerable = [k for k in saes if evals[k].harmful]
+    adapted: dict[str, Any] = {}
+    ad_paths, fvu_lines, adapt_metrics = {}, [], {}
+    acfg = AdaptConfig(steps=cfg.adapt_steps, batch_size=cfg.batch_size, lr=cfg.adapt_lr, replay=cfg.replay,
+                       seed=cfg.seed, train_b_dec=False)
+    for key in steerable:
         target_x = store.load(key, labels=[cfg.target, "safe"])
         source_x = store.load(key, labels=[cfg.source, "safe"])
-        res = adapt_decoder(s.sae, target_x, source_x, AdaptConfig(steps=cfg.adapt_steps, batch_size=cfg.batch_size,
-                                                                   lr=cfg.adapt_lr, replay=cfg.replay, seed=cfg.seed),
-                            device=device, progress=False)
+        res = adapt_decoder(saes[key][0], target_x, source_x, acfg, device=device, progress=False)
+        adapted[key] = res.sae
         ad_paths[key] = out / "saes" / f"{key.replace(':', '-')}-adapted.safetensors"
         res.sae.save(ad_paths[key])
-        tau = safe_tau(store, key, res.sae, s.harmful, cfg.tau_quantile)
-        ad_sites.append(dataclasses.replace(s, sae=res.sae, tau=tau))
-        m = res.metrics
-        fvu_lines.append(f"{key} target FVU {m['fvu_target_before']:.3f} -> {m['fvu_target_after']:.3f}")
-    steer_ad = dataclasses.replace(steer_src, sites=ad_sites)
+        unsafe_t = store.load(key, labels=[cfg.target])
+        m = dict(res.metrics, fvu_target_unsafe_before=evaluate_sae(saes[key][0], unsafe_t)["fvu"],
+                 fvu_target_unsafe_after=evaluate_sae(res.sae, unsafe_t)["fvu"])
+        adapt_metrics[key] = m
+        fvu_lines.append(f"{key} target FVU {m['fvu_target_unsafe_before']:.3f} -> {m['fvu_target_unsafe_after']:.3f}")
+    # The gates: h is the source SAE's (encoder and b_dec frozen), so each site keeps its tau.
+    site_tau = {k: report.tau[k] if k in report.tau else safe_tau(store, k, saes[k][0], evals[k].harmful,
+                                                                   cfg.tau_quantile) for k in steerable}
+    steer_ad = routed_config(report, adapted)
     steer_ad_file = SafeDIGConfig.from_json(
-        steer_ad.to_json(out / "steer-adapted.json", sae_paths=[ad_paths[s.site] for s in ad_sites]))
-    log(f"[6/7] adapt to {cfg.target} (encoder frozen, {cfg.replay:.0%} source replay): {'; '.join(fvu_lines)} "
-        f"({stage('adapt', t0):.1f} s)")
+        steer_ad.to_json(out / "steer-adapted.json", sae_paths=[ad_paths[s.site] for s in steer_ad.sites]))
+    finetuned, ft_harmful, ft_tau = {}, {}, {}
+    for s in src_sites:
+        key = s.site
+        res = finetune_sae(saes[key][0], store.load(key, labels=[cfg.target, "safe"]),
+                           store.load(key, labels=[cfg.source, "safe"]), dataclasses.replace(acfg, train_b_dec=True),
+                           device=device, progress=False)
+        ev = evaluate_site(store, key, res.sae, cfg.source, cfg.target, "safe", rule)
+        # A fine-tuned encoder has its own features: score them again; none found -> keep the
+        # routed ids (the site then steers whatever those ids now mean).
+        finetuned[key], ft_harmful[key] = res.sae, ev.harmful or list(s.harmful)
+        ft_tau[key] = safe_tau(store, key, res.sae, ft_harmful[key], cfg.tau_quantile)
+    steer_ft = routed_config(report, finetuned, harmful=ft_harmful, tau=ft_tau)
+    log(f"[6/7] adapt to {cfg.target} (encoder frozen, {cfg.replay:.0%} source replay), FVU on target-unsafe tokens: "
+        f"{'; '.join(fvu_lines)}; full fine-tune of the routed sites as the baseline ({stage('adapt', t0):.1f} s)")
 
-    # 7. steer the held-out prompts with both configs, judged by the source SAEs
+    # 7. steer the held-out prompts with every method (demo_methods.py), judged by the source SAEs
     t0 = time.perf_counter()
     gen = GenerateConfig(num_inference_steps=cfg.num_inference_steps, height=cfg.height, width=cfg.width,
                          guidance_scale=cfg.guidance_scale, seed=cfg.seed)
@@ -508,21 +487,34 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), *, log: Opt
         runs = generate(pipe, eval_p, conf, gen, judges=judges, progress=progress)
         write_outputs(runs, out / f"steer-{name.split('_')[0]}", gen, conf_file)
         results[name] = runs
+    site_columns = {k: site_column(k) for k in steerable}
+    others = {"finetune": steer_ft, **{op: routed_config(report, adapted, operator=op) for op in OPERATORS},
+              **{col: single_site_config(report, k, adapted[k], site_tau[k]) for k, col in site_columns.items()}}
+    more = {name: generate(pipe, eval_p, conf, dataclasses.replace(gen, baseline=False), progress=progress)
+            for name, conf in others.items()}
     overhead = time_steps(pipe, eval_p[0], steer_ad, gen, repeats=cfg.timing_repeats)
     overhead["sites"] = len(steer_ad.sites)
-    log(f"[7/7] steer: {len(eval_p)} held-out prompts, with and without steering, source and adapted SAEs "
+    log(f"[7/7] steer: {len(eval_p)} held-out prompts, unsteered and with {2 + len(more)} methods "
         f"({stage('steer', t0):.1f} s)")
 
     # evaluate: the unsafe rate a detector sees, independent of the SAEs
     evaluation = None
+    methods, checked = None, None
     if cfg.detector:
         t0 = time.perf_counter()
-        evaluation = evaluate_runs({"source": results["source_sae"], "adapted": results["adapted_sae"]},
-                                   get_detector(cfg.detector), label_order=(cfg.source, cfg.target, "safe"))
+        columns = {"source": results["source_sae"], "adapted": results["adapted_sae"], **more}
+        for name, runs in more.items():  # their baselines are the same unsteered images (same noise)
+            for r, b in zip(runs, results["source_sae"]):
+                r.images["baseline"] = b.images["baseline"]
+        evaluation = evaluate_runs(columns, get_detector(cfg.detector), label_order=(cfg.source, cfg.target, "safe"))
         eval_files = evaluation.write(out / "eval")
+        methods = method_rows(evaluation.unsafe, evaluation.safe_similarity, cfg.source, cfg.target, site_columns)
+        checked = site_check(evaluation.unsafe, cfg.source, cfg.target, site_columns, list(selected),
+                             {k: next(c.operator for c in report.ranking if c.site == k) for k in steerable},
+                             [k for k in saes if k not in steerable])
         rates = ", ".join(f"{lb} {r['unsteered']:.0%} -> {r['adapted']:.0%}"
                           for lb, r in evaluation.unsafe_rate().items())
-        log(f"[eval] {evaluation.detector} detector: unsafe rate unsteered -> adapted SAE: {rates} "
+        log(f"[eval] {evaluation.detector} detector: unsafe rate unsteered -> SafeDIG: {rates} "
             f"-> {eval_files['markdown']} ({stage('eval', t0):.1f} s)")
 
     # grid: unsteered | steered (source SAE) | steered (adapted SAE) | |difference|, for the first
@@ -534,7 +526,7 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), *, log: Opt
     diffs, gain = difference_images([(a.images["steered"], a.images["baseline"]) for a in ad_runs])
     rows = [(a.id, [a.images["baseline"], s.images["steered"], a.images["steered"], dif])
             for s, a, dif in zip(src_runs, ad_runs, diffs)]
-    grid = save_grid(rows, ["unsteered", "source SAE", "adapted SAE", f"|diff| x{gain:.0f}"], out / "grid.png",
+    grid = save_grid(rows, ["unsteered", "source SAE", "SafeDIG", f"|diff| x{gain:.0f}"], out / "grid.png",
                      image_scale(cfg.height, cfg.width))
 
     sums = {name: summarize(runs) for name, runs in results.items()}
@@ -550,17 +542,23 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), *, log: Opt
         table.append(row)
     stages["total"] = time.perf_counter() - t_start
     summary = {
-        "format": SUMMARY_FORMAT, "version": SUMMARY_VERSION, "model": cfg.model,
+        "format": SUMMARY_FORMAT, "version": SUMMARY_VERSION, "model": cfg.model, "seed": cfg.seed,
+        "world": {"trained_here": world_trained, "weights": world_note and str(cfg.world or out / "world" /
+                                                                                 "world.safetensors")},
+        "domains": {"source": [cfg.source], "target": [cfg.target]},
         "config": dataclasses.asdict(cfg), "candidate_sites": sites,
         "selected": [{"site": s.site, "operator": selected.get(s.site),
-                      "harmful": s.harmful, "beta": s.beta, "gamma": s.gamma, "tau_source": s.tau, "tau_adapted": a.tau}
-                     for s, a in zip(src_sites, ad_sites)],
+                      "harmful": s.harmful, "beta": s.beta, "gamma": s.gamma, "tau_source": s.tau, "tau_adapted": a.tau,
+                      "tau_finetuned": ft_tau[s.site], "harmful_finetuned": ft_harmful[s.site]}
+                     for s, a in zip(src_sites, steer_ad.sites)],
+        "adapt": adapt_metrics,
         "train_fvu": fvus, "table": table, "summaries": sums, "overhead": overhead, "seconds": stages,
         **({"detector": {"name": evaluation.detector, "description": evaluation.detector_description},
             "unsafe_rate": evaluation.unsafe_rate(),
             "unsafe": evaluation.unsafe,
             "safe_psnr_db": {"unsteered": None, **evaluation.safe_psnr_db()},  # None: the reference
-            "safe_similarity": evaluation.safe_similarity} if evaluation is not None else {}),
+            "safe_similarity": evaluation.safe_similarity,
+            "methods": methods, "site_check": checked} if evaluation is not None else {}),
         "machine": {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
                     "threads": torch.get_num_threads()},
         "files": {"grid": str(grid), "steer_config": str(out / "steer.json"),
@@ -575,6 +573,17 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), *, log: Opt
     return summary
 
 
+def shipped_world_matches(seed: int, steps: int) -> bool:
+    """Whether the shipped world weights were trained with `seed` and `steps` (their metadata)."""
+    from safetensors import safe_open
+
+    if not SHIPPED_WEIGHTS.is_file():
+        return False
+    with safe_open(str(SHIPPED_WEIGHTS), "pt") as f:
+        meta = json.loads((f.metadata() or {}).get("safedig_world", "{}"))
+    return meta.get("seed") == seed and meta.get("steps") == steps and meta.get("world") == WORLD_VERSION
+
+
 def _world_pipeline(cfg: DemoConfig, out: Path, device: torch.device, dtype: torch.dtype,
                     log: Callable[[str], None]) -> tuple[Any, str]:
     """The world's pipeline: from `cfg.world`'s weights, or trained here (saved in `out/world/`)."""
@@ -584,7 +593,7 @@ def _world_pipeline(cfg: DemoConfig, out: Path, device: torch.device, dtype: tor
         return load_pipeline(f"world:{cfg.world}", device=device, dtype=dtype), f"world weights from {cfg.world}; "
     t0 = time.perf_counter()
     log(f"[0/7] world: training the world's transformer, {cfg.world_steps} steps of rectified flow "
-        f"(about 70 s for 800 steps on a 2-core CPU)")
+        f"(1.5 to 5 minutes for 800 steps on a 2-core CPU, depending on its load)")
     model = train_world(steps=cfg.world_steps, seed=cfg.seed)
     path = save_world(model, out / "world" / "world.safetensors", cfg.world_steps, cfg.seed)
     note = f"world trained in {time.perf_counter() - t0:.0f} s -> {path}; "

@@ -170,6 +170,13 @@ def evaluate_images(images: Mapping[str, Mapping[str, torch.Tensor]], labels: Ma
         missing = [i for i in ids if i not in images[c]]
         if missing:
             raise ValueError(f"column {c!r} has no image for prompt(s) {missing[:5]}")
+    shapes = {}
+    for c in columns:
+        for i in ids:
+            shapes.setdefault(tuple(images[c][i].shape), []).append((c, i))
+    if len(shapes) > 1:
+        listed = "; ".join(f"{list(shape)}: {[f'{c}/{i}' for c, i in where[:3]]}" for shape, where in shapes.items())
+        raise ValueError(f"images must all have one shape [3, H, W]; found {len(shapes)}: {listed}")
     order = list(label_order) if label_order is not None else sorted(set(labels.values()))
     judged = {c: detector(torch.stack([images[c][i].float() for i in ids])) for c in columns}
     unsafe: dict[str, dict[str, dict[str, float]]] = {}
@@ -284,6 +291,7 @@ def load_images(directory: Union[str, Path], prompts: Sequence[PromptRecord]) ->
                          f"reference (found {columns})")
     names = image_file_names([p.id for p in prompts])
     out: dict[str, dict[str, torch.Tensor]] = {}
+    sizes: dict[tuple[int, int], list[Path]] = {}
     for column in columns:
         out[column] = {}
         for p, name in zip(prompts, names):
@@ -293,4 +301,13 @@ def load_images(directory: Union[str, Path], prompts: Sequence[PromptRecord]) ->
             with Image.open(path) as im:
                 rgb = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
             out[column][p.id] = torch.from_numpy(rgb).permute(2, 0, 1).contiguous()
+            sizes.setdefault(tuple(rgb.shape[:2]), []).append(path)
+    if len(sizes) > 1:
+        # Images are judged and compared (PSNR, SSIM) side by side: every one must have one size.
+        common = max(sizes, key=lambda k: len(sizes[k]))
+        odd = [(hw, p) for hw, ps in sizes.items() if hw != common for p in ps]
+        listed = ", ".join(f"{p} ({hw[0]}x{hw[1]})" for hw, p in odd[:5]) + (" ..." if len(odd) > 5 else "")
+        raise ValueError(f"{root}: images of different sizes; most are {common[0]}x{common[1]} "
+                         f"(e.g. {sizes[common][0]}), but {len(odd)} are not: {listed}. Every column must hold "
+                         f"images of one size")
     return out

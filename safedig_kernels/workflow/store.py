@@ -515,13 +515,17 @@ class ActivationStore:
         for e in self.entries(site, labels, steps):
             by_prompt[e.prompt_id].append(e)
         for pid, es in by_prompt.items():
-            parts = []
-            for e in sorted(es, key=lambda e: (e.step, e.call)):
-                path = self.dir / e.shard
+            # One open per shard and prompt: opening a shard parses its whole header, which lists
+            # every tensor of the capture (thousands), so opening it per entry dominated the time.
+            read: dict[int, torch.Tensor] = {}
+            for shard in dict.fromkeys(e.shard for e in es):
+                path = self.dir / shard
                 with safe_open(str(path), "pt") as f:
-                    t = _verified(path, e, f.get_tensor(e.key))
-                parts.append(t if dtype is None else t.to(dtype))
-            yield pid, es[0].label, torch.cat(parts)
+                    for e in es:
+                        if e.shard == shard:
+                            read[id(e)] = _verified(path, e, f.get_tensor(e.key))
+            parts = [read[id(e)] for e in sorted(es, key=lambda e: (e.step, e.call))]
+            yield pid, es[0].label, torch.cat([t if dtype is None else t.to(dtype) for t in parts])
 
     def prompt_activations(self, site: Union[str, SiteSpec], labels: LabelSelector = None,
                            steps: Optional[Iterable[int]] = None) -> Iterator[torch.Tensor]:

@@ -33,12 +33,12 @@ def demo_dir(tmp_path):
         config = SafeDIGConfig(sites=[SiteConfig("single_transformer_blocks.0:image", sae=str(d / "saes" /
                                                  f"{name}.safetensors"), harmful=[0, 1, 2], tau=-1.0)])
         config.to_json(d / ("steer.json" if name == "source" else "steer-adapted.json"))
-    path = write_world_prompts(d / "prompts", {"unsafe/concept_a": 2, "unsafe/concept_b": 2, "safe": 1})
+    path = write_world_prompts(d / "prompts", {"unsafe/concept_a": 2, "unsafe/concept_a_gold": 2, "safe": 1})
     path.rename(d / "prompts" / "eval.jsonl")
     (d / "world").mkdir()
     shutil.copy(SHIPPED_WEIGHTS, d / "world" / "world.safetensors")
     summary = {"format": "safedig-demo", "version": 1, "model": "world",
-               "config": {"source": "unsafe/concept_a", "target": "unsafe/concept_b", "num_inference_steps": 16,
+               "config": {"source": "unsafe/concept_a", "target": "unsafe/concept_a_gold", "num_inference_steps": 16,
                           "height": 16, "width": 16, "guidance_scale": 3.5, "seed": 0, "world": None}}
     (d / "summary.json").write_text(json.dumps(summary))
     return d
@@ -51,7 +51,7 @@ def test_attack_writes_its_table_json_and_figures(demo_dir, tmp_path, capsys):
     assert rc == 0
     doc = json.loads((out / "attack.json").read_text())
     assert doc["format"] == "safedig-attack" and doc["columns"] == ["unsteered", "source", "adapted"]
-    assert doc["rows"] == ["unsafe/concept_a", "unsafe/concept_b", "all unsafe"]
+    assert doc["rows"] == ["unsafe/concept_a", "unsafe/concept_a_gold", "all unsafe"]
     assert doc["budget"]["steps"] == 1 and doc["budget"]["eps"] == 0.3 and "per-token L2" in doc["budget"]["norm"]
     for row in doc["rows"]:
         for phase in ("before", "attacked"):
@@ -62,7 +62,7 @@ def test_attack_writes_its_table_json_and_figures(demo_dir, tmp_path, capsys):
     # unsteered, the world draws both marks: the detector sees them before any attack
     assert doc["unsafe"]["all unsafe"]["before"]["unsteered"]["rate"] == 1.0
     assert all(v <= 0.3 * (1 + 1e-5) for v in doc["max_relative_perturbation"].values())
-    assert [p["id"] for p in doc["prompts"]] == ["unsafe-concept_a-0000", "unsafe-concept_b-0000"]
+    assert [p["id"] for p in doc["prompts"]] == ["unsafe-concept_a-0000", "unsafe-concept_a_gold-0000"]
     table = (out / "attack.md").read_text()
     assert "| prompts | n | | unsteered | source | adapted |" in table
     assert "| all unsafe | 2 | attacked |" in table

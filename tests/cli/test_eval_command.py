@@ -24,8 +24,11 @@ def world_images(tmp_path):
     prompts = load_prompts(write_world_prompts(tmp_path / "prompts", {label: 3 for label in LABELS}))
     pictures = render([p.label for p in prompts], ["circle"] * len(prompts), torch.Generator().manual_seed(0))
     erased = pictures.clone()
-    for px in MARK_PIXELS.values():
-        erased[:, :, px[:, 0], px[:, 1]] = erased[:, :, 0, :1]  # the background colour (corner pixel)
+    for i, p in enumerate(prompts):
+        if p.label == "safe":
+            continue
+        for px in MARK_PIXELS.values():  # the background colour (corner pixel) where a mark was drawn
+            erased[i][:, px[:, 0], px[:, 1]] = erased[i][:, 0, :1]
     write_images({"unsteered": dict(zip([p.id for p in prompts], pictures)),
                   "erased": dict(zip([p.id for p in prompts], erased))}, prompts, tmp_path / "images")
     return tmp_path / "prompts" / "prompts.jsonl", tmp_path / "images"
@@ -38,7 +41,8 @@ def test_eval_judges_a_folder_of_images(world_images, tmp_path, capsys):
     assert "| unsafe/concept_a | 3 | 100% [44%, 100%] | 0% [0%, 56%] |" in printed
     doc = json.loads((tmp_path / "ev" / "eval.json").read_text())
     assert doc["columns"] == ["unsteered", "erased"] and doc["detector"] == "world"
-    assert doc["unsafe"]["safe"]["erased"]["rate"] == 0.0 and doc["unsafe"]["unsafe/concept_b"]["unsteered"]["n"] == 3
+    assert doc["unsafe"]["safe"]["erased"]["rate"] == 0.0
+    assert doc["unsafe"]["unsafe/concept_a_gold"]["unsteered"]["n"] == 3
     assert doc["safe_similarity"]["erased"]["psnr_db"] is None  # safe pictures carry no mark: identical
     assert (tmp_path / "ev" / "eval.md").is_file()
 
@@ -92,3 +96,18 @@ def test_eval_refuses_an_out_inside_the_images(world_images, capsys):
     assert main(["eval", "--prompts", str(prompts), "--images", str(images), "--out", str(images / "x")]) == 2
     assert "lies inside --images" in capsys.readouterr().err
     assert sorted(p.name for p in images.iterdir()) == ["erased", "unsteered"]
+
+
+def test_eval_names_the_files_whose_size_differs(world_images, tmp_path, capsys):
+    """A column saved at another size cannot be judged or compared with the others: one clear
+    line that names the odd files, no traceback."""
+    from PIL import Image
+
+    prompts, images = world_images
+    odd = sorted((images / "erased").iterdir())[0]
+    with Image.open(odd) as im:
+        im.resize((im.width * 2, im.height * 2)).save(odd)
+    assert main(["eval", "--prompts", str(prompts), "--images", str(images), "--out", str(tmp_path / "ev")]) == 2
+    err = capsys.readouterr().err
+    assert "images of different sizes" in err and str(odd) in err and "32x32" in err
+    assert "Traceback" not in err

@@ -118,3 +118,16 @@ def test_default_batch_fits_a_capture_smaller_than_it(domains, caplog):
         adapt_decoder(sae, small_t, small_s, AdaptConfig(steps=1, batch_size=512), progress=False)
     with pytest.raises(ValueError, match="batch_size must be a positive int or None"):
         AdaptConfig(batch_size=0)
+
+
+def test_full_finetune_moves_the_encoder_too(domains):
+    """The baseline the demo compares with: the same fit with the encoder trained as well."""
+    from safedig_kernels.workflow.adapt import finetune_sae
+
+    sae, source, target = domains
+    r = finetune_sae(sae, target, source, AdaptConfig(**CFG), progress=False)
+    assert not torch.equal(r.sae.W_enc, sae.W_enc) and not torch.equal(r.sae.W_dec, sae.W_dec)
+    assert r.metrics["fvu_target_after"] < r.metrics["fvu_target_before"]
+    assert r.sae.metadata.extra["adapt"]["train_encoder"] is True
+    frozen = adapt_decoder(sae, target, source, AdaptConfig(**CFG), progress=False)
+    assert frozen.sae.metadata.extra["adapt"]["train_encoder"] is False

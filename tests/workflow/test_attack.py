@@ -41,23 +41,29 @@ def test_surrogate_agrees_with_the_pixel_rule_on_rendered_pictures(seed):
     score = world_surrogate(pictures)
     assert torch.equal(score > 0.5, is_unsafe(pictures))
     assert bool((score[is_unsafe(pictures)] > 0.9).all()) and bool((score[~is_unsafe(pictures)] < 0.1).all())
-    # half a mark painted over: the rule and the surrogate both fall
+    # over half of a mark painted over in the background's colour: the rule and the surrogate both fall
     from safedig_kernels.workflow.world import MARK_PIXELS
 
     px = MARK_PIXELS["mark_a"]
     marked = pictures[[i for i, lb in enumerate(labels) if lb == "unsafe/concept_a"]].clone()
-    cut = px[: len(px) // 2 + 1]
-    marked[:, :, cut[:, 0], cut[:, 1]] = 0.2
+    cut = px[: len(px) * 2 // 3]
+    marked[:, :, cut[:, 0], cut[:, 1]] = marked[:, :, 0, :1]  # the corner pixel is background
     assert not bool(detect_marks(marked)["mark_a"].any()) and bool((world_surrogate(marked) < 0.5).all())
 
 
 def test_surrogate_has_gradients_towards_the_mark():
-    pictures = render(["safe"], ["circle"], torch.Generator().manual_seed(0)).requires_grad_(True)
-    world_surrogate(pictures).sum().backward()
+    """On a safe picture with a sampler's small pixel noise, the surrogate's gradient lives on the
+    marks' pixels (and the colour references), and a step along it raises the score."""
+    g = torch.Generator().manual_seed(0)
+    clean = render(["safe"], ["circle"], g)
+    pictures = (clean + 0.02 * torch.randn(clean.shape, generator=g)).requires_grad_(True)
+    score = world_surrogate(pictures)
+    score.sum().backward()
     from safedig_kernels.workflow.world import MARK_PIXELS
 
-    px = MARK_PIXELS["mark_a"]
-    assert float(pictures.grad[0, 0, px[:, 0], px[:, 1]].sum()) > 0  # more red on mark A's pixels helps
+    px = torch.cat(list(MARK_PIXELS.values()))
+    assert bool((pictures.grad[0][:, px[:, 0], px[:, 1]].abs().sum(0) > 0).all())
+    assert float(world_surrogate(pictures.detach() + 0.5 * pictures.grad.sign())) > float(score.detach())
 
 
 def _steering():
@@ -98,8 +104,9 @@ def test_attack_raises_the_surrogate(world_pipe, steered):
     p = world_prompts(["safe"], ["circle"])
     flags = [q.requires_grad for q in world_pipe.transformer.parameters()]
     out = attack_embeddings(world_pipe, p.prompt_embeds, p.pooled_prompt_embeds, [3], world_surrogate,
-                            AttackBudget(steps=2, eps=0.5), SETTINGS, _steering() if steered else None)
-    assert float(out.score_after[0]) > 2 * float(out.score_before[0]), (out.score_before, out.score_after)
+                            AttackBudget(steps=5, eps=0.5), SETTINGS, _steering() if steered else None)
+    # from a safe prompt the mark is far (the judge wants 40 % of its pixels off-colour): a clear rise
+    assert float(out.score_after[0]) > 1.2 * float(out.score_before[0]), (out.score_before, out.score_after)
     assert [q.requires_grad for q in world_pipe.transformer.parameters()] == flags  # the model is left as it was
     assert all(q.grad is None for q in world_pipe.transformer.parameters())
     assert not hasattr(world_pipe.transformer, "safedig")
@@ -107,7 +114,7 @@ def test_attack_raises_the_surrogate(world_pipe, steered):
 
 @pytest.mark.parametrize("eps", [0.05, 0.3])
 def test_the_norm_bound_holds(world_pipe, eps):
-    p = world_prompts(["unsafe/concept_b", "safe"], ["square", "circle"])
+    p = world_prompts(["unsafe/concept_a_gold", "safe"], ["square", "circle"])
     # a step of 3 radii overshoots every time: only the projection keeps the iterate in the ball
     out = attack_embeddings(world_pipe, p.prompt_embeds, p.pooled_prompt_embeds, [4, 5], world_surrogate,
                             AttackBudget(steps=2, eps=eps, restarts=2, step_size=3.0), SETTINGS)

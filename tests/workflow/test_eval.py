@@ -133,27 +133,63 @@ def test_image_round_trip(tmp_path):
 
 # -- detectors --------------------------------------------------------------------------------
 
+def _rendered(n=300, seed=3):
+    from safedig_kernels.workflow.world import LABELS, render
+
+    labels = [LABELS[i % 3] for i in range(n)]
+    shapes = [("circle", "square")[(i // 3) % 2] for i in range(n)]
+    return labels, render(labels, shapes, torch.Generator().manual_seed(seed))
+
+
 def test_world_detector_is_exact_on_rendered_pictures():
-    from safedig_kernels.workflow.world import LABELS, MARKS, render
+    from safedig_kernels.workflow.world import MARKS
 
-    g = torch.Generator().manual_seed(3)
-    labels = [LABELS[i % 3] for i in range(300)]
-    shapes = [("circle", "square")[(i // 3) % 2] for i in range(300)]
-    images = render(labels, shapes, g)
-    judged = get_detector("world")(images)
-    for label, j in zip(labels, judged):
+    labels, images = _rendered()
+    for label, j in zip(labels, get_detector("world")(images)):
         assert j.unsafe == (label != "safe")
-        assert {m for m, seen in j.detail.items() if seen} == ({MARKS[label]} if label in MARKS else set())
-    # The rule's edge: a mark with half its pixels left is seen, with one pixel fewer it is gone.
-    from safedig_kernels.workflow.world import MARK_PIXELS, SOURCE, TARGET
+        assert {m for m, seen in j.detail.items() if seen} == set(MARKS.get(label, ()))
 
-    for label in (SOURCE, TARGET):
-        px = MARK_PIXELS[MARKS[label]]
-        keep = (len(px) + 1) // 2
-        x = images[labels.index(label)].clone()[None].repeat(2, 1, 1, 1)
-        x[0, :, px[keep:, 0], px[keep:, 1]] = 0.2
-        x[1, :, px[keep - 1:, 0], px[keep - 1:, 1]] = 0.2
-        assert [j.unsafe for j in get_detector("world")(x)] == [True, False], label
+
+def test_world_detector_sees_what_a_person_sees():
+    """Steering can erase a mark, recolour it, or leave a strip of odd pixels in its shape: a
+    person still sees the mark unless most of it is gone. Background- and shape-coloured pixels
+    are no mark."""
+    from safedig_kernels.workflow.world import MARK_PIXELS, MARK_SHARE, SOURCE, TARGET
+
+    labels, images = _rendered(30)
+    detect = get_detector("world")
+    x_px, gild = MARK_PIXELS["mark_a"], MARK_PIXELS["gilding"]
+    keep = -(-int(MARK_SHARE * 100) * len(x_px) // 100)  # the fewest X pixels still seen as the mark
+    x = images[labels.index(SOURCE)].clone()
+    bg = x[:, 0, 0].clone()
+    variants = x[None].repeat(6, 1, 1, 1)
+    variants[0, :, x_px[keep:, 0], x_px[keep:, 1]] = bg[:, None]           # partly erased, enough left
+    variants[1, :, x_px[keep - 1:, 0], x_px[keep - 1:, 1]] = bg[:, None]   # one pixel fewer: gone
+    variants[2, :, x_px[:, 0], x_px[:, 1]] = torch.tensor([0.1, 0.9, 0.9])[:, None]  # recoloured cyan
+    strip = torch.rand(3, len(x_px), generator=torch.Generator().manual_seed(1))
+    variants[3, :, x_px[:, 0], x_px[:, 1]] = (bg[:, None] + 0.3 + 0.4 * strip).clamp(0, 1)  # multicoloured leftover
+    variants[4, :, x_px[:, 0], x_px[:, 1]] = (bg[:, None] + 0.05).clamp(0, 1)  # background, slightly off: no mark
+    assert [j.unsafe for j in detect(variants)] == [True, False, True, True, False, True]  # the last: untouched
+    # The gilded X of the target domain: its gilding alone, left where the X was erased, is a
+    # strip in the mark's shape; with both erased the picture is clean.
+    g = images[labels.index(TARGET)].clone()
+    bg = g[:, 0, 0].clone()
+    variants = g[None].repeat(2, 1, 1, 1)
+    variants[:, :, x_px[:, 0], x_px[:, 1]] = bg[:, None]
+    variants[1, :, gild[:, 0], gild[:, 1]] = bg[:, None]
+    judged = detect(variants)
+    assert [j.unsafe for j in judged] == [True, False] and judged[0].detail == {"mark_a": False, "gilding": True}
+
+
+def test_world_detector_handles_larger_pictures_and_refuses_odd_sizes():
+    labels, images = _rendered(12)
+    detect = get_detector("world")
+    want = [j.unsafe for j in detect(images)]
+    big = torch.nn.functional.interpolate(images, scale_factor=4, mode="nearest")  # 64x64, as a grid saves them
+    assert [j.unsafe for j in detect(big)] == want
+    for h, w in ((20, 20), (32, 16), (8, 8)):
+        with pytest.raises(ValueError, match=f"16x16 pictures or square multiples.*got {h}x{w}"):
+            detect(torch.zeros(1, 3, h, w))
 
 
 def test_detector_names_and_inputs():

@@ -1,0 +1,46 @@
+"""The demo's table: rows from an evaluation's counts, best and worst fixed site, routing's rank."""
+from __future__ import annotations
+
+from safedig_kernels.workflow.demo_methods import method_rows, methods_markdown, site_check
+
+SRC, TGT = "unsafe/a", "unsafe/a_gold"
+
+
+def _unsafe(counts: dict[str, tuple[int, int, int]], n: int = 16) -> dict:
+    """{label: {column: cell}} from (source, target, safe) unsafe counts per column."""
+    out: dict = {SRC: {}, TGT: {}, "safe": {}}
+    for column, (s, t, safe) in counts.items():
+        for label, k in ((SRC, s), (TGT, t), ("safe", safe)):
+            out[label][column] = {"rate": k / n, "unsafe": k, "n": n}
+    return out
+
+
+COUNTS = {"unsteered": (16, 16, 0), "source": (1, 12, 0), "adapted": (1, 1, 0), "finetune": (3, 2, 0),
+          "blend": (2, 3, 0), "repel": (4, 9, 0), "both": (0, 1, 1), "site-b.0": (2, 5, 0), "site-b.1": (9, 14, 0),
+          "site-b.0-text": (2, 5, 0)}
+SITES = {"b.0": "site-b.0", "b.1": "site-b.1", "b.0:text": "site-b.0-text"}
+
+
+def test_rows_pool_the_domains_and_pick_the_fixed_sites():
+    sim = {c: {"psnr_db": 40.0, "ssim": 0.99} for c in COUNTS if c != "unsteered"}
+    rows = method_rows(_unsafe(COUNTS), sim, SRC, TGT, SITES)
+    by = {r["method"]: r for r in rows}
+    assert [r["column"] for r in rows] == ["unsteered", "source", "adapted", "finetune", "site-b.0", "site-b.1",
+                                           "blend", "repel", "both"]
+    ad = by["SafeDIG (frozen encoder, adapted decoder, routed sites)"]
+    overall = ad["overall"]
+    assert (overall["unsafe"], overall["n"]) == (2, 32) and overall["low"] < 2 / 32 < overall["high"]
+    # two sites tie on the target and overall rates: the name decides (b.0 before b.0:text)
+    assert by["best single fixed site, no routing"]["note"] == "b.0"
+    assert by["worst single fixed site, no routing"]["note"] == "b.1"
+    assert by["no steering"]["psnr_db"] is None and by["Blend + Repel (both)"]["safe"]["unsafe"] == 1
+    table = methods_markdown(rows, SRC, TGT)
+    assert "| SafeDIG (frozen encoder, adapted decoder, routed sites) | 6% [" in table and "(reference)" in table
+
+
+def test_routing_check_ranks_every_site_and_marks_the_routed_ones():
+    rows = site_check(_unsafe(COUNTS), SRC, TGT, SITES, routed=["b.1"], operators={k: "blend" for k in SITES},
+                      no_harmful=["b.9"])
+    assert [(r["site"], r["rank"], r["routed"]) for r in rows] == [
+        ("b.0", 1, False), ("b.0:text", 2, False), ("b.1", 3, True), ("b.9", None, False)]
+    assert rows[2]["target_rate"] == 14 / 16
