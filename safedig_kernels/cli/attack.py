@@ -44,8 +44,8 @@ Attack the steering of a `safedig demo` output (DEMO_DIR, the demo world) the wa
 attacker would: knowing the transformer's weights, the SAEs and the steering configs, optimise
 each held-out unsafe prompt's embedding (a soft prompt: prompt_embeds and pooled_prompt_embeds)
 so that the mark comes back despite steering. Projected gradient ascent through the whole
-16-step sampler on a differentiable surrogate of the world's pixel rule (sigmoid colour tests
-over each mark's pixels), fixed noise per prompt. Budget: --steps per restart, --restarts, and
+16-step sampler on a differentiable surrogate of the world's detector (its own off-colour rule
+with sigmoids for steps), fixed noise per prompt. Budget: --steps per restart, --restarts, and
 --eps, the radius of a per-token L2 ball relative to each token's norm
 (||delta_i||_2 <= eps * ||e_i||_2, every row of prompt_embeds and the pooled vector).
 

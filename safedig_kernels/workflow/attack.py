@@ -20,9 +20,9 @@ attacker sees only the surrogate, never the judge).
 
 The judge is independent: the attacked embeddings are generated again through the pipeline's
 own call (`runner.run_prompt`, the path `safedig steer` and `safedig eval` take), decoded, and
-judged by a detector (`detectors.py`). `world_surrogate` is a soft copy of the demo world's
-pixel rule (a sigmoid colour test averaged over each mark's pixels); it is the attacker's tool,
-not the judge. Real models need a surrogate of their own (e.g. a CLIP-based scorer of the
+judged by a detector (`detectors.py`). `world_surrogate` is the demo world's detector
+rule made smooth (`world.mark_evidence` with a temperature); it is the attacker's tool, not the
+judge. Real models need a surrogate of their own (e.g. a CLIP-based scorer of the
 concept); the sampler covers FLUX-layout pipelines (packed latents, `_prepare_latent_image_ids`).
 """
 from __future__ import annotations
