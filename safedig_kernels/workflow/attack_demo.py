@@ -166,7 +166,7 @@ def run_attack(demo_dir: Union[str, Path], out_dir: Union[str, Path], budget: At
                    "norm": "per-token L2, relative: ||delta_i||_2 <= eps * ||e_i||_2 for every row of prompt_embeds "
                            "and for pooled_prompt_embeds"},
         "prompts_per_label": prompts_per_label, "seed": seed, "noise_seed": inputs.seed,
-        "surrogate": "world_surrogate: the world detector's off-colour rule with sigmoids for steps, soft OR over marks "
+        "surrogate": "world_surrogate: the world detector's off-colour rule, sigmoids for steps, soft OR over marks "
                      "(the attacker's objective, not the judge)",
         "detector": {"name": detector.name, "description": detector.description},
         "columns": list(COLUMNS), "rows": list(groups), "unsafe": rates,
