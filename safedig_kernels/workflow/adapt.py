@@ -159,6 +159,7 @@ def _fit(sae: TopKSAE, target: torch.Tensor, source: Optional[torch.Tensor], con
     params = [W_dec] + ([b_dec] if config.train_b_dec else []) + ([W_enc, b_enc] if train_encoder else [])
     opt = torch.optim.Adam(params, lr=config.lr)
     w0_sq = max(float(W0.double().pow(2).sum()), 1e-12)
+    we0_sq = max(float(We0.double().pow(2).sum()), 1e-12)
     var_t = _variance_per_token(target)
     var_s = _variance_per_token(source) if n_src else 1.0
     tgt_batches = BatchOrder(target.shape[0], n_tgt, config.seed)
@@ -183,8 +184,7 @@ def _fit(sae: TopKSAE, target: torch.Tensor, source: Optional[torch.Tensor], con
         recon = recon / batch_size
         prox = ((W_dec - W0).pow(2).sum() + (b_dec - b0).pow(2).sum()) / w0_sq
         if train_encoder:
-            prox = prox + ((W_enc - We0).pow(2).sum() + (b_enc - be0).pow(2).sum()) / max(
-                float(We0.double().pow(2).sum()), 1e-12)
+            prox = prox + ((W_enc - We0).pow(2).sum() + (b_enc - be0).pow(2).sum()) / we0_sq
         loss = recon + config.prox_coef * prox
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -34,7 +34,14 @@ from typing import Callable, Mapping, Optional, Sequence
 import torch
 
 from ..integrations.diffusers import SafeDIGConfig, apply_safedig, remove_safedig
-from ..integrations.diffusers.runner import RunSettings, decode_latents, pipeline_device, pipeline_dtype, run_prompt
+from ..integrations.diffusers.runner import (
+    RunSettings,
+    decode_latents,
+    decode_unclamped,
+    pipeline_device,
+    pipeline_dtype,
+    run_prompt,
+)
 
 __all__ = ["AttackBudget", "FluxSampler", "Surrogate", "world_surrogate", "AttackOutcome", "attack_embeddings",
            "project", "judge_embeddings"]
@@ -100,6 +107,7 @@ class FluxSampler:
         self.pipe = pipe
         self.settings = settings
         self.device, self.dtype = pipeline_device(pipe), pipeline_dtype(pipe)
+        self._sigmas: dict[int, torch.Tensor] = {}  # per number of image tokens
 
     def noise(self, seeds: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Initial latents `[B, N, C]`, one seeded CPU generator per prompt as `run_prompt` draws
@@ -111,7 +119,9 @@ class FluxSampler:
 
     def sigmas(self, image_tokens: int) -> torch.Tensor:
         """The scheduler's sigmas for this run, the terminal 0 included (a fresh scheduler from
-        the pipeline's config, so the pipeline's own is left as it was)."""
+        the pipeline's config, so the pipeline's own is left as it was); made once per length."""
+        if image_tokens in self._sigmas:
+            return self._sigmas[image_tokens]
         import numpy as np
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
 
@@ -122,7 +132,8 @@ class FluxSampler:
                              cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))
         sigmas = None if cfg.get("use_flow_sigmas", False) else np.linspace(1.0, 1 / n, n)
         retrieve_timesteps(scheduler, n, self.device, sigmas=sigmas, mu=mu)
-        return scheduler.sigmas.to(self.device, torch.float32)
+        self._sigmas[image_tokens] = scheduler.sigmas.to(self.device, torch.float32)
+        return self._sigmas[image_tokens]
 
     def __call__(self, prompt_embeds: torch.Tensor, pooled: torch.Tensor, latents: torch.Tensor,
                  image_ids: torch.Tensor) -> torch.Tensor:
@@ -141,13 +152,7 @@ class FluxSampler:
                             return_dict=False)[0]
             # the scheduler's Euler step, computed in float32 as FlowMatchEulerDiscreteScheduler.step does
             latents = (latents.float() + (sigmas[i + 1] - sigmas[i]) * v.float()).to(latents.dtype)
-        return self.decode(latents)
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        pipe = self.pipe
-        x = pipe._unpack_latents(latents, self.settings.height, self.settings.width, pipe.vae_scale_factor)
-        x = x / pipe.vae.config.scaling_factor + (getattr(pipe.vae.config, "shift_factor", None) or 0.0)
-        return pipe.vae.decode(x.to(pipe.vae.dtype), return_dict=False)[0].float() / 2 + 0.5
+        return decode_unclamped(self.pipe, latents, self.settings.height, self.settings.width)
 
 
 def _row_norms(x: torch.Tensor) -> torch.Tensor:

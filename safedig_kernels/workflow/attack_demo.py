@@ -29,7 +29,7 @@ from .._io import atomic_write_json, atomic_write_text, read_json
 from ..integrations.diffusers import SafeDIGConfig
 from ..integrations.diffusers.runner import RunSettings
 from .attack import AttackBudget, attack_embeddings, judge_embeddings, stack_embeddings, world_surrogate
-from .eval import UNSTEERED, wilson_interval
+from .eval import UNSTEERED, interval_bars, rate_cell, rate_text, save_figure
 from .prompts import PromptRecord, load_prompts, prompt_seed
 from .report import json_safe
 
@@ -96,11 +96,6 @@ class DemoInputs:
                    settings, seed)
 
 
-def _rate(hits: int, n: int) -> dict[str, float]:
-    low, high = wilson_interval(hits, n)
-    return {"rate": hits / n if n else float("nan"), "low": low, "high": high, "unsafe": hits, "n": n}
-
-
 def run_attack(demo_dir: Union[str, Path], out_dir: Union[str, Path], budget: AttackBudget = AttackBudget(),
                prompts_per_label: int = 8, seed: int = 0, device: Optional[str] = None,
                log: Optional[Callable[[str], None]] = None) -> dict[str, Any]:
@@ -155,7 +150,7 @@ def run_attack(demo_dir: Union[str, Path], out_dir: Union[str, Path], budget: At
 
     groups = {label: [i for i, lb in enumerate(labels) if lb == label] for label in inputs.labels}
     groups["all unsafe"] = list(range(len(chosen)))
-    rates = {g: {phase: {c: _rate(sum(per_column[c]["verdict"][phase][i] for i in idx), len(idx)) for c in COLUMNS}
+    rates = {g: {phase: {c: rate_cell(sum(per_column[c]["verdict"][phase][i] for i in idx), len(idx)) for c in COLUMNS}
                  for phase in ("before", "attacked")} for g, idx in groups.items()}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -212,9 +207,8 @@ def attack_markdown(result: dict[str, Any]) -> str:
         for phase, name in (("before", "before attack"), ("attacked", "attacked")):
             cells = result["unsafe"][row][phase]
             n = cells[result["columns"][0]]["n"]
-            lines.append(f"| {row} | {n} | {name} | " + " | ".join(
-                f"{cells[c]['rate']:.0%} [{cells[c]['low']:.0%}, {cells[c]['high']:.0%}]" for c in result["columns"])
-                + " |")
+            lines.append(f"| {row} | {n} | {name} | " + " | ".join(rate_text(cells[c]) for c in result["columns"])
+                         + " |")
     return "\n".join(lines)
 
 
@@ -228,17 +222,11 @@ def plot_attack(result: dict[str, Any], path: Union[str, Path]) -> Path:
     width = 0.38
     for j, (phase, name) in enumerate((("before", "before attack"), ("attacked", "attacked"))):
         xs = [i + (j - 0.5) * width for i in range(len(columns))]
-        c = [cells[phase][col] for col in columns]
-        err = [[max(0.0, x["rate"] - x["low"]) for x in c], [max(0.0, x["high"] - x["rate"]) for x in c]]
-        ax.bar(xs, [x["rate"] for x in c], width, yerr=err, capsize=3, label=name)
+        interval_bars(ax, xs, [cells[phase][col] for col in columns], width, name)
     ax.set_xticks(range(len(columns)), columns)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel(f"unsafe rate ({result['detector']['name']})")
     ax.set_title(f"eps {result['budget']['eps']:g}, {result['budget']['steps']} steps, "
                  f"n = {cells['before'][columns[0]]['n']}", fontsize="small")
     ax.legend(fontsize="small")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    return path
+    return save_figure(fig, path)

@@ -444,9 +444,19 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), *, log: Opt
     ad_paths, fvu_lines, adapt_metrics = {}, [], {}
     acfg = AdaptConfig(steps=cfg.adapt_steps, batch_size=cfg.batch_size, lr=cfg.adapt_lr, replay=cfg.replay,
                        seed=cfg.seed, train_b_dec=False)
+    routed = {s.site: s for s in src_sites}  # routing passes over sites with no harmful feature
+    finetuned, ft_harmful, ft_tau = {}, {}, {}
     for key in steerable:
         target_x = store.load(key, labels=[cfg.target, "safe"])
         source_x = store.load(key, labels=[cfg.source, "safe"])
+        if key in routed:
+            res = finetune_sae(saes[key][0], target_x, source_x, dataclasses.replace(acfg, train_b_dec=True),
+                               device=device, progress=False)
+            ev = evaluate_site(store, key, res.sae, cfg.source, cfg.target, "safe", rule)
+            # A fine-tuned encoder has its own features: score them again; none found -> keep the
+            # routed ids (the site then steers whatever those ids now mean).
+            finetuned[key], ft_harmful[key] = res.sae, ev.harmful or list(routed[key].harmful)
+            ft_tau[key] = safe_tau(store, key, res.sae, ft_harmful[key], cfg.tau_quantile)
         res = adapt_decoder(saes[key][0], target_x, source_x, acfg, device=device, progress=False)
         adapted[key] = res.sae
         ad_paths[key] = out / "saes" / f"{key.replace(':', '-')}-adapted.safetensors"
@@ -462,17 +472,6 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), *, log: Opt
     steer_ad = routed_config(report, adapted)
     steer_ad_file = SafeDIGConfig.from_json(
         steer_ad.to_json(out / "steer-adapted.json", sae_paths=[ad_paths[s.site] for s in steer_ad.sites]))
-    finetuned, ft_harmful, ft_tau = {}, {}, {}
-    for s in src_sites:
-        key = s.site
-        res = finetune_sae(saes[key][0], store.load(key, labels=[cfg.target, "safe"]),
-                           store.load(key, labels=[cfg.source, "safe"]), dataclasses.replace(acfg, train_b_dec=True),
-                           device=device, progress=False)
-        ev = evaluate_site(store, key, res.sae, cfg.source, cfg.target, "safe", rule)
-        # A fine-tuned encoder has its own features: score them again; none found -> keep the
-        # routed ids (the site then steers whatever those ids now mean).
-        finetuned[key], ft_harmful[key] = res.sae, ev.harmful or list(s.harmful)
-        ft_tau[key] = safe_tau(store, key, res.sae, ft_harmful[key], cfg.tau_quantile)
     steer_ft = routed_config(report, finetuned, harmful=ft_harmful, tau=ft_tau)
     log(f"[6/7] adapt to {cfg.target} (encoder frozen, {cfg.replay:.0%} source replay), FVU on target-unsafe tokens: "
         f"{'; '.join(fvu_lines)}; full fine-tune of the routed sites as the baseline ({stage('adapt', t0):.1f} s)")

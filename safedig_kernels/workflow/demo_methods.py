@@ -23,7 +23,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 from ..integrations.diffusers.config import SafeDIGConfig, SiteConfig
 from ..sae import TopKSAE
-from .eval import wilson_interval
+from .eval import rate_cell, rate_text
 from .route import OPERATORS, RoutingReport, operator_strengths
 
 __all__ = ["format_table", "site_column", "routed_config", "single_site_config", "method_rows", "site_check",
@@ -62,11 +62,6 @@ def single_site_config(report: RoutingReport, site: str, sae: TopKSAE, tau: floa
                                      window=tuple(report.config["window"]), cfg=report.config["cfg"])])
 
 
-def _cell(unsafe: int, n: int) -> dict[str, float]:
-    low, high = wilson_interval(unsafe, n)
-    return {"rate": unsafe / n if n else float("nan"), "low": low, "high": high, "unsafe": unsafe, "n": n}
-
-
 def method_rows(unsafe: Mapping[str, Mapping[str, Mapping[str, float]]], similarity: Mapping[str, Mapping[str, float]],
                 source: str, target: str, site_columns: Mapping[str, str]) -> list[dict[str, Any]]:
     """The table's rows from an evaluation (`EvalReport.unsafe`, `.safe_similarity`): one per
@@ -75,9 +70,10 @@ def method_rows(unsafe: Mapping[str, Mapping[str, Mapping[str, float]]], similar
     def row(method: str, column: str, note: str = "") -> dict[str, Any]:
         s, t, safe = unsafe[source][column], unsafe[target][column], unsafe["safe"][column]
         sim = similarity.get(column, {})
-        return {"method": method, "column": column, "note": note, "source": _cell(s["unsafe"], s["n"]),
-                "target": _cell(t["unsafe"], t["n"]), "overall": _cell(s["unsafe"] + t["unsafe"], s["n"] + t["n"]),
-                "safe": _cell(safe["unsafe"], safe["n"]), "psnr_db": sim.get("psnr_db"), "ssim": sim.get("ssim")}
+        return {"method": method, "column": column, "note": note, "source": rate_cell(s["unsafe"], s["n"]),
+                "target": rate_cell(t["unsafe"], t["n"]),
+                "overall": rate_cell(s["unsafe"] + t["unsafe"], s["n"] + t["n"]),
+                "safe": rate_cell(safe["unsafe"], safe["n"]), "psnr_db": sim.get("psnr_db"), "ssim": sim.get("ssim")}
 
     rows = [row("no steering", "unsteered"), row("source SAEs (no adaptation)", "source"),
             row("SafeDIG (frozen encoder, adapted decoder, routed sites)", "adapted"),
@@ -111,10 +107,6 @@ def site_check(unsafe: Mapping[str, Mapping[str, Mapping[str, float]]], source: 
     return rows
 
 
-def _pct(c: Mapping[str, float]) -> str:
-    return f"{c['rate']:.0%} [{c['low']:.0%}, {c['high']:.0%}]"
-
-
 def _db(v: Optional[float]) -> str:
     if v is None:
         return "(reference)"
@@ -129,8 +121,8 @@ def methods_markdown(rows: Sequence[Mapping[str, Any]], source: str, target: str
     for r in rows:
         name = r["method"] + (f" (`{r['note']}`)" if r["note"] else "")
         ssim = "" if r["ssim"] is None else f"{r['ssim']:.4f}"
-        lines.append(f"| {name} | {_pct(r['source'])} | {_pct(r['target'])} | {_pct(r['overall'])} | "
-                     f"{_pct(r['safe'])} | {_db(r['psnr_db'])} | {ssim} |")
+        lines.append(f"| {name} | {rate_text(r['source'])} | {rate_text(r['target'])} | {rate_text(r['overall'])} | "
+                     f"{rate_text(r['safe'])} | {_db(r['psnr_db'])} | {ssim} |")
     lines.append(f"\n{n} held-out prompts per label; unsafe rate with its 95 % Wilson interval.")
     return "\n".join(lines)
 
@@ -179,7 +171,7 @@ def _unsafe_rate_lines(summary: dict[str, Any], names: list[str], w: int) -> lis
              f"{'prompts':<{w}} " + " | ".join(f"{title:^20}" for _, title in columns)]
     for name, row in zip(names, summary["table"]):
         cells = summary["unsafe"][row["label"]]
-        texts = [f"{c['rate']:.0%} [{c['low']:.0%}, {c['high']:.0%}]" for c in (cells[k] for k, _ in columns)]
+        texts = [rate_text(cells[k]) for k, _ in columns]
         lines.append(f"{name:<{w}} " + " | ".join(f"{t:^20}" for t in texts))
     sim = summary["safe_similarity"]
     lines += ["", "Safe images, steered against unsteered (same noise): "

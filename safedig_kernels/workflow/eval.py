@@ -27,7 +27,8 @@ from .detectors import Detector
 from .prompts import PromptRecord
 from .report import image_file_names, json_safe
 
-__all__ = ["UNSTEERED", "wilson_interval", "psnr_db", "ssim", "EvalReport", "evaluate_images", "evaluate_runs",
+__all__ = ["UNSTEERED", "wilson_interval", "rate_cell", "rate_text", "interval_bars", "save_figure",
+           "psnr_db", "ssim", "EvalReport", "evaluate_images", "evaluate_runs",
            "run_images", "generate_runs", "check_column_names", "write_images", "load_images"]
 
 UNSTEERED = "unsteered"
@@ -42,6 +43,32 @@ def wilson_interval(unsafe: int, n: int, z: float = 1.96) -> tuple[float, float]
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
     return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def rate_cell(unsafe: int, n: int) -> dict[str, float]:
+    """One cell of an unsafe-rate table: the rate, its Wilson interval and the counts."""
+    low, high = wilson_interval(unsafe, n)
+    return {"rate": unsafe / n if n else float("nan"), "low": low, "high": high, "unsafe": unsafe, "n": n}
+
+
+def rate_text(cell: Mapping[str, float]) -> str:
+    """A `rate_cell` as the tables print it: `12% [4%, 31%]`."""
+    return f"{cell['rate']:.0%} [{cell['low']:.0%}, {cell['high']:.0%}]"
+
+
+def interval_bars(ax, xs: Sequence[float], cells: Sequence[Mapping[str, float]], width: float, label: str) -> None:
+    """One series of bars on a matplotlib axis: each `rate_cell`'s rate with its interval."""
+    err = [[max(0.0, c["rate"] - c["low"]) for c in cells], [max(0.0, c["high"] - c["rate"]) for c in cells]]
+    ax.bar(xs, [c["rate"] for c in cells], width, yerr=err, capsize=3, label=label)
+
+
+def save_figure(fig, path: Union[str, Path]) -> Path:
+    """Lay out and write a matplotlib figure (its folder made if needed)."""
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return path
 
 
 def psnr_db(mse: float) -> float:
@@ -104,9 +131,7 @@ class EvalReport:
         for label in self.labels:
             cells = self.unsafe[label]
             n = next(iter(cells.values()))["n"] if cells else 0
-            lines.append(f"| {label} | {n} | " + " | ".join(
-                f"{v['rate']:.0%} [{v['low']:.0%}, {v['high']:.0%}]" for v in (cells[c] for c in self.columns))
-                + " |")
+            lines.append(f"| {label} | {n} | " + " | ".join(rate_text(cells[c]) for c in self.columns) + " |")
         if self.safe_similarity:
             lines += ["", "Safe prompts, steered against unsteered (same noise):", "",
                       "| | " + " | ".join(self.safe_similarity) + " |", "|---|" + "---:|" * len(self.safe_similarity)]
@@ -124,19 +149,12 @@ class EvalReport:
         width = 0.8 / max(1, len(self.columns))
         for j, column in enumerate(self.columns):
             xs = [i + (j - (len(self.columns) - 1) / 2) * width for i in range(len(self.labels))]
-            cells = [self.unsafe[lb][column] for lb in self.labels]
-            rates = [c["rate"] for c in cells]
-            err = [[max(0.0, c["rate"] - c["low"]) for c in cells], [max(0.0, c["high"] - c["rate"]) for c in cells]]
-            ax.bar(xs, rates, width, yerr=err, capsize=3, label=column)
+            interval_bars(ax, xs, [self.unsafe[lb][column] for lb in self.labels], width, column)
         ax.set_xticks(range(len(self.labels)), self.labels)
         ax.set_ylim(0, 1.05)
         ax.set_ylabel(f"unsafe rate ({self.detector})")
         ax.legend(fontsize="small")
-        fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120)
-        return path
+        return save_figure(fig, path)
 
     def write(self, out_dir: Union[str, Path], plot: bool = True) -> dict[str, Path]:
         """`eval.json`, `eval.md` and (when matplotlib is installed and `plot`) `eval.png`."""
@@ -184,10 +202,7 @@ def evaluate_images(images: Mapping[str, Mapping[str, torch.Tensor]], labels: Ma
         members = [k for k, i in enumerate(ids) if labels[i] == label]
         unsafe[label] = {}
         for c in columns:
-            hits = sum(judged[c][k].unsafe for k in members)
-            low, high = wilson_interval(hits, len(members))
-            unsafe[label][c] = {"rate": hits / len(members) if members else float("nan"), "low": low,
-                                "high": high, "unsafe": hits, "n": len(members)}
+            unsafe[label][c] = rate_cell(sum(judged[c][k].unsafe for k in members), len(members))
     safe_ids = [i for i in ids if labels[i] == safe_label]
     reference = columns[0]
     similarity = {}

@@ -46,7 +46,8 @@ logger = logging.getLogger(__name__)
 SHIPPED_WEIGHTS = Path(__file__).resolve().parent / "data" / "world.safetensors"
 
 SIZE = 16
-# Which world a weights file draws (saved in its metadata): 2 is mark A in two contexts.
+# Which world a weights file draws (saved in its metadata): 3 is mark A in two contexts (plain
+# and gilded); weights without it draw an earlier world, and the demo does not take them as shipped.
 WORLD_VERSION = 3
 # The source risk domain is mark A as the source prompts ask for it: a thin red X at the top
 # right. The target domain is the same mark in a new context: the word "gold" after the mark

@@ -58,12 +58,17 @@ def run_prompt(pipe, settings: RunSettings, seed: int, *, prompt: Optional[str] 
 def decode_latents(pipe, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """Images `[B, 3, H, W]` in [0, 1] (CPU, float32) from final latents, as the pipeline's own
     `output_type="pt"` would decode them (FLUX pipelines pack latents into tokens first)."""
+    return decode_unclamped(pipe, latents, height, width).clamp(0, 1).cpu()
+
+
+def decode_unclamped(pipe, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """`decode_latents` before its clamp, on the latents' device: differentiable everywhere
+    (the attack's sampler back-propagates through it)."""
     if hasattr(pipe, "_unpack_latents"):
         latents = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
     vae = pipe.vae
     latents = latents / vae.config.scaling_factor + (getattr(vae.config, "shift_factor", None) or 0.0)
-    image = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
-    return (image.float() / 2 + 0.5).clamp(0, 1).cpu()
+    return vae.decode(latents.to(vae.dtype), return_dict=False)[0].float() / 2 + 0.5
 
 
 @contextlib.contextmanager
