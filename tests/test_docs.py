@@ -1,6 +1,6 @@
 """README's demo section and docs/workflow.md's seed tables are what `docs/demo/update.py` made
 from the recorded runs (run.json), and the pictures README shows are there. README's layout
-names every room of the package."""
+names every room of the package. docs/demo/gap.py measures what docs/workflow.md quotes."""
 from __future__ import annotations
 
 import importlib.util
@@ -11,15 +11,16 @@ REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "docs" / "demo"
 
 
-def _update_module():
-    spec = importlib.util.spec_from_file_location("demo_update", DEMO / "update.py")
+def _demo_script(name: str):
+    """A script of docs/demo/ as a module."""
+    spec = importlib.util.spec_from_file_location(f"demo_{name}", DEMO / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
 def test_readme_demo_section_is_the_recorded_run():
-    update = _update_module()
+    update = _demo_script("update")
     runs = json.loads((DEMO / "run.json").read_text())["runs"]
     readme = (REPO / "README.md").read_text()
     want = update.readme_section(runs)
@@ -49,3 +50,28 @@ def test_readme_layout_names_every_room():
     assert not unnamed, f"README's layout does not name {unnamed}"
     folders = {p.parent.name for p in package.rglob("*.py") if p.parent != package and "data" not in p.parts}
     assert all(f"{f}/" in layout for f in folders), folders
+
+
+def test_gap_script_measures_what_docs_workflow_quotes():
+    # docs/demo/gap.py's two measurements on the shipped world, small: patching an image site
+    # with the paired safe run's activations removes every mark (the site carries the mark),
+    # while the best hindsight SAE edit closes well under half of the distance to the safe twin.
+    import torch
+
+    from safedig_kernels.workflow.world import SOURCE, TARGET, is_unsafe
+
+    gap = _demo_script("gap")
+    runs = gap.PairedRuns(4)
+    _, safe = runs.run("safe", record=True)
+    images, unsafe = runs.run(SOURCE, record=True)
+    assert bool(is_unsafe(images).all())
+    site = "single_transformer_blocks.1:image"
+    for label in (SOURCE, TARGET):
+        patched, _ = runs.run(label, patch=(site, safe))
+        assert not bool(is_unsafe(patched).any()), label
+    x_unsafe, x_safe = gap.stream(unsafe, site), gap.stream(safe, site)
+    assert x_unsafe.shape == x_safe.shape == (gap.STEPS * 4 * 64, 64)
+    assert not torch.equal(x_unsafe, x_safe)
+    closed = gap.gap_closed(x_unsafe, x_safe, [(4, 256)], train_steps=150)["k=4, F=256"]
+    assert 0.0 < closed["repel"] < 0.5 and closed["blend"] < 0.5, closed
+    assert "gap.py" in (REPO / "docs" / "workflow.md").read_text()
