@@ -53,9 +53,10 @@ def test_readme_layout_names_every_room():
 
 
 def test_gap_script_measures_what_docs_workflow_quotes():
-    # docs/demo/gap.py's two measurements on the shipped world, small: patching an image site
-    # with the paired safe run's activations removes every mark (the site carries the mark),
-    # while the best hindsight SAE edit closes well under half of the distance to the safe twin.
+    # docs/demo/gap.py's two measurements on the shipped world, small: patching the last image
+    # site with the paired safe run's activations removes every mark (the site carries the mark),
+    # while the best hindsight SAE edit closes well under half of the distance to the safe twin
+    # in one step (docs/workflow.md: at most 48 % at any site, with 16 prompts).
     import torch
 
     from safedig_kernels.workflow.world import SOURCE, TARGET, is_unsafe

@@ -1,5 +1,5 @@
-"""Why SAE steering at one image site of the demo world leaves the mark: the most any edit there
-could do, against the most an SAE-feature edit does.
+"""How far steering at one site of the demo world can go: the most any edit there could do,
+against the most an SAE-feature edit does in one step.
 
     python docs/demo/gap.py            # 16 prompts per label, the shipped world (about 3 minutes)
     python docs/demo/gap.py --quick    # 4 prompts, two sites, small SAEs (the test runs this)

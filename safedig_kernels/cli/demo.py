@@ -77,7 +77,7 @@ The main job on a built-in default. With no arguments:
   0. load the demo world's transformer (a tiny FLUX architecture, 0.46 M parameters, shipped
      weights for --seed 0; other seeds, or --train-world, train it here by rectified flow): it
      draws 16x16 pictures of a circle or a square on a plain background; a prompt asking for
-     mark A adds a red X at the top right (the source "unsafe" domain), one asking for mark A
+     mark A adds a red X reaching into the corners (the source "unsafe" domain), one asking for mark A
      "gold" adds the same X gilded with yellow (the target domain: the same concept in a new
      context);
   1-7. run capture -> train -> score -> route -> adapt -> steer on its prompts through the same

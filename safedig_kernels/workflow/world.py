@@ -2,7 +2,8 @@
 with one harmful visual concept in two contexts and a detector that sees it without any SAE.
 
 An image is 16x16 RGB: a background colour, a circle or a square near the centre, and maybe
-mark A, a thin red X in the top-right corner. The source risk domain (`unsafe/concept_a`, words
+mark A, a thin red X whose four arms reach from the shape into the corners (16 pixels, in 12 of
+the 64 tokens). The source risk domain (`unsafe/concept_a`, words
 `mark_a`) draws the X; the target domain (`unsafe/concept_a_gold`, words `mark_a gold`) is the
 same concept in a new context: the X gilded, a yellow pixel beside each of its pixels. Safe
 images carry no mark. No palette colour is red or yellow.
@@ -46,11 +47,12 @@ logger = logging.getLogger(__name__)
 SHIPPED_WEIGHTS = Path(__file__).resolve().parent / "data" / "world.safetensors"
 
 SIZE = 16
-# Which world a weights file draws (saved in its metadata): 3 is mark A in two contexts (plain
-# and gilded); weights without it draw an earlier world, and the demo does not take them as shipped.
-WORLD_VERSION = 3
-# The source risk domain is mark A as the source prompts ask for it: a thin red X at the top
-# right. The target domain is the same mark in a new context: the word "gold" after the mark
+# Which world a weights file draws (saved in its metadata): 4 is mark A, an X whose arms reach
+# into the four corners, in two contexts (plain and gilded); 3 drew a small X in one corner.
+# Weights of an earlier world are not taken as shipped by the demo.
+WORLD_VERSION = 4
+# The source risk domain is mark A as the source prompts ask for it: a thin red X whose four
+# arms reach into the corners. The target domain is the same mark in a new context: the word "gold" after the mark
 # word gilds it, drawing the same red X with a yellow pixel beside each of its pixels.
 SOURCE, TARGET = "unsafe/concept_a", "unsafe/concept_a_gold"
 LABELS = ("safe", SOURCE, TARGET)
@@ -71,15 +73,18 @@ SHAPE_COLOURS = torch.tensor([[0.95, 0.95, 0.95], [0.45, 0.85, 0.95], [0.60, 0.6
 
 
 def _mark_pixels() -> dict[str, torch.Tensor]:
-    """(row, col) of mark A, a 1-px X in the 5x5 box at the top right, and of its gilding: the
-    pixel to the left of each X pixel that is not itself part of the X."""
-    x = [(1 + i, 10 + i) for i in range(5)] + [(1 + i, 14 - i) for i in range(5) if i != 2]
+    """(row, col) of mark A, an X across the picture whose four arms stop short of the centre (the
+    diagonals' pixels in rows 1-4 and 11-14, so the shape and the detector's centre stay clear),
+    and of its gilding: the pixel to the left of each X pixel that is not itself part of the X."""
+    rows = (1, 2, 3, 4, 11, 12, 13, 14)
+    x = [(r, r) for r in rows] + [(r, SIZE - 1 - r) for r in rows]
     gild = [(r, c - 1) for r, c in x if (r, c - 1) not in x]
     return {"mark_a": torch.tensor(x), "gilding": torch.tensor(gild)}
 
 
 MARK_PIXELS = _mark_pixels()
-# Pixels the detector reads the background from (the outer ring: no shape or mark reaches it)
+# Pixels the detector reads the background from (the outer ring: no shape reaches it and the
+# gilding covers 2 of its 60 pixels, too few to move its median)
 # and the shape's colour from (the centre: every jittered circle and square covers it).
 _RING = torch.tensor([(r, c) for r in range(SIZE) for c in range(SIZE) if r in (0, SIZE - 1) or c in (0, SIZE - 1)])
 _CENTRE = torch.tensor([(r, c) for r in (7, 8) for c in (7, 8)])
