@@ -27,6 +27,7 @@ import time
 import torch
 
 from safedig_kernels.sae import SAEMetadata
+from safedig_kernels.workflow.score import feature_scores, group_stats
 from safedig_kernels.workflow.train import TrainConfig, train_sae
 from safedig_kernels.workflow.world import SOURCE, TARGET, is_unsafe, load_world, world_pipeline, world_prompts
 
@@ -83,11 +84,6 @@ def stream(recorded, site: str) -> torch.Tensor:
     return torch.cat([(text if kind == "text" else image).flatten(0, 1) for text, image in recorded[name]])
 
 
-def codes(sae, x: torch.Tensor) -> torch.Tensor:
-    vals, idx = sae.encode(x)
-    return torch.zeros(x.shape[0], sae.num_features).scatter(-1, idx.long(), vals.float())
-
-
 def gap_closed(x_unsafe: torch.Tensor, x_safe: torch.Tensor, sae_sizes, train_steps: int) -> dict[str, float]:
     """Best share of the distance to the safe twin that Blend / Repel removes, per SAE size."""
     far = (x_unsafe - x_safe).norm(dim=-1)
@@ -99,16 +95,14 @@ def gap_closed(x_unsafe: torch.Tensor, x_safe: torch.Tensor, sae_sizes, train_st
         sae = train_sae(torch.cat([x_unsafe, x_safe]), TrainConfig(num_features=features, k=k, steps=train_steps,
                                                                    batch_size=512, lr=1e-2, seed=0, log_every=0),
                         progress=False, metadata=SAEMetadata(model="world", site="gap")).sae
-        zu, zs = codes(sae, xu), codes(sae, xs)
-        rise = (zu - zs).mean(0)
+        # The features whose mean code rises most from safe to unsafe (the score `safedig score` ranks by).
+        rise = feature_scores(group_stats(sae, [xu]), group_stats(sae, [xs]))
         best = {"blend": -float("inf"), "repel": -float("inf")}
         for m in (4, 8, 16, 32):
-            harmful = torch.zeros(sae.num_features, dtype=torch.bool)
-            harmful[rise.topk(min(m, sae.num_features)).indices] = True
-            safe_recon = sae.b_dec + (zu * ~harmful) @ sae.W_dec
-            harmful_part = (zu * harmful) @ sae.W_dec
-            best["blend"] = max(best["blend"], 1 - float((safe_recon - xs).norm() / base))
-            best["repel"] = max(best["repel"], 1 - float((xu - harmful_part - xs).norm() / base))
+            harmful = rise.topk(min(m, sae.num_features)).indices.tolist()
+            for op, (beta, gamma) in (("blend", (1.0, 0.0)), ("repel", (0.0, 1.0))):
+                edited, _ = sae.steer(xu, beta=beta, gamma=gamma, tau=-1.0, harmful=harmful)  # tau < 0: every token
+                best[op] = max(best[op], 1 - float((edited - xs).norm() / base))
         out[f"k={k}, F={features}"] = best
     return out
 
