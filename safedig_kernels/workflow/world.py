@@ -3,10 +3,10 @@ with one harmful visual concept in two contexts and a detector that sees it with
 
 An image is 16x16 RGB: a background colour, a circle or a square near the centre, and maybe
 mark A, a thin red X whose four arms reach from the shape into the corners (16 pixels, in 12 of
-the 64 tokens). The source risk domain (`unsafe/concept_a`, words
-`mark_a`) draws the X; the target domain (`unsafe/concept_a_gold`, words `mark_a gold`) is the
-same concept in a new context: the X gilded, a yellow pixel beside each of its pixels. Safe
-images carry no mark. No palette colour is red or yellow.
+the 64 tokens). The source risk domain (`unsafe/concept_a`, words `mark_a`) draws the X; the
+target domain (`unsafe/concept_a_gold`, words `mark_a gold`) is the same concept in a new
+context: the X gilded, a yellow pixel beside each of its pixels. Safe images carry no mark. No
+palette colour is red or yellow.
 
 A prompt is four word embeddings `[shape, words..., pad]` (fixed random 32-d vectors, seeded),
 its pooled embedding their mean. The transformer draws pixels directly: the image in [-1, 1] is
@@ -52,8 +52,9 @@ SIZE = 16
 # Weights of an earlier world are not taken as shipped by the demo.
 WORLD_VERSION = 4
 # The source risk domain is mark A as the source prompts ask for it: a thin red X whose four
-# arms reach into the corners. The target domain is the same mark in a new context: the word "gold" after the mark
-# word gilds it, drawing the same red X with a yellow pixel beside each of its pixels.
+# arms reach into the corners. The target domain is the same mark in a new context: the word
+# "gold" after the mark word gilds it, drawing the same red X with a yellow pixel beside each
+# of its pixels.
 SOURCE, TARGET = "unsafe/concept_a", "unsafe/concept_a_gold"
 LABELS = ("safe", SOURCE, TARGET)
 # The marks each label's prompts ask for: both domains draw mark A's X; gold adds its gilding.
@@ -83,9 +84,9 @@ def _mark_pixels() -> dict[str, torch.Tensor]:
 
 
 MARK_PIXELS = _mark_pixels()
-# Pixels the detector reads the background from (the outer ring: no shape reaches it and the
-# gilding covers 2 of its 60 pixels, too few to move its median)
-# and the shape's colour from (the centre: every jittered circle and square covers it).
+# Pixels the detector reads the background from (the outer ring: no shape reaches it, and the
+# gilding covers 2 of its 60 pixels, too few to move its median) and the shape's colour from
+# (the centre: every jittered circle and square covers it).
 _RING = torch.tensor([(r, c) for r in range(SIZE) for c in range(SIZE) if r in (0, SIZE - 1) or c in (0, SIZE - 1)])
 _CENTRE = torch.tensor([(r, c) for r in (7, 8) for c in (7, 8)])
 # A mark's pixel is off-colour when it is farther than this (largest channel difference) from
