@@ -25,7 +25,7 @@ def _demo_config(args: argparse.Namespace):
                   seed=args.seed, train_world=args.train_world)
     for name in ("model", "world", "world_steps", "detector", "source", "target", "height", "width",
                  "num_inference_steps", "features", "k", "train_steps", "num_sites", "eval_prompts", "train_prompts",
-                 "timing_repeats"):
+                 "timing_repeats", "min_psnr_db"):
         v = getattr(args, name)
         if v is not None:
             fields[name] = v
@@ -80,16 +80,19 @@ The main job on a built-in default. With no arguments:
      mark A adds a red X reaching into the corners (the source "unsafe" domain), one asking for mark A
      "gold" adds the same X gilded with yellow (the target domain: the same concept in a new
      context);
-  1-7. run capture -> train -> score -> route -> adapt -> steer on its prompts through the same
-     functions the other subcommands use: one SAE per candidate site trained on the source and
-     safe prompts, its harmful features scored (on the source, and with the frozen encoder on
-     the target), the best sites routed and gated (tau at the 99th percentile of safe tokens'
-     harm score), every steerable site's decoder adapted to the target (encoder frozen);
+  1-8. run capture -> train -> score -> route -> adapt -> validate -> steer on its prompts through
+     the same functions the other subcommands use: one SAE per candidate site trained on the
+     source and safe prompts, its harmful features scored (on the source, and with the frozen
+     encoder on the target), the best sites routed and gated (tau at the 99th percentile of safe
+     tokens' harm score), every steerable site's decoder adapted to the target (encoder frozen),
+     and each method's operators (Blend, Repel, both, or routing's per-site choice) validated by
+     steering its own training prompts: the fewest unsafe images with safe PSNR >= --min-psnr;
   eval. judge every held-out image with the world's detector (independent of every SAE: it
      counts the X, recoloured or not, and a leftover strip in its shape, as a person would).
 
-It ends with the paper-shaped table: one row per method (no steering; source SAEs; SafeDIG =
-frozen encoder + adapted decoder + routed sites; full fine-tune of the SAE; the best and the
+It ends with the paper-shaped table: one row per method (no steering; source SAEs, the steerer
+learned on the source alone; SafeDIG = frozen encoder + adapted decoder + routed sites; full
+fine-tune of the SAE; SafeDIG with the source decoders; the best and the
 worst single fixed site without routing; Blend only; Repel only; both), columns the source,
 target and overall unsafe rate with 95 % Wilson intervals, the safe prompts' rate and safe-image
 PSNR/SSIM; before it, the routing check (each candidate site alone, adapted: the target rate it
@@ -142,6 +145,9 @@ capture, 4d-wide SAEs with k = 32 and candidate sites spread over the blocks (--
     p.add_argument("--features", type=int, default=None, help="SAE latents F (default 4 x d)")
     p.add_argument("--k", type=int, default=None, help="SAE active latents (4 world and tiny-flux, 32 otherwise)")
     p.add_argument("--train-steps", type=int, default=None, help="SAE training steps (300)")
+    p.add_argument("--min-psnr", dest="min_psnr_db", type=float, default=None,
+                   help="quality budget when each method's operators are validated on its training prompts: the "
+                        "safe images' PSNR against the unsteered ones, in dB (30)")
     p.add_argument("--timing-repeats", type=int, default=None, help="runs timed with and without steering (5)")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the world's training, the prompts, noise, SAE training and adaptation")

@@ -20,9 +20,14 @@ On the default (`--model world`) everything is made in code, seeded, and runs on
    (`adapt_decoder`; `b_dec` frozen too, since it centres the encoder's input: the harm score,
    and so the harmful set and the gate, stay exactly the source's), and fine-tune the routed
    sites' whole SAEs as the baseline (`finetune_sae`, harmful set re-scored, gate recalibrated);
-7. **steer** the held-out prompts with every method of `demo_methods.py` (source SAEs, SafeDIG,
-   full fine-tune, each steerable site alone, each operator alone), each against the unsteered
-   run from the same noise, and time a denoising step with and without steering;
+7. **validate** each method's operators on the training prompts it may learn from
+   (`validate.choose_operators`: the source steerer on the source's, SafeDIG and the full
+   fine-tune on the source's and the target's): the candidate leaving the fewest unsafe images
+   with safe PSNR >= `min_psnr_db`; without a detector every method keeps routing's operators;
+8. **steer** the held-out prompts with every method of `demo_methods.py` (source SAEs, SafeDIG,
+   full fine-tune, SafeDIG with the source decoders, each steerable site alone, each operator
+   alone), each against the unsteered run from the same noise, and time a denoising step with
+   and without steering;
 eval. **judge** every image with `detector` (`detectors.py`; the world's own by default): the
    unsafe rate per label and column with its Wilson interval, PSNR and SSIM of the steered safe
    images against the unsteered ones (`eval.evaluate_runs`, as `safedig eval` does), and the
@@ -71,6 +76,7 @@ from .capture import CaptureConfig, capture
 from .demo_methods import (  # noqa: F401 (format_table: `safedig demo` prints it from here)
     format_table,
     method_rows,
+    operator_candidates,
     routed_config,
     single_site_config,
     site_check,
@@ -85,6 +91,7 @@ from .report import difference_images, image_scale, json_safe, save_grid, summar
 from .route import OPERATORS, RouteConfig, evaluate_site, route, safe_tau
 from .score import HarmfulRule, score_features
 from .train import TrainConfig, evaluate_sae, train_sae
+from .validate import DEFAULT_MIN_PSNR_DB, OperatorChoice, choose_operators, site_operators
 from .world import LABELS as WORLD_LABELS
 from .world import SHIPPED_WEIGHTS, WORLD_VERSION, world_weights_in
 from .world import TARGET as WORLD_TARGET
@@ -156,6 +163,8 @@ class DemoConfig:
     beta: float = 1.0
     gamma: float = 1.0
     tau_quantile: float = 0.99
+    # The quality budget of operator validation (validate.py): safe PSNR on the training prompts.
+    min_psnr_db: float = DEFAULT_MIN_PSNR_DB
     adapt_steps: int = 200
     adapt_lr: Optional[float] = None
     replay: float = 0.2
@@ -176,6 +185,9 @@ class DemoConfig:
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ValueError(f"demo: {name} must be a positive int, got {v!r}")
+        if isinstance(self.min_psnr_db, bool) or not isinstance(self.min_psnr_db, (int, float)) \
+                or not math.isfinite(self.min_psnr_db):
+            raise ValueError(f"demo: min_psnr_db must be a finite number of dB, got {self.min_psnr_db!r}")
         if not 0.0 < self.tau_quantile < 1.0:
             raise ValueError(f"demo: tau_quantile must lie in (0, 1), got {self.tau_quantile}")
         labels = (self.source, self.target)
@@ -367,14 +379,14 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), *, log: Opt
         eval_file = None
         origin = f"from {cfg.prompts}"
     counts = {lbl: sum(r.label == lbl for r in train_p) for lbl in ("safe", cfg.source, cfg.target)}
-    log(f"[1/7] prompts ({origin}): train {counts}, held out {len(eval_p)} ({stage('prompts', t0):.1f} s)")
+    log(f"[1/8] prompts ({origin}): train {counts}, held out {len(eval_p)} ({stage('prompts', t0):.1f} s)")
 
     # 2. capture
     t0 = time.perf_counter()
     cap = CaptureConfig(sites=sites, num_inference_steps=cfg.num_inference_steps, height=cfg.height, width=cfg.width,
                         guidance_scale=cfg.guidance_scale, max_tokens=cfg.max_tokens, seed=cfg.seed, model=cfg.model)
     store = capture(pipe, train_p, out / "acts", cap, resume=False, progress=progress)
-    log(f"[2/7] capture: {len(store.prompts)} prompts x {cfg.num_inference_steps} steps at {len(sites)} candidate "
+    log(f"[2/8] capture: {len(store.prompts)} prompts x {cfg.num_inference_steps} steps at {len(sites)} candidate "
         f"sites -> {out / 'acts'} ({stage('capture', t0):.1f} s)")
 
     # 3. train, one SAE per site on the source domain (its unsafe prompts and the safe ones)
@@ -394,7 +406,7 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), *, log: Opt
         res.sae.save(path)
         saes[key] = (res.sae, str(path))
         fvus[key] = evaluate_sae(res.sae, x)["fvu"]
-    log(f"[3/7] train: {len(saes)} TopK SAEs (F={cfg.features}, k={cfg.k}, {cfg.train_steps} steps) on "
+    log(f"[3/8] train: {len(saes)} TopK SAEs (F={cfg.features}, k={cfg.k}, {cfg.train_steps} steps) on "
         f"{cfg.source} + safe; FVU {min(fvus.values()):.3f}-{max(fvus.values()):.3f} ({stage('train', t0):.1f} s)")
 
     # 4. score
@@ -408,7 +420,7 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), *, log: Opt
     best = max(scores, key=lambda k: (scores[k].separation_auroc if math.isfinite(scores[k].separation_auroc)
                                       else -1.0))
     counts = {k: len(r.harmful) for k, r in scores.items()}
-    log(f"[4/7] score (harmful: top {rule.top_n} features firing on >= {rule.min_freq:.0%} of unsafe tokens and "
+    log(f"[4/8] score (harmful: top {rule.top_n} features firing on >= {rule.min_freq:.0%} of unsafe tokens and "
         f">= {rule.min_ratio:g}x as often as on safe ones): per site {counts}; best unsafe-vs-safe AUROC "
         f"{scores[best].separation_auroc:.3f} at {best} ({stage('score', t0):.1f} s)")
 
@@ -421,18 +433,16 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), *, log: Opt
     report.write(out / "reports" / "route.json")
     report.steering_config().to_json(out / "steer-routed.json")  # as `safedig route` writes it
     src_saes = {key: sae for key, (sae, _) in saes.items()}
-    steer_src = report.steering_config(saes=src_saes)
-    src_sites = steer_src.sites
+    # The one yardstick of the harm score table: the source SAEs with the routed harmful sets.
+    src_sites = report.steering_config(saes=src_saes).sites
     selected = {c.site: c.operator for c in report.selected}
-    steer_src_file = SafeDIGConfig.from_json(
-        steer_src.to_json(out / "steer.json", sae_paths=[saes[s.site][1] for s in src_sites]))
     evals = {e.site: e for e in report.sites}
     chosen = ", ".join(f"{c.site} ({c.operator}, {len(evals[c.site].harmful)} harmful features = the union of "
                        f"{len(evals[c.site].harmful_source)} on the source and {len(evals[c.site].harmful_target)} "
                        f"on the target, tau {report.tau[c.site]:.3f})" for c in report.selected)
-    log(f"[5/7] route (a site steers the union of the harmful sets picked on the source and on the target): {chosen}"
+    log(f"[5/8] route (a site steers the union of the harmful sets picked on the source and on the target): {chosen}"
         + (f"; passed over for lack of harmful features: {passed_over}" if passed_over else "")
-        + f"; tau = {cfg.tau_quantile:.0%} quantile of safe tokens' h -> {out / 'steer.json'} "
+        + f"; tau = {cfg.tau_quantile:.0%} quantile of safe tokens' h -> {out / 'steer-routed.json'} "
           f"({stage('route', t0):.1f} s)")
 
     # 6. adapt every steerable candidate site's decoder to the target domain, encoder frozen (b_dec
@@ -469,17 +479,47 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), *, log: Opt
     # The gates: h is the source SAE's (encoder and b_dec frozen), so each site keeps its tau.
     site_tau = {k: report.tau[k] if k in report.tau else safe_tau(store, k, saes[k][0], evals[k].harmful,
                                                                    cfg.tau_quantile) for k in steerable}
-    steer_ad = routed_config(report, adapted)
+    log(f"[6/8] adapt to {cfg.target} (encoder frozen, {cfg.replay:.0%} source replay), FVU on target-unsafe tokens: "
+        f"{'; '.join(fvu_lines)}; full fine-tune of the routed sites as the baseline ({stage('adapt', t0):.1f} s)")
+
+    # 7. validate: each method's operators, chosen by steering the training prompts it may learn
+    # from (validate.py); the source steerer knows the source domain only, so its harmful sets are
+    # the source's and its gates are calibrated for them
+    t0 = time.perf_counter()
+    src_harmful = {k: evals[k].harmful_source for k in routed if evals[k].harmful_source}
+    if not src_harmful:
+        raise ValueError(f"demo: no routed site ({list(routed)}) has a harmful feature on the source domain, so the "
+                         f"source steerer has nothing to steer; try a looser harmful-feature rule or other sites")
+    src_tau = {k: safe_tau(store, k, saes[k][0], h, cfg.tau_quantile) for k, h in src_harmful.items()}
+    candidates = {"source": operator_candidates(report, src_saes, harmful=src_harmful, tau=src_tau,
+                                                sites=list(src_harmful)),
+                  "adapted": operator_candidates(report, adapted),
+                  "finetune": operator_candidates(report, finetuned, harmful=ft_harmful, tau=ft_tau)}
+    gen = GenerateConfig(num_inference_steps=cfg.num_inference_steps, height=cfg.height, width=cfg.width,
+                         guidance_scale=cfg.guidance_scale, seed=cfg.seed)
+    choices: dict[str, OperatorChoice] = {}
+    if cfg.detector:
+        detector = get_detector(cfg.detector)
+        for name, cands in candidates.items():
+            labels = [cfg.source] if name == "source" else [cfg.source, cfg.target]
+            choices[name] = choose_operators(pipe, train_p, cands, detector, gen, labels,
+                                             min_psnr_db=cfg.min_psnr_db)
+        log(f"[7/8] validate each method's operators on its training prompts (fewest unsafe images with safe PSNR "
+            f">= {cfg.min_psnr_db:g} dB): " + " | ".join(f"{name}: {c.line()}" for name, c in choices.items())
+            + f" ({stage('validate', t0):.1f} s)")
+    else:
+        log("[7/8] validate: no detector, so every method keeps routing's operators")
+    configs = {name: cands[choices[name].chosen if name in choices else "routed"]
+               for name, cands in candidates.items()}
+    steer_src, steer_ad, steer_ft = configs["source"], configs["adapted"], configs["finetune"]
+    steer_unadapted = routed_config(report, src_saes, operator=site_operators(steer_ad))
+    steer_src_file = SafeDIGConfig.from_json(
+        steer_src.to_json(out / "steer.json", sae_paths=[saes[s.site][1] for s in steer_src.sites]))
     steer_ad_file = SafeDIGConfig.from_json(
         steer_ad.to_json(out / "steer-adapted.json", sae_paths=[ad_paths[s.site] for s in steer_ad.sites]))
-    steer_ft = routed_config(report, finetuned, harmful=ft_harmful, tau=ft_tau)
-    log(f"[6/7] adapt to {cfg.target} (encoder frozen, {cfg.replay:.0%} source replay), FVU on target-unsafe tokens: "
-        f"{'; '.join(fvu_lines)}; full fine-tune of the routed sites as the baseline ({stage('adapt', t0):.1f} s)")
 
     # 7. steer the held-out prompts with every method (demo_methods.py), judged by the source SAEs
     t0 = time.perf_counter()
-    gen = GenerateConfig(num_inference_steps=cfg.num_inference_steps, height=cfg.height, width=cfg.width,
-                         guidance_scale=cfg.guidance_scale, seed=cfg.seed)
     judges = [(s.sae, s.harmful) for s in src_sites]
     results = {}
     for name, conf, conf_file in (("source_sae", steer_src, steer_src_file), ("adapted_sae", steer_ad, steer_ad_file)):
@@ -487,13 +527,13 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), *, log: Opt
         write_outputs(runs, out / f"steer-{name.split('_')[0]}", gen, conf_file)
         results[name] = runs
     site_columns = {k: site_column(k) for k in steerable}
-    others = {"finetune": steer_ft, **{op: routed_config(report, adapted, operator=op) for op in OPERATORS},
+    others = {"finetune": steer_ft, "unadapted": steer_unadapted, **{op: candidates["adapted"][op] for op in OPERATORS},
               **{col: single_site_config(report, k, adapted[k], site_tau[k]) for k, col in site_columns.items()}}
     more = {name: generate(pipe, eval_p, conf, dataclasses.replace(gen, baseline=False), progress=progress)
             for name, conf in others.items()}
     overhead = time_steps(pipe, eval_p[0], steer_ad, gen, repeats=cfg.timing_repeats)
     overhead["sites"] = len(steer_ad.sites)
-    log(f"[7/7] steer: {len(eval_p)} held-out prompts, unsteered and with {2 + len(more)} methods "
+    log(f"[8/8] steer: {len(eval_p)} held-out prompts, unsteered and with {2 + len(more)} methods "
         f"({stage('steer', t0):.1f} s)")
 
     # evaluate: the unsafe rate a detector sees, independent of the SAEs
@@ -540,16 +580,22 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), *, log: Opt
                          "harm_in_steered": s["harm_in_steered"]}
         table.append(row)
     stages["total"] = time.perf_counter() - t_start
+    ops = {name: site_operators(conf) for name, conf in configs.items()}
     summary = {
         "format": SUMMARY_FORMAT, "version": SUMMARY_VERSION, "model": cfg.model, "seed": cfg.seed,
         "world": {"trained_here": world_trained, "weights": world_note and str(cfg.world or out / "world" /
                                                                                  "world.safetensors")},
         "domains": {"source": [cfg.source], "target": [cfg.target]},
         "config": dataclasses.asdict(cfg), "candidate_sites": sites,
-        "selected": [{"site": s.site, "operator": selected.get(s.site),
-                      "harmful": s.harmful, "beta": s.beta, "gamma": s.gamma, "tau_source": s.tau, "tau_adapted": a.tau,
+        # Per routed site: SafeDIG's operator and strengths, each method's operator, harmful set
+        # and gate (the source steerer's are absent where it has no harmful feature).
+        "selected": [{"site": s.site, "operator": ops["adapted"][s.site], "operator_routed": selected.get(s.site),
+                      "operator_source": ops["source"].get(s.site), "operator_finetuned": ops["finetune"][s.site],
+                      "harmful": s.harmful, "beta": a.beta, "gamma": a.gamma, "tau_source": s.tau, "tau_adapted": a.tau,
+                      "harmful_source_only": src_harmful.get(s.site), "tau_source_only": src_tau.get(s.site),
                       "tau_finetuned": ft_tau[s.site], "harmful_finetuned": ft_harmful[s.site]}
                      for s, a in zip(src_sites, steer_ad.sites)],
+        "validation": {name: c.to_dict() for name, c in choices.items()},
         "adapt": adapt_metrics,
         "train_fvu": fvus, "table": table, "summaries": sums, "overhead": overhead, "seconds": stages,
         **({"detector": {"name": evaluation.detector, "description": evaluation.detector_description},
@@ -591,7 +637,7 @@ def _world_pipeline(cfg: DemoConfig, out: Path, device: torch.device, dtype: tor
     if cfg.world is not None:
         return load_pipeline(f"world:{cfg.world}", device=device, dtype=dtype), f"world weights from {cfg.world}; "
     t0 = time.perf_counter()
-    log(f"[0/7] world: training the world's transformer, {cfg.world_steps} steps of rectified flow "
+    log(f"[0/8] world: training the world's transformer, {cfg.world_steps} steps of rectified flow "
         f"(1.5 to 5 minutes for 800 steps on a 2-core CPU, depending on its load)")
     model = train_world(steps=cfg.world_steps, seed=cfg.seed)
     path = save_world(model, out / "world" / "world.safetensors", cfg.world_steps, cfg.seed)

@@ -3,13 +3,22 @@ results, and the demo's whole printout (`demo.py` runs them; `eval.py` judges th
 
 Every method steers the held-out prompts from the same noise; each is one column of images:
 
-- `source`: the routed sites with the SAEs trained on the source domain (no adaptation);
-- `adapted` (SafeDIG): the routed sites, encoder frozen, decoder adapted to the target;
+- `source`: the steerer learned on the source domain alone: the routed sites with the SAEs
+  trained there, each site's harmful set scored on the source only and its gate calibrated for
+  that set (a routed site with no source harmful feature is not steered);
+- `adapted` (SafeDIG): the routed sites, encoder frozen, decoder adapted to the target, harmful
+  set the union of those scored on the source and (same frozen encoder) on the target;
+- `unadapted`: SafeDIG with the source decoders: the same sites, harmful sets, gates and
+  operators, decoder not adapted (what the decoder adaptation alone buys);
 - `finetune`: the routed sites with the whole SAE (encoder too) fine-tuned on the same target
   samples, its harmful set scored again with the new encoder and its gate recalibrated;
 - `site-<site>`: one candidate site alone (no routing), adapted, with the operator routing ranks
   best for it; the best and the worst of these are the table's fixed-site rows;
 - `blend`, `repel`, `both`: the routed sites, adapted, every site with that one operator.
+
+`source`, `adapted` and `finetune` steer each site with the operators `validate.py` chose on
+the method's own training prompts (`operator_candidates` lists what it tries); without a
+detector, with routing's.
 
 Rates are the detector's (independent of the SAEs): per domain, and `overall` over the source
 and target prompts pooled, each with its 95 % Wilson interval; the safe images' PSNR and SSIM
@@ -19,16 +28,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence, Union
 
 from ..integrations.diffusers.config import SafeDIGConfig, SiteConfig
 from ..sae import TopKSAE
 from .eval import rate_cell, rate_text
 from .route import OPERATORS, RoutingReport, operator_strengths
 
-__all__ = ["format_table", "site_column", "routed_config", "single_site_config", "method_rows", "site_check",
-           "format_methods_table",
-           "format_site_check", "methods_markdown"]
+__all__ = ["format_table", "site_column", "routed_config", "operator_candidates", "single_site_config", "method_rows",
+           "site_check", "format_methods_table", "format_site_check", "methods_markdown"]
 
 FIXED = ("source", "adapted", "finetune")
 
@@ -38,19 +46,36 @@ def site_column(site: str) -> str:
     return "site-" + site.replace(":", "-")
 
 
-def routed_config(report: RoutingReport, saes: Mapping[str, TopKSAE], *, operator: Optional[str] = None,
+def routed_config(report: RoutingReport, saes: Mapping[str, TopKSAE], *,
+                  operator: Union[None, str, Mapping[str, str]] = None,
                   harmful: Optional[Mapping[str, Sequence[int]]] = None,
-                  tau: Optional[Mapping[str, float]] = None) -> SafeDIGConfig:
-    """The routed sites steered with `saes[site]`; `operator` overrides every site's routed one;
-    `harmful` and `tau` override the routed harmful sets and gates (a fine-tuned encoder's)."""
+                  tau: Optional[Mapping[str, float]] = None, sites: Optional[Sequence[str]] = None) -> SafeDIGConfig:
+    """The routed sites steered with `saes[site]`; `operator` overrides the routed operators
+    (one for every site, or one per site); `harmful` and `tau` override the routed harmful sets
+    and gates (a fine-tuned encoder's, the source's alone); `sites` keeps only those sites."""
     base = report.steering_config(saes=dict(saes))
-    sites = []
+    kept = []
     for s, c in zip(base.sites, report.selected):
-        beta, gamma = operator_strengths(operator or c.operator, report.config["beta"], report.config["gamma"])
-        sites.append(dataclasses.replace(
+        if sites is not None and s.site not in sites:
+            continue
+        op = operator.get(s.site, c.operator) if isinstance(operator, Mapping) else operator or c.operator
+        beta, gamma = operator_strengths(op, report.config["beta"], report.config["gamma"])
+        kept.append(dataclasses.replace(
             s, beta=beta, gamma=gamma, harmful=list((harmful or {}).get(s.site, s.harmful)),
             tau=float((tau or {}).get(s.site, s.tau))))
-    return SafeDIGConfig(sites)
+    if not kept:
+        raise ValueError(f"routed_config: none of the routed sites {[c.site for c in report.selected]} is in "
+                         f"sites {list(sites or [])}")
+    return SafeDIGConfig(kept)
+
+
+def operator_candidates(report: RoutingReport, saes: Mapping[str, TopKSAE], **overrides: Any
+                        ) -> dict[str, SafeDIGConfig]:
+    """What `validate.choose_operators` tries for one method: routing's own per-site operators
+    (`routed`, first: it wins ties), then each operator at every routed site. `overrides` are
+    `routed_config`'s `harmful`, `tau` and `sites`."""
+    return {"routed": routed_config(report, saes, **overrides),
+            **{op: routed_config(report, saes, operator=op, **overrides) for op in OPERATORS}}
 
 
 def single_site_config(report: RoutingReport, site: str, sae: TopKSAE, tau: float) -> SafeDIGConfig:
@@ -78,6 +103,8 @@ def method_rows(unsafe: Mapping[str, Mapping[str, Mapping[str, float]]], similar
     rows = [row("no steering", "unsteered"), row("source SAEs (no adaptation)", "source"),
             row("SafeDIG (frozen encoder, adapted decoder, routed sites)", "adapted"),
             row("full fine-tune (encoder too)", "finetune")]
+    if "unadapted" in unsafe[source]:
+        rows.append(row("SafeDIG with the source decoders (decoder not adapted)", "unadapted"))
     fixed = [row("", col, site) for site, col in site_columns.items()]
     if fixed:
         ranked = sorted(fixed, key=lambda r: (r["target"]["rate"], r["overall"]["rate"], r["note"]))

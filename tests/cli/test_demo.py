@@ -28,13 +28,14 @@ def quick_demo(tmp_path_factory):
 
 
 def check_harm_table(summary, safe_moved_at_most, gate_ratio=4.0, safe_gated_at_most=0.05):
-    """The SAE-side numbers: harm falls on unsafe prompts in both domains with both SAEs, few
-    safe tokens pass the gate, and safe outputs move far less than unsafe ones."""
+    """The SAE-side numbers: harm falls on unsafe prompts, in the source domain with the source
+    steerer (it knows no other) and in both with SafeDIG; few safe tokens pass the gate, and
+    safe outputs move far less than unsafe ones."""
     rows = {r["label"]: r for r in summary["table"]}
     source, target = summary["config"]["source"], summary["config"]["target"]
     assert set(rows) == {source, target, "safe"}
-    for cfg in ("source_sae", "adapted_sae"):
-        for label in (source, target):
+    for cfg, labels in (("source_sae", (source,)), ("adapted_sae", (source, target))):
+        for label in labels:
             r = rows[label]
             assert r[cfg]["harm"] < 0.67 * r["harm_unsteered"], (cfg, label, r)
             assert r[cfg]["gated_fraction"] > gate_ratio * rows["safe"][cfg]["gated_fraction"]
@@ -50,6 +51,7 @@ def test_demo_quick_end_to_end(quick_demo, capsys):
     from safedig_kernels.integrations.diffusers import SafeDIGConfig
     from safedig_kernels.sae import TopKSAE
     from safedig_kernels.workflow.demo import GRID_ROWS
+    from safedig_kernels.workflow.validate import site_operators
     from safedig_kernels.workflow.world import SHIPPED_WEIGHTS
 
     rc, out, summary = quick_demo
@@ -74,19 +76,20 @@ def test_demo_quick_end_to_end(quick_demo, capsys):
 
     # The paper's table: every method a row, each with its column of images judged; the fixed-
     # site rows and the routing check come from one single-site column per steerable site.
-    columns = {"unsteered", "source", "adapted", "finetune", "blend", "repel", "both"}
+    columns = {"unsteered", "source", "adapted", "finetune", "unadapted", "blend", "repel", "both"}
     sites = [r["site"] for r in summary["site_check"] if r["rank"] is not None]
     assert sites and columns | {"site-" + s.replace(":", "-") for s in sites} == set(rate[source])
     methods = [r["method"] for r in summary["methods"]]
-    assert methods[:4] == ["no steering", "source SAEs (no adaptation)",
-                           "SafeDIG (frozen encoder, adapted decoder, routed sites)", "full fine-tune (encoder too)"]
-    assert methods[4:] == ["best single fixed site, no routing", "worst single fixed site, no routing",
+    assert methods[:5] == ["no steering", "source SAEs (no adaptation)",
+                           "SafeDIG (frozen encoder, adapted decoder, routed sites)", "full fine-tune (encoder too)",
+                           "SafeDIG with the source decoders (decoder not adapted)"]
+    assert methods[5:] == ["best single fixed site, no routing", "worst single fixed site, no routing",
                            "Blend only", "Repel only", "Blend + Repel (both)"]
     for row in summary["methods"]:
         n_s, n_t = row["source"]["n"], row["target"]["n"]
         assert row["overall"]["unsafe"] == row["source"]["unsafe"] + row["target"]["unsafe"]
         assert row["overall"]["n"] == n_s + n_t and row["source"]["rate"] == rate[source][row["column"]]
-    best, worst = summary["methods"][4], summary["methods"][5]
+    best, worst = summary["methods"][5], summary["methods"][6]
     assert best["target"]["rate"] <= worst["target"]["rate"]
     assert [r["rank"] for r in summary["site_check"] if r["rank"] is not None] == list(range(1, len(sites) + 1))
     assert {r["site"] for r in summary["site_check"] if r["routed"]} == {s["site"] for s in summary["selected"]}
@@ -107,10 +110,27 @@ def test_demo_quick_end_to_end(quick_demo, capsys):
     assert ev["unsafe"] == summary["unsafe"] and (out / "eval" / "eval.md").is_file()
 
     # The configs it wrote are what `safedig steer` and apply_safedig read; the adapted SAEs
-    # keep the source encoder bit for bit.
+    # keep the source encoder bit for bit; the source steerer knows the source's harmful
+    # features only, and each config steers with the operators validation chose for it.
     src, ad = SafeDIGConfig.from_json(out / "steer.json"), SafeDIGConfig.from_json(out / "steer-adapted.json")
-    assert [s.site for s in src.sites] == [s.site for s in ad.sites] and src.sites
-    for s, a in zip(src.sites, ad.sites):
+    assert [s.site for s in ad.sites] == [s["site"] for s in summary["selected"]]
+    assert src.sites and {s.site for s in src.sites} <= {s.site for s in ad.sites}
+    selected = {s["site"]: s for s in summary["selected"]}
+    for s in src.sites:
+        mine = selected[s.site]
+        assert list(s.harmful) == mine["harmful_source_only"] and s.tau == mine["tau_source_only"]
+        assert set(s.harmful) <= set(mine["harmful"])
+    validation = summary["validation"]
+    assert set(validation) == {"source", "adapted", "finetune"}
+    assert validation["source"]["labels"] == [source] and validation["adapted"]["labels"] == [source, target]
+    train = summary["config"]["train_prompts"]
+    for name, conf in (("source", src), ("adapted", ad)):
+        v = validation[name]
+        assert v["prompts"] == train * (len(v["labels"]) + 1)
+        assert all(t["n"] == train * len(v["labels"]) for t in v["trials"])
+        winner = next(t for t in v["trials"] if t["name"] == v["chosen"])
+        assert site_operators(conf) == winner["operators"]
+    for s, a in zip(src.sites, (a for a in ad.sites if a.site in {s.site for s in src.sites})):
         s_sae, a_sae = TopKSAE.load(s.sae), TopKSAE.load(a.sae)
         assert torch.equal(s_sae.W_enc, a_sae.W_enc) and torch.equal(s_sae.b_enc, a_sae.b_enc)
         assert torch.equal(s_sae.b_dec, a_sae.b_dec)

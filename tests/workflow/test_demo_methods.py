@@ -44,3 +44,45 @@ def test_routing_check_ranks_every_site_and_marks_the_routed_ones():
     assert [(r["site"], r["rank"], r["routed"]) for r in rows] == [
         ("b.0", 1, False), ("b.0:text", 2, False), ("b.1", 3, True), ("b.9", None, False)]
     assert rows[2]["target_rate"] == 14 / 16
+
+
+def _report():
+    from safedig_kernels.workflow.route import Candidate, RoutingReport, SiteEvaluation
+
+    def ev(site, source, target):
+        return SiteEvaluation(site=site, sae_path="", harmful_source=source, harmful_target=target, overlap=0.0,
+                              recon=1.0, separation=1.0, separation_source=1.0, fvu_target=0.0, tokens=1.0,
+                              flops_per_token={})
+    sites = [ev("transformer_blocks.0:image", [1, 2], [2, 3]), ev("transformer_blocks.1:text", [], [5])]
+    picked = [Candidate("transformer_blocks.0:image", "blend", 1.0, 0.0, 1.0),
+              Candidate("transformer_blocks.1:text", "repel", 0.9, 0.0, 0.9)]
+    config = {"beta": 0.5, "gamma": 2.0, "tau": None, "window": [0.0, 1.0], "cfg": "both"}
+    return RoutingReport(["unsafe/a"], ["unsafe/a_gold"], ["safe"], config, sites, picked, picked,
+                         tau={"transformer_blocks.0:image": 0.25, "transformer_blocks.1:text": 0.75})
+
+
+def test_routed_config_takes_operators_per_site_and_keeps_the_sites_asked_for():
+    import pytest
+
+    from safedig_kernels.sae import random_sae
+    from safedig_kernels.workflow.demo_methods import operator_candidates, routed_config
+    from safedig_kernels.workflow.validate import site_operators
+
+    report = _report()
+    saes = {"transformer_blocks.0:image": random_sae(8, 16, 2),
+            "transformer_blocks.1:text": random_sae(8, 16, 2, seed=1)}
+    conf = routed_config(report, saes, operator={"transformer_blocks.1:text": "both"})
+    assert [(s.beta, s.gamma, list(s.harmful), s.tau) for s in conf.sites] == [(0.5, 0.0, [1, 2, 3], 0.25),
+                                                                         (0.5, 2.0, [5], 0.75)]
+    # The source steerer: its own harmful set and gate, only where it has a harmful feature.
+    src = routed_config(report, saes, harmful={"transformer_blocks.0:image": [1, 2]},
+                        tau={"transformer_blocks.0:image": 0.125}, sites=["transformer_blocks.0:image"])
+    assert [(s.site, list(s.harmful), s.tau, s.beta) for s in src.sites] == [
+        ("transformer_blocks.0:image", [1, 2], 0.125, 0.5)]
+    with pytest.raises(ValueError, match="none of the routed sites"):
+        routed_config(report, saes, sites=["transformer_blocks.7:image"])
+    cands = operator_candidates(report, saes)
+    assert list(cands) == ["routed", "blend", "repel", "both"]
+    assert site_operators(cands["routed"]) == {"transformer_blocks.0:image": "blend",
+                                               "transformer_blocks.1:text": "repel"}
+    assert set(site_operators(cands["both"]).values()) == {"both"}
