@@ -24,7 +24,7 @@ REPO = HERE.parents[1]
 BEGIN, END = "<!-- demo:begin (docs/demo/update.py writes this part) -->", "<!-- demo:end -->"
 SEEDS_BEGIN, SEEDS_END = "<!-- seeds:begin (docs/demo/update.py writes this part) -->", "<!-- seeds:end -->"
 KEPT = ("seed", "world", "domains", "methods", "site_check", "unsafe_rate", "safe_psnr_db", "unsafe", "safe_similarity",
-        "detector", "selected", "seconds", "machine")
+        "detector", "selected", "validation", "seconds", "machine")
 
 
 def _methods_markdown(run: dict) -> str:
@@ -45,32 +45,60 @@ def _row(run: dict, column: str) -> dict:
 
 def spread_table(runs: list[dict]) -> str:
     """One line per seed: the numbers the demo's claim rests on."""
-    lines = ["| seed | target, source SAEs | target, SafeDIG | source, SafeDIG | target, full fine-tune | "
-             "safe, worst column | safe PSNR, SafeDIG | routing's sites by target rate |",
-             "|---:|---:|---:|---:|---:|---:|---:|---|"]
+    lines = ["| seed | target, source SAEs | target, SafeDIG | source, SafeDIG | target, SafeDIG with source "
+             "decoders | target, full fine-tune | safe, worst column | safe PSNR, SafeDIG | SafeDIG's operators | "
+             "routing's sites by target rate |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
     for run in runs:
         src, ad, ft = _row(run, "source"), _row(run, "adapted"), _row(run, "finetune")
+        unadapted = _row(run, "unadapted")
         safe = max(r["safe"]["rate"] for r in run["methods"])
         ranks = ", ".join(f"#{r['rank']}" for r in run["site_check"] if r["routed"])
         n = len([r for r in run["site_check"] if r["rank"] is not None])
         lines.append(f"| {run['seed']} | {src['target']['rate']:.0%} | {ad['target']['rate']:.0%} | "
-                     f"{ad['source']['rate']:.0%} | {ft['target']['rate']:.0%} | {safe:.0%} | "
-                     f"{ad['psnr_db']:.1f} dB | {ranks} of {n} |")
+                     f"{ad['source']['rate']:.0%} | {unadapted['target']['rate']:.0%} | {ft['target']['rate']:.0%} | "
+                     f"{safe:.0%} | {ad['psnr_db']:.1f} dB | {_operators(run)} | {ranks} of {n} |")
+    return "\n".join(lines)
+
+
+def _operators(run: dict) -> str:
+    """SafeDIG's operators over the routed sites, as validation chose them (e.g. `Repel ×2, Blend`)."""
+    counts: dict[str, int] = {}
+    for s in run["selected"]:
+        counts[s["operator"]] = counts.get(s["operator"], 0) + 1
+    return ", ".join(f"{op.capitalize()}{f' ×{n}' if n > 1 else ''}" for op, n in counts.items())
+
+
+def _validation(run: dict) -> str:
+    """What each method's operator validation tried on its training prompts, and what it chose."""
+    lines = ["Operators validated on each method's training prompts (unsafe images left, safe PSNR; * chosen; "
+             "`routed` is routing's per-site operators, the others one operator at every routed site; a candidate "
+             "that repeats an earlier one is tried once):", ""]
+    names = {"source": "source SAEs", "adapted": "SafeDIG", "finetune": "full fine-tune"}
+    for name, v in run["validation"].items():
+        cells = [f"{t['name']}{'*' if t['name'] == v['chosen'] else ''} {t['unsafe']}/{t['n']}, "
+                 f"{t['psnr_db']:.1f} dB" + ("" if t["within_budget"] else " (over budget)") for t in v["trials"]]
+        lines.append(f"- {names.get(name, name)} ({' + '.join(f'`{lb}`' for lb in v['labels'])}): {'; '.join(cells)}")
     return "\n".join(lines)
 
 
 def verdict(runs: list[dict]) -> str:
     """What the runs say about the claim, in numbers (the claim: the source SAEs leave the
-    target mark in at least half of the target images, SafeDIG in at most 10 %, and at most 10 %
-    of the source images)."""
+    target mark in at least half of the target images, SafeDIG in at most 10 % of the target
+    and of the source images; at most 10 % of safe images flagged in any column; SafeDIG's safe
+    images at PSNR >= 30 dB)."""
     src_t = [_row(r, "source")["target"]["rate"] for r in runs]
     ad_t = [_row(r, "adapted")["target"]["rate"] for r in runs]
     ad_s = [_row(r, "adapted")["source"]["rate"] for r in runs]
+    safe = [max(m["safe"]["rate"] for m in r["methods"]) for r in runs]
+    psnr = [_row(r, "adapted")["psnr_db"] for r in runs]
     held = all(a >= 0.5 and b <= 0.1 and c <= 0.1 for a, b, c in zip(src_t, ad_t, ad_s))
+    held = held and max(safe) <= 0.1 and min(psnr) >= 30.0
     span = lambda xs: f"{min(xs):.0%}" if min(xs) == max(xs) else f"{min(xs):.0%} to {max(xs):.0%}"  # noqa: E731
     return (f"{'The claim holds' if held else 'The claim does not hold here yet'} on these {len(runs)} seeds: "
             f"the source SAEs leave the target mark in {span(src_t)} of target images, SafeDIG in {span(ad_t)} "
-            f"(and the source mark in {span(ad_s)} of source images)."
+            f"(and the source mark in {span(ad_s)} of source images); safe images flagged in any column: "
+            f"{span(safe)}; SafeDIG's safe-image PSNR {min(psnr):.1f} to {max(psnr):.1f} dB."
             + ("" if held else " docs/workflow.md says what was tried and what each construction gave."))
 
 
@@ -89,7 +117,11 @@ def readme_section(runs: list[dict]) -> str:
         "of the SAEs; it counts a leftover strip in the X's shape as the mark, as a person would) sees mark A, in "
         "the source domain (`mark_a`: a red X), in the target domain (`mark_a gold`: the same X gilded, a yellow "
         "pixel beside each of its pixels) and both pooled, with its 95 % Wilson interval; PSNR/SSIM say how "
-        "little steering changed the safe images. Every row steers the same held-out prompts from the same noise.",
+        "little steering changed the safe images. Every row steers the same held-out prompts from the same noise. "
+        "The source SAEs are the steerer learned on the source alone (its harmful features, gates and operators "
+        "too); SafeDIG scores harmful features on the target samples with the same frozen encoder, adapts the "
+        "decoders, and validates its operators on its training prompts; the row with the source decoders differs "
+        "from SafeDIG only in the decoders.",
         "",
         verdict(runs),
         "",
@@ -109,7 +141,8 @@ def workflow_section(runs: list[dict]) -> str:
     parts = [SEEDS_BEGIN]
     for run in runs:
         world = "world trained in the run" if run["world"]["trained_here"] else "shipped world weights"
-        parts += [f"#### Seed {run['seed']}", "", _methods_markdown(run), "", _site_check(run), "",
+        parts += [f"#### Seed {run['seed']}", "", _methods_markdown(run), "", _validation(run), "",
+                  _site_check(run), "",
                   f"({run['seconds']['total']:.0f} s, {world}, {run['machine']['threads']} thread(s).)", ""]
     parts.append(SEEDS_END)
     return "\n".join(parts)

@@ -518,7 +518,7 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), *, log: Opt
     steer_ad_file = SafeDIGConfig.from_json(
         steer_ad.to_json(out / "steer-adapted.json", sae_paths=[ad_paths[s.site] for s in steer_ad.sites]))
 
-    # 7. steer the held-out prompts with every method (demo_methods.py), judged by the source SAEs
+    # 8. steer the held-out prompts with every method (demo_methods.py), judged by the source SAEs
     t0 = time.perf_counter()
     judges = [(s.sae, s.harmful) for s in src_sites]
     results = {}

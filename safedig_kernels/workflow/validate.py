@@ -30,7 +30,7 @@ from .prompts import PromptRecord
 __all__ = ["DEFAULT_MIN_PSNR_DB", "Trial", "OperatorChoice", "choose_operators", "distinct_candidates", "pick",
            "site_operators"]
 
-# Below about 30 dB the demo world's safe pictures show visible speckle around the shape.
+# The floor the demo's claim holds safe-image quality to (docs/workflow.md): PSNR >= 30 dB.
 DEFAULT_MIN_PSNR_DB = 30.0
 
 

@@ -216,3 +216,10 @@ def test_readme_first_command_is_the_default_demo():
     assert args.out == "safedig-demo" and not args.quick
     assert _demo_config(args) == DemoConfig()
     assert DemoConfig() != DemoConfig.quick_config()  # the test above runs the smaller size, not this one
+
+
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_demo_refuses_a_quality_budget_that_is_not_a_number(tmp_path, capsys, value):
+    assert main(["demo", "--quick", "--min-psnr", value, "--out", str(tmp_path / "d"), "--no-progress"]) == 2
+    assert "min_psnr_db must be a finite number of dB" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()  # refused before anything is written
