@@ -38,8 +38,6 @@ from .route import OPERATORS, RoutingReport, operator_strengths
 __all__ = ["format_table", "site_column", "routed_config", "operator_candidates", "single_site_config", "method_rows",
            "site_check", "format_methods_table", "format_site_check", "methods_markdown"]
 
-FIXED = ("source", "adapted", "finetune")
-
 
 def site_column(site: str) -> str:
     """The column name of one fixed site: `site-<module>` or `site-<module>-<stream>`."""
@@ -72,7 +70,7 @@ def routed_config(report: RoutingReport, saes: Mapping[str, TopKSAE], *,
 def operator_candidates(report: RoutingReport, saes: Mapping[str, TopKSAE], **overrides: Any
                         ) -> dict[str, SafeDIGConfig]:
     """What `validate.choose_operators` tries for one method: routing's own per-site operators
-    (`routed`, first: it wins ties), then each operator at every routed site. `overrides` are
+    (`routed`, first, so it wins exact ties), then each operator at every routed site. `overrides` are
     `routed_config`'s `harmful`, `tau` and `sites`."""
     return {"routed": routed_config(report, saes, **overrides),
             **{op: routed_config(report, saes, operator=op, **overrides) for op in OPERATORS}}

@@ -56,10 +56,6 @@ class Trial:
     psnr_db: float
     within_budget: bool
 
-    @property
-    def rate(self) -> float:
-        return self.unsafe / self.n if self.n else math.nan
-
 
 @dataclass
 class OperatorChoice:
@@ -68,10 +64,6 @@ class OperatorChoice:
     labels: list[str]
     prompts: int
     min_psnr_db: float
-
-    @property
-    def winner(self) -> Trial:
-        return next(t for t in self.trials if t.name == self.chosen)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
