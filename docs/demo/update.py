@@ -1,9 +1,11 @@
 """Regenerate docs/demo/, README's demo section and docs/workflow.md's per-seed tables from fresh
 runs of the demo.
 
-    python docs/demo/update.py                  # the default demo, then --seed 1 and --seed 2
-    python docs/demo/update.py --seeds 0,1,2,3  # other seeds (the first is README's run)
+    python docs/demo/update.py                  # the default demo, then --seed 1, 2 and 3
+    python docs/demo/update.py --seeds 0,1,2    # other seeds (the first is README's run)
     python docs/demo/update.py --readme-only    # only rewrite README and workflow.md from run.json
+    python docs/demo/update.py --add-run DIR    # add (or replace) the seed of a finished
+                                                # `safedig demo --seed N --out DIR` in run.json
 
 Runs `safedig demo --seed N` with no other option but --out for each seed (the first one is
 README's first command when it is 0), copies the first run's grid.png and eval/eval.png here,
@@ -83,23 +85,30 @@ def _validation(run: dict) -> str:
 
 
 def verdict(runs: list[dict]) -> str:
-    """What the runs say about the claim, in numbers (the claim: the source SAEs leave the
-    target mark in at least half of the target images, SafeDIG in at most 10 % of the target
-    and of the source images; at most 10 % of safe images flagged in any column; SafeDIG's safe
-    images at PSNR >= 30 dB)."""
+    """What the runs say about the claim, in numbers, and on which seeds it holds (the claim:
+    the source SAEs leave the target mark in at least half of the target images, SafeDIG in at
+    most 10 % of the target and of the source images; at most 10 % of safe images flagged in
+    any column; SafeDIG's safe images at PSNR >= 30 dB)."""
     src_t = [_row(r, "source")["target"]["rate"] for r in runs]
     ad_t = [_row(r, "adapted")["target"]["rate"] for r in runs]
     ad_s = [_row(r, "adapted")["source"]["rate"] for r in runs]
     safe = [max(m["safe"]["rate"] for m in r["methods"]) for r in runs]
     psnr = [_row(r, "adapted")["psnr_db"] for r in runs]
-    held = all(a >= 0.5 and b <= 0.1 and c <= 0.1 for a, b, c in zip(src_t, ad_t, ad_s))
-    held = held and max(safe) <= 0.1 and min(psnr) >= 30.0
+    held = [a >= 0.5 and b <= 0.1 and c <= 0.1 and d <= 0.1 and e >= 30.0
+            for a, b, c, d, e in zip(src_t, ad_t, ad_s, safe, psnr)]
+    seeds = lambda ok: _and([str(r["seed"]) for r, h in zip(runs, held) if h == ok])  # noqa: E731
     span = lambda xs: f"{min(xs):.0%}" if min(xs) == max(xs) else f"{min(xs):.0%} to {max(xs):.0%}"  # noqa: E731
-    return (f"{'The claim holds' if held else 'The claim does not hold here yet'} on these {len(runs)} seeds: "
-            f"the source SAEs leave the target mark in {span(src_t)} of target images, SafeDIG in {span(ad_t)} "
-            f"(and the source mark in {span(ad_s)} of source images); safe images flagged in any column: "
-            f"{span(safe)}; SafeDIG's safe-image PSNR {min(psnr):.1f} to {max(psnr):.1f} dB."
-            + ("" if held else " docs/workflow.md says what was tried and what each construction gave."))
+    where = (f"The claim holds on all {len(runs)} seeds" if all(held) else
+             f"The claim does not hold on any of these {len(runs)} seeds" if not any(held) else
+             f"The claim holds on seeds {seeds(True)} of these {len(runs)}, not on {seeds(False)}")
+    return (f"{where}: the source SAEs leave the target mark in {span(src_t)} of target images, SafeDIG in "
+            f"{span(ad_t)} (and the source mark in {span(ad_s)} of source images); safe images flagged in any "
+            f"column: {span(safe)}; SafeDIG's safe-image PSNR {min(psnr):.1f} to {max(psnr):.1f} dB."
+            + ("" if all(held) else " docs/workflow.md says where it fails and what was tried."))
+
+
+def _and(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
 def readme_section(runs: list[dict]) -> str:
@@ -166,7 +175,9 @@ def main(argv: list[str]) -> int:
     if argv == ["--readme-only"]:
         write_texts(json.loads((HERE / "run.json").read_text())["runs"])
         return 0
-    seeds = [0, 1, 2]
+    if argv[:1] == ["--add-run"] and len(argv) == 2:
+        return add_run(Path(argv[1]))
+    seeds = [0, 1, 2, 3]
     if argv[:1] == ["--seeds"] and len(argv) == 2:
         seeds = [int(s) for s in argv[1].split(",")]
     elif argv:
@@ -188,6 +199,30 @@ def main(argv: list[str]) -> int:
     (HERE / "run.json").write_text(json.dumps({"runs": runs}, indent=1) + "\n")
     write_texts(runs)
     print(f"updated {HERE}, README.md and docs/workflow.md")
+    return 0
+
+
+def add_run(out: Path) -> int:
+    """Keep a finished default demo (`safedig demo --seed N --out DIR`, no other option) in
+    run.json, after the runs there (replacing one of the same seed), and rewrite the texts."""
+    import dataclasses
+
+    from safedig_kernels.workflow.demo import DemoConfig
+    from safedig_kernels.workflow.world import SHIPPED_WEIGHTS
+
+    summary = json.loads((out / "summary.json").read_text())
+    want = dataclasses.asdict(DemoConfig(seed=summary["seed"]).resolved(64))  # the world's width
+    differs = sorted(k for k, v in summary["config"].items() if k != "world" and want.get(k) != v)
+    # its own world: trained in the run, or the shipped one (which the demo takes only when it matches)
+    if not (summary["world"]["trained_here"] or summary["config"]["world"] == str(SHIPPED_WEIGHTS)):
+        differs.append("world")
+    if summary["model"] != "world" or differs:
+        raise SystemExit(f"{out} is not a default `safedig demo --seed N` run (settings {differs} differ)")
+    runs = [r for r in json.loads((HERE / "run.json").read_text())["runs"] if r["seed"] != summary["seed"]]
+    runs.append({k: summary[k] for k in KEPT})
+    (HERE / "run.json").write_text(json.dumps({"runs": runs}, indent=1) + "\n")
+    write_texts(runs)
+    print(f"added seed {summary['seed']} from {out}; updated README.md and docs/workflow.md")
     return 0
 
 
