@@ -38,6 +38,28 @@ def test_readme_demo_section_is_the_recorded_run():
     assert update.replace_section(readme, want) == readme
 
 
+def test_update_adds_only_default_demo_runs(tmp_path):
+    """`update.py --add-run DIR` keeps a run in run.json only when it is `safedig demo --seed N`
+    with no other setting and its own world; anything else is refused before run.json is read."""
+    import dataclasses
+
+    import pytest
+
+    from safedig_kernels.workflow.demo import DemoConfig
+
+    update = _demo_script("update")
+    config = dataclasses.asdict(DemoConfig.quick_config(seed=3).resolved(64))
+    (tmp_path / "summary.json").write_text(json.dumps({"model": "world", "seed": 3, "config": config,
+                                                       "world": {"trained_here": True}}))
+    with pytest.raises(SystemExit, match=r"not a default `safedig demo --seed N` run \(settings \[.*'quick'"):
+        update.add_run(tmp_path)
+    config = dataclasses.asdict(DemoConfig(seed=3, world="elsewhere.safetensors").resolved(64))
+    (tmp_path / "summary.json").write_text(json.dumps({"model": "world", "seed": 3, "config": config,
+                                                       "world": {"trained_here": False}}))
+    with pytest.raises(SystemExit, match=r"settings \['world'\] differ"):
+        update.add_run(tmp_path)
+
+
 def test_readme_layout_names_every_room():
     # Top-level modules, private helpers anywhere and the workflow's modules are each named in
     # the layout block; ops/, bench/, cli/ and reference/ are described as a whole.
