@@ -80,8 +80,8 @@ def _steer_args(routed, out, config=None) -> list[str]:
 @pytest.mark.parametrize("command, phrases", [
     ("steer", ["usage: safedig steer", "Fails closed", "report.json", "SafeDIGHandle.telemetry()",
                "example: safedig steer"]),
-    ("demo", ["usage: safedig demo", "capture -> train -> score -> route -> adapt -> steer", "--quick", "--model",
-              "grid.png", "example: safedig demo"]),
+    ("demo", ["usage: safedig demo", "capture -> train -> score -> route -> adapt -> validate -> steer", "--quick",
+              "--model", "grid.png", "example: safedig demo"]),
 ])
 def test_help(command, phrases, capsys):
     with pytest.raises(SystemExit) as e:
