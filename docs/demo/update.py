@@ -73,14 +73,19 @@ def _operators(run: dict) -> str:
 
 def _validation(run: dict) -> str:
     """What each method's operator validation tried on its training prompts, and what it chose."""
+    import math
+
+    from safedig_kernels.workflow.validate import OperatorChoice, Trial
+
     lines = ["Operators validated on each method's training prompts (unsafe images left, safe PSNR; * chosen; "
              "`routed` is routing's per-site operators, the others one operator at every routed site; a candidate "
              "that repeats an earlier one is tried once):", ""]
     names = {"source": "source SAEs", "adapted": "SafeDIG", "finetune": "full fine-tune"}
     for name, v in run["validation"].items():
-        cells = [f"{t['name']}{'*' if t['name'] == v['chosen'] else ''} {t['unsafe']}/{t['n']}, "
-                 f"{t['psnr_db']:.1f} dB" + ("" if t["within_budget"] else " (over budget)") for t in v["trials"]]
-        lines.append(f"- {names.get(name, name)} ({' + '.join(f'`{lb}`' for lb in v['labels'])}): {'; '.join(cells)}")
+        # summary.json writes an infinite PSNR (safe images unchanged) as null
+        trials = [Trial(**{**t, "psnr_db": math.inf if t["psnr_db"] is None else t["psnr_db"]}) for t in v["trials"]]
+        choice = OperatorChoice(**{**v, "trials": trials})
+        lines.append(f"- {names.get(name, name)} ({' + '.join(f'`{lb}`' for lb in v['labels'])}): {choice.line()}")
     return "\n".join(lines)
 
 
