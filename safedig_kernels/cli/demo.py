@@ -86,12 +86,13 @@ The main job on a built-in default. With no arguments:
      encoder on the target), the best sites routed and gated (tau at the 99th percentile of safe
      tokens' harm score), every steerable site's decoder adapted to the target (encoder frozen),
      and each method's operators (Blend, Repel, both, or routing's per-site choice) validated by
-     steering its own training prompts: the fewest unsafe images with safe PSNR >= --min-psnr;
+     steering its own training prompts: the fewest unsafe images with safe PSNR >= --min-psnr,
+     at the routed sites and then at every site the method can steer;
   eval. judge every held-out image with the world's detector (independent of every SAE: it
      counts the X, recoloured or not, and a leftover strip in its shape, as a person would).
 
 It ends with the paper-shaped table: one row per method (no steering; source SAEs, the steerer
-learned on the source alone; SafeDIG = frozen encoder + adapted decoder + routed sites; full
+learned on the source alone; SafeDIG = frozen encoder + adapted decoder + validated sites; full
 fine-tune of the SAE; SafeDIG with the source decoders; the best and the
 worst single fixed site without routing; Blend only; Repel only; both), columns the source,
 target and overall unsafe rate with 95 % Wilson intervals, the safe prompts' rate and safe-image

@@ -18,12 +18,14 @@ On the default (`--model world`) everything is made in code, seeded, and runs on
    is the `tau_quantile` quantile of the harm score over the captured safe tokens;
 6. **adapt** every steerable site's decoder to the target with the encoder frozen
    (`adapt_decoder`; `b_dec` frozen too, since it centres the encoder's input: the harm score,
-   and so the harmful set and the gate, stay exactly the source's), and fine-tune the routed
+   and so the harmful set and the gate, stay exactly the source's), and fine-tune the same
    sites' whole SAEs as the baseline (`finetune_sae`, harmful set re-scored, gate recalibrated);
 7. **validate** each method's operators on the training prompts it may learn from
    (`validate.choose_operators`: the source steerer on the source's, SafeDIG and the full
    fine-tune on the source's and the target's): the candidate leaving the fewest unsafe images
-   with safe PSNR >= `min_psnr_db`; without a detector every method keeps routing's operators;
+   with safe PSNR >= `min_psnr_db`, first at the routed sites, then that winner widened to
+   every site the method can steer (kept only if it does better by the same rule); without a
+   detector every method keeps routing's sites and operators;
 8. **steer** the held-out prompts with every method of `demo_methods.py` (source SAEs, SafeDIG,
    full fine-tune, SafeDIG with the source decoders, each steerable site alone, each operator
    alone), each against the unsteered run from the same noise, and time a denoising step with
@@ -55,6 +57,7 @@ checks that everything runs.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -74,10 +77,10 @@ from ..sae import SAEMetadata
 from .adapt import AdaptConfig, adapt_decoder, finetune_sae
 from .capture import CaptureConfig, capture
 from .demo_methods import (  # noqa: F401 (format_table: `safedig demo` prints it from here)
+    every_site_config,
     format_table,
     method_rows,
     operator_candidates,
-    routed_config,
     single_site_config,
     site_check,
     site_column,
@@ -91,7 +94,7 @@ from .report import difference_images, image_scale, json_safe, save_grid, summar
 from .route import OPERATORS, RouteConfig, evaluate_site, route, safe_tau
 from .score import HarmfulRule, score_features
 from .train import TrainConfig, evaluate_sae, train_sae
-from .validate import DEFAULT_MIN_PSNR_DB, OperatorChoice, choose_operators, site_operators
+from .validate import DEFAULT_MIN_PSNR_DB, OperatorChoice, site_operators, validate_steerer
 from .world import LABELS as WORLD_LABELS
 from .world import SHIPPED_WEIGHTS, WORLD_VERSION, world_weights_in
 from .world import TARGET as WORLD_TARGET
@@ -447,7 +450,7 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), *, log: Opt
 
     # 6. adapt every steerable candidate site's decoder to the target domain, encoder frozen (b_dec
     # too: it centres the encoder's input, so the harm score h, the harmful set and the gate stay
-    # exactly the source's), and, as the baseline, fine-tune the routed sites' whole SAEs
+    # exactly the source's), and, as the baseline, fine-tune its whole SAE
     t0 = time.perf_counter()
     steerable = [k for k in saes if evals[k].harmful]
     adapted: dict[str, Any] = {}
@@ -459,14 +462,13 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), *, log: Opt
     for key in steerable:
         target_x = store.load(key, labels=[cfg.target, "safe"])
         source_x = store.load(key, labels=[cfg.source, "safe"])
-        if key in routed:
-            res = finetune_sae(saes[key][0], target_x, source_x, dataclasses.replace(acfg, train_b_dec=True),
-                               device=device, progress=False)
-            ev = evaluate_site(store, key, res.sae, cfg.source, cfg.target, "safe", rule)
-            # A fine-tuned encoder has its own features: score them again; none found -> keep the
-            # routed ids (the site then steers whatever those ids now mean).
-            finetuned[key], ft_harmful[key] = res.sae, ev.harmful or list(routed[key].harmful)
-            ft_tau[key] = safe_tau(store, key, res.sae, ft_harmful[key], cfg.tau_quantile)
+        res = finetune_sae(saes[key][0], target_x, source_x, dataclasses.replace(acfg, train_b_dec=True),
+                           device=device, progress=False)
+        ev = evaluate_site(store, key, res.sae, cfg.source, cfg.target, "safe", rule)
+        # A fine-tuned encoder has its own features: score them again; none found -> keep the
+        # source encoder's ids (the site then steers whatever those ids now mean).
+        finetuned[key], ft_harmful[key] = res.sae, ev.harmful or list(evals[key].harmful)
+        ft_tau[key] = safe_tau(store, key, res.sae, ft_harmful[key], cfg.tau_quantile)
         res = adapt_decoder(saes[key][0], target_x, source_x, acfg, device=device, progress=False)
         adapted[key] = res.sae
         ad_paths[key] = out / "saes" / f"{key.replace(':', '-')}-adapted.safetensors"
@@ -480,39 +482,46 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), *, log: Opt
     site_tau = {k: report.tau[k] if k in report.tau else safe_tau(store, k, saes[k][0], evals[k].harmful,
                                                                    cfg.tau_quantile) for k in steerable}
     log(f"[6/8] adapt to {cfg.target} (encoder frozen, {cfg.replay:.0%} source replay), FVU on target-unsafe tokens: "
-        f"{'; '.join(fvu_lines)}; full fine-tune of the routed sites as the baseline ({stage('adapt', t0):.1f} s)")
+        f"{'; '.join(fvu_lines)}; full fine-tune of the same sites as the baseline ({stage('adapt', t0):.1f} s)")
 
     # 7. validate: each method's operators, chosen by steering the training prompts it may learn
-    # from (validate.py); the source steerer knows the source domain only, so its harmful sets are
-    # the source's and its gates are calibrated for them
+    # from (validate.py), then whether the winner does better at every site the method can steer;
+    # the source steerer knows the source domain only, so its harmful sets are the source's and
+    # its gates are calibrated for them
     t0 = time.perf_counter()
-    src_harmful = {k: evals[k].harmful_source for k in routed if evals[k].harmful_source}
-    if not src_harmful:
+    src_harmful = {k: evals[k].harmful_source for k in steerable if evals[k].harmful_source}
+    if not any(k in routed for k in src_harmful):
         raise ValueError(f"demo: no routed site ({list(routed)}) has a harmful feature on the source domain, so the "
                          f"source steerer has nothing to steer; try a looser harmful-feature rule or other sites")
     src_tau = {k: safe_tau(store, k, saes[k][0], h, cfg.tau_quantile) for k, h in src_harmful.items()}
-    candidates = {"source": operator_candidates(report, src_saes, harmful=src_harmful, tau=src_tau,
-                                                sites=list(src_harmful)),
-                  "adapted": operator_candidates(report, adapted),
-                  "finetune": operator_candidates(report, finetuned, harmful=ft_harmful, tau=ft_tau)}
+    # per method: its SAEs, harmful sets and gates, at every site it can steer
+    means = {"source": dict(saes=src_saes, harmful=src_harmful, tau=src_tau),
+             "adapted": dict(saes=adapted, tau=site_tau),
+             "finetune": dict(saes=finetuned, harmful=ft_harmful, tau=ft_tau)}
+    order = [*routed, *(k for k in steerable if k not in routed)]  # the routed sites first
+    can_steer = {"source": [k for k in order if k in src_harmful], "adapted": order, "finetune": order}
+    candidates = {name: operator_candidates(report, **kw, sites=[k for k in routed if k in can_steer[name]])
+                  for name, kw in means.items()}
     gen = GenerateConfig(num_inference_steps=cfg.num_inference_steps, height=cfg.height, width=cfg.width,
                          guidance_scale=cfg.guidance_scale, seed=cfg.seed)
     choices: dict[str, OperatorChoice] = {}
     if cfg.detector:
         detector = get_detector(cfg.detector)
-        for name, cands in candidates.items():
+        for name in candidates:
             labels = [cfg.source] if name == "source" else [cfg.source, cfg.target]
-            choices[name] = choose_operators(pipe, train_p, cands, detector, gen, labels,
-                                             min_psnr_db=cfg.min_psnr_db)
-        log(f"[7/8] validate each method's operators on its training prompts (fewest unsafe images with safe PSNR "
-            f">= {cfg.min_psnr_db:g} dB): " + " | ".join(f"{name}: {c.line()}" for name, c in choices.items())
-            + f" ({stage('validate', t0):.1f} s)")
+            widen = functools.partial(every_site_config, report, sites=can_steer[name], **means[name])
+            choices[name], candidates[name] = validate_steerer(pipe, train_p, candidates[name], detector, gen, labels,
+                                                               widen=widen, min_psnr_db=cfg.min_psnr_db)
+        log(f"[7/8] validate each method on its training prompts: operators at the routed sites, then at every site "
+            f"it can steer, then a stronger Repel (fewest unsafe images with safe PSNR >= {cfg.min_psnr_db:g} dB): "
+            + " | ".join(f"{name}: {c.line()}" for name, c in choices.items()) + f" ({stage('validate', t0):.1f} s)")
     else:
         log("[7/8] validate: no detector, so every method keeps routing's operators")
     configs = {name: cands[choices[name].chosen if name in choices else "routed"]
                for name, cands in candidates.items()}
     steer_src, steer_ad, steer_ft = configs["source"], configs["adapted"], configs["finetune"]
-    steer_unadapted = routed_config(report, src_saes, operator=site_operators(steer_ad))
+    # SafeDIG in all but the decoders: its sites, harmful sets, gates and strengths, the source SAEs
+    steer_unadapted = SafeDIGConfig([dataclasses.replace(s, sae=src_saes[s.site]) for s in steer_ad.sites])
     steer_src_file = SafeDIGConfig.from_json(
         steer_src.to_json(out / "steer.json", sae_paths=[saes[s.site][1] for s in steer_src.sites]))
     steer_ad_file = SafeDIGConfig.from_json(
@@ -520,10 +529,11 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), *, log: Opt
 
     # 8. steer the held-out prompts with every method (demo_methods.py), judged by the source SAEs
     t0 = time.perf_counter()
-    judges = [(s.sae, s.harmful) for s in src_sites]
+    # one yardstick for every method: at each site it steers, the source SAE with routing's harmful set
+    judges = lambda conf: [(src_saes[s.site], evals[s.site].harmful) for s in conf.sites]  # noqa: E731
     results = {}
     for name, conf, conf_file in (("source_sae", steer_src, steer_src_file), ("adapted_sae", steer_ad, steer_ad_file)):
-        runs = generate(pipe, eval_p, conf, gen, judges=judges, progress=progress)
+        runs = generate(pipe, eval_p, conf, gen, judges=judges(conf), progress=progress)
         write_outputs(runs, out / f"steer-{name.split('_')[0]}", gen, conf_file)
         results[name] = runs
     site_columns = {k: site_column(k) for k in steerable}
@@ -581,20 +591,25 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), *, log: Opt
         table.append(row)
     stages["total"] = time.perf_counter() - t_start
     ops = {name: site_operators(conf) for name, conf in configs.items()}
+    ad_sites = {s.site: s for s in steer_ad.sites}
     summary = {
         "format": SUMMARY_FORMAT, "version": SUMMARY_VERSION, "model": cfg.model, "seed": cfg.seed,
         "world": {"trained_here": world_trained, "weights": world_note and str(cfg.world or out / "world" /
                                                                                  "world.safetensors")},
         "domains": {"source": [cfg.source], "target": [cfg.target]},
         "config": dataclasses.asdict(cfg), "candidate_sites": sites,
-        # Per routed site: SafeDIG's operator and strengths, each method's operator, harmful set
-        # and gate (the source steerer's are absent where it has no harmful feature).
-        "selected": [{"site": s.site, "operator": ops["adapted"][s.site], "operator_routed": selected.get(s.site),
-                      "operator_source": ops["source"].get(s.site), "operator_finetuned": ops["finetune"][s.site],
-                      "harmful": s.harmful, "beta": a.beta, "gamma": a.gamma, "tau_source": s.tau, "tau_adapted": a.tau,
-                      "harmful_source_only": src_harmful.get(s.site), "tau_source_only": src_tau.get(s.site),
-                      "tau_finetuned": ft_tau[s.site], "harmful_finetuned": ft_harmful[s.site]}
-                     for s, a in zip(src_sites, steer_ad.sites)],
+        # Per site a method steers (the routed ones first): each method's operator (None where
+        # it does not steer the site), harmful set and gate (the source steerer's are absent where
+        # it has no harmful feature), SafeDIG's strengths.
+        "selected": [{"site": k, "routed": k in routed, "operator": ops["adapted"].get(k),
+                      "operator_routed": selected.get(k), "operator_source": ops["source"].get(k),
+                      "operator_finetuned": ops["finetune"].get(k), "harmful": evals[k].harmful,
+                      "beta": ad_sites[k].beta if k in ad_sites else None,
+                      "gamma": ad_sites[k].gamma if k in ad_sites else None,
+                      "tau_source": site_tau[k], "tau_adapted": site_tau[k],
+                      "harmful_source_only": src_harmful.get(k), "tau_source_only": src_tau.get(k),
+                      "tau_finetuned": ft_tau[k], "harmful_finetuned": ft_harmful[k]}
+                     for k in order if k in routed or any(k in o for o in ops.values())],
         "validation": {name: c.to_dict() for name, c in choices.items()},
         "adapt": adapt_metrics,
         "train_fvu": fvus, "table": table, "summaries": sums, "overhead": overhead, "seconds": stages,

@@ -3,22 +3,25 @@ results, and the demo's whole printout (`demo.py` runs them; `eval.py` judges th
 
 Every method steers the held-out prompts from the same noise; each is one column of images:
 
-- `source`: the steerer learned on the source domain alone: the routed sites with the SAEs
-  trained there, each site's harmful set scored on the source only and its gate calibrated for
-  that set (a routed site with no source harmful feature is not steered);
-- `adapted` (SafeDIG): the routed sites, encoder frozen, decoder adapted to the target, harmful
-  set the union of those scored on the source and (same frozen encoder) on the target;
+- `source`: the steerer learned on the source domain alone: the routed sites (or every site,
+  where its validation prefers that) with the SAEs trained there, each site's harmful set scored
+  on the source only and its gate calibrated for that set (a site with no source harmful feature
+  is not steered);
+- `adapted` (SafeDIG): the routed sites (or every site, as for `source`), encoder frozen, decoder
+  adapted to the target, harmful set the union of those scored on the source and (same frozen
+  encoder) on the target;
 - `unadapted`: SafeDIG with the source decoders: the same sites, harmful sets, gates and
   operators, decoder not adapted (what the decoder adaptation alone buys);
-- `finetune`: the routed sites with the whole SAE (encoder too) fine-tuned on the same target
+- `finetune`: the sites with the whole SAE (encoder too) fine-tuned on the same target
   samples, its harmful set scored again with the new encoder and its gate recalibrated;
 - `site-<site>`: one candidate site alone (no routing), adapted, with the operator routing ranks
   best for it; the best and the worst of these are the table's fixed-site rows;
 - `blend`, `repel`, `both`: the routed sites, adapted, every site with that one operator.
 
-`source`, `adapted` and `finetune` steer each site with the operators `validate.py` chose on
-the method's own training prompts (`operator_candidates` lists what it tries); without a
-detector, with routing's.
+`source`, `adapted` and `finetune` steer the sites and operators `validate.py` chose on the
+method's own training prompts: `operator_candidates` lists what it tries at the routed sites,
+`every_site_config` the winner widened to every site the method can steer (kept when
+`validate.pick` prefers it); without a detector, routing's.
 
 Rates are the detector's (independent of the SAEs): per domain, and `overall` over the source
 and target prompts pooled, each with its 95 % Wilson interval; the safe images' PSNR and SSIM
@@ -26,7 +29,6 @@ are against the unsteered ones.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any, Mapping, Optional, Sequence, Union
 
@@ -34,8 +36,10 @@ from ..integrations.diffusers.config import SafeDIGConfig, SiteConfig
 from ..sae import TopKSAE
 from .eval import rate_cell, rate_text
 from .route import OPERATORS, RoutingReport, operator_strengths
+from .validate import site_operators
 
-__all__ = ["format_table", "site_column", "routed_config", "operator_candidates", "single_site_config", "method_rows",
+__all__ = ["format_table", "site_column", "routed_config", "best_operator", "operator_candidates", "every_site_config",
+           "single_site_config", "method_rows",
            "site_check", "format_methods_table", "format_site_check", "methods_markdown"]
 
 
@@ -48,23 +52,37 @@ def routed_config(report: RoutingReport, saes: Mapping[str, TopKSAE], *,
                   operator: Union[None, str, Mapping[str, str]] = None,
                   harmful: Optional[Mapping[str, Sequence[int]]] = None,
                   tau: Optional[Mapping[str, float]] = None, sites: Optional[Sequence[str]] = None) -> SafeDIGConfig:
-    """The routed sites steered with `saes[site]`; `operator` overrides the routed operators
-    (one for every site, or one per site); `harmful` and `tau` override the routed harmful sets
-    and gates (a fine-tuned encoder's, the source's alone); `sites` keeps only those sites."""
-    base = report.steering_config(saes=dict(saes))
+    """`sites` (default: the routed ones, in routing's order) steered with `saes[site]`.
+
+    Each site's operator is `operator` (one for every site, or one per site), else routing's
+    where it routed the site, else the operator it ranks best there. Its harmful set and gate are
+    `harmful[site]` and `tau[site]` (a fine-tuned encoder's, the source's alone), else routing's:
+    the union of the sets scored on the source and on the target, and the routed gate (a site
+    routing did not select has none, so its `tau` must be given)."""
+    evals = {e.site: e for e in report.sites}
+    routed = {c.site: c.operator for c in report.selected}
+    keys = list(routed) if sites is None else list(sites)
+    unknown = [k for k in keys if k not in evals]
+    if unknown or not keys:
+        raise ValueError(f"routed_config: sites must be candidate sites of the routing report ({list(evals)}), "
+                         f"got {list(sites or [])}")
+    cfg = report.config
     kept = []
-    for s, c in zip(base.sites, report.selected):
-        if sites is not None and s.site not in sites:
-            continue
-        op = operator.get(s.site, c.operator) if isinstance(operator, Mapping) else operator or c.operator
-        beta, gamma = operator_strengths(op, report.config["beta"], report.config["gamma"])
-        kept.append(dataclasses.replace(
-            s, beta=beta, gamma=gamma, harmful=list((harmful or {}).get(s.site, s.harmful)),
-            tau=float((tau or {}).get(s.site, s.tau))))
-    if not kept:
-        raise ValueError(f"routed_config: none of the routed sites {[c.site for c in report.selected]} is in "
-                         f"sites {list(sites or [])}")
+    for key in keys:
+        op = operator.get(key) if isinstance(operator, Mapping) else operator
+        op = op or routed.get(key) or best_operator(report, key)
+        beta, gamma = operator_strengths(op, cfg["beta"], cfg["gamma"])
+        gate = (tau or {}).get(key, report.tau.get(key, cfg.get("tau")))
+        if gate is None:
+            raise ValueError(f"routed_config: site {key} has no gate (routing did not select it); give tau[{key!r}]")
+        kept.append(SiteConfig(key, saes[key], harmful=list((harmful or {}).get(key, evals[key].harmful)), beta=beta,
+                               gamma=gamma, tau=float(gate), window=tuple(cfg["window"]), cfg=cfg["cfg"]))
     return SafeDIGConfig(kept)
+
+
+def best_operator(report: RoutingReport, site: str) -> str:
+    """The operator routing ranks best at `site`."""
+    return next(c.operator for c in report.ranking if c.site == site)
 
 
 def operator_candidates(report: RoutingReport, saes: Mapping[str, TopKSAE], **overrides: Any
@@ -76,13 +94,21 @@ def operator_candidates(report: RoutingReport, saes: Mapping[str, TopKSAE], **ov
             **{op: routed_config(report, saes, operator=op, **overrides) for op in OPERATORS}}
 
 
+def every_site_config(report: RoutingReport, winner: SafeDIGConfig, sites: Sequence[str], *,
+                      saes: Mapping[str, TopKSAE], harmful: Optional[Mapping[str, Sequence[int]]] = None,
+                      tau: Optional[Mapping[str, float]] = None) -> SafeDIGConfig:
+    """`winner` (a validated config) widened to every site in `sites`: its own sites keep their
+    operators; the others take its operator when it steers every site alike, else the one
+    routing ranks best there. `saes`, `harmful` and `tau` as `routed_config`'s."""
+    own = site_operators(winner)
+    alike = set(own.values())
+    operator = {k: own.get(k) or (next(iter(alike)) if len(alike) == 1 else best_operator(report, k)) for k in sites}
+    return routed_config(report, saes, operator=operator, harmful=harmful, tau=tau, sites=sites)
+
+
 def single_site_config(report: RoutingReport, site: str, sae: TopKSAE, tau: float) -> SafeDIGConfig:
-    """One candidate site alone, steered with `sae` and the operator routing ranks best there."""
-    ev = {s.site: s for s in report.sites}[site]
-    op = next(c.operator for c in report.ranking if c.site == site)
-    beta, gamma = operator_strengths(op, report.config["beta"], report.config["gamma"])
-    return SafeDIGConfig([SiteConfig(site, sae, harmful=ev.harmful, beta=beta, gamma=gamma, tau=tau,
-                                     window=tuple(report.config["window"]), cfg=report.config["cfg"])])
+    """One candidate site alone, steered with `sae` and the operator routing ranks best for it."""
+    return routed_config(report, {site: sae}, operator=best_operator(report, site), tau={site: tau}, sites=[site])
 
 
 def method_rows(unsafe: Mapping[str, Mapping[str, Mapping[str, float]]], similarity: Mapping[str, Mapping[str, float]],
@@ -99,7 +125,7 @@ def method_rows(unsafe: Mapping[str, Mapping[str, Mapping[str, float]]], similar
                 "safe": rate_cell(safe["unsafe"], safe["n"]), "psnr_db": sim.get("psnr_db"), "ssim": sim.get("ssim")}
 
     rows = [row("no steering", "unsteered"), row("source SAEs (no adaptation)", "source"),
-            row("SafeDIG (frozen encoder, adapted decoder, routed sites)", "adapted"),
+            row("SafeDIG (frozen encoder, adapted decoder, validated sites)", "adapted"),
             row("full fine-tune (encoder too)", "finetune")]
     if "unadapted" in unsafe[source]:
         rows.append(row("SafeDIG with the source decoders (decoder not adapted)", "unadapted"))

@@ -13,13 +13,19 @@ fewest unsafe images among the candidates whose safe images stay within the qual
 earlier candidate (routing's proposal first). When no candidate keeps the budget the one with
 the highest PSNR wins and `within_budget` says so: a weaker steerer that keeps the images, never
 a silent switch-off.
+
+Which sites to steer, and how hard, are the same kind of question: routing picks a few sites
+from measures taken before adaptation, and a mark the routed sites only thin out may need every
+site the method can steer, or a stronger Repel. `validate_steerer` adds those candidates in two
+more rounds and picks over all trials; a wider or stronger steerer costs safe-image quality, so
+it wins only by leaving fewer unsafe images within the budget.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 from ..integrations.diffusers.config import SafeDIGConfig
 from .detectors import Detector
@@ -27,8 +33,8 @@ from .eval import evaluate_runs, generate_runs
 from .generate import GenerateConfig
 from .prompts import PromptRecord
 
-__all__ = ["DEFAULT_MIN_PSNR_DB", "Trial", "OperatorChoice", "choose_operators", "distinct_candidates", "pick",
-           "site_operators"]
+__all__ = ["DEFAULT_MIN_PSNR_DB", "REPEL_BOOST", "Trial", "OperatorChoice", "choose_operators", "run_trials",
+           "validate_steerer", "distinct_candidates", "pick", "site_operators"]
 
 # The floor the demo's claim holds safe-image quality to (docs/workflow.md): PSNR >= 30 dB.
 DEFAULT_MIN_PSNR_DB = 30.0
@@ -68,6 +74,11 @@ class OperatorChoice:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def with_trials(self, trials: Sequence[Trial]) -> "OperatorChoice":
+        """This choice with more trials (on the same prompts), picked again over all of them."""
+        every = [*self.trials, *trials]
+        return dataclasses.replace(self, chosen=pick(every).name, trials=every)
+
     def line(self) -> str:
         """The trials in one line, the winner marked."""
         cells = [f"{t.name}{'*' if t.name == self.chosen else ''} {t.unsafe}/{t.n} unsafe, "
@@ -82,26 +93,83 @@ def choose_operators(pipe, prompts: Sequence[PromptRecord], candidates: Mapping[
     """Steer `prompts` (those labelled `unsafe_labels` or `safe_label`) with each candidate,
     judge them, and `pick` one (module docstring). Candidates that steer every site with the
     same operators as an earlier one are tried once, under the earlier name."""
+    chosen_prompts = _prompts_for(prompts, unsafe_labels, safe_label)
+    trials = run_trials(pipe, prompts, distinct_candidates(candidates), detector, gen, unsafe_labels, safe_label,
+                        min_psnr_db)
+    return OperatorChoice(pick(trials).name, trials, list(unsafe_labels), len(chosen_prompts), float(min_psnr_db))
+
+
+def run_trials(pipe, prompts: Sequence[PromptRecord], candidates: Mapping[str, SafeDIGConfig], detector: Detector,
+               gen: GenerateConfig, unsafe_labels: Sequence[str], safe_label: str = "safe",
+               min_psnr_db: float = DEFAULT_MIN_PSNR_DB) -> list[Trial]:
+    """One `Trial` per candidate: `prompts` labelled `unsafe_labels` or `safe_label` steered with
+    it and judged by `detector` (every candidate is tried, repeats too)."""
     if not candidates:
         raise ValueError("candidates is empty; expected {name: SafeDIGConfig}")
     if isinstance(min_psnr_db, bool) or not isinstance(min_psnr_db, (int, float)) or math.isnan(min_psnr_db):
         raise ValueError(f"min_psnr_db must be a number (dB), got {min_psnr_db!r}")
-    wanted = set(unsafe_labels) | {safe_label}
-    chosen_prompts = [p for p in prompts if p.label in wanted]
-    missing = sorted(wanted - {p.label for p in chosen_prompts})
-    if missing:
-        raise ValueError(f"choose_operators: no training prompt labelled {missing}; labels present: "
-                         f"{sorted({p.label for p in prompts})}")
-    distinct = distinct_candidates(candidates)
-    runs = generate_runs(pipe, chosen_prompts, distinct, gen)
+    chosen_prompts = _prompts_for(prompts, unsafe_labels, safe_label)
+    runs = generate_runs(pipe, chosen_prompts, candidates, gen)
     report = evaluate_runs(runs, detector, label_order=[*unsafe_labels, safe_label])
     trials = []
-    for name, conf in distinct.items():
+    for name, conf in candidates.items():
         cells = [report.unsafe[lb][name] for lb in unsafe_labels]
         psnr = report.safe_similarity[name]["psnr_db"]
         trials.append(Trial(name, site_operators(conf), int(sum(c["unsafe"] for c in cells)),
                             int(sum(c["n"] for c in cells)), psnr, psnr >= min_psnr_db))
-    return OperatorChoice(pick(trials).name, trials, list(unsafe_labels), len(chosen_prompts), float(min_psnr_db))
+    return trials
+
+
+def _prompts_for(prompts: Sequence[PromptRecord], unsafe_labels: Sequence[str], safe_label: str) -> list[PromptRecord]:
+    wanted = set(unsafe_labels) | {safe_label}
+    chosen = [p for p in prompts if p.label in wanted]
+    missing = sorted(wanted - {p.label for p in chosen})
+    if missing:
+        raise ValueError(f"choose_operators: no training prompt labelled {missing}; labels present: "
+                         f"{sorted({p.label for p in prompts})}")
+    return chosen
+
+
+# How much stronger Repel the last round tries (spec §2: gamma is any real; Blend's beta stays
+# in [0, 1], so only gamma is scaled).
+REPEL_BOOST = 1.5
+
+
+def validate_steerer(pipe, prompts: Sequence[PromptRecord], candidates: Mapping[str, SafeDIGConfig],
+                     detector: Detector, gen: GenerateConfig, unsafe_labels: Sequence[str], *,
+                     widen: Optional[Callable[[SafeDIGConfig], SafeDIGConfig]] = None,
+                     repel_boost: float = REPEL_BOOST, safe_label: str = "safe",
+                     min_psnr_db: float = DEFAULT_MIN_PSNR_DB) -> tuple[OperatorChoice, dict[str, SafeDIGConfig]]:
+    """Choose a steerer in three rounds on the same training prompts, `pick`ing over every trial:
+
+    1. `candidates` (`choose_operators`: operators at the routed sites);
+    2. each of them within the quality budget widened by `widen` (e.g. to every site the method
+       can steer), named `<name>-every-site`, where that adds sites;
+    3. the winner with its Repel strength gamma times `repel_boost`, `<winner>-repel-x<boost>`,
+       where it repels.
+
+    A wider or stronger steerer costs safe-image quality, so it wins only by leaving fewer unsafe
+    images within the budget. Returns the choice and every config tried, by name."""
+    tried = dict(candidates)
+    choice = choose_operators(pipe, prompts, candidates, detector, gen, unsafe_labels, safe_label, min_psnr_db)
+    more = lambda configs: choice.with_trials(run_trials(  # noqa: E731
+        pipe, prompts, configs, detector, gen, unsafe_labels, safe_label, min_psnr_db))
+    if widen is not None:
+        wide = {}
+        for t in choice.trials:
+            conf = widen(tried[t.name])
+            if t.within_budget and len(conf.sites) > len(tried[t.name].sites):
+                wide[f"{t.name}-every-site"] = conf
+        if wide:
+            tried.update(wide)
+            choice = more(wide)
+    winner = tried[choice.chosen]
+    if repel_boost != 1.0 and any(site.gamma for site in winner.sites):
+        name = f"{choice.chosen}-repel-x{repel_boost:g}"
+        tried[name] = SafeDIGConfig([dataclasses.replace(site, gamma=site.gamma * repel_boost)
+                                     for site in winner.sites])
+        choice = more({name: tried[name]})
+    return choice, tried
 
 
 def distinct_candidates(candidates: Mapping[str, SafeDIGConfig]) -> dict[str, SafeDIGConfig]:

@@ -81,7 +81,7 @@ def test_demo_quick_end_to_end(quick_demo, capsys):
     assert sites and columns | {"site-" + s.replace(":", "-") for s in sites} == set(rate[source])
     methods = [r["method"] for r in summary["methods"]]
     assert methods[:5] == ["no steering", "source SAEs (no adaptation)",
-                           "SafeDIG (frozen encoder, adapted decoder, routed sites)", "full fine-tune (encoder too)",
+                           "SafeDIG (frozen encoder, adapted decoder, validated sites)", "full fine-tune (encoder too)",
                            "SafeDIG with the source decoders (decoder not adapted)"]
     assert methods[5:] == ["best single fixed site, no routing", "worst single fixed site, no routing",
                            "Blend only", "Repel only", "Blend + Repel (both)"]
@@ -92,7 +92,8 @@ def test_demo_quick_end_to_end(quick_demo, capsys):
     best, worst = summary["methods"][5], summary["methods"][6]
     assert best["target"]["rate"] <= worst["target"]["rate"]
     assert [r["rank"] for r in summary["site_check"] if r["rank"] is not None] == list(range(1, len(sites) + 1))
-    assert {r["site"] for r in summary["site_check"] if r["routed"]} == {s["site"] for s in summary["selected"]}
+    assert {r["site"] for r in summary["site_check"] if r["routed"]} == {
+        s["site"] for s in summary["selected"] if s["routed"]}
     # Adaptation keeps the encoding function (encoder and b_dec), so the gate stays the source's.
     for s in summary["selected"]:
         assert s["tau_adapted"] == s["tau_source"]
@@ -113,13 +114,16 @@ def test_demo_quick_end_to_end(quick_demo, capsys):
     # keep the source encoder bit for bit; the source steerer knows the source's harmful
     # features only, and each config steers with the operators validation chose for it.
     src, ad = SafeDIGConfig.from_json(out / "steer.json"), SafeDIGConfig.from_json(out / "steer-adapted.json")
-    assert [s.site for s in ad.sites] == [s["site"] for s in summary["selected"]]
-    assert src.sites and {s.site for s in src.sites} <= {s.site for s in ad.sites}
+    # summary.json's `selected`: the routed sites first, then any other site a method steers
     selected = {s["site"]: s for s in summary["selected"]}
+    assert [s.site for s in ad.sites] == [s["site"] for s in summary["selected"] if s["operator"] is not None]
+    assert [s["routed"] for s in summary["selected"]] == sorted((s["routed"] for s in summary["selected"]),
+                                                                reverse=True)
+    assert src.sites and {s.site for s in src.sites} <= set(selected)
     for s in src.sites:
         mine = selected[s.site]
         assert list(s.harmful) == mine["harmful_source_only"] and s.tau == mine["tau_source_only"]
-        assert set(s.harmful) <= set(mine["harmful"])
+        assert set(s.harmful) <= set(mine["harmful"]) and site_operators(src)[s.site] == mine["operator_source"]
     validation = summary["validation"]
     assert set(validation) == {"source", "adapted", "finetune"}
     assert validation["source"]["labels"] == [source] and validation["adapted"]["labels"] == [source, target]
@@ -130,8 +134,9 @@ def test_demo_quick_end_to_end(quick_demo, capsys):
         assert all(t["n"] == train * len(v["labels"]) for t in v["trials"])
         winner = next(t for t in v["trials"] if t["name"] == v["chosen"])
         assert site_operators(conf) == winner["operators"]
-    for s, a in zip(src.sites, (a for a in ad.sites if a.site in {s.site for s in src.sites})):
-        s_sae, a_sae = TopKSAE.load(s.sae), TopKSAE.load(a.sae)
+    adapted_saes = {a.site: a.sae for a in ad.sites}
+    for s in (s for s in src.sites if s.site in adapted_saes):
+        s_sae, a_sae = TopKSAE.load(s.sae), TopKSAE.load(adapted_saes[s.site])
         assert torch.equal(s_sae.W_enc, a_sae.W_enc) and torch.equal(s_sae.b_enc, a_sae.b_enc)
         assert torch.equal(s_sae.b_dec, a_sae.b_dec)
         assert not torch.equal(s_sae.W_dec, a_sae.W_dec)

@@ -27,7 +27,7 @@ def test_rows_pool_the_domains_and_pick_the_fixed_sites():
     by = {r["method"]: r for r in rows}
     assert [r["column"] for r in rows] == ["unsteered", "source", "adapted", "finetune", "site-b.0", "site-b.1",
                                            "blend", "repel", "both"]
-    ad = by["SafeDIG (frozen encoder, adapted decoder, routed sites)"]
+    ad = by["SafeDIG (frozen encoder, adapted decoder, validated sites)"]
     overall = ad["overall"]
     assert (overall["unsafe"], overall["n"]) == (2, 32) and overall["low"] < 2 / 32 < overall["high"]
     # two sites tie on the target and overall rates: the name decides (b.0 before b.0:text)
@@ -35,7 +35,7 @@ def test_rows_pool_the_domains_and_pick_the_fixed_sites():
     assert by["worst single fixed site, no routing"]["note"] == "b.1"
     assert by["no steering"]["psnr_db"] is None and by["Blend + Repel (both)"]["safe"]["unsafe"] == 1
     table = methods_markdown(rows, SRC, TGT)
-    assert "| SafeDIG (frozen encoder, adapted decoder, routed sites) | 6% [" in table and "(reference)" in table
+    assert "| SafeDIG (frozen encoder, adapted decoder, validated sites) | 6% [" in table and "(reference)" in table
 
 
 def test_routing_check_ranks_every_site_and_marks_the_routed_ones():
@@ -79,10 +79,46 @@ def test_routed_config_takes_operators_per_site_and_keeps_the_sites_asked_for():
                         tau={"transformer_blocks.0:image": 0.125}, sites=["transformer_blocks.0:image"])
     assert [(s.site, list(s.harmful), s.tau, s.beta) for s in src.sites] == [
         ("transformer_blocks.0:image", [1, 2], 0.125, 0.5)]
-    with pytest.raises(ValueError, match="none of the routed sites"):
+    with pytest.raises(ValueError, match="candidate sites of the routing report"):
         routed_config(report, saes, sites=["transformer_blocks.7:image"])
     cands = operator_candidates(report, saes)
     assert list(cands) == ["routed", "blend", "repel", "both"]
     assert site_operators(cands["routed"]) == {"transformer_blocks.0:image": "blend",
                                                "transformer_blocks.1:text": "repel"}
     assert set(site_operators(cands["both"]).values()) == {"both"}
+
+
+def test_a_site_routing_did_not_select_takes_its_best_operator_and_needs_a_gate():
+    from dataclasses import replace
+
+    import pytest
+
+    from safedig_kernels.sae import random_sae
+    from safedig_kernels.workflow.demo_methods import every_site_config, routed_config, single_site_config
+    from safedig_kernels.workflow.route import Candidate
+    from safedig_kernels.workflow.validate import site_operators
+
+    report = _report()  # routing ranked a third site and selected the first two
+    extra = replace(report.sites[0], site="single_transformer_blocks.0:image", harmful_source=[4], harmful_target=[])
+    report.sites.append(extra)
+    report.ranking = [*report.ranking, Candidate("single_transformer_blocks.0:image", "both", 0.5, 0.0, 0.5)]
+    saes = {k: random_sae(8, 16, 2, seed=i) for i, k in enumerate(
+        ["transformer_blocks.0:image", "transformer_blocks.1:text", "single_transformer_blocks.0:image"])}
+    every = list(saes)
+    with pytest.raises(ValueError, match="has no gate"):
+        routed_config(report, saes, sites=every)
+    gates = {"single_transformer_blocks.0:image": 0.5}
+    conf = routed_config(report, saes, tau=gates, sites=every)
+    assert site_operators(conf) == {"transformer_blocks.0:image": "blend", "transformer_blocks.1:text": "repel",
+                                    "single_transformer_blocks.0:image": "both"}
+    assert [(list(s.harmful), s.tau) for s in conf.sites][2] == ([4], 0.5)
+    # widening a validated winner: its sites keep their operators; the new one takes the winner's
+    # operator when it steers every site alike, else routing's best there
+    repel = routed_config(report, saes, operator="repel")
+    assert set(site_operators(every_site_config(report, repel, every, saes=saes, tau=gates)).values()) == {"repel"}
+    mixed = routed_config(report, saes)
+    assert site_operators(every_site_config(report, mixed, every, saes=saes, tau=gates)) == site_operators(conf)
+    one = single_site_config(report, "single_transformer_blocks.0:image", saes["single_transformer_blocks.0:image"],
+                             0.25)
+    assert [(s.site, s.beta, s.gamma, s.tau) for s in one.sites] == [("single_transformer_blocks.0:image", 0.5, 2.0,
+                                                                      0.25)]

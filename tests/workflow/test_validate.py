@@ -9,7 +9,7 @@ import pytest
 
 from safedig_kernels.integrations.diffusers.config import SafeDIGConfig, SiteConfig
 from safedig_kernels.sae import random_sae
-from safedig_kernels.workflow.validate import Trial, distinct_candidates, pick, site_operators
+from safedig_kernels.workflow.validate import OperatorChoice, Trial, distinct_candidates, pick, site_operators
 
 
 def trial(name, unsafe, psnr, budget=30.0):
@@ -34,6 +34,17 @@ def test_over_budget_everywhere_keeps_the_images():
         pick([])
 
 
+def test_more_trials_are_picked_with_the_first_ones():
+    first = OperatorChoice("routed", [trial("routed", 9, 39.0), trial("blend", 10, 30.3)], ["unsafe/a"], 48, 30.0)
+    wider = first.with_trials([trial("routed-every-site", 0, 36.0)])
+    assert wider.chosen == "routed-every-site" and [t.name for t in wider.trials] == [
+        "routed", "blend", "routed-every-site"]
+    # a wider steerer that only ties keeps the first choice when it costs quality
+    tie = OperatorChoice("routed", [trial("routed", 0, 42.0)], ["unsafe/a"], 48, 30.0)
+    assert tie.with_trials([trial("routed-every-site", 0, 36.0)]).chosen == "routed"
+    assert first.chosen == "routed" and len(first.trials) == 2  # unchanged
+
+
 def _config(*strengths):
     sae = random_sae(8, 16, 2, harmful=[1])
     return SafeDIGConfig([SiteConfig(site, sae, harmful=[1], beta=b, gamma=g, tau=0.0, allow_other_site=True)
@@ -50,3 +61,37 @@ def test_operators_read_from_the_strengths_and_tried_once_each():
     assert list(distinct_candidates(cands)) == ["routed", "blend"]  # repel is routing's own proposal here
     with pytest.raises(ValueError, match="leaves beta or gamma"):
         site_operators(_config((None, 1.0)))
+
+
+def test_validation_rounds_widen_the_candidates_in_budget_then_strengthen_repel(monkeypatch):
+    """`validate_steerer`'s rounds, with the images' judgement faked: the trials a candidate would
+    give are fixed by name."""
+    from safedig_kernels.workflow import validate
+
+    outcome = {"routed": (12, 36.0), "blend": (15, 32.6), "both": (8, 31.5), "over": (0, 20.0),
+               "routed-every-site": (2, 35.2), "blend-every-site": (9, 31.0), "both-every-site": (9, 24.9),
+               "routed-every-site-repel-x1.5": (0, 32.3)}
+    seen = []
+
+    def fake_trials(pipe, prompts, candidates, detector, gen, unsafe_labels, safe_label, min_psnr_db):
+        seen.append(list(candidates))
+        return [Trial(n, site_operators(c), outcome[n][0], 32, outcome[n][1], outcome[n][1] >= min_psnr_db)
+                for n, c in candidates.items()]
+
+    monkeypatch.setattr(validate, "run_trials", fake_trials)
+    monkeypatch.setattr(validate, "_prompts_for", lambda prompts, *a: list(prompts))
+    one = _config((0.0, 1.0))
+    cands = {"routed": one, "blend": _config((1.0, 0.0)), "both": _config((1.0, 1.0)), "over": _config((0.0, 0.0))}
+    wider = lambda conf: _config(*[(conf.sites[0].beta, conf.sites[0].gamma)] * 2)  # noqa: E731
+    choice, tried = validate.validate_steerer(None, [], cands, None, None, ["unsafe/a"], widen=wider)
+    # round 2 widens only the candidates within the budget ("over" is not); round 3 boosts the winner's Repel
+    assert seen == [["routed", "blend", "both", "over"], ["routed-every-site", "blend-every-site", "both-every-site"],
+                    ["routed-every-site-repel-x1.5"]]
+    assert choice.chosen == "routed-every-site-repel-x1.5" and len(choice.trials) == 8
+    assert [s.gamma for s in tried[choice.chosen].sites] == [1.5, 1.5]
+    assert [s.beta for s in tried["both-every-site"].sites] == [1.0, 1.0]
+    # a winner that only blends has no Repel to strengthen; nothing wider: no second round
+    outcome["blend"] = (0, 40.0)
+    seen.clear()
+    choice, _ = validate.validate_steerer(None, [], {"blend": cands["blend"]}, None, None, ["unsafe/a"])
+    assert seen == [["blend"]] and choice.chosen == "blend"
