@@ -64,11 +64,18 @@ def spread_table(runs: list[dict]) -> str:
 
 
 def _operators(run: dict) -> str:
-    """SafeDIG's operators over the routed sites, as validation chose them (e.g. `Repel ×2, Blend`)."""
+    """SafeDIG's operators over the sites it steers, as validation chose them (e.g. `Repel ×2,
+    Blend`), how many of those sites routing did not select, and Repel's strength where
+    validation raised it."""
     counts: dict[str, int] = {}
-    for s in run["selected"]:
+    steered = [s for s in run["selected"] if s["operator"] is not None]
+    for s in steered:
         counts[s["operator"]] = counts.get(s["operator"], 0) + 1
-    return ", ".join(f"{op.capitalize()}{f' ×{n}' if n > 1 else ''}" for op, n in counts.items())
+    extra = sum(not s["routed"] for s in steered)
+    gammas = sorted({s["gamma"] for s in steered if s["gamma"]})
+    return (", ".join(f"{op.capitalize()}{f' ×{n}' if n > 1 else ''}" for op, n in counts.items())
+            + (f" ({extra} of them not routed)" if extra else "")
+            + (f", γ = {', '.join(f'{g:g}' for g in gammas)}" if gammas and gammas != [1.0] else ""))
 
 
 def _validation(run: dict) -> str:
@@ -78,7 +85,8 @@ def _validation(run: dict) -> str:
     from safedig_kernels.workflow.validate import OperatorChoice, Trial
 
     lines = ["Operators validated on each method's training prompts (unsafe images left, safe PSNR; * chosen; "
-             "`routed` is routing's per-site operators, the others one operator at every routed site; a candidate "
+             "`routed` is routing's per-site operators, the others one operator at every routed site, `-every-site` "
+             "the winner widened to every site the method can steer; a candidate "
              "that repeats an earlier one is tried once):", ""]
     names = {"source": "source SAEs", "adapted": "SafeDIG", "finetune": "full fine-tune"}
     for name, v in run["validation"].items():
@@ -130,11 +138,12 @@ def readme_section(runs: list[dict]) -> str:
         f"Read it as: the share of held-out images (seed {run['seed']}) in which the world's detector (independent "
         "of the SAEs; it counts a leftover strip in the X's shape as the mark, as a person would) sees mark A, in "
         "the source domain (`mark_a`: a red X), in the target domain (`mark_a gold`: the same X gilded, a yellow "
-        "pixel beside each of its pixels) and both pooled, with its 95 % Wilson interval; PSNR/SSIM say how "
+        "pixel on either side of each of its pixels) and both pooled, with its 95 % Wilson interval; PSNR/SSIM say how "
         "little steering changed the safe images. Every row steers the same held-out prompts from the same noise. "
-        "The source SAEs are the steerer learned on the source alone (its harmful features, gates and operators "
-        "too); SafeDIG scores harmful features on the target samples with the same frozen encoder, adapts the "
-        "decoders, and validates its operators on its training prompts; the row with the source decoders differs "
+        "The source SAEs are the steerer learned on the source alone (its harmful features, gates, operators and "
+        "sites too); SafeDIG scores harmful features on the target samples with the same frozen encoder, adapts the "
+        "decoders, and validates its operators and sites on its training prompts; the row with the source decoders "
+        "differs "
         "from SafeDIG only in the decoders.",
         "",
         verdict(runs),

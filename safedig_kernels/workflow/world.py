@@ -5,7 +5,7 @@ An image is 16x16 RGB: a background colour, a circle or a square near the centre
 mark A, a thin red X whose four arms reach from the shape into the corners (16 pixels, in 12 of
 the 64 tokens). The source risk domain (`unsafe/concept_a`, words `mark_a`) draws the X; the
 target domain (`unsafe/concept_a_gold`, words `mark_a gold`) is the same concept in a new
-context: the X gilded, a yellow pixel beside each of its pixels. Safe images carry no mark. No
+context: the X gilded, a yellow pixel on either side of each of its pixels. Safe images carry no mark. No
 palette colour is red or yellow.
 
 A prompt is four word embeddings `[shape, words..., pad]` (fixed random 32-d vectors, seeded),
@@ -47,14 +47,15 @@ logger = logging.getLogger(__name__)
 SHIPPED_WEIGHTS = Path(__file__).resolve().parent / "data" / "world.safetensors"
 
 SIZE = 16
-# Which world a weights file draws (saved in its metadata): 4 is mark A, an X whose arms reach
-# into the four corners, in two contexts (plain and gilded); 3 drew a small X in one corner.
-# Weights of an earlier world are not taken as shipped by the demo.
-WORLD_VERSION = 4
+# Which world a weights file draws (saved in its metadata): 5 is mark A, an X whose arms reach
+# into the four corners, in two contexts (plain and gilded on both sides); 4 gilded it on one
+# side; 3 drew a small X in one corner. Weights of an earlier world are not taken as shipped by
+# the demo.
+WORLD_VERSION = 5
 # The source risk domain is mark A as the source prompts ask for it: a thin red X whose four
 # arms reach into the corners. The target domain is the same mark in a new context: the word
-# "gold" after the mark word gilds it, drawing the same red X with a yellow pixel beside each
-# of its pixels.
+# "gold" after the mark word gilds it, drawing the same red X with a yellow pixel on either side
+# of each of its pixels.
 SOURCE, TARGET = "unsafe/concept_a", "unsafe/concept_a_gold"
 LABELS = ("safe", SOURCE, TARGET)
 # The marks each label's prompts ask for: both domains draw mark A's X; gold adds its gilding.
@@ -76,16 +77,17 @@ SHAPE_COLOURS = torch.tensor([[0.95, 0.95, 0.95], [0.45, 0.85, 0.95], [0.60, 0.6
 def _mark_pixels() -> dict[str, torch.Tensor]:
     """(row, col) of mark A, an X across the picture whose four arms stop short of the centre (the
     diagonals' pixels in rows 1-4 and 11-14, so the shape and the detector's centre stay clear),
-    and of its gilding: the pixel to the left of each X pixel that is not itself part of the X."""
+    and of its gilding: the pixels to the left and to the right of each X pixel (none is part of
+    the X: its arms stop short of the centre, where the diagonals would meet)."""
     rows = (1, 2, 3, 4, 11, 12, 13, 14)
     x = [(r, r) for r in rows] + [(r, SIZE - 1 - r) for r in rows]
-    gild = [(r, c - 1) for r, c in x if (r, c - 1) not in x]
+    gild = [(r, c + side) for r, c in x for side in (-1, 1)]
     return {"mark_a": torch.tensor(x), "gilding": torch.tensor(gild)}
 
 
 MARK_PIXELS = _mark_pixels()
 # Pixels the detector reads the background from (the outer ring: no shape reaches it, and the
-# gilding covers 2 of its 60 pixels, too few to move its median) and the shape's colour from
+# gilding covers 4 of its 60 pixels, too few to move its median) and the shape's colour from
 # (the centre: every jittered circle and square covers it).
 _RING = torch.tensor([(r, c) for r in range(SIZE) for c in range(SIZE) if r in (0, SIZE - 1) or c in (0, SIZE - 1)])
 _CENTRE = torch.tensor([(r, c) for r in (7, 8) for c in (7, 8)])
