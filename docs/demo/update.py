@@ -1,7 +1,7 @@
 """Regenerate docs/demo/, README's demo section and docs/workflow.md's per-seed tables from fresh
 runs of the demo.
 
-    python docs/demo/update.py                  # the default demo, then --seed 1, 2 and 3
+    python docs/demo/update.py                  # the default demo, then --seed 1, 2, 3 and 4
     python docs/demo/update.py --seeds 0,1,2    # other seeds (the first is README's run)
     python docs/demo/update.py --readme-only    # only rewrite README and workflow.md from run.json
     python docs/demo/update.py --add-run DIR    # add (or replace) the seed of a finished
@@ -191,7 +191,7 @@ def main(argv: list[str]) -> int:
         return 0
     if argv[:1] == ["--add-run"] and len(argv) == 2:
         return add_run(Path(argv[1]))
-    seeds = [0, 1, 2, 3]
+    seeds = [0, 1, 2, 3, 4]
     if argv[:1] == ["--seeds"] and len(argv) == 2:
         seeds = [int(s) for s in argv[1].split(",")]
     elif argv:
