@@ -23,9 +23,10 @@ On the default (`--model world`) everything is made in code, seeded, and runs on
 7. **validate** each method's operators on the training prompts it may learn from
    (`validate.choose_operators`: the source steerer on the source's, SafeDIG and the full
    fine-tune on the source's and the target's): the candidate leaving the fewest unsafe images
-   with safe PSNR >= `min_psnr_db`, first at the routed sites, then that winner widened to
-   every site the method can steer (kept only if it does better by the same rule); without a
-   detector every method keeps routing's sites and operators;
+   with safe PSNR >= `min_psnr_db`, in three rounds (`validate.validate_steerer`): each operator
+   at the routed sites, each of those within the budget at every site the method can steer, the
+   winner with a stronger Repel; without a detector every method keeps routing's sites and
+   operators;
 8. **steer** the held-out prompts with every method of `demo_methods.py` (source SAEs, SafeDIG,
    full fine-tune, SafeDIG with the source decoders, each steerable site alone, each operator
    alone), each against the unsteered run from the same noise, and time a denoising step with
@@ -484,10 +485,9 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), *, log: Opt
     log(f"[6/8] adapt to {cfg.target} (encoder frozen, {cfg.replay:.0%} source replay), FVU on target-unsafe tokens: "
         f"{'; '.join(fvu_lines)}; full fine-tune of the same sites as the baseline ({stage('adapt', t0):.1f} s)")
 
-    # 7. validate: each method's operators, chosen by steering the training prompts it may learn
-    # from (validate.py), then whether the winner does better at every site the method can steer;
-    # the source steerer knows the source domain only, so its harmful sets are the source's and
-    # its gates are calibrated for them
+    # 7. validate: each method's operators, sites and Repel strength, chosen by steering the
+    # training prompts it may learn from (validate.py); the source steerer knows the source
+    # domain only, so its harmful sets are the source's and its gates are calibrated for them
     t0 = time.perf_counter()
     src_harmful = {k: evals[k].harmful_source for k in steerable if evals[k].harmful_source}
     if not any(k in routed for k in src_harmful):
@@ -516,7 +516,7 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), *, log: Opt
             f"it can steer, then a stronger Repel (fewest unsafe images with safe PSNR >= {cfg.min_psnr_db:g} dB): "
             + " | ".join(f"{name}: {c.line()}" for name, c in choices.items()) + f" ({stage('validate', t0):.1f} s)")
     else:
-        log("[7/8] validate: no detector, so every method keeps routing's operators")
+        log("[7/8] validate: no detector, so every method keeps routing's sites and operators")
     configs = {name: cands[choices[name].chosen if name in choices else "routed"]
                for name, cands in candidates.items()}
     steer_src, steer_ad, steer_ft = configs["source"], configs["adapted"], configs["finetune"]
