@@ -82,7 +82,9 @@ def test_the_written_out_sampler_is_the_pipelines(world_pipe, steered):
     config = _steering() if steered else None
     p = world_prompts(["unsafe/concept_a", "safe"], ["circle", "square"])
     sampler = FluxSampler(world_pipe, SETTINGS)
-    latents, ids = sampler.noise([11, 12])
+    # noise 10 draws the X plainly with the shipped weights (noise 11 draws 5 of its 16 pixels, too
+    # few for the judge): the unsteered check below needs a drawn mark
+    latents, ids = sampler.noise([10, 12])
     if config is not None:
         apply_safedig(world_pipe, config)
     try:
@@ -91,9 +93,9 @@ def test_the_written_out_sampler_is_the_pipelines(world_pipe, steered):
     finally:
         if config is not None:
             remove_safedig(world_pipe)
-    theirs = judge_embeddings(world_pipe, p.prompt_embeds, p.pooled_prompt_embeds, [11, 12], SETTINGS, config)
+    theirs = judge_embeddings(world_pipe, p.prompt_embeds, p.pooled_prompt_embeds, [10, 12], SETTINGS, config)
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
-    plain = judge_embeddings(world_pipe, p.prompt_embeds, p.pooled_prompt_embeds, [11, 12], SETTINGS)
+    plain = judge_embeddings(world_pipe, p.prompt_embeds, p.pooled_prompt_embeds, [10, 12], SETTINGS)
     assert bool((theirs - plain).abs().max() > 0.05) == steered  # the steering did act, or nothing was installed
     if not steered:
         assert is_unsafe(theirs).tolist() == [True, False]
