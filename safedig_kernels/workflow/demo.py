@@ -20,13 +20,12 @@ On the default (`--model world`) everything is made in code, seeded, and runs on
    (`adapt_decoder`; `b_dec` frozen too, since it centres the encoder's input: the harm score,
    and so the harmful set and the gate, stay exactly the source's), and fine-tune the same
    sites' whole SAEs as the baseline (`finetune_sae`, harmful set re-scored, gate recalibrated);
-7. **validate** each method's operators on the training prompts it may learn from
-   (`validate.choose_operators`: the source steerer on the source's, SafeDIG and the full
-   fine-tune on the source's and the target's): the candidate leaving the fewest unsafe images
-   with safe PSNR >= `min_psnr_db`, in three rounds (`validate.validate_steerer`): each operator
-   at the routed sites, each of those within the budget at every site the method can steer, the
-   winner with a stronger Repel; without a detector every method keeps routing's sites and
-   operators;
+7. **validate** each method's operators on the training prompts it may learn from (the source
+   steerer on the source's, SafeDIG and the full fine-tune on the source's and the target's):
+   the candidate leaving the fewest unsafe images with safe PSNR >= `min_psnr_db`, in three
+   rounds (`validate.validate_steerer`): each operator at the routed sites, each of those within
+   the budget at every site the method can steer, the winner with a stronger Repel; without a
+   detector every method keeps routing's sites and operators;
 8. **steer** the held-out prompts with every method of `demo_methods.py` (source SAEs, SafeDIG,
    full fine-tune, SafeDIG with the source decoders, each steerable site alone, each operator
    alone), each against the unsteered run from the same noise, and time a denoising step with
@@ -437,8 +436,6 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), *, log: Opt
     report.write(out / "reports" / "route.json")
     report.steering_config().to_json(out / "steer-routed.json")  # as `safedig route` writes it
     src_saes = {key: sae for key, (sae, _) in saes.items()}
-    # The one yardstick of the harm score table: the source SAEs with the routed harmful sets.
-    src_sites = report.steering_config(saes=src_saes).sites
     selected = {c.site: c.operator for c in report.selected}
     evals = {e.site: e for e in report.sites}
     chosen = ", ".join(f"{c.site} ({c.operator}, {len(evals[c.site].harmful)} harmful features = the union of "
@@ -458,7 +455,7 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), *, log: Opt
     ad_paths, fvu_lines, adapt_metrics = {}, [], {}
     acfg = AdaptConfig(steps=cfg.adapt_steps, batch_size=cfg.batch_size, lr=cfg.adapt_lr, replay=cfg.replay,
                        seed=cfg.seed, train_b_dec=False)
-    routed = {s.site: s for s in src_sites}  # routing passes over sites with no harmful feature
+    routed = list(selected)  # routing passes over sites with no harmful feature
     finetuned, ft_harmful, ft_tau = {}, {}, {}
     for key in steerable:
         target_x = store.load(key, labels=[cfg.target, "safe"])

@@ -32,10 +32,10 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping, Optional, Sequence, Union
 
-from ..integrations.diffusers.config import SafeDIGConfig, SiteConfig
+from ..integrations.diffusers.config import SafeDIGConfig
 from ..sae import TopKSAE
 from .eval import rate_cell, rate_text
-from .route import OPERATORS, RoutingReport, operator_strengths
+from .route import OPERATORS, RoutingReport
 from .validate import site_operators
 
 __all__ = ["format_table", "site_column", "routed_config", "best_operator", "operator_candidates", "every_site_config",
@@ -66,17 +66,14 @@ def routed_config(report: RoutingReport, saes: Mapping[str, TopKSAE], *,
     if unknown or not keys:
         raise ValueError(f"routed_config: sites must be candidate sites of the routing report ({list(evals)}), "
                          f"got {list(sites or [])}")
-    cfg = report.config
     kept = []
     for key in keys:
         op = operator.get(key) if isinstance(operator, Mapping) else operator
-        op = op or routed.get(key) or best_operator(report, key)
-        beta, gamma = operator_strengths(op, cfg["beta"], cfg["gamma"])
-        gate = (tau or {}).get(key, report.tau.get(key, cfg.get("tau")))
+        gate = (tau or {}).get(key, report.tau.get(key, report.config.get("tau")))
         if gate is None:
             raise ValueError(f"routed_config: site {key} has no gate (routing did not select it); give tau[{key!r}]")
-        kept.append(SiteConfig(key, saes[key], harmful=list((harmful or {}).get(key, evals[key].harmful)), beta=beta,
-                               gamma=gamma, tau=float(gate), window=tuple(cfg["window"]), cfg=cfg["cfg"]))
+        kept.append(report.site_config(key, saes[key], op or routed.get(key) or best_operator(report, key),
+                                       tau=float(gate), harmful=(harmful or {}).get(key)))
     return SafeDIGConfig(kept)
 
 
@@ -87,7 +84,7 @@ def best_operator(report: RoutingReport, site: str) -> str:
 
 def operator_candidates(report: RoutingReport, saes: Mapping[str, TopKSAE], **overrides: Any
                         ) -> dict[str, SafeDIGConfig]:
-    """What `validate.choose_operators` tries for one method: routing's own per-site operators
+    """What `validate.validate_steerer` tries first for one method: routing's own per-site operators
     (`routed`, first, so it wins exact ties), then each operator at every routed site. `overrides` are
     `routed_config`'s `harmful`, `tau` and `sites`."""
     return {"routed": routed_config(report, saes, **overrides),

@@ -204,20 +204,26 @@ class RoutingReport:
         """The steering config of the selected pairs (module docstring). Each site's SAE is
         `saes[site]` when given (an SAE in memory), else the file it was evaluated from."""
         ev = {s.site: s for s in self.sites}
-        cfg = self.config
         sites = []
         for c in self.selected:
             s = ev[c.site]
-            spec = SiteSpec.parse(c.site)
-            beta, gamma = operator_strengths(c.operator, cfg["beta"], cfg["gamma"])
             sae = (saes or {}).get(c.site) or (os.path.abspath(s.sae_path) if s.sae_path else "")
-            tau = self.tau[c.site] if c.site in self.tau else cfg["tau"]
+            tau = self.tau[c.site] if c.site in self.tau else self.config["tau"]
             if tau is None:  # a selection changed after routing: its calibration is missing
                 raise ValueError(f"RoutingReport.steering_config: no tau for selected site {c.site} (routed with "
                                  f"tau_quantile, which calibrates the selected sites only)")
-            sites.append(SiteConfig(spec.key, sae, harmful=s.harmful, beta=beta, gamma=gamma, tau=tau,
-                                    window=tuple(cfg["window"]), cfg=cfg["cfg"]))
+            sites.append(self.site_config(c.site, sae, c.operator, tau=tau))
         return SafeDIGConfig(sites)
+
+    def site_config(self, site: str, sae: Union[TopKSAE, str], operator: str, *, tau: float,
+                    harmful: Optional[Sequence[int]] = None) -> SiteConfig:
+        """One candidate site steered with `sae` and `operator` at this routing's strengths,
+        window and CFG branches: its harmful set is `harmful`, else routing's (the union of the
+        sets scored on the source and on the target), its gate `tau`."""
+        s = next(e for e in self.sites if e.site == site)
+        beta, gamma = operator_strengths(operator, self.config["beta"], self.config["gamma"])
+        return SiteConfig(SiteSpec.parse(site).key, sae, harmful=list(s.harmful if harmful is None else harmful),
+                          beta=beta, gamma=gamma, tau=tau, window=tuple(self.config["window"]), cfg=self.config["cfg"])
 
 
 def write_steering_config(report: RoutingReport, path: Union[str, Path]) -> Path:

@@ -27,10 +27,12 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Sequence
 
+import torch
+
 from ..integrations.diffusers.config import SafeDIGConfig
 from .detectors import Detector
-from .eval import evaluate_runs, generate_runs
-from .generate import GenerateConfig
+from .eval import UNSTEERED, evaluate_images, generate_runs, run_images
+from .generate import GenerateConfig, generate
 from .prompts import PromptRecord
 
 __all__ = ["DEFAULT_MIN_PSNR_DB", "REPEL_BOOST", "Trial", "OperatorChoice", "choose_operators", "run_trials",
@@ -91,33 +93,42 @@ def choose_operators(pipe, prompts: Sequence[PromptRecord], candidates: Mapping[
                      detector: Detector, gen: GenerateConfig, unsafe_labels: Sequence[str],
                      safe_label: str = "safe", min_psnr_db: float = DEFAULT_MIN_PSNR_DB) -> OperatorChoice:
     """Steer `prompts` (those labelled `unsafe_labels` or `safe_label`) with each candidate,
-    judge them, and `pick` one (module docstring). Candidates that steer every site with the
-    same operators as an earlier one are tried once, under the earlier name."""
-    chosen_prompts = _prompts_for(prompts, unsafe_labels, safe_label)
-    trials = run_trials(pipe, prompts, distinct_candidates(candidates), detector, gen, unsafe_labels, safe_label,
-                        min_psnr_db)
-    return OperatorChoice(pick(trials).name, trials, list(unsafe_labels), len(chosen_prompts), float(min_psnr_db))
+    judge them, and `pick` one (module docstring): `validate_steerer`'s first round alone.
+    Candidates that steer every site with the same operators as an earlier one are tried once,
+    under the earlier name."""
+    return validate_steerer(pipe, prompts, candidates, detector, gen, unsafe_labels, repel_boost=1.0,
+                            safe_label=safe_label, min_psnr_db=min_psnr_db)[0]
 
 
 def run_trials(pipe, prompts: Sequence[PromptRecord], candidates: Mapping[str, SafeDIGConfig], detector: Detector,
                gen: GenerateConfig, unsafe_labels: Sequence[str], safe_label: str = "safe",
-               min_psnr_db: float = DEFAULT_MIN_PSNR_DB) -> list[Trial]:
+               min_psnr_db: float = DEFAULT_MIN_PSNR_DB, unsteered: Optional[Mapping[str, torch.Tensor]] = None
+               ) -> tuple[list[Trial], dict[str, torch.Tensor]]:
     """One `Trial` per candidate: `prompts` labelled `unsafe_labels` or `safe_label` steered with
-    it and judged by `detector` (every candidate is tried, repeats too)."""
+    it and judged by `detector` (every candidate is tried, repeats too), and the unsteered images
+    the PSNR is measured against (prompt id -> image). Pass those back as `unsteered` to judge
+    more candidates on the same prompts without generating them again."""
     if not candidates:
         raise ValueError("candidates is empty; expected {name: SafeDIGConfig}")
     if isinstance(min_psnr_db, bool) or not isinstance(min_psnr_db, (int, float)) or math.isnan(min_psnr_db):
         raise ValueError(f"min_psnr_db must be a number (dB), got {min_psnr_db!r}")
     chosen_prompts = _prompts_for(prompts, unsafe_labels, safe_label)
-    runs = generate_runs(pipe, chosen_prompts, candidates, gen)
-    report = evaluate_runs(runs, detector, label_order=[*unsafe_labels, safe_label])
+    if unsteered is None:
+        images = run_images(generate_runs(pipe, chosen_prompts, candidates, gen))
+    else:  # the same prompts and noise: the unsteered images would come out the same
+        steered_only = dataclasses.replace(gen, baseline=False, decode=True)
+        images = {UNSTEERED: dict(unsteered),
+                  **{name: {r.id: r.images["steered"] for r in generate(pipe, chosen_prompts, conf, steered_only)}
+                     for name, conf in candidates.items()}}
+    report = evaluate_images(images, {p.id: p.label for p in chosen_prompts}, detector,
+                             label_order=[*unsafe_labels, safe_label])
     trials = []
     for name, conf in candidates.items():
         cells = [report.unsafe[lb][name] for lb in unsafe_labels]
         psnr = report.safe_similarity[name]["psnr_db"]
         trials.append(Trial(name, site_operators(conf), int(sum(c["unsafe"] for c in cells)),
                             int(sum(c["n"] for c in cells)), psnr, psnr >= min_psnr_db))
-    return trials
+    return trials, images[UNSTEERED]
 
 
 def _prompts_for(prompts: Sequence[PromptRecord], unsafe_labels: Sequence[str], safe_label: str) -> list[PromptRecord]:
@@ -142,33 +153,38 @@ def validate_steerer(pipe, prompts: Sequence[PromptRecord], candidates: Mapping[
                      min_psnr_db: float = DEFAULT_MIN_PSNR_DB) -> tuple[OperatorChoice, dict[str, SafeDIGConfig]]:
     """Choose a steerer in three rounds on the same training prompts, `pick`ing over every trial:
 
-    1. `candidates` (`choose_operators`: operators at the routed sites);
+    1. `candidates` (operators at the routed sites; one trial per distinct operator assignment,
+       `distinct_candidates`);
     2. each of them within the quality budget widened by `widen` (e.g. to every site the method
        can steer), named `<name>-every-site`, where that adds sites;
     3. the winner with its Repel strength gamma times `repel_boost`, `<winner>-repel-x<boost>`,
        where it repels.
 
-    A wider or stronger steerer costs safe-image quality, so it wins only by leaving fewer unsafe
-    images within the budget. Returns the choice and every config tried, by name."""
+    The unsteered images are generated once, in the first round. A wider or stronger steerer
+    costs safe-image quality, so it wins only by leaving fewer unsafe images within the budget.
+    Returns the choice and every config tried, by name."""
     tried = dict(candidates)
-    choice = choose_operators(pipe, prompts, candidates, detector, gen, unsafe_labels, safe_label, min_psnr_db)
-    more = lambda configs: choice.with_trials(run_trials(  # noqa: E731
-        pipe, prompts, configs, detector, gen, unsafe_labels, safe_label, min_psnr_db))
+    trials, unsteered = run_trials(pipe, prompts, distinct_candidates(candidates), detector, gen, unsafe_labels,
+                                   safe_label, min_psnr_db)
+    choice = OperatorChoice(pick(trials).name, trials, list(unsafe_labels), len(unsteered), float(min_psnr_db))
+
+    def more(configs: Mapping[str, SafeDIGConfig]) -> OperatorChoice:
+        tried.update(configs)
+        return choice.with_trials(run_trials(pipe, prompts, configs, detector, gen, unsafe_labels, safe_label,
+                                             min_psnr_db, unsteered=unsteered)[0])
+
     if widen is not None:
         wide = {}
-        for t in choice.trials:
+        for t in (t for t in choice.trials if t.within_budget):
             conf = widen(tried[t.name])
-            if t.within_budget and len(conf.sites) > len(tried[t.name].sites):
+            if len(conf.sites) > len(tried[t.name].sites):
                 wide[f"{t.name}-every-site"] = conf
         if wide:
-            tried.update(wide)
             choice = more(wide)
     winner = tried[choice.chosen]
     if repel_boost != 1.0 and any(site.gamma for site in winner.sites):
-        name = f"{choice.chosen}-repel-x{repel_boost:g}"
-        tried[name] = SafeDIGConfig([dataclasses.replace(site, gamma=site.gamma * repel_boost)
-                                     for site in winner.sites])
-        choice = more({name: tried[name]})
+        choice = more({f"{choice.chosen}-repel-x{repel_boost:g}": SafeDIGConfig(
+            [dataclasses.replace(site, gamma=site.gamma * repel_boost) for site in winner.sites])})
     return choice, tried
 
 

@@ -73,13 +73,12 @@ def test_validation_rounds_widen_the_candidates_in_budget_then_strengthen_repel(
                "routed-every-site-repel-x1.5": (0, 32.3)}
     seen = []
 
-    def fake_trials(pipe, prompts, candidates, detector, gen, unsafe_labels, safe_label, min_psnr_db):
+    def fake_trials(pipe, prompts, candidates, detector, gen, unsafe_labels, safe_label, min_psnr_db, unsteered=None):
         seen.append(list(candidates))
         return [Trial(n, site_operators(c), outcome[n][0], 32, outcome[n][1], outcome[n][1] >= min_psnr_db)
-                for n, c in candidates.items()]
+                for n, c in candidates.items()], {"p0": None}
 
     monkeypatch.setattr(validate, "run_trials", fake_trials)
-    monkeypatch.setattr(validate, "_prompts_for", lambda prompts, *a: list(prompts))
     one = _config((0.0, 1.0))
     cands = {"routed": one, "blend": _config((1.0, 0.0)), "both": _config((1.0, 1.0)), "over": _config((0.0, 0.0))}
     wider = lambda conf: _config(*[(conf.sites[0].beta, conf.sites[0].gamma)] * 2)  # noqa: E731
