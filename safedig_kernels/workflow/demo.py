@@ -23,9 +23,10 @@ On the default (`--model world`) everything is made in code, seeded, and runs on
 7. **validate** each method's operators on the training prompts it may learn from (the source
    steerer on the source's, SafeDIG and the full fine-tune on the source's and the target's):
    the candidate leaving the fewest unsafe images with safe PSNR >= `min_psnr_db`, in three
-   rounds (`validate.validate_steerer`): each operator at the routed sites, each of those within
-   the budget at every site the method can steer, the winner with a stronger Repel; without a
-   detector every method keeps routing's sites and operators;
+   rounds (`validate.validate_steerer`): each operator at the routed sites, then, while unsafe
+   images are left, each of those within the budget at every site the method can steer, and the
+   winner with Repel stronger rung by rung; without a detector every method keeps routing's
+   sites and operators;
 8. **steer** the held-out prompts with every method of `demo_methods.py` (source SAEs, SafeDIG,
    full fine-tune, SafeDIG with the source decoders, each steerable site alone, each operator
    alone), each against the unsteered run from the same noise, and time a denoising step with
@@ -509,8 +510,9 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), *, log: Opt
             widen = functools.partial(every_site_config, report, sites=can_steer[name], **means[name])
             choices[name], candidates[name] = validate_steerer(pipe, train_p, candidates[name], detector, gen, labels,
                                                                widen=widen, min_psnr_db=cfg.min_psnr_db)
-        log(f"[7/8] validate each method on its training prompts: operators at the routed sites, then at every site "
-            f"it can steer, then a stronger Repel (fewest unsafe images with safe PSNR >= {cfg.min_psnr_db:g} dB): "
+        log(f"[7/8] validate each method on its training prompts: operators at the routed sites, then, while "
+            f"unsafe images are left, at every site it can steer and with a stronger Repel (fewest unsafe images "
+            f"with safe PSNR >= {cfg.min_psnr_db:g} dB): "
             + " | ".join(f"{name}: {c.line()}" for name, c in choices.items()) + f" ({stage('validate', t0):.1f} s)")
     else:
         log("[7/8] validate: no detector, so every method keeps routing's sites and operators")

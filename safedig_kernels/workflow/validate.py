@@ -17,8 +17,9 @@ a silent switch-off.
 Which sites to steer, and how hard, are the same kind of question: routing picks a few sites
 from measures taken before adaptation, and a mark the routed sites only thin out may need every
 site the method can steer, or a stronger Repel. `validate_steerer` adds those candidates in two
-more rounds and picks over all trials; a wider or stronger steerer costs safe-image quality, so
-it wins only by leaving fewer unsafe images within the budget.
+more rounds, only while the best trial still leaves unsafe images, and picks over all trials; a
+wider or stronger steerer costs safe-image quality, so it wins only by leaving fewer unsafe
+images within the budget.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ from .eval import UNSTEERED, evaluate_images, generate_runs, run_images
 from .generate import GenerateConfig, generate
 from .prompts import PromptRecord
 
-__all__ = ["DEFAULT_MIN_PSNR_DB", "REPEL_BOOST", "Trial", "OperatorChoice", "choose_operators", "run_trials",
+__all__ = ["DEFAULT_MIN_PSNR_DB", "REPEL_LADDER", "Trial", "OperatorChoice", "choose_operators", "run_trials",
            "validate_steerer", "distinct_candidates", "pick", "site_operators"]
 
 # The floor the demo's claim holds safe-image quality to (docs/workflow.md): PSNR >= 30 dB.
@@ -96,7 +97,7 @@ def choose_operators(pipe, prompts: Sequence[PromptRecord], candidates: Mapping[
     judge them, and `pick` one (module docstring): `validate_steerer`'s first round alone.
     Candidates that steer every site with the same operators as an earlier one are tried once,
     under the earlier name."""
-    return validate_steerer(pipe, prompts, candidates, detector, gen, unsafe_labels, repel_boost=1.0,
+    return validate_steerer(pipe, prompts, candidates, detector, gen, unsafe_labels, repel_ladder=(),
                             safe_label=safe_label, min_psnr_db=min_psnr_db)[0]
 
 
@@ -141,24 +142,26 @@ def _prompts_for(prompts: Sequence[PromptRecord], unsafe_labels: Sequence[str], 
     return chosen
 
 
-# How much stronger Repel the last round tries (spec §2: gamma is any real; Blend's beta stays
-# in [0, 1], so only gamma is scaled).
-REPEL_BOOST = 1.5
+# How much stronger Repel the last round tries, rung by rung (spec §2: gamma is any real;
+# Blend's beta stays in [0, 1], so only gamma is scaled).
+REPEL_LADDER = (1.5, 2.0, 2.5, 3.0, 4.0)
 
 
 def validate_steerer(pipe, prompts: Sequence[PromptRecord], candidates: Mapping[str, SafeDIGConfig],
                      detector: Detector, gen: GenerateConfig, unsafe_labels: Sequence[str], *,
                      widen: Optional[Callable[[SafeDIGConfig], SafeDIGConfig]] = None,
-                     repel_boost: float = REPEL_BOOST, safe_label: str = "safe",
+                     repel_ladder: Sequence[float] = REPEL_LADDER, safe_label: str = "safe",
                      min_psnr_db: float = DEFAULT_MIN_PSNR_DB) -> tuple[OperatorChoice, dict[str, SafeDIGConfig]]:
     """Choose a steerer in three rounds on the same training prompts, `pick`ing over every trial:
 
     1. `candidates` (operators at the routed sites; one trial per distinct operator assignment,
        `distinct_candidates`);
-    2. each of them within the quality budget widened by `widen` (e.g. to every site the method
-       can steer), named `<name>-every-site`, where that adds sites;
-    3. the winner with its Repel strength gamma times `repel_boost`, `<winner>-repel-x<boost>`,
-       where it repels.
+    2. if the winner still leaves unsafe images, each candidate within the quality budget
+       widened by `widen` (e.g. to every site the method can steer), named
+       `<name>-every-site`, where that adds sites;
+    3. if the winner still leaves unsafe images and repels, its Repel strength gamma times each
+       rung of `repel_ladder` in turn, `<winner>-repel-x<rung>`, until the best trial leaves none
+       or a rung breaks the quality budget (a stronger one would cost more).
 
     The unsteered images are generated once, in the first round. A wider or stronger steerer
     costs safe-image quality, so it wins only by leaving fewer unsafe images within the budget.
@@ -173,7 +176,7 @@ def validate_steerer(pipe, prompts: Sequence[PromptRecord], candidates: Mapping[
         return choice.with_trials(run_trials(pipe, prompts, configs, detector, gen, unsafe_labels, safe_label,
                                              min_psnr_db, unsteered=unsteered)[0])
 
-    if widen is not None:
+    if widen is not None and pick(choice.trials).unsafe:
         wide = {}
         for t in (t for t in choice.trials if t.within_budget):
             conf = widen(tried[t.name])
@@ -182,9 +185,15 @@ def validate_steerer(pipe, prompts: Sequence[PromptRecord], candidates: Mapping[
         if wide:
             choice = more(wide)
     winner = tried[choice.chosen]
-    if repel_boost != 1.0 and any(site.gamma for site in winner.sites):
-        choice = more({f"{choice.chosen}-repel-x{repel_boost:g}": SafeDIGConfig(
-            [dataclasses.replace(site, gamma=site.gamma * repel_boost) for site in winner.sites])})
+    stem = choice.chosen if choice.chosen.endswith("repel") else f"{choice.chosen}-repel"
+    if any(site.gamma for site in winner.sites):
+        for boost in repel_ladder:
+            if not pick(choice.trials).unsafe:
+                break  # nothing left to remove
+            choice = more({f"{stem}-x{boost:g}": SafeDIGConfig(
+                [dataclasses.replace(site, gamma=site.gamma * boost) for site in winner.sites])})
+            if not choice.trials[-1].within_budget:
+                break  # stronger still would cost more quality
     return choice, tried
 
 

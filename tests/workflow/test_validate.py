@@ -94,3 +94,36 @@ def test_validation_rounds_widen_the_candidates_in_budget_then_strengthen_repel(
     seen.clear()
     choice, _ = validate.validate_steerer(None, [], {"blend": cands["blend"]}, None, None, ["unsafe/a"])
     assert seen == [["blend"]] and choice.chosen == "blend"
+    # a first round that leaves no unsafe image: nothing wider or stronger can do better
+    seen.clear()
+    choice, _ = validate.validate_steerer(None, [], {"routed": one, "blend": cands["blend"]}, None, None,
+                                          ["unsafe/a"], widen=wider)
+    assert seen == [["routed", "blend"]] and choice.chosen == "blend"
+
+
+def test_repel_ladder_climbs_until_nothing_is_left_or_the_budget_breaks(monkeypatch):
+    from safedig_kernels.workflow import validate
+
+    outcome = {"routed": (9, 38.0), "routed-repel-x1.5": (4, 34.0), "routed-repel-x2": (4, 31.0),
+               "routed-repel-x2.5": (1, 29.0), "routed-repel-x3": (0, 27.0)}
+    seen = []
+
+    def fake_trials(pipe, prompts, candidates, detector, gen, unsafe_labels, safe_label, min_psnr_db, unsteered=None):
+        seen.extend(candidates)
+        return [Trial(n, site_operators(c), outcome[n][0], 32, outcome[n][1], outcome[n][1] >= min_psnr_db)
+                for n, c in candidates.items()], {"p0": None}
+
+    monkeypatch.setattr(validate, "run_trials", fake_trials)
+    routed = _config((0.0, 2.0), (1.0, 0.0))
+    choice, tried = validate.validate_steerer(None, [], {"routed": routed}, None, None, ["unsafe/a"],
+                                              repel_ladder=(1.5, 2.0, 2.5, 3.0))
+    # x2 leaves as many as x1.5 at a lower PSNR; x2.5 breaks the budget, so x3 is never tried
+    assert seen == ["routed", "routed-repel-x1.5", "routed-repel-x2", "routed-repel-x2.5"]
+    assert choice.chosen == "routed-repel-x1.5"
+    assert [(s.beta, s.gamma) for s in tried["routed-repel-x2.5"].sites] == [(0.0, 5.0), (1.0, 0.0)]
+    # each rung scales the first winner's gamma, and the climb stops once nothing is left
+    outcome["routed-repel-x2"] = (0, 31.0)
+    seen.clear()
+    choice, _ = validate.validate_steerer(None, [], {"routed": routed}, None, None, ["unsafe/a"],
+                                          repel_ladder=(1.5, 2.0, 2.5, 3.0))
+    assert seen == ["routed", "routed-repel-x1.5", "routed-repel-x2"] and choice.chosen == "routed-repel-x2"
