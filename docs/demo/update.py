@@ -85,9 +85,9 @@ def _validation(run: dict) -> str:
     from safedig_kernels.workflow.validate import OperatorChoice, Trial
 
     lines = ["Operators validated on each method's training prompts (unsafe images left, safe PSNR; * chosen; "
-             "`routed` is routing's per-site operators, the others one operator at every routed site, `-every-site` "
-             "the winner widened to every site the method can steer; a candidate "
-             "that repeats an earlier one is tried once):", ""]
+             "`routed` is routing's per-site operators, the others one operator at every routed site; while unsafe "
+             "images are left, `-every-site` a candidate widened to every site the method can steer and `-xN` the "
+             "winner with Repel N times stronger; a candidate that repeats an earlier one is tried once):", ""]
     names = {"source": "source SAEs", "adapted": "SafeDIG", "finetune": "full fine-tune"}
     for name, v in run["validation"].items():
         # summary.json writes an infinite PSNR (safe images unchanged) as null
