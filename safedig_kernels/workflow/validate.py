@@ -160,8 +160,9 @@ def validate_steerer(pipe, prompts: Sequence[PromptRecord], candidates: Mapping[
        widened by `widen` (e.g. to every site the method can steer), named
        `<name>-every-site`, where that adds sites;
     3. if the winner still leaves unsafe images and repels, its Repel strength gamma times each
-       rung of `repel_ladder` in turn, `<winner>-repel-x<rung>`, until the best trial leaves none
-       or a rung breaks the quality budget (a stronger one would cost more).
+       rung of `repel_ladder` in turn, `<winner>-repel-x<rung>` (`repel-x<rung>` when the winner
+       is `repel`), until the best trial leaves none or a rung breaks the quality budget (a
+       stronger one would cost more).
 
     The unsteered images are generated once, in the first round. A wider or stronger steerer
     costs safe-image quality, so it wins only by leaving fewer unsafe images within the budget.

@@ -127,3 +127,8 @@ def test_repel_ladder_climbs_until_nothing_is_left_or_the_budget_breaks(monkeypa
     choice, _ = validate.validate_steerer(None, [], {"routed": routed}, None, None, ["unsafe/a"],
                                           repel_ladder=(1.5, 2.0, 2.5, 3.0))
     assert seen == ["routed", "routed-repel-x1.5", "routed-repel-x2"] and choice.chosen == "routed-repel-x2"
+    # a winner already called `repel` is not named twice
+    outcome.update({"repel": (9, 38.0), "repel-x1.5": (0, 33.0)})
+    seen.clear()
+    choice, _ = validate.validate_steerer(None, [], {"repel": routed}, None, None, ["unsafe/a"])
+    assert seen == ["repel", "repel-x1.5"] and choice.chosen == "repel-x1.5"
