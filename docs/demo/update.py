@@ -143,8 +143,7 @@ def readme_section(runs: list[dict]) -> str:
         "The source SAEs are the steerer learned on the source alone (its harmful features, gates, operators and "
         "sites too); SafeDIG scores harmful features on the target samples with the same frozen encoder, adapts the "
         "decoders, and validates its operators and sites on its training prompts; the row with the source decoders "
-        "differs "
-        "from SafeDIG only in the decoders.",
+        "differs from SafeDIG only in the decoders.",
         "",
         verdict(runs),
         "",

@@ -69,11 +69,8 @@ def routed_config(report: RoutingReport, saes: Mapping[str, TopKSAE], *,
     kept = []
     for key in keys:
         op = operator.get(key) if isinstance(operator, Mapping) else operator
-        gate = (tau or {}).get(key, report.tau.get(key, report.config.get("tau")))
-        if gate is None:
-            raise ValueError(f"routed_config: site {key} has no gate (routing did not select it); give tau[{key!r}]")
         kept.append(report.site_config(key, saes[key], op or routed.get(key) or best_operator(report, key),
-                                       tau=float(gate), harmful=(harmful or {}).get(key)))
+                                       tau=(tau or {}).get(key), harmful=(harmful or {}).get(key)))
     return SafeDIGConfig(kept)
 
 

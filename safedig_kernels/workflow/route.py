@@ -191,7 +191,7 @@ class RoutingReport:
                 if self.config.get("tau_quantile") is not None else "one tau for every site")
         for c in self.selected:
             s = ev[c.site]
-            tau = self.tau.get(c.site, self.config.get("tau"))
+            tau = self.gate(c.site)
             lines.append(f"selected {c.site}: {c.operator}, {len(s.harmful)} harmful features (union of the source's "
                          f"{len(s.harmful_source)} and the target's {len(s.harmful_target)}), tau {tau:.4g} ({gate})")
         return "\n".join(lines)
@@ -208,22 +208,29 @@ class RoutingReport:
         for c in self.selected:
             s = ev[c.site]
             sae = (saes or {}).get(c.site) or (os.path.abspath(s.sae_path) if s.sae_path else "")
-            tau = self.tau[c.site] if c.site in self.tau else self.config["tau"]
-            if tau is None:  # a selection changed after routing: its calibration is missing
-                raise ValueError(f"RoutingReport.steering_config: no tau for selected site {c.site} (routed with "
-                                 f"tau_quantile, which calibrates the selected sites only)")
-            sites.append(self.site_config(c.site, sae, c.operator, tau=tau))
+            sites.append(self.site_config(c.site, sae, c.operator))
         return SafeDIGConfig(sites)
 
-    def site_config(self, site: str, sae: Union[TopKSAE, str], operator: str, *, tau: float,
+    def gate(self, site: str) -> Optional[float]:
+        """Routing's gate at `site`: its calibrated tau, else the one global `tau` (None when
+        routing calibrated per site and did not select this one)."""
+        return self.tau.get(site, self.config.get("tau"))
+
+    def site_config(self, site: str, sae: Union[TopKSAE, str], operator: str, *, tau: Optional[float] = None,
                     harmful: Optional[Sequence[int]] = None) -> SiteConfig:
         """One candidate site steered with `sae` and `operator` at this routing's strengths,
         window and CFG branches: its harmful set is `harmful`, else routing's (the union of the
-        sets scored on the source and on the target), its gate `tau`."""
+        sets scored on the source and on the target), its gate `tau`, else routing's (the site's
+        calibrated gate, or the one global `tau`)."""
         s = next(e for e in self.sites if e.site == site)
+        gate = self.gate(site) if tau is None else tau
+        if gate is None:  # tau_quantile calibrates the selected sites only
+            raise ValueError(f"RoutingReport.site_config: site {site} has no gate (routing calibrated gates for the "
+                             f"sites it selected only); give its tau")
         beta, gamma = operator_strengths(operator, self.config["beta"], self.config["gamma"])
         return SiteConfig(SiteSpec.parse(site).key, sae, harmful=list(s.harmful if harmful is None else harmful),
-                          beta=beta, gamma=gamma, tau=tau, window=tuple(self.config["window"]), cfg=self.config["cfg"])
+                          beta=beta, gamma=gamma, tau=float(gate), window=tuple(self.config["window"]),
+                          cfg=self.config["cfg"])
 
 
 def write_steering_config(report: RoutingReport, path: Union[str, Path]) -> Path:
