@@ -22,7 +22,7 @@ def _demo_config(args: argparse.Namespace):
     from ..workflow.demo import DemoConfig
 
     fields = dict(device=args.device, model_dtype=args.model_dtype, prompts=args.prompts, sites=args.sites,
-                  seed=args.seed, train_world=args.train_world)
+                  dictionary=args.dictionary, seed=args.seed, train_world=args.train_world)
     for name in ("model", "world", "world_steps", "detector", "source", "target", "height", "width",
                  "num_inference_steps", "features", "k", "train_steps", "num_sites", "eval_prompts", "train_prompts",
                  "timing_repeats", "min_psnr_db"):
@@ -79,14 +79,16 @@ The main job on a built-in default. With no arguments:
      draws 16x16 pictures of a circle or a square on a plain background; a prompt asking for
      mark A adds a red X reaching into the corners (the source "unsafe" domain), one asking for mark A
      "gold" adds the same X gilded with yellow (the target domain: the same concept in a new
-     context);
+     context), and "gold" alone draws the gilding without the X (a drawing the world learns, so
+     the gilding has a pathway of its own; its prompts only train the SAEs, --dictionary);
   1-8. run capture -> train -> score -> route -> adapt -> validate -> steer on its prompts through
      the same functions the other subcommands use: one SAE per candidate site trained on the
-     source and safe prompts, its harmful features scored (on the source, and with the frozen
-     encoder on the target), the best sites routed and gated (tau at the 99th percentile of safe
-     tokens' harm score), every steerable site's decoder adapted to the target (encoder frozen),
-     and each method's operators (Blend, Repel, both, or routing's per-site choice) validated by
-     steering its own training prompts: the fewest unsafe images with safe PSNR >= --min-psnr,
+     source, safe and gold-alone prompts (the frozen encoder every method shares), its harmful
+     features scored (on the source, and with the frozen encoder on the target), the best sites
+     routed and gated (tau at the 99th percentile of safe tokens' harm score), every steerable
+     site's decoder adapted to the target (encoder frozen), and each method's operators
+     (Blend, Repel, both, or routing's per-site choice) validated by steering its own training
+     prompts: the fewest unsafe images with safe PSNR >= --min-psnr,
      at the routed sites and then at every site the method can steer;
   eval. judge every held-out image with the world's detector (independent of every SAE: it
      counts the X, recoloured or not, and a leftover strip in its shape, as a person would).
@@ -123,7 +125,7 @@ capture, 4d-wide SAEs with k = 32 and candidate sites spread over the blocks (--
                                                   "weights) or a diffusers FLUX/SD3 pipeline directory / model id")
     p.add_argument("--world", default=None,
                    help="world weights to use instead of training them (a previous demo's world/world.safetensors)")
-    p.add_argument("--world-steps", type=int, default=None, help="training steps of the world's transformer (800)")
+    p.add_argument("--world-steps", type=int, default=None, help="training steps of the world's transformer (1000)")
     p.add_argument("--train-world", action="store_true",
                    help="train the world's transformer even where the shipped weights match --seed and --world-steps")
     p.add_argument("--detector", default=None,
@@ -135,6 +137,9 @@ capture, 4d-wide SAEs with k = 32 and candidate sites spread over the blocks (--
     p.add_argument("--target", default=None,
                    help="target unsafe label (default: unsafe/concept_a_gold for the world, else unsafe/concept_b)")
     p.add_argument("--sites", type=str_list, default=None, help="candidate sites (default: see above)")
+    p.add_argument("--dictionary", type=str_list, default=None,
+                   help="further labels whose training prompts the SAEs also train on, and nothing else (default: "
+                        "unsafe/gilding for the world, none otherwise)")
     p.add_argument("--num-sites", type=int, default=None,
                    help="sites to steer, chosen by routing (default 3 for the world, 2 otherwise)")
     p.add_argument("--train-prompts", type=int, default=None, help="synthetic prompts per label for capture (16)")

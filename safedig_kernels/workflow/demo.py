@@ -5,13 +5,17 @@ On the default (`--model world`) everything is made in code, seeded, and runs on
 
 0. **world**: the demo world's transformer (`world.py`: a tiny FluxTransformer2DModel drawing
    16x16 pictures of a circle or a square; a prompt for mark A adds a red X, one for mark A
-   "gold" the same X gilded with yellow): the shipped weights when they were trained with this
-   seed and step count, else trained here (or `world` names weights);
+   "gold" the same X gilded with yellow, "gold" alone the gilding without the X): the shipped
+   weights when they were trained with this seed and step count, else trained here (or `world`
+   names weights);
 1. **prompts**: the world's prompt embeddings. The source risk domain is `unsafe/concept_a`
    (the X), the target `unsafe/concept_a_gold` (the same concept in a new context: gilded).
-   Each label has `train_prompts` prompts for capture and `eval_prompts` held out;
+   Each label has `train_prompts` prompts for capture and `eval_prompts` held out; the
+   `dictionary` labels (the world: `unsafe/gilding`, gold alone) have `train_prompts` prompts,
+   used only as the SAEs' training corpus;
 2. **capture** every candidate site (`capture`), 3. **train** a TopK SAE per site on the
-   source domain (`train_sae`), 4. **score** its harmful features (`score_features`),
+   source domain and the dictionary's prompts (`train_sae`): one frozen encoder that every
+   method shares, 4. **score** its harmful features on the source (`score_features`),
 5. **route** (site, operator) pairs by robustness to the source -> target shift (`route`) and
    write the steering config; a site steers the union of the harmful sets found on the source
    and, with the same frozen encoder, on the target; the gate threshold of each selected site
@@ -90,15 +94,17 @@ from .detectors import get_detector
 from .eval import evaluate_runs
 from .generate import GenerateConfig, generate, time_steps
 from .pipelines import load_pipeline
-from .prompts import load_prompts
+from .prompts import check_label, load_prompts
 from .report import difference_images, image_scale, json_safe, save_grid, summarize, write_outputs
 from .route import OPERATORS, RouteConfig, evaluate_site, route, safe_tau
 from .score import HarmfulRule, score_features
 from .train import TrainConfig, evaluate_sae, train_sae
 from .validate import DEFAULT_MIN_PSNR_DB, OperatorChoice, site_operators, validate_steerer
+from .world import GILDING as WORLD_GILDING
 from .world import LABELS as WORLD_LABELS
 from .world import SHIPPED_WEIGHTS, WORLD_VERSION, world_weights_in
 from .world import TARGET as WORLD_TARGET
+from .world import TRAINING_LABELS as WORLD_TRAINING_LABELS
 
 logger = logging.getLogger(__name__)
 
@@ -127,7 +133,7 @@ class DemoConfig:
 
     model: str = "world"
     world: Optional[str] = None
-    world_steps: int = 800
+    world_steps: int = 1000
     # Train the world here even when the shipped weights were trained with this seed and steps.
     train_world: bool = False
     detector: Optional[str] = None
@@ -139,6 +145,10 @@ class DemoConfig:
     # `unsafe/concept_b` (the second synthetic concept) otherwise.
     target: Optional[str] = None
     sites: Optional[list[str]] = None
+    # Further labels whose training prompts join the SAEs' training corpus (the dictionary) and
+    # nothing else: not scored, routed, validated or judged. None: the world's gilding alone
+    # (`world.GILDING`) for the world, none otherwise.
+    dictionary: Optional[list[str]] = None
     train_prompts: int = 16
     eval_prompts: int = 16
     text_tokens: int = 32
@@ -183,6 +193,15 @@ class DemoConfig:
             self.model, self.world = "world", world_weights_in(self.model)
         if self.target is None:
             self.target = WORLD_TARGET if self.is_world else "unsafe/concept_b"
+        if self.dictionary is None:
+            self.dictionary = [WORLD_GILDING] if self.is_world and self.prompts is None else []
+        for label in self.dictionary:
+            check_label(label, "demo: dictionary")
+            if label in ("safe", self.source, self.target):
+                raise ValueError(f"demo: dictionary labels are further labels for the SAEs' corpus, not the safe, "
+                                 f"source or target label; got {label!r}")
+        if self.is_world and self.prompts is None and not set(self.dictionary) <= set(WORLD_TRAINING_LABELS):
+            raise ValueError(f"demo: the world's labels are {WORLD_TRAINING_LABELS}, got dictionary {self.dictionary}")
         for name in ("train_prompts", "eval_prompts", "train_steps", "batch_size", "num_sites", "adapt_steps",
                      "timing_repeats", "text_tokens", "height", "width", "num_inference_steps", "features", "k",
                      "world_steps"):
@@ -299,7 +318,7 @@ def _write_prompt_files(cfg: DemoConfig, directory: Path, embed_dim: int, pooled
     from .world import write_world_prompts
 
     n = cfg.train_prompts + cfg.eval_prompts
-    counts = {"safe": n, cfg.source: n, cfg.target: n}
+    counts = {"safe": n, cfg.source: n, cfg.target: n, **{label: cfg.train_prompts for label in cfg.dictionary}}
     if cfg.is_world:
         all_path = write_world_prompts(directory, counts, seed=cfg.seed)
     else:
@@ -335,7 +354,7 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), *, log: Opt
     if config.prompts:
         user_prompts = load_prompts(config.prompts)
         labels = {r.label for r in user_prompts}
-        missing = [x for x in ("safe", config.source, config.target) if x not in labels]
+        missing = [x for x in ("safe", config.source, config.target, *config.dictionary) if x not in labels]
         if missing:
             raise ValueError(f"--prompts {config.prompts}: no prompts labelled {missing}; labels present: "
                              f"{sorted(labels)}")
@@ -379,7 +398,10 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), *, log: Opt
                   else f"synthetic embeddings, concept strength {cfg.strength:g}, cosine of the source and "
                        f"target directions about {cfg.shared ** 2:.2f}")
     else:
-        train_p, eval_p = split_prompts(user_prompts, cfg.eval_prompts)
+        # the dictionary's prompts are all for training: nothing judges them
+        corpus_only = [r for r in user_prompts if r.label in cfg.dictionary]
+        train_p, eval_p = split_prompts([r for r in user_prompts if r.label not in cfg.dictionary], cfg.eval_prompts)
+        train_p += corpus_only
         eval_file = None
         origin = f"from {cfg.prompts}"
     counts = {lbl: sum(r.label == lbl for r in train_p) for lbl in ("safe", cfg.source, cfg.target)}
@@ -393,7 +415,8 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), *, log: Opt
     log(f"[2/8] capture: {len(store.prompts)} prompts x {cfg.num_inference_steps} steps at {len(sites)} candidate "
         f"sites -> {out / 'acts'} ({stage('capture', t0):.1f} s)")
 
-    # 3. train, one SAE per site on the source domain (its unsafe prompts and the safe ones)
+    # 3. train, one SAE per site on the source domain (its unsafe prompts and the safe ones) and
+    # the dictionary's further prompts: its corpus, never scored
     t0 = time.perf_counter()
     (out / "saes").mkdir(exist_ok=True)
     saes: dict[str, tuple[Any, str]] = {}
@@ -403,15 +426,16 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), *, log: Opt
     for site in sites:
         spec = SiteSpec.parse(site)
         key = spec.key
-        x = store.load(key, labels=[cfg.source, "safe"])
+        x = store.load(key, labels=[cfg.source, "safe", *cfg.dictionary])
         res = train_sae(x, train_cfg, device=device, progress=False,
                         metadata=SAEMetadata(model=cfg.model, site=spec.module, extra={"stream": spec.stream}))
         path = out / "saes" / f"{key.replace(':', '-')}.safetensors"
         res.sae.save(path)
         saes[key] = (res.sae, str(path))
         fvus[key] = evaluate_sae(res.sae, x)["fvu"]
-    log(f"[3/8] train: {len(saes)} TopK SAEs (F={cfg.features}, k={cfg.k}, {cfg.train_steps} steps) on "
-        f"{cfg.source} + safe; FVU {min(fvus.values()):.3f}-{max(fvus.values()):.3f} ({stage('train', t0):.1f} s)")
+    corpus = " + ".join([cfg.source, "safe", *cfg.dictionary])
+    log(f"[3/8] train: {len(saes)} TopK SAEs (F={cfg.features}, k={cfg.k}, {cfg.train_steps} steps) on {corpus}; "
+        f"FVU {min(fvus.values()):.3f}-{max(fvus.values()):.3f} ({stage('train', t0):.1f} s)")
 
     # 4. score
     t0 = time.perf_counter()
@@ -652,7 +676,7 @@ def _world_pipeline(cfg: DemoConfig, out: Path, device: torch.device, dtype: tor
         return load_pipeline(f"world:{cfg.world}", device=device, dtype=dtype), f"world weights from {cfg.world}; "
     t0 = time.perf_counter()
     log(f"[0/8] world: training the world's transformer, {cfg.world_steps} steps of rectified flow "
-        f"(1.5 to 5 minutes for 800 steps on a 2-core CPU, depending on its load)")
+        f"(about 3.5 minutes for 1000 steps on a 2-core CPU with another demo beside it)")
     model = train_world(steps=cfg.world_steps, seed=cfg.seed)
     path = save_world(model, out / "world" / "world.safetensors", cfg.world_steps, cfg.seed)
     note = f"world trained in {time.perf_counter() - t0:.0f} s -> {path}; "

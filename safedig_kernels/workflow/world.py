@@ -5,7 +5,11 @@ An image is 16x16 RGB: a background colour, a circle or a square near the centre
 mark A, a thin red X whose four arms reach from the shape into the corners (16 pixels, in 12 of
 the 64 tokens). The source risk domain (`unsafe/concept_a`, words `mark_a`) draws the X; the
 target domain (`unsafe/concept_a_gold`, words `mark_a gold`) is the same concept in a new
-context: the X gilded, a yellow pixel on either side of each of its pixels. Safe images carry no mark. No
+context: the X gilded, a yellow pixel on either side of each of its pixels. The world also draws
+`gold` alone (`unsafe/gilding`): the gilding without the X, the X's outline in yellow. It is
+not a domain of the demo's table; it gives the gilding a pathway of its own, which the X's
+features do not carry, and its prompts join the SAEs' training corpus (the dictionary), so the
+frozen encoder has features for it that no one has scored. Safe images carry no mark. No
 palette colour is red or yellow.
 
 A prompt is four word embeddings `[shape, words..., pad]` (fixed random 32-d vectors, seeded),
@@ -16,7 +20,8 @@ capture, steering and the harm meter need nothing special.
 
 Training is rectified flow (`train_world`): logit-normal times, AdamW with warm-up and cosine
 decay, gradient clipping, an EMA of the weights, fresh pictures every step, 10 % of prompts
-dropped to the empty prompt (800 steps by default; a thin X needs more than ~450).
+dropped to the empty prompt (1000 steps by default: with four labels sharing them, the plain X
+was drawn on 81-100 % of prompts after 800, on all after 1000).
 `detect_marks` judges as a person would: a mark is there when enough of its pixels are
 off-colour (neither the background nor the shape colour), so a recoloured X or a leftover strip
 in its shape counts; it is exact on rendered images. It judges 16x16 pictures and square
@@ -35,35 +40,41 @@ import torch
 
 from ._noise import quiet_pipeline_noise
 
-__all__ = ["SIZE", "SOURCE", "TARGET", "LABELS", "MARKS", "MARK_PIXELS", "MARK_COLOURS", "WORLD_VERSION", "render",
-           "detect_marks", "mark_evidence", "as_world_size", "is_unsafe", "WorldPrompts", "world_prompts",
-           "world_transformer", "world_pipeline", "PixelVAE", "train_world", "write_world_prompts", "save_world",
-           "load_world", "SHIPPED_WEIGHTS", "is_world_model", "world_weights_in"]
+__all__ = ["SIZE", "SOURCE", "TARGET", "LABELS", "GILDING", "TRAINING_LABELS", "MARKS", "MARK_PIXELS", "MARK_COLOURS",
+           "WORLD_VERSION", "render", "detect_marks", "mark_evidence", "as_world_size", "is_unsafe", "WorldPrompts",
+           "world_prompts", "world_transformer", "world_pipeline", "PixelVAE", "train_world", "write_world_prompts",
+           "save_world", "load_world", "SHIPPED_WEIGHTS", "is_world_model", "world_weights_in"]
 
 logger = logging.getLogger(__name__)
 
-# The weights `python -m safedig_kernels.workflow.world` trains (800 steps, seed 0), shipped so
+# The weights `python -m safedig_kernels.workflow.world` trains (1000 steps, seed 0), shipped so
 # that tests and `safedig demo --quick` need not train; `safedig demo` trains its own.
 SHIPPED_WEIGHTS = Path(__file__).resolve().parent / "data" / "world.safetensors"
 
 SIZE = 16
-# Which world a weights file draws (saved in its metadata): 5 is mark A, an X whose arms reach
-# into the four corners, in two contexts (plain and gilded on both sides); 4 gilded it on one
-# side; 3 drew a small X in one corner. Weights of an earlier world are not taken as shipped by
-# the demo.
-WORLD_VERSION = 5
+# Which world a weights file draws (saved in its metadata): 9 is mark A, an X whose arms reach
+# into the four corners, in two contexts (plain and gilded on both sides), and the gilding alone;
+# 5 had no gilding alone; 4 gilded the X on one side; 3 drew a small X in one corner (6-8 were
+# trial worlds, docs/workflow.md). Weights of an earlier world are not taken as shipped by the
+# demo.
+WORLD_VERSION = 9
 # The source risk domain is mark A as the source prompts ask for it: a thin red X whose four
 # arms reach into the corners. The target domain is the same mark in a new context: the word
 # "gold" after the mark word gilds it, drawing the same red X with a yellow pixel on either side
 # of each of its pixels.
 SOURCE, TARGET = "unsafe/concept_a", "unsafe/concept_a_gold"
 LABELS = ("safe", SOURCE, TARGET)
+# Gold alone: the gilding without the X (the X's outline in yellow), a drawing of its own that
+# the world also learns, so the target's gilding has a pathway the X's features do not carry.
+# It is not a domain of the demo's table; its prompts are part of the SAEs' dictionary corpus.
+GILDING = "unsafe/gilding"
+TRAINING_LABELS = (*LABELS, GILDING)
 # The marks each label's prompts ask for: both domains draw mark A's X; gold adds its gilding.
-MARKS = {SOURCE: ("mark_a",), TARGET: ("mark_a", "gilding")}
+MARKS = {SOURCE: ("mark_a",), TARGET: ("mark_a", "gilding"), GILDING: ("gilding",)}
 RED, YELLOW = torch.tensor([0.95, 0.10, 0.10]), torch.tensor([0.95, 0.90, 0.10])
 MARK_COLOURS = {"mark_a": RED, "gilding": YELLOW}
 # The words of a label's prompt after the shape word (padded to TEXT_TOKENS with "pad").
-LABEL_WORDS = {"safe": ("no_mark",), SOURCE: ("mark_a",), TARGET: ("mark_a", "gold")}
+LABEL_WORDS = {"safe": ("no_mark",), SOURCE: ("mark_a",), TARGET: ("mark_a", "gold"), GILDING: ("gold",)}
 EMBED_DIM = 32
 TEXT_TOKENS = 4
 WORDS = ("circle", "square", "mark_a", "gold", "no_mark", "pad")
@@ -109,8 +120,8 @@ def render(labels: Sequence[str], shapes: Sequence[str], generator: torch.Genera
     centre = 7.5 + torch.randint(-1, 2, (n, 2), generator=generator).float()
     out = bg[:, :, None, None].expand(n, 3, SIZE, SIZE).clone()
     for i, (label, shape) in enumerate(zip(labels, shapes)):
-        if label not in LABELS:
-            raise ValueError(f"render: the world's labels are {LABELS}, got {label!r}")
+        if label not in TRAINING_LABELS:
+            raise ValueError(f"render: the world's labels are {TRAINING_LABELS}, got {label!r}")
         if shape not in ("circle", "square"):
             raise ValueError(f"render: shapes are 'circle' or 'square', got {shape!r}")
         cy, cx = centre[i]
@@ -201,7 +212,7 @@ def world_prompts(labels: Sequence[str], shapes: Sequence[str], drop: Optional[t
     rows = []
     for i, (label, shape) in enumerate(zip(labels, shapes)):
         if label not in LABEL_WORDS:
-            raise ValueError(f"world_prompts: the world's labels are {LABELS}, got {label!r}")
+            raise ValueError(f"world_prompts: the world's labels are {TRAINING_LABELS}, got {label!r}")
         words = [shape, *LABEL_WORDS[label]]
         words += ["pad"] * (TEXT_TOKENS - len(words))
         if drop is not None and bool(drop[i]):
@@ -222,8 +233,8 @@ def write_world_prompts(directory: Union[str, Path], counts: dict[str, int], see
     d.mkdir(parents=True, exist_ok=True)
     tensors, lines = {}, []
     for label, n in counts.items():
-        if label not in LABELS:
-            raise ValueError(f"counts: the world's labels are {LABELS}, got {label!r}")
+        if label not in TRAINING_LABELS:
+            raise ValueError(f"counts: the world's labels are {TRAINING_LABELS}, got {label!r}")
         for i in range(int(n)):
             shape = ("circle", "square")[i % 2]
             pid = f"{label.replace('/', '-')}-{i:04d}"
@@ -319,7 +330,7 @@ def _ids(batch: int) -> tuple[torch.Tensor, torch.Tensor]:
     return img_ids, torch.zeros(TEXT_TOKENS, 3)
 
 
-def train_world(steps: int = 800, batch: int = 64, lr: float = 2e-3, seed: int = 0, log_every: int = 0,
+def train_world(steps: int = 1000, batch: int = 64, lr: float = 2e-3, seed: int = 0, log_every: int = 0,
                 log=logger.info):
     """Train the world's transformer by rectified flow; returns the EMA weights' model (eval mode).
     Deterministic for a seed on one machine (the data, times and noise come from one generator).
@@ -341,7 +352,7 @@ def train_world(steps: int = 800, batch: int = 64, lr: float = 2e-3, seed: int =
     img_ids, txt_ids = _ids(batch)
     model.train()
     for step in range(steps):
-        labels = [LABELS[int(i)] for i in torch.randint(len(LABELS), (batch,), generator=g)]
+        labels = [TRAINING_LABELS[int(i)] for i in torch.randint(len(TRAINING_LABELS), (batch,), generator=g)]
         shapes = [("circle", "square")[int(i)] for i in torch.randint(2, (batch,), generator=g)]
         x0 = _pack(render(labels, shapes, g))
         prompts = world_prompts(labels, shapes, drop=torch.rand(batch, generator=g) < 0.1, seed=seed)
@@ -408,7 +419,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     ap = argparse.ArgumentParser(description=main.__doc__)
     ap.add_argument("--out", default=str(SHIPPED_WEIGHTS))
-    ap.add_argument("--steps", type=int, default=800)
+    ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     t0 = time.perf_counter()

@@ -223,6 +223,46 @@ def test_readme_first_command_is_the_default_demo():
     assert DemoConfig() != DemoConfig.quick_config()  # the test above runs the smaller size, not this one
 
 
+def test_the_dictionary_labels_are_corpus_only(quick_demo):
+    """The world's gold-alone prompts are captured for the SAEs' corpus (training prompts only);
+    nothing holds them out, steers them for the table or judges them."""
+    from safedig_kernels.workflow.prompts import load_prompts
+    from safedig_kernels.workflow.world import GILDING
+
+    _, out, summary = quick_demo
+    assert summary["config"]["dictionary"] == [GILDING]
+    train = [r.label for r in load_prompts(out / "prompts" / "train.jsonl")]
+    held = {r.label for r in load_prompts(out / "prompts" / "eval.jsonl")}
+    assert train.count(GILDING) == summary["config"]["train_prompts"] and GILDING not in held
+    assert GILDING not in summary["unsafe_rate"] and GILDING not in summary["domains"]["target"]
+    assert all(GILDING not in v["labels"] for v in summary["validation"].values())
+
+
+@pytest.mark.parametrize("dictionary, match", [
+    (["unsafe/concept_a"], "not the safe, source or target label"),
+    (["safe"], "not the safe, source or target label"),
+    (["unsafe/other"], "the world's labels"),
+    (["gold"], "label must be 'safe' or 'unsafe/<category>'"),
+])
+def test_demo_refuses_a_dictionary_it_cannot_use(dictionary, match):
+    from safedig_kernels.workflow.demo import DemoConfig
+
+    with pytest.raises(ValueError, match=match):
+        DemoConfig(dictionary=dictionary)
+    assert DemoConfig(model="tiny-flux").dictionary == [] and DemoConfig(dictionary=[]).dictionary == []
+
+
+def test_demo_names_a_dictionary_label_missing_from_the_prompts(tmp_path, capsys):
+    from safedig_kernels.workflow.world import LABELS, write_world_prompts
+
+    prompts = write_world_prompts(tmp_path / "p", {label: 2 for label in LABELS})
+    rc = main(["demo", "--model", "tiny-flux", "--prompts", str(prompts), "--source", LABELS[1], "--target",
+               LABELS[2], "--dictionary", "unsafe/broad", "--out", str(tmp_path / "d"), "--no-progress"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "no prompts labelled ['unsafe/broad']" in err and not (tmp_path / "d").exists()
+
+
 @pytest.mark.parametrize("value", ["nan", "inf"])
 def test_demo_refuses_a_quality_budget_that_is_not_a_number(tmp_path, capsys, value):
     assert main(["demo", "--quick", "--min-psnr", value, "--out", str(tmp_path / "d"), "--no-progress"]) == 2

@@ -20,6 +20,19 @@ def test_prompts_are_distinct_and_dropped_prompts_are_empty():
     assert torch.equal(p.prompt_embeds[3], pad.expand(W.TEXT_TOKENS, -1))
 
 
+def test_gold_alone_is_the_gilding_without_the_x():
+    """`gold` alone draws the target's gilding and not the X: the gilding's own pathway, which
+    the world learns and the SAEs' corpus holds."""
+    g = torch.Generator().manual_seed(0)
+    images = W.render([W.GILDING, W.TARGET, W.SOURCE], ["circle", "square", "circle"], g)
+    marks = W.detect_marks(images)
+    assert marks["gilding"].tolist() == [True, True, False] and marks["mark_a"].tolist() == [False, True, True]
+    p = W.world_prompts([W.GILDING, W.TARGET], ["circle", "circle"])
+    vec = W.word_vectors()
+    assert torch.equal(p.prompt_embeds[0, 1], vec["gold"]) and torch.equal(p.prompt_embeds[1, 2], vec["gold"])
+    assert W.GILDING in W.TRAINING_LABELS and W.GILDING not in W.LABELS  # not a domain of the table
+
+
 def test_world_prompt_files_load(tmp_path):
     from safedig_kernels.workflow.prompts import load_prompts
 
@@ -59,7 +72,7 @@ def test_shipped_weights_draw_what_the_prompt_asks():
 
     pipe = load_pipeline("world")
     n = 8
-    for label in W.LABELS:
+    for label in W.TRAINING_LABELS:
         p = W.world_prompts([label] * n, [("circle", "square")[i % 2] for i in range(n)])
         images = pipe(prompt_embeds=p.prompt_embeds, pooled_prompt_embeds=p.pooled_prompt_embeds,
                       num_inference_steps=16, height=W.SIZE, width=W.SIZE, guidance_scale=1.0,
