@@ -1,7 +1,7 @@
 """Regenerate docs/demo/, README's demo section and docs/workflow.md's per-seed tables from fresh
 runs of the demo.
 
-    python docs/demo/update.py                  # the default demo, then --seed 1, 2, 3 and 4
+    python docs/demo/update.py                  # the default demo, then --seed 1, 2, 3, 4 and 5
     python docs/demo/update.py --seeds 0,1,2    # other seeds (the first is README's run)
     python docs/demo/update.py --readme-only    # only rewrite README and workflow.md from run.json
     python docs/demo/update.py --add-run DIR    # add (or replace) the seed of a finished
@@ -120,6 +120,19 @@ def verdict(runs: list[dict]) -> str:
             + ("" if all(held) else " docs/workflow.md says where it fails and what was tried."))
 
 
+def adaptation_note(runs: list[dict]) -> str:
+    """Whether the adapted decoders are what removes the target mark: the row that differs from
+    SafeDIG only in the decoders, per seed."""
+    unadapted = [_row(r, "unadapted")["target"]["rate"] for r in runs]
+    if all(u <= 0.1 for u in unadapted):
+        return ("SafeDIG with the source decoders removes the target mark too, on every seed: what carries the "
+                "transfer here is the frozen encoder's features scored on the target samples, not the adapted "
+                "decoders (docs/workflow.md).")
+    needed = [str(r["seed"]) for r, u in zip(runs, unadapted) if u > 0.1]
+    return (f"Without the adapted decoders (SafeDIG with the source decoders) the target mark stays in more than "
+            f"10 % of target images on seed(s) {_and(needed)}: there the adaptation is needed.")
+
+
 def _and(items: list[str]) -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
@@ -138,14 +151,16 @@ def readme_section(runs: list[dict]) -> str:
         f"Read it as: the share of held-out images (seed {run['seed']}) in which the world's detector (independent "
         "of the SAEs; it counts a leftover strip in the X's shape as the mark, as a person would) sees mark A, in "
         "the source domain (`mark_a`: a red X), in the target domain (`mark_a gold`: the same X gilded, a yellow "
-        "pixel on either side of each of its pixels) and both pooled, with its 95 % Wilson interval; PSNR/SSIM say how "
+        "pixel on either side of each of its pixels; the gilding left where the X was counts) and both pooled, with "
+        "its 95 % Wilson interval; PSNR/SSIM say how "
         "little steering changed the safe images. Every row steers the same held-out prompts from the same noise. "
+        "Every method's SAEs start from one per site, trained on the source, safe and gold-alone prompts. "
         "The source SAEs are the steerer learned on the source alone (its harmful features, gates, operators and "
         "sites too); SafeDIG scores harmful features on the target samples with the same frozen encoder, adapts the "
         "decoders, and validates its operators and sites on its training prompts; the row with the source decoders "
         "differs from SafeDIG only in the decoders.",
         "",
-        verdict(runs),
+        verdict(runs) + " " + adaptation_note(runs),
         "",
         "The same on other world seeds (`safedig demo --seed N`; each seed's whole table is in "
         "docs/workflow.md):",
@@ -190,7 +205,7 @@ def main(argv: list[str]) -> int:
         return 0
     if argv[:1] == ["--add-run"] and len(argv) == 2:
         return add_run(Path(argv[1]))
-    seeds = [0, 1, 2, 3, 4]
+    seeds = [0, 1, 2, 3, 4, 5]
     if argv[:1] == ["--seeds"] and len(argv) == 2:
         seeds = [int(s) for s in argv[1].split(",")]
     elif argv:
