@@ -296,15 +296,16 @@ def _prepare_out(out: Path) -> None:
     marker.write_text("written by `safedig demo`; a rerun with the same --out replaces its files\n")
 
 
-def split_prompts(records: Sequence, eval_per_label: int) -> tuple[list, list]:
+def split_prompts(records: Sequence, eval_per_label: int, train_only: Sequence[str] = ()) -> tuple[list, list]:
     """(train, eval): the last `eval_per_label` prompts of each label are held out (at most
-    half of a label's prompts, at least one kept for training)."""
+    half of a label's prompts, at least one kept for training); the `train_only` labels' (the
+    dictionary's: nothing judges them) are all for training."""
     by_label: dict[str, list] = {}
     for r in records:
         by_label.setdefault(r.label, []).append(r)
     train, held = [], []
     for label, rs in by_label.items():
-        n = min(eval_per_label, len(rs) // 2)
+        n = 0 if label in train_only else min(eval_per_label, len(rs) // 2)
         train.extend(rs[: len(rs) - n])
         held.extend(rs[len(rs) - n:])
     return train, held
@@ -398,10 +399,7 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), *, log: Opt
                   else f"synthetic embeddings, concept strength {cfg.strength:g}, cosine of the source and "
                        f"target directions about {cfg.shared ** 2:.2f}")
     else:
-        # the dictionary's prompts are all for training: nothing judges them
-        corpus_only = [r for r in user_prompts if r.label in cfg.dictionary]
-        train_p, eval_p = split_prompts([r for r in user_prompts if r.label not in cfg.dictionary], cfg.eval_prompts)
-        train_p += corpus_only
+        train_p, eval_p = split_prompts(user_prompts, cfg.eval_prompts, train_only=cfg.dictionary)
         eval_file = None
         origin = f"from {cfg.prompts}"
     counts = {lbl: sum(r.label == lbl for r in train_p) for lbl in ("safe", cfg.source, cfg.target)}

@@ -252,6 +252,19 @@ def test_demo_refuses_a_dictionary_it_cannot_use(dictionary, match):
     assert DemoConfig(model="tiny-flux").dictionary == [] and DemoConfig(dictionary=[]).dictionary == []
 
 
+def test_a_user_prompt_file_holds_out_no_dictionary_prompt():
+    from types import SimpleNamespace
+
+    from safedig_kernels.workflow.demo import split_prompts
+
+    records = [SimpleNamespace(label=label, id=f"{label}-{i}") for label in ("safe", "unsafe/a", "unsafe/broad")
+               for i in range(6)]
+    train, held = split_prompts(records, 2, train_only=["unsafe/broad"])
+    assert [r.id for r in held] == ["safe-4", "safe-5", "unsafe/a-4", "unsafe/a-5"]
+    assert sorted(r.id for r in train if r.label == "unsafe/broad") == [f"unsafe/broad-{i}" for i in range(6)]
+    assert len(train) + len(held) == len(records)
+
+
 def test_demo_names_a_dictionary_label_missing_from_the_prompts(tmp_path, capsys):
     from safedig_kernels.workflow.world import LABELS, write_world_prompts
 
