@@ -94,7 +94,7 @@ from .detectors import get_detector
 from .eval import evaluate_runs
 from .generate import GenerateConfig, generate, time_steps
 from .pipelines import load_pipeline
-from .prompts import check_label, load_prompts
+from .prompts import check_label, label_matches, load_prompts
 from .report import difference_images, image_scale, json_safe, save_grid, summarize, write_outputs
 from .route import OPERATORS, RouteConfig, evaluate_site, route, safe_tau
 from .score import HarmfulRule, score_features
@@ -197,9 +197,9 @@ class DemoConfig:
             self.dictionary = [WORLD_GILDING] if self.is_world and self.prompts is None else []
         for label in self.dictionary:
             check_label(label, "demo: dictionary")
-            if label in ("safe", self.source, self.target):
+            if label_matches(label, ["safe", self.source, self.target]):  # a sub-label is one of their prompts
                 raise ValueError(f"demo: dictionary labels are further labels for the SAEs' corpus, not the safe, "
-                                 f"source or target label; got {label!r}")
+                                 f"source or target label or one of their sub-labels; got {label!r}")
         if self.is_world and self.prompts is None and not set(self.dictionary) <= set(WORLD_TRAINING_LABELS):
             raise ValueError(f"demo: the world's labels are {WORLD_TRAINING_LABELS}, got dictionary {self.dictionary}")
         for name in ("train_prompts", "eval_prompts", "train_steps", "batch_size", "num_sites", "adapt_steps",

@@ -20,8 +20,8 @@ capture, steering and the harm meter need nothing special.
 
 Training is rectified flow (`train_world`): logit-normal times, AdamW with warm-up and cosine
 decay, gradient clipping, an EMA of the weights, fresh pictures every step, 10 % of prompts
-dropped to the empty prompt (1000 steps by default: with four labels sharing them, the plain X
-was drawn on 81-100 % of prompts after 800, on all after 1000).
+dropped to the empty prompt (1000 steps by default: with four labels sharing them, 800 steps
+drew the plain X on 81-100 % of the demo's held-out source prompts, seeds 0-5; 1000 on all).
 `detect_marks` judges as a person would: a mark is there when enough of its pixels are
 off-colour (neither the background nor the shape colour), so a recoloured X or a leftover strip
 in its shape counts; it is exact on rendered images. It judges 16x16 pictures and square

@@ -241,6 +241,7 @@ def test_the_dictionary_labels_are_corpus_only(quick_demo):
 @pytest.mark.parametrize("dictionary, match", [
     (["unsafe/concept_a"], "not the safe, source or target label"),
     (["safe"], "not the safe, source or target label"),
+    (["safe/gold"], "or one of their sub-labels"),
     (["unsafe/other"], "the world's labels"),
     (["gold"], "label must be 'safe' or 'unsafe/<category>'"),
 ])
