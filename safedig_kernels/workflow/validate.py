@@ -77,6 +77,11 @@ class OperatorChoice:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @property
+    def best(self) -> Trial:
+        """The chosen trial."""
+        return next(t for t in self.trials if t.name == self.chosen)
+
     def with_trials(self, trials: Sequence[Trial]) -> "OperatorChoice":
         """This choice with more trials (on the same prompts), picked again over all of them."""
         every = [*self.trials, *trials]
@@ -177,7 +182,7 @@ def validate_steerer(pipe, prompts: Sequence[PromptRecord], candidates: Mapping[
         return choice.with_trials(run_trials(pipe, prompts, configs, detector, gen, unsafe_labels, safe_label,
                                              min_psnr_db, unsteered=unsteered)[0])
 
-    if widen is not None and pick(choice.trials).unsafe:
+    if widen is not None and choice.best.unsafe:
         wide = {}
         for t in (t for t in choice.trials if t.within_budget):
             conf = widen(tried[t.name])
@@ -189,7 +194,7 @@ def validate_steerer(pipe, prompts: Sequence[PromptRecord], candidates: Mapping[
     stem = choice.chosen if choice.chosen.endswith("repel") else f"{choice.chosen}-repel"
     if any(site.gamma for site in winner.sites):
         for boost in repel_ladder:
-            if not pick(choice.trials).unsafe:
+            if not choice.best.unsafe:
                 break  # nothing left to remove
             choice = more({f"{stem}-x{boost:g}": SafeDIGConfig(
                 [dataclasses.replace(site, gamma=site.gamma * boost) for site in winner.sites])})
